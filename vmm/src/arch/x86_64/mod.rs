@@ -1,0 +1,7 @@
+//! x86_64: guest-physical layout, boot protocols, CPUID, vCPU register state, MP table.
+
+pub mod boot;
+pub mod cpuid;
+pub mod layout;
+pub mod mptable;
+pub mod regs;

@@ -1,0 +1,497 @@
+//! Tenant microVM configuration: plain serde types, loaded from TOML, overridden from the CLI
+//! and validated once, before any resource is allocated.
+//!
+//! Every field is documented in `configs/README.md`; defaults live here, next to the types.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::host::{CpuSet, HostTopology};
+
+/// Largest kernel command line we accept (the boot protocol's `cmdline_size` is checked later
+/// against the kernel's own limit).
+pub const MAX_CMDLINE_LEN: usize = 4096;
+/// The MP table (in the 1 KiB EBDA) describes at most this many vCPUs.
+pub const MAX_VCPUS: u8 = crate::arch::x86_64::mptable::MAX_CPUS;
+/// The guest-physical range we can place RAM in (below the 40-bit physical address width
+/// every x86_64 CPU we target supports).
+pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("machine.vcpus must be between 1 and {max} (got {value})")]
+    Vcpus { value: u64, max: u64 },
+    #[error("no memory zone configured: add a [[memory.zones]] entry or pass --memory")]
+    NoMemory,
+    #[error("memory zone '{id}' has size 0: give it size_mib > 0")]
+    ZeroMemory { id: String },
+    #[error(
+        "memory zone '{id}' size {size_mib} MiB is not a multiple of its {page_kib} KiB page size"
+    )]
+    Unaligned {
+        id: String,
+        size_mib: u64,
+        page_kib: u64,
+    },
+    #[error("total guest memory {total_mib} MiB exceeds the limit of {max_mib} MiB")]
+    TooMuchMemory { total_mib: u64, max_mib: u64 },
+    #[error("memory zone id '{0}' is used twice")]
+    DuplicateZone(String),
+    #[error("memory zone '{id}' wants host NUMA node {node}, which does not exist (host nodes: {available})")]
+    NoSuchNode {
+        id: String,
+        node: u32,
+        available: String,
+    },
+    #[error(
+        "memory zone(s) need {needed} free {page_kib} KiB hugepages{where_}, only {free} are free; \
+         reserve them first, e.g. echo {suggest} > {sysfs}"
+    )]
+    NotEnoughHugepages {
+        needed: u64,
+        free: u64,
+        page_kib: u64,
+        where_: String,
+        suggest: u64,
+        sysfs: String,
+    },
+    #[error("{what} {path} is not readable: {source}")]
+    Unreadable {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("boot.kernel is not set: give it in the config or with --kernel")]
+    NoKernel,
+    #[error("kernel command line is {len} bytes, the limit is {max}")]
+    CmdlineTooLong { len: usize, max: usize },
+    #[error("invalid CPU set '{value}' in {field}: {reason}")]
+    CpuSet {
+        field: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("{field} names CPU {cpu}, which this host does not have (online: {online})")]
+    NoSuchCpu {
+        field: &'static str,
+        cpu: usize,
+        online: String,
+    },
+    #[error("more vCPUs ({vcpus}) than KVM allows on this host ({max})")]
+    KvmVcpuLimit { vcpus: u8, max: usize },
+}
+
+/// How a memory zone is backed on the host.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "kebab-case")]
+pub enum Backing {
+    /// Private anonymous memory. Cannot be shared with a vhost-user backend.
+    Anonymous,
+    /// A memfd with 4 KiB pages: shareable, the default.
+    #[default]
+    Memfd,
+    /// A memfd on 2 MiB hugepages (from the host's hugetlb pool).
+    #[serde(rename = "hugetlb-2m")]
+    Hugetlb2M,
+    /// A memfd on 1 GiB hugepages.
+    #[serde(rename = "hugetlb-1g")]
+    Hugetlb1G,
+}
+
+impl Backing {
+    /// Page size of the backing in bytes.
+    pub fn page_size(self) -> u64 {
+        match self {
+            Backing::Anonymous | Backing::Memfd => 4096,
+            Backing::Hugetlb2M => 2 << 20,
+            Backing::Hugetlb1G => 1 << 30,
+        }
+    }
+
+    pub fn is_hugetlb(self) -> bool {
+        matches!(self, Backing::Hugetlb2M | Backing::Hugetlb1G)
+    }
+}
+
+/// One host memory area mapped into the guest's physical address space. Zones are laid out
+/// in the guest in the order they are listed.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryZoneConfig {
+    /// Name used in logs and errors.
+    pub id: String,
+    /// Size in MiB; a multiple of the backing's page size.
+    pub size_mib: u64,
+    #[serde(default)]
+    pub backing: Backing,
+    /// Host NUMA node the pages are bound to (mbind, MPOL_BIND) before they are touched.
+    #[serde(default)]
+    pub host_node: Option<u32>,
+    /// Touch every page at start (MADV_POPULATE_WRITE). Always done for hugetlb backings,
+    /// so a short pool fails at start instead of with SIGBUS later.
+    #[serde(default)]
+    pub prefault: bool,
+    /// mlock the zone so it is never swapped (pinned for DMA).
+    #[serde(default)]
+    pub lock: bool,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryConfig {
+    #[serde(default)]
+    pub zones: Vec<MemoryZoneConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfig {
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u64,
+    /// Host CPUs the vCPU threads are pinned to, e.g. "0-3,8". Default: the CPUs of the
+    /// first zone's host node, or no pinning when no zone names a node.
+    #[serde(default)]
+    pub cpus: Option<String>,
+}
+
+fn default_vcpus() -> u64 {
+    1
+}
+
+impl Default for MachineConfig {
+    fn default() -> Self {
+        MachineConfig {
+            vcpus: default_vcpus(),
+            cpus: None,
+        }
+    }
+}
+
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off i8042.noaux \
+     i8042.nomux i8042.dumbkbd nomodule 8250.nr_uarts=1";
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BootConfig {
+    /// bzImage or ELF vmlinux (PVH entry used when the ELF has the note).
+    #[serde(default)]
+    pub kernel: Option<PathBuf>,
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    #[serde(default = "default_cmdline")]
+    pub cmdline: String,
+}
+
+fn default_cmdline() -> String {
+    DEFAULT_CMDLINE.to_string()
+}
+
+impl Default for BootConfig {
+    fn default() -> Self {
+        BootConfig {
+            kernel: None,
+            initrd: None,
+            cmdline: default_cmdline(),
+        }
+    }
+}
+
+/// Where the guest's serial console goes.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleConfig {
+    /// "stdout" (default), "file" (needs `path`) or "off".
+    #[serde(default)]
+    pub mode: ConsoleMode,
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ConsoleMode {
+    #[default]
+    Stdout,
+    File,
+    Off,
+}
+
+/// The whole tenant VM description, as read from `--config`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    #[serde(default)]
+    pub machine: MachineConfig,
+    #[serde(default)]
+    pub boot: BootConfig,
+    #[serde(default)]
+    pub memory: MemoryConfig,
+    #[serde(default)]
+    pub console: ConsoleConfig,
+}
+
+/// Command-line overrides applied on top of the file.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: Option<String>,
+    /// Replaces all zones by a single memfd zone of this size (MiB) unless the config has
+    /// exactly one zone, whose size is then changed.
+    pub memory_mib: Option<u64>,
+    pub vcpus: Option<u64>,
+}
+
+/// A configuration that passed validation; only this type reaches the VM builder.
+#[derive(Clone, Debug)]
+pub struct ValidatedConfig {
+    pub vcpus: u8,
+    pub vcpu_affinity: Option<CpuSet>,
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub zones: Vec<MemoryZoneConfig>,
+    pub console: ConsoleConfig,
+}
+
+impl VmConfig {
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.message().to_string()
+                + &e.span()
+                    .map(|s| format!(" (at byte {})", s.start))
+                    .unwrap_or_default(),
+        })
+    }
+
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    pub fn apply(&mut self, o: &Overrides) {
+        if let Some(k) = &o.kernel {
+            self.boot.kernel = Some(k.clone());
+        }
+        if let Some(i) = &o.initrd {
+            self.boot.initrd = Some(i.clone());
+        }
+        if let Some(c) = &o.cmdline {
+            self.boot.cmdline = c.clone();
+        }
+        if let Some(v) = o.vcpus {
+            self.machine.vcpus = v;
+        }
+        if let Some(m) = o.memory_mib {
+            if self.memory.zones.len() == 1 {
+                self.memory.zones[0].size_mib = m;
+            } else {
+                self.memory.zones = vec![MemoryZoneConfig {
+                    id: "mem0".into(),
+                    size_mib: m,
+                    backing: Backing::Memfd,
+                    host_node: None,
+                    prefault: false,
+                    lock: false,
+                }];
+            }
+        }
+    }
+
+    /// Checks everything that can be checked before touching KVM or allocating memory.
+    /// `kvm_max_vcpus` is KVM's limit on this host.
+    pub fn validate(
+        &self,
+        host: &dyn HostTopology,
+        kvm_max_vcpus: usize,
+    ) -> Result<ValidatedConfig, ConfigError> {
+        let max = u64::from(MAX_VCPUS);
+        if self.machine.vcpus == 0 || self.machine.vcpus > max {
+            return Err(ConfigError::Vcpus {
+                value: self.machine.vcpus,
+                max,
+            });
+        }
+        let vcpus = self.machine.vcpus as u8;
+        if usize::from(vcpus) > kvm_max_vcpus {
+            return Err(ConfigError::KvmVcpuLimit {
+                vcpus,
+                max: kvm_max_vcpus,
+            });
+        }
+
+        let zones = &self.memory.zones;
+        if zones.is_empty() {
+            return Err(ConfigError::NoMemory);
+        }
+        let mut ids = HashSet::new();
+        let mut total_mib: u64 = 0;
+        for z in zones {
+            if !ids.insert(z.id.as_str()) {
+                return Err(ConfigError::DuplicateZone(z.id.clone()));
+            }
+            if z.size_mib == 0 {
+                return Err(ConfigError::ZeroMemory { id: z.id.clone() });
+            }
+            let page = z.backing.page_size();
+            if (z.size_mib << 20) % page != 0 {
+                return Err(ConfigError::Unaligned {
+                    id: z.id.clone(),
+                    size_mib: z.size_mib,
+                    page_kib: page >> 10,
+                });
+            }
+            total_mib = total_mib.saturating_add(z.size_mib);
+            if let Some(node) = z.host_node {
+                let nodes = host.nodes();
+                if !nodes.contains(&node) {
+                    return Err(ConfigError::NoSuchNode {
+                        id: z.id.clone(),
+                        node,
+                        available: format_list(&nodes),
+                    });
+                }
+            }
+        }
+        if total_mib > MAX_MEMORY_MIB {
+            return Err(ConfigError::TooMuchMemory {
+                total_mib,
+                max_mib: MAX_MEMORY_MIB,
+            });
+        }
+        check_hugepages(zones, host)?;
+
+        let kernel = self.boot.kernel.clone().ok_or(ConfigError::NoKernel)?;
+        check_readable("kernel", &kernel)?;
+        if let Some(initrd) = &self.boot.initrd {
+            check_readable("initrd", initrd)?;
+        }
+        if self.boot.cmdline.len() > MAX_CMDLINE_LEN {
+            return Err(ConfigError::CmdlineTooLong {
+                len: self.boot.cmdline.len(),
+                max: MAX_CMDLINE_LEN,
+            });
+        }
+        if self.console.mode == ConsoleMode::File && self.console.path.is_none() {
+            return Err(ConfigError::Parse {
+                path: PathBuf::from("<config>"),
+                message: "console.mode = \"file\" needs console.path".into(),
+            });
+        }
+
+        let online = host.online_cpus();
+        let vcpu_affinity = match &self.machine.cpus {
+            Some(s) => {
+                let set = CpuSet::parse(s).map_err(|reason| ConfigError::CpuSet {
+                    field: "machine.cpus",
+                    value: s.clone(),
+                    reason,
+                })?;
+                if let Some(cpu) = set.iter().find(|c| !online.contains(*c)) {
+                    return Err(ConfigError::NoSuchCpu {
+                        field: "machine.cpus",
+                        cpu,
+                        online: online.to_string(),
+                    });
+                }
+                Some(set)
+            }
+            None => zones
+                .iter()
+                .find_map(|z| z.host_node)
+                .and_then(|n| host.node_cpus(n))
+                .filter(|s| !s.is_empty()),
+        };
+
+        Ok(ValidatedConfig {
+            vcpus,
+            vcpu_affinity,
+            kernel,
+            initrd: self.boot.initrd.clone(),
+            cmdline: self.boot.cmdline.clone(),
+            zones: zones.clone(),
+            console: self.console.clone(),
+        })
+    }
+}
+
+fn check_readable(what: &'static str, path: &Path) -> Result<(), ConfigError> {
+    let err = |source| ConfigError::Unreadable {
+        what,
+        path: path.to_path_buf(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(err)?;
+    if !meta.is_file() {
+        return Err(err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        )));
+    }
+    std::fs::File::open(path).map(drop).map_err(err)
+}
+
+/// Sums hugepage demand per (page size, node) and compares it with the free pool, so a
+/// short pool is reported at start with the number needed.
+fn check_hugepages(zones: &[MemoryZoneConfig], host: &dyn HostTopology) -> Result<(), ConfigError> {
+    let mut demand: Vec<(u64, Option<u32>, u64)> = Vec::new();
+    for z in zones.iter().filter(|z| z.backing.is_hugetlb()) {
+        let page = z.backing.page_size();
+        let pages = (z.size_mib << 20) / page;
+        match demand
+            .iter_mut()
+            .find(|(p, n, _)| *p == page && *n == z.host_node)
+        {
+            Some(entry) => entry.2 += pages,
+            None => demand.push((page, z.host_node, pages)),
+        }
+    }
+    for (page, node, needed) in demand {
+        let page_kib = page >> 10;
+        let free = host.free_hugepages(page_kib, node);
+        if free < needed {
+            let total = host.total_hugepages(page_kib, node);
+            let (where_, sysfs) = match node {
+                Some(n) => (
+                    format!(" on host node {n}"),
+                    format!(
+                        "/sys/devices/system/node/node{n}/hugepages/hugepages-{page_kib}kB/nr_hugepages"
+                    ),
+                ),
+                None => (
+                    String::new(),
+                    format!("/sys/kernel/mm/hugepages/hugepages-{page_kib}kB/nr_hugepages"),
+                ),
+            };
+            return Err(ConfigError::NotEnoughHugepages {
+                needed,
+                free,
+                page_kib,
+                where_,
+                suggest: total + (needed - free),
+                sysfs,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn format_list(v: &[u32]) -> String {
+    if v.is_empty() {
+        return "none".into();
+    }
+    v.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+}

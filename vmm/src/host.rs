@@ -1,0 +1,182 @@
+//! What the host offers: NUMA nodes, their CPUs and hugepage pools, read from sysfs.
+//!
+//! Behind a trait so config validation can be tested against a fake sysfs tree.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::PathBuf;
+
+/// A set of host CPU numbers, as in sysfs `cpulist` files ("0-3,8").
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CpuSet(BTreeSet<usize>);
+
+/// Upper bound on CPU numbers we accept in a list; `cpu_set_t` holds 1024.
+const MAX_CPU: usize = 1023;
+
+impl CpuSet {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut set = BTreeSet::new();
+        for part in s.trim().split(',').filter(|p| !p.trim().is_empty()) {
+            let part = part.trim();
+            let (lo, hi) = match part.split_once('-') {
+                Some((a, b)) => (parse_cpu(a)?, parse_cpu(b)?),
+                None => {
+                    let c = parse_cpu(part)?;
+                    (c, c)
+                }
+            };
+            if lo > hi {
+                return Err(format!("range {part} is reversed"));
+            }
+            set.extend(lo..=hi);
+        }
+        Ok(CpuSet(set))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        self.0.iter().copied()
+    }
+
+    pub fn contains(&self, cpu: usize) -> bool {
+        self.0.contains(&cpu)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn from_cpus(cpus: impl IntoIterator<Item = usize>) -> Self {
+        CpuSet(cpus.into_iter().collect())
+    }
+}
+
+fn parse_cpu(s: &str) -> Result<usize, String> {
+    let c: usize = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{}' is not a CPU number", s.trim()))?;
+    if c > MAX_CPU {
+        return Err(format!("CPU {c} is above the limit of {MAX_CPU}"));
+    }
+    Ok(c)
+}
+
+impl fmt::Display for CpuSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut first = true;
+        let mut iter = self.0.iter().copied().peekable();
+        while let Some(lo) = iter.next() {
+            let mut hi = lo;
+            while iter.peek() == Some(&(hi + 1)) {
+                hi += 1;
+                iter.next();
+            }
+            if !first {
+                f.write_str(",")?;
+            }
+            first = false;
+            if lo == hi {
+                write!(f, "{lo}")?;
+            } else {
+                write!(f, "{lo}-{hi}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Host facts needed to validate and place a VM.
+pub trait HostTopology {
+    /// NUMA node ids present on the host (a non-NUMA host reports node 0).
+    fn nodes(&self) -> Vec<u32>;
+    fn node_cpus(&self, node: u32) -> Option<CpuSet>;
+    fn online_cpus(&self) -> CpuSet;
+    /// Free hugepages of `page_kib` size on `node`, or in the whole pool for `None`.
+    fn free_hugepages(&self, page_kib: u64, node: Option<u32>) -> u64;
+    fn total_hugepages(&self, page_kib: u64, node: Option<u32>) -> u64;
+}
+
+/// Reads the real host (or a fake tree rooted elsewhere, for tests).
+pub struct SysfsHost {
+    root: PathBuf,
+}
+
+impl Default for SysfsHost {
+    fn default() -> Self {
+        SysfsHost {
+            root: PathBuf::from("/sys"),
+        }
+    }
+}
+
+impl SysfsHost {
+    pub fn with_root(root: impl Into<PathBuf>) -> Self {
+        SysfsHost { root: root.into() }
+    }
+
+    fn read(&self, rel: &str) -> Option<String> {
+        std::fs::read_to_string(self.root.join(rel)).ok()
+    }
+
+    fn hugepage_count(&self, page_kib: u64, node: Option<u32>, file: &str) -> u64 {
+        let rel = match node {
+            Some(n) => {
+                format!("devices/system/node/node{n}/hugepages/hugepages-{page_kib}kB/{file}")
+            }
+            None => format!("kernel/mm/hugepages/hugepages-{page_kib}kB/{file}"),
+        };
+        self.read(&rel)
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl HostTopology for SysfsHost {
+    fn nodes(&self) -> Vec<u32> {
+        let dir = self.root.join("devices/system/node");
+        let mut nodes: Vec<u32> = std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .filter_map(|e| {
+                        e.file_name()
+                            .to_str()
+                            .and_then(|n| n.strip_prefix("node"))
+                            .and_then(|n| n.parse().ok())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if nodes.is_empty() {
+            // Kernels built without NUMA have no node directory: everything is node 0.
+            nodes.push(0);
+        }
+        nodes.sort_unstable();
+        nodes
+    }
+
+    fn node_cpus(&self, node: u32) -> Option<CpuSet> {
+        match self.read(&format!("devices/system/node/node{node}/cpulist")) {
+            Some(s) => CpuSet::parse(&s).ok(),
+            None if node == 0 => Some(self.online_cpus()),
+            None => None,
+        }
+    }
+
+    fn online_cpus(&self) -> CpuSet {
+        self.read("devices/system/cpu/online")
+            .and_then(|s| CpuSet::parse(&s).ok())
+            .unwrap_or_default()
+    }
+
+    fn free_hugepages(&self, page_kib: u64, node: Option<u32>) -> u64 {
+        self.hugepage_count(page_kib, node, "free_hugepages")
+    }
+
+    fn total_hugepages(&self, page_kib: u64, node: Option<u32>) -> u64 {
+        self.hugepage_count(page_kib, node, "nr_hugepages")
+    }
+}

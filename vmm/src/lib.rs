@@ -1,0 +1,23 @@
+//! aivmm: a rust-vmm based virtual machine monitor that runs one inference tenant per
+//! microVM. This crate wires: config → host memory zones → KVM VM → boot → devices →
+//! vCPU threads → event loop. Device models live in the `devices` crate.
+
+pub mod arch;
+pub mod cli;
+pub mod config;
+pub mod console;
+pub mod event_loop;
+pub mod host;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
+
+/// Exit codes of the `aivmm` binary.
+pub mod exit_code {
+    /// The guest powered off or reset, or the VMM was asked to stop (SIGTERM/SIGINT).
+    pub const OK: i32 = 0;
+    /// A runtime failure: a vCPU error, a KVM ioctl that failed.
+    pub const RUNTIME_ERROR: i32 = 1;
+    /// Bad input: the config, a path, a resource the host cannot provide.
+    pub const BAD_INPUT: i32 = 2;
+}

@@ -1,0 +1,88 @@
+//! `aivmm`: launches one tenant microVM from a TOML config.
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::Parser;
+use kvm_ioctls::Kvm;
+use vmm::cli::Cli;
+use vmm::config::VmConfig;
+use vmm::exit_code;
+use vmm::host::SysfsHost;
+use vmm::vcpu::StopReason;
+
+/// A minimal stderr logger: `aivmm: <level>: message`.
+struct StderrLogger;
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        m.level() <= log::max_level()
+    }
+    fn log(&self, r: &log::Record) {
+        if self.enabled(r.metadata()) {
+            eprintln!("aivmm: {}: {}", r.level().as_str().to_lowercase(), r.args());
+        }
+    }
+    fn flush(&self) {}
+}
+
+static LOGGER: StderrLogger = StderrLogger;
+
+fn fail(code: i32, msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("aivmm: error: {msg}");
+    ExitCode::from(code as u8)
+}
+
+fn main() -> ExitCode {
+    let start = Instant::now();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::from(exit_code::BAD_INPUT as u8);
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+    };
+    let _ = log::set_logger(&LOGGER);
+    log::set_max_level(cli.log_level);
+
+    let mut config = match &cli.config {
+        Some(path) => match VmConfig::load(path) {
+            Ok(c) => c,
+            Err(e) => return fail(exit_code::BAD_INPUT, e),
+        },
+        None => VmConfig::default(),
+    };
+    config.apply(&cli.overrides());
+
+    let kvm = match Kvm::new() {
+        Ok(k) => k,
+        Err(e) => {
+            return fail(
+                exit_code::RUNTIME_ERROR,
+                format!("cannot open /dev/kvm: {e}"),
+            )
+        }
+    };
+    let host = SysfsHost::default();
+    let validated = match config.validate(&host, kvm.get_max_vcpus()) {
+        Ok(v) => v,
+        Err(e) => return fail(exit_code::BAD_INPUT, e),
+    };
+
+    match vmm::vm::run(&validated, &kvm, &host, start) {
+        Ok(reason) => {
+            let code = reason.exit_code();
+            match &reason {
+                StopReason::VcpuError(msg) => return fail(code, msg),
+                other => log::info!("VM stopped: {other:?}"),
+            }
+            ExitCode::from(code as u8)
+        }
+        Err(e) if e.is_config_error() => fail(exit_code::BAD_INPUT, e),
+        Err(e) => fail(exit_code::RUNTIME_ERROR, e),
+    }
+}
