@@ -10,6 +10,6 @@ pub mod legacy;
 
 pub use bus::{Bus, BusDevice, BusError};
 pub use legacy::{
-    BootTimer, EventFdTrigger, SerialConsole, SerialError, BOOT_TIMER_MAGIC, BOOT_TIMER_PORT,
-    I8042, I8042_PORT, I8042_PORT_LEN, SERIAL_PORT, SERIAL_PORT_LEN,
+    BootTimer, EventFdTrigger, SerialConsole, SerialError, SleepControl, BOOT_TIMER_MAGIC,
+    BOOT_TIMER_PORT, I8042, I8042_PORT, I8042_PORT_LEN, SERIAL_PORT, SERIAL_PORT_LEN,
 };

@@ -495,3 +495,223 @@ fn format_list(v: &[u32]) -> String {
     }
     v.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::SysfsHost;
+
+    /// A fake sysfs: 2 nodes (CPUs 0 and 1), node 1 with `free1` of 16 2 MiB hugepages free.
+    struct FakeSys {
+        root: PathBuf,
+    }
+
+    impl FakeSys {
+        fn new(name: &str, free1: u64) -> Self {
+            let root =
+                std::env::temp_dir().join(format!("aivmm-fakesys-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&root);
+            for (n, cpus, free) in [(0, "0", 0u64), (1, "1", free1)] {
+                let hp = root.join(format!(
+                    "devices/system/node/node{n}/hugepages/hugepages-2048kB"
+                ));
+                std::fs::create_dir_all(&hp).unwrap();
+                std::fs::write(hp.join("free_hugepages"), format!("{free}\n")).unwrap();
+                std::fs::write(hp.join("nr_hugepages"), "16\n").unwrap();
+                std::fs::write(
+                    root.join(format!("devices/system/node/node{n}/cpulist")),
+                    format!("{cpus}\n"),
+                )
+                .unwrap();
+            }
+            std::fs::create_dir_all(root.join("devices/system/cpu")).unwrap();
+            std::fs::write(root.join("devices/system/cpu/online"), "0-1\n").unwrap();
+            std::fs::write(root.join("vmlinuz"), b"kernel").unwrap();
+            FakeSys { root }
+        }
+
+        fn host(&self) -> SysfsHost {
+            SysfsHost::with_root(&self.root)
+        }
+
+        fn kernel(&self) -> String {
+            self.root.join("vmlinuz").display().to_string()
+        }
+    }
+
+    impl Drop for FakeSys {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
+    }
+
+    fn parse(text: &str) -> Result<VmConfig, ConfigError> {
+        VmConfig::from_toml(text, Path::new("test.toml"))
+    }
+
+    fn base(sys: &FakeSys, zone: &str) -> String {
+        format!(
+            "[machine]\nvcpus = 2\n[boot]\nkernel = \"{}\"\n[[memory.zones]]\n{zone}\n",
+            sys.kernel()
+        )
+    }
+
+    #[test]
+    fn full_config_validates_and_defaults_pinning_to_the_zone_node() {
+        let sys = FakeSys::new("ok", 16);
+        let cfg = parse(&base(
+            &sys,
+            "id = \"m\"\nsize_mib = 32\nbacking = \"hugetlb-2m\"\nhost_node = 1\nprefault = true\nlock = true",
+        ))
+        .unwrap();
+        let v = cfg.validate(&sys.host(), 64).unwrap();
+        assert_eq!(v.vcpus, 2);
+        assert_eq!(v.vcpu_affinity, Some(CpuSet::from_cpus([1])));
+        assert_eq!(v.zones[0].backing, Backing::Hugetlb2M);
+        assert_eq!(v.cmdline, DEFAULT_CMDLINE);
+    }
+
+    #[test]
+    fn unknown_field_is_rejected_with_its_name() {
+        let err = parse("[machine]\nvcpu = 2\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("unknown field") && msg.contains("vcpu"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn zero_memory_is_rejected() {
+        let sys = FakeSys::new("zero", 0);
+        let cfg = parse(&base(&sys, "id = \"m\"\nsize_mib = 0")).unwrap();
+        let err = cfg.validate(&sys.host(), 64).unwrap_err();
+        assert!(matches!(err, ConfigError::ZeroMemory { .. }), "{err}");
+        assert!(err.to_string().contains("size 0"));
+    }
+
+    #[test]
+    fn no_zone_at_all_is_rejected() {
+        let sys = FakeSys::new("nozone", 0);
+        let cfg = parse(&format!("[boot]\nkernel = \"{}\"\n", sys.kernel())).unwrap();
+        assert!(matches!(
+            cfg.validate(&sys.host(), 64),
+            Err(ConfigError::NoMemory)
+        ));
+    }
+
+    #[test]
+    fn missing_numa_node_names_the_available_ones() {
+        let sys = FakeSys::new("node", 0);
+        let cfg = parse(&base(&sys, "id = \"m\"\nsize_mib = 32\nhost_node = 7")).unwrap();
+        let msg = cfg.validate(&sys.host(), 64).unwrap_err().to_string();
+        assert!(msg.contains("node 7") && msg.contains("0,1"), "{msg}");
+    }
+
+    #[test]
+    fn short_hugepage_pool_says_how_many_are_needed() {
+        let sys = FakeSys::new("hp", 10);
+        let cfg = parse(&base(
+            &sys,
+            "id = \"m\"\nsize_mib = 64\nbacking = \"hugetlb-2m\"\nhost_node = 1",
+        ))
+        .unwrap();
+        let err = cfg.validate(&sys.host(), 64).unwrap_err();
+        match &err {
+            ConfigError::NotEnoughHugepages {
+                needed,
+                free,
+                suggest,
+                ..
+            } => assert_eq!((*needed, *free, *suggest), (32, 10, 38)),
+            other => panic!("unexpected error {other}"),
+        }
+        assert!(err.to_string().contains("node1/hugepages/hugepages-2048kB"));
+    }
+
+    #[test]
+    fn hugepage_size_alignment_is_checked() {
+        let sys = FakeSys::new("align", 16);
+        let cfg = parse(&base(
+            &sys,
+            "id = \"m\"\nsize_mib = 3\nbacking = \"hugetlb-2m\"",
+        ))
+        .unwrap();
+        assert!(matches!(
+            cfg.validate(&sys.host(), 64),
+            Err(ConfigError::Unaligned { .. })
+        ));
+    }
+
+    #[test]
+    fn vcpu_limits_from_config_and_kvm() {
+        let sys = FakeSys::new("vcpus", 0);
+        let mut cfg = parse(&base(&sys, "id = \"m\"\nsize_mib = 32")).unwrap();
+        cfg.machine.vcpus = 0;
+        assert!(matches!(
+            cfg.validate(&sys.host(), 64),
+            Err(ConfigError::Vcpus { .. })
+        ));
+        cfg.machine.vcpus = u64::from(MAX_VCPUS) + 1;
+        assert!(matches!(
+            cfg.validate(&sys.host(), 64),
+            Err(ConfigError::Vcpus { .. })
+        ));
+        cfg.machine.vcpus = 8;
+        let msg = cfg.validate(&sys.host(), 4).unwrap_err().to_string();
+        assert!(msg.contains("more vCPUs (8) than KVM allows"), "{msg}");
+    }
+
+    #[test]
+    fn unreadable_kernel_is_named() {
+        let sys = FakeSys::new("kernel", 0);
+        let cfg = parse(
+            "[boot]\nkernel = \"/nonexistent/vmlinuz\"\n[[memory.zones]]\nid = \"m\"\nsize_mib = 32\n",
+        )
+        .unwrap();
+        let msg = cfg.validate(&sys.host(), 64).unwrap_err().to_string();
+        assert!(msg.contains("kernel /nonexistent/vmlinuz"), "{msg}");
+    }
+
+    #[test]
+    fn cpu_set_must_exist_on_the_host() {
+        let sys = FakeSys::new("cpus", 0);
+        let mut cfg = parse(&base(&sys, "id = \"m\"\nsize_mib = 32")).unwrap();
+        cfg.machine.cpus = Some("0-3".into());
+        let msg = cfg.validate(&sys.host(), 64).unwrap_err().to_string();
+        assert!(msg.contains("CPU 2"), "{msg}");
+        cfg.machine.cpus = Some("1-0".into());
+        assert!(matches!(
+            cfg.validate(&sys.host(), 64),
+            Err(ConfigError::CpuSet { .. })
+        ));
+    }
+
+    #[test]
+    fn memory_override_resizes_a_single_zone_or_replaces_many() {
+        let sys = FakeSys::new("override", 16);
+        let mut cfg = parse(&base(
+            &sys,
+            "id = \"m\"\nsize_mib = 32\nbacking = \"hugetlb-2m\"",
+        ))
+        .unwrap();
+        cfg.apply(&Overrides {
+            memory_mib: Some(64),
+            vcpus: Some(1),
+            cmdline: Some("quiet".into()),
+            ..Default::default()
+        });
+        assert_eq!(cfg.memory.zones[0].size_mib, 64);
+        assert_eq!(cfg.memory.zones[0].backing, Backing::Hugetlb2M);
+        assert_eq!(cfg.machine.vcpus, 1);
+        assert_eq!(cfg.boot.cmdline, "quiet");
+    }
+
+    #[test]
+    fn cpu_set_round_trips_through_display() {
+        let s = CpuSet::parse("0-3, 8,10-11").unwrap();
+        assert_eq!(s.to_string(), "0-3,8,10-11");
+        assert!(CpuSet::parse("x").is_err());
+        assert!(CpuSet::parse("5000").is_err());
+    }
+}

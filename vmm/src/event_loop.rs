@@ -18,6 +18,7 @@ const TAG_STOP: u32 = 1;
 const TAG_RESET: u32 = 2;
 const TAG_SIGNAL: u32 = 3;
 const TAG_STDIN: u32 = 4;
+const TAG_POWEROFF: u32 = 5;
 
 /// The eventfd the SIGTERM/SIGINT handler writes to, and the last signal received.
 static SIGNAL_FD: AtomicI32 = AtomicI32::new(-1);
@@ -48,6 +49,7 @@ pub fn install_stop_signals(evt: &EventFd) -> std::io::Result<()> {
 pub struct ControlLoop {
     pub stop: Arc<Stop>,
     pub reset_evt: EventFd,
+    pub poweroff_evt: EventFd,
     pub signal_evt: EventFd,
     pub serial: Arc<Mutex<SerialConsole>>,
     pub stdin_enabled: bool,
@@ -58,6 +60,7 @@ impl ControlLoop {
     pub fn new(
         stop: Arc<Stop>,
         reset_evt: EventFd,
+        poweroff_evt: EventFd,
         signal_evt: EventFd,
         serial: Arc<Mutex<SerialConsole>>,
         stdin_enabled: bool,
@@ -65,6 +68,7 @@ impl ControlLoop {
         ControlLoop {
             stop,
             reset_evt,
+            poweroff_evt,
             signal_evt,
             serial,
             stdin_enabled,
@@ -112,6 +116,11 @@ impl MutEventSubscriber for ControlLoop {
                 let _ = self.reset_evt.read();
                 self.stop.request(StopReason::GuestReset);
             }
+            TAG_POWEROFF => {
+                let _ = self.poweroff_evt.read();
+                self.stop
+                    .request(StopReason::GuestShutdown("ACPI power off"));
+            }
             TAG_SIGNAL => {
                 let _ = self.signal_evt.read();
                 self.stop
@@ -130,6 +139,7 @@ impl MutEventSubscriber for ControlLoop {
         };
         add(self.stop.evt.as_raw_fd(), TAG_STOP);
         add(self.reset_evt.as_raw_fd(), TAG_RESET);
+        add(self.poweroff_evt.as_raw_fd(), TAG_POWEROFF);
         add(self.signal_evt.as_raw_fd(), TAG_SIGNAL);
         if self.stdin_enabled {
             add(libc::STDIN_FILENO, TAG_STDIN);

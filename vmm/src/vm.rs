@@ -5,8 +5,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::{
-    BootTimer, Bus, SerialConsole, BOOT_TIMER_PORT, I8042, I8042_PORT, I8042_PORT_LEN, SERIAL_PORT,
-    SERIAL_PORT_LEN,
+    BootTimer, Bus, SerialConsole, SleepControl, BOOT_TIMER_PORT, I8042, I8042_PORT,
+    I8042_PORT_LEN, SERIAL_PORT, SERIAL_PORT_LEN,
 };
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{
@@ -16,7 +16,7 @@ use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::arch::x86_64::{boot, cpuid, layout, mptable, regs};
+use crate::arch::x86_64::{acpi, boot, cpuid, layout, mptable, regs};
 use crate::config::ValidatedConfig;
 use crate::console;
 use crate::event_loop::{install_stop_signals, ControlLoop};
@@ -44,6 +44,8 @@ pub enum VmError {
     Regs(#[from] regs::RegsError),
     #[error(transparent)]
     Mptable(#[from] mptable::MptableError),
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
     #[error("cannot set up {what}: {source}")]
     Io {
         what: &'static str,
@@ -61,7 +63,7 @@ impl VmError {
     pub fn is_config_error(&self) -> bool {
         matches!(
             self,
-            VmError::Memory(_) | VmError::Boot(_) | VmError::Mptable(_)
+            VmError::Memory(_) | VmError::Boot(_) | VmError::Mptable(_) | VmError::Acpi(_)
         )
     }
 }
@@ -126,6 +128,7 @@ pub fn run_image(
 
     regs::write_boot_tables(&ram.memory)?;
     mptable::setup_mptable(&ram.memory, cfg.vcpus)?;
+    let rsdp = acpi::setup_acpi(&ram.memory, cfg.vcpus)?;
     let entry = match image {
         GuestImage::Linux => boot::load_guest(
             &ram.memory,
@@ -133,6 +136,7 @@ pub fn run_image(
             &cfg.kernel,
             cfg.initrd.as_deref(),
             &cfg.cmdline,
+            Some(rsdp),
         )?,
         GuestImage::RealMode { code, addr } => {
             ram.memory
@@ -158,7 +162,19 @@ pub fn run_image(
     let boot_timer = BootTimer::new(start).on_init_reached(|t| {
         eprintln!("aivmm: guest reached init in {} ms", t.as_millis());
     });
+    let poweroff_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("the power-off event"))?;
+    let sleep_control = SleepControl::new(
+        acpi::S5_SLP_TYP,
+        poweroff_evt
+            .try_clone()
+            .map_err(io_err("the power-off event"))?,
+    );
     let mut io_bus = Bus::new();
+    io_bus.insert(
+        Arc::new(Mutex::new(sleep_control)),
+        u64::from(acpi::SLEEP_CONTROL_PORT),
+        2,
+    )?;
     io_bus.insert(serial.clone(), u64::from(SERIAL_PORT), SERIAL_PORT_LEN)?;
     io_bus.insert(
         Arc::new(Mutex::new(i8042)),
@@ -195,6 +211,7 @@ pub fn run_image(
     let control = Arc::new(Mutex::new(ControlLoop::new(
         stop.clone(),
         reset_evt,
+        poweroff_evt,
         signal_evt,
         serial,
         stdin_pollable(),

@@ -136,3 +136,17 @@ fn sigterm_stops_a_halted_guest_with_exit_code_zero() {
     assert!(started.elapsed() < Duration::from_secs(10));
     let _ = std::fs::remove_file(log);
 }
+
+#[test]
+fn acpi_sleep_control_s5_powers_the_vm_off() {
+    let Some(kvm) = kvm() else { return };
+    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
+    let log = console_path("poweroff");
+    // (SLP_TYP 5 << 2) | SLP_EN to the sleep control register, as Linux's acpi_power_off.
+    let mut code = outs(&[(0x3c0, (5 << 2) | 0x20)]);
+    code.extend_from_slice(&HLT_LOOP);
+    let reason = run(&code, &config(log.clone(), 1, Backing::Memfd), &kvm);
+    assert_eq!(reason, StopReason::GuestShutdown("ACPI power off"));
+    assert_eq!(reason.exit_code(), 0);
+    let _ = std::fs::remove_file(log);
+}

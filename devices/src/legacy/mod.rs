@@ -7,9 +7,11 @@
 pub mod boot_timer;
 pub mod i8042;
 pub mod serial;
+pub mod sleep_control;
 pub mod trigger;
 
 pub use boot_timer::{BootTimer, BOOT_TIMER_MAGIC, BOOT_TIMER_PORT};
 pub use i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
 pub use serial::{SerialConsole, SerialError, SERIAL_PORT, SERIAL_PORT_LEN};
+pub use sleep_control::SleepControl;
 pub use trigger::EventFdTrigger;

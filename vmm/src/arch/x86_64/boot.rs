@@ -102,6 +102,7 @@ pub fn load_guest(
     kernel_path: &Path,
     initrd_path: Option<&Path>,
     cmdline: &str,
+    acpi_rsdp: Option<u64>,
 ) -> Result<BootEntry, BootError> {
     let low_end = match ram.first() {
         Some(&(0, len)) if len >= MIN_RAM => len,
@@ -156,14 +157,14 @@ pub fn load_guest(
 
     match (is_elf, loaded.pvh_boot_cap) {
         (true, PvhBootCapability::PvhEntryPresent(entry)) => {
-            write_start_info(mem, ram, initrd)?;
+            write_start_info(mem, ram, initrd, acpi_rsdp)?;
             Ok(BootEntry {
                 mode: EntryMode::Pvh,
                 entry: entry.0,
             })
         }
         _ => {
-            write_zero_page(mem, ram, hdr, cmdline.len(), initrd)?;
+            write_zero_page(mem, ram, hdr, cmdline.len(), initrd, acpi_rsdp)?;
             let entry = if is_elf {
                 loaded.kernel_load.0
             } else {
@@ -242,8 +243,10 @@ fn write_zero_page(
     hdr: Option<setup_header>,
     cmdline_len: usize,
     initrd: Option<(u64, u64)>,
+    acpi_rsdp: Option<u64>,
 ) -> Result<(), BootError> {
     let mut params = boot_params::default();
+    params.acpi_rsdp_addr = acpi_rsdp.unwrap_or(0);
     if let Some(h) = hdr {
         params.hdr = h;
     }
@@ -279,6 +282,7 @@ fn write_start_info(
     mem: &GuestMemoryMmap,
     ram: &[(u64, u64)],
     initrd: Option<(u64, u64)>,
+    acpi_rsdp: Option<u64>,
 ) -> Result<(), BootError> {
     let entries = e820_entries(ram);
     if entries.len() > PVH_MEMMAP_MAX_ENTRIES {
@@ -300,6 +304,7 @@ fn write_start_info(
         cmdline_paddr: CMDLINE_ADDR,
         memmap_paddr: PVH_MEMMAP_ADDR,
         memmap_entries: entries.len() as u32,
+        rsdp_paddr: acpi_rsdp.unwrap_or(0),
         ..Default::default()
     };
     if let Some((paddr, size)) = initrd {
@@ -339,7 +344,15 @@ mod tests {
     #[test]
     fn zero_page_has_cmdline_initrd_and_e820() {
         let mem = guest(64 * MIB);
-        write_zero_page(&mem, &[(0, 64 * MIB)], None, 10, Some((0x300_0000, 0x1234))).unwrap();
+        write_zero_page(
+            &mem,
+            &[(0, 64 * MIB)],
+            None,
+            10,
+            Some((0x300_0000, 0x1234)),
+            Some(0xe0000),
+        )
+        .unwrap();
         let p: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_ADDR)).unwrap();
         assert_eq!({ p.hdr.boot_flag }, KERNEL_BOOT_FLAG_MAGIC);
         assert_eq!({ p.hdr.cmd_line_ptr }, CMDLINE_ADDR as u32);
@@ -347,6 +360,7 @@ mod tests {
         assert_eq!({ p.hdr.ramdisk_image }, 0x300_0000);
         assert_eq!({ p.hdr.ramdisk_size }, 0x1234);
         assert_eq!(p.e820_entries, 3);
+        assert_eq!({ p.acpi_rsdp_addr }, 0xe0000);
         let last = p.e820_table[2];
         assert_eq!(({ last.addr }, { last.size }), (HIMEM_START, 63 * MIB));
     }
@@ -354,7 +368,7 @@ mod tests {
     #[test]
     fn pvh_start_info_points_at_memmap_and_module() {
         let mem = guest(64 * MIB);
-        write_start_info(&mem, &[(0, 64 * MIB)], Some((0x200_0000, 4096))).unwrap();
+        write_start_info(&mem, &[(0, 64 * MIB)], Some((0x200_0000, 4096)), None).unwrap();
         let info: StartInfo = mem.read_obj(GuestAddress(PVH_INFO_ADDR)).unwrap();
         assert_eq!(info.0.magic, XEN_HVM_START_MAGIC);
         assert_eq!(info.0.memmap_entries, 3);
@@ -388,7 +402,8 @@ mod tests {
         let mem = guest(64 * MIB);
         let path = std::env::temp_dir().join(format!("aivmm-badkernel-{}", std::process::id()));
         std::fs::write(&path, vec![0u8; 8192]).unwrap();
-        let err = load_guest(&mem, &[(0, 64 * MIB)], &path, None, "console=ttyS0").unwrap_err();
+        let err =
+            load_guest(&mem, &[(0, 64 * MIB)], &path, None, "console=ttyS0", None).unwrap_err();
         std::fs::remove_file(&path).unwrap();
         assert!(err.to_string().contains("aivmm-badkernel"), "{err}");
     }
@@ -396,7 +411,8 @@ mod tests {
     #[test]
     fn tiny_guest_is_rejected() {
         let mem = guest(MIB);
-        let err = load_guest(&mem, &[(0, MIB)], Path::new("/nonexistent"), None, "").unwrap_err();
+        let err =
+            load_guest(&mem, &[(0, MIB)], Path::new("/nonexistent"), None, "", None).unwrap_err();
         assert!(matches!(err, BootError::LowMemory { .. }));
     }
 }

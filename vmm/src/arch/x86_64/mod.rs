@@ -1,5 +1,6 @@
 //! x86_64: guest-physical layout, boot protocols, CPUID, vCPU register state, MP table.
 
+pub mod acpi;
 pub mod boot;
 pub mod cpuid;
 pub mod layout;
