@@ -162,15 +162,119 @@ fn fadt(dsdt: u64) -> Vec<u8> {
     t.finish()
 }
 
-/// DSDT with one object: `Name (_S5_, Package () { 5, 5 })`.
+/// DSDT: `\_S5_` (the sleep type for power-off) and `\_SB_.COM1`, the serial port with
+/// its I/O range and IRQ 4. A hardware-reduced platform has no legacy PIC, so Linux maps
+/// ISA IRQs only for devices the namespace describes; without COM1 here the console's
+/// interrupt never reaches the guest and only polled kernel printk shows.
 fn dsdt() -> Vec<u8> {
+    let s5 = aml::name(
+        b"_S5_",
+        &aml::package(&[aml::byte(S5_SLP_TYP), aml::byte(S5_SLP_TYP)]),
+    );
+    let com1 = aml::device(
+        b"COM1",
+        &[
+            aml::name(b"_HID", &aml::eisa_id(*b"PNP0501")),
+            aml::name(b"_UID", &[aml::ZERO]),
+            aml::name(
+                b"_CRS",
+                &aml::buffer(
+                    &[
+                        aml::io_port(0x3f8, 8),
+                        aml::irq_no_flags(4),
+                        aml::END_TAG.to_vec(),
+                    ]
+                    .concat(),
+                ),
+            ),
+        ]
+        .concat(),
+    );
     let mut t = Sdt::new(b"DSDT", 2);
-    t.bytes(&[
-        0x08, b'_', b'S', b'5', b'_', // NameOp "_S5_"
-        0x12, 0x06, 0x02, // PackageOp, PkgLength 6, 2 elements
-        0x0a, S5_SLP_TYP, 0x0a, S5_SLP_TYP, // BytePrefix 5, BytePrefix 5
-    ]);
+    t.bytes(&s5).bytes(&aml::scope(b"_SB_", &com1));
     t.finish()
+}
+
+/// The few AML encodings the DSDT needs (ACPI 6.x, chapter 20).
+mod aml {
+    pub const ZERO: u8 = 0x00;
+    pub const END_TAG: [u8; 2] = [0x79, 0x00];
+
+    /// PkgLength of `body_len` bytes of content (the encoding counts its own bytes).
+    pub fn pkg_length(body_len: usize) -> Vec<u8> {
+        if body_len + 1 < 0x40 {
+            return vec![(body_len + 1) as u8];
+        }
+        let (n, total) = if body_len + 2 < 1 << 12 {
+            (1, body_len + 2)
+        } else if body_len + 3 < 1 << 20 {
+            (2, body_len + 3)
+        } else {
+            (3, body_len + 4)
+        };
+        let mut v = vec![((n as u8) << 6) | (total & 0xf) as u8];
+        for i in 0..n {
+            v.push((total >> (4 + 8 * i)) as u8);
+        }
+        v
+    }
+
+    fn with_pkg(op: &[u8], body: &[u8]) -> Vec<u8> {
+        [op, &pkg_length(body.len()), body].concat()
+    }
+
+    pub fn name(seg: &[u8; 4], value: &[u8]) -> Vec<u8> {
+        [&[0x08][..], seg, value].concat()
+    }
+
+    pub fn byte(v: u8) -> Vec<u8> {
+        vec![0x0a, v]
+    }
+
+    pub fn package(elements: &[Vec<u8>]) -> Vec<u8> {
+        let body = [&[elements.len() as u8][..], &elements.concat()].concat();
+        with_pkg(&[0x12], &body)
+    }
+
+    pub fn buffer(data: &[u8]) -> Vec<u8> {
+        let body = [&byte(data.len() as u8)[..], data].concat();
+        with_pkg(&[0x11], &body)
+    }
+
+    pub fn device(seg: &[u8; 4], body: &[u8]) -> Vec<u8> {
+        with_pkg(&[0x5b, 0x82], &[&seg[..], body].concat())
+    }
+
+    pub fn scope(seg: &[u8; 4], body: &[u8]) -> Vec<u8> {
+        with_pkg(&[0x10], &[&[b'\\'][..], &seg[..], body].concat())
+    }
+
+    /// `EisaId("PNP0501")`: three letters in 5 bits each, then four hex digits, as a
+    /// big-endian DWordConst.
+    pub fn eisa_id(id: [u8; 7]) -> Vec<u8> {
+        let l = |c: u8| u32::from(c - b'@') & 0x1f;
+        let h = |c: u8| (c as char).to_digit(16).unwrap_or(0);
+        let v = (l(id[0]) << 26)
+            | (l(id[1]) << 21)
+            | (l(id[2]) << 16)
+            | (h(id[3]) << 12)
+            | (h(id[4]) << 8)
+            | (h(id[5]) << 4)
+            | h(id[6]);
+        [&[0x0c][..], &v.to_be_bytes()].concat()
+    }
+
+    /// Small I/O port descriptor: 16-bit decode, fixed `base`, `len` ports.
+    pub fn io_port(base: u16, len: u8) -> Vec<u8> {
+        let b = base.to_le_bytes();
+        vec![0x47, 0x01, b[0], b[1], b[0], b[1], 0x01, len]
+    }
+
+    /// Small IRQ descriptor without flags: edge-triggered, active high.
+    pub fn irq_no_flags(irq: u8) -> Vec<u8> {
+        let mask = (1u16 << irq).to_le_bytes();
+        vec![0x22, mask[0], mask[1]]
+    }
 }
 
 fn madt(vcpus: u8) -> Vec<u8> {
@@ -242,6 +346,27 @@ mod tests {
         assert!(sums_to_zero(&dsdt()));
         assert!(sums_to_zero(&xsdt(&[1, 2])));
         assert_eq!(xsdt(&[1, 2]).len(), 36 + 16);
+    }
+
+    #[test]
+    fn aml_encodings_match_the_spec() {
+        assert_eq!(
+            aml::eisa_id(*b"PNP0501"),
+            vec![0x0c, 0x41, 0xd0, 0x05, 0x01]
+        );
+        assert_eq!(aml::pkg_length(5), vec![6]);
+        // 100 bytes of content: two-byte encoding of 102.
+        assert_eq!(aml::pkg_length(100), vec![0x40 | (102 & 0xf), 102 >> 4]);
+        assert_eq!(
+            aml::package(&[aml::byte(5), aml::byte(5)]),
+            vec![0x12, 0x06, 0x02, 0x0a, 0x05, 0x0a, 0x05]
+        );
+        assert_eq!(aml::irq_no_flags(4), vec![0x22, 0x10, 0x00]);
+        let d = dsdt();
+        assert!(sums_to_zero(&d));
+        let body = &d[36..];
+        assert!(body.windows(4).any(|w| w == b"COM1"));
+        assert!(body.windows(4).any(|w| w == b"_S5_"));
     }
 
     #[test]
