@@ -245,8 +245,10 @@ fn write_zero_page(
     initrd: Option<(u64, u64)>,
     acpi_rsdp: Option<u64>,
 ) -> Result<(), BootError> {
-    let mut params = boot_params::default();
-    params.acpi_rsdp_addr = acpi_rsdp.unwrap_or(0);
+    let mut params = boot_params {
+        acpi_rsdp_addr: acpi_rsdp.unwrap_or(0),
+        ..Default::default()
+    };
     if let Some(h) = hdr {
         params.hdr = h;
     }
