@@ -28,16 +28,13 @@
 //! source) gets no entry. With this identity wiring the VMM needs no
 //! `KVM_SET_GSI_ROUTING` for legacy devices.
 
+use super::layout::{self, EBDA_START};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError, GuestMemoryMmap, Permissions};
 
-/// Guest physical address of the MP floating pointer structure: the start of
-/// the EBDA, which is also the last KiB of the 640 KiB of base memory.
-pub const MPTABLE_START: u64 = 0x9fc00;
-/// Guest physical address of the I/O APIC registers.
-pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
-/// Guest physical address of every local APIC's registers.
-pub const APIC_ADDR: u32 = 0xfee0_0000;
-
+/// The MP floating pointer structure sits at the start of the EBDA, where Linux scans.
+pub const MPTABLE_START: u64 = EBDA_START;
+const IOAPIC_ADDR: u32 = layout::IOAPIC_ADDR as u32;
+const APIC_ADDR: u32 = layout::LAPIC_ADDR as u32;
 /// First byte past the EBDA; the MP table must end at or before it.
 const EBDA_END: u64 = 0xa0000;
 

@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
+# Provide the default guest kernel: Debian's linux-image-cloud-amd64 (the versioned package
+# it depends on), fetched with `apt-get download` and unpacked with `dpkg-deb -x`. No kernel
+# build is needed. The same kernel serves as the L1 kernel of the nested test rig, so the
+# modules the rig needs (KVM on AMD-V and VFIO) are taken from the same package.
+#
+#   guest-kernel/fetch-kernel.sh [OUTDIR]        (default: <repo>/target/guest-kernel)
+#
+# Produces OUTDIR/vmlinuz, OUTDIR/config, OUTDIR/modules/*.ko (uncompressed, because busybox
+# insmod may not decompress) and OUTDIR/modules/load-order (file names, dependencies first),
+# then prints the paths. Idempotent: a second run with the same package does nothing.
+# Environment: AIVMM_KERNEL_PKG overrides the package name (e.g. linux-image-6.1.0-56-cloud-amd64);
+# AIVMM_KERNEL_MODULES overrides the modules to include (their dependencies are added).
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(cd "$here/.." && pwd)
+# shellcheck source=pkg.sh
+. "$here/pkg.sh"
+
+out=${1:-$root/target/guest-kernel}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+meta_pkg=linux-image-cloud-amd64
+# The modules the rig loads explicitly; kvm, irqbypass, vfio, vfio_virqfd and vfio-pci-core
+# come in as their dependencies (read from each module's .modinfo, see below).
+roots=${AIVMM_KERNEL_MODULES:-kvm-amd vfio_iommu_type1 vfio-pci}
+
+# Concurrent callers (parallel test binaries, make -j) must not unpack over each other.
+exec 9>"$out/.lock"
+flock 9
+
+print_paths() {
+    echo "kernel:  $out/vmlinuz ($(cat "$out/package"))"
+    echo "config:  $out/config"
+    echo "modules: $out/modules ($(tr '\n' ' ' <"$out/modules/load-order"))"
+}
+
+# Resolve the versioned package behind the meta-package, like `apt-get install` would.
+pkg=${AIVMM_KERNEL_PKG:-}
+if [ -z "$pkg" ]; then
+    apt_lists_know "$meta_pkg"
+    pkg=$(apt-cache depends "$meta_pkg" 2>/dev/null |
+        awk '/Depends: linux-image-/ { print $2; exit }') || true
+fi
+if [ -z "$pkg" ]; then
+    # Offline, with a kernel already fetched: keep using it rather than fail.
+    if [ -f "$out/package" ]; then
+        pkg=$(cat "$out/package")
+        echo "$0: cannot resolve $meta_pkg, using the cached $pkg" >&2
+    else
+        echo "$0: cannot resolve the package behind $meta_pkg (apt-cache depends)" >&2
+        exit 1
+    fi
+fi
+
+if [ "$(cat "$out/package" 2>/dev/null)" = "$pkg" ] && [ -f "$out/vmlinuz" ] &&
+    [ -f "$out/config" ] && [ -f "$out/modules/load-order" ]; then
+    print_paths
+    exit 0
+fi
+
+mkdir -p "$out/debs"
+first() { [ -e "$1" ] && echo "$1"; }
+deb=$(first "$out/debs/${pkg}"_*.deb || true)
+if [ -z "$deb" ]; then
+    echo "$0: downloading $pkg" >&2
+    # apt-get download as root warns about an unsandboxed download; it is our own dir.
+    (cd "$out/debs" && apt-get download -q -o APT::Sandbox::User=root "$pkg" >&2)
+    deb=$(first "$out/debs/${pkg}"_*.deb)
+fi
+
+tree=$out/.unpack
+rm -rf "$tree"
+dpkg-deb -x "$deb" "$tree"
+
+# Debian 12 ships /boot and /lib/modules; later releases (merged /usr) use /usr/lib/modules.
+vmlinuz=$(first "$tree"/boot/vmlinuz-*) || { echo "$0: no boot/vmlinuz-* in $deb" >&2; exit 1; }
+kconfig=$(first "$tree"/boot/config-*) || { echo "$0: no boot/config-* in $deb" >&2; exit 1; }
+moddir=$(first "$tree"/lib/modules/*/kernel || first "$tree"/usr/lib/modules/*/kernel) ||
+    { echo "$0: no lib/modules/*/kernel in $deb" >&2; exit 1; }
+
+# Module names treat '-' and '_' alike (kvm-amd.ko is the module kvm_amd).
+norm() { echo "$1" | tr '-' '_'; }
+
+declare -A path_of=()
+while IFS= read -r f; do
+    b=${f##*/}
+    b=${b%%.ko*}
+    path_of[$(norm "$b")]=$f
+done < <(find "$moddir" -name '*.ko' -o -name '*.ko.xz' -o -name '*.ko.zst' -o -name '*.ko.gz')
+
+rm -rf "$out/modules.new"
+mkdir -p "$out/modules.new"
+declare -A placed=()
+order=()
+
+# Copy one module, uncompressed: busybox insmod hands the file to init_module as is.
+place() {
+    local src=$1 dst=$2
+    case $src in
+    *.ko) cp "$src" "$dst" ;;
+    *.ko.xz) need_cmd xz xz-utils && xz -dc "$src" >"$dst" ;;
+    *.ko.zst) need_cmd zstd zstd && zstd -qdc "$src" >"$dst" ;;
+    *.ko.gz) gzip -dc "$src" >"$dst" ;;
+    esac
+}
+
+# Depth-first: a module's dependencies (the `depends=` field of its .modinfo section,
+# which needs no depmod and no kmod tools) are placed before the module itself.
+add_module() {
+    local name src file deps dep
+    name=$(norm "$1")
+    [ -n "${placed[$name]:-}" ] && return 0
+    src=${path_of[$name]:-}
+    [ -n "$src" ] || { echo "$0: module $1 is not in $pkg" >&2; exit 1; }
+    file=${src##*/}
+    file=${file%%.ko*}.ko
+    placed[$name]=$file
+    place "$src" "$out/modules.new/$file"
+    deps=$(tr '\0' '\n' <"$out/modules.new/$file" | sed -n 's/^depends=//p' | head -n 1)
+    for dep in ${deps//,/ }; do
+        add_module "$dep"
+    done
+    order+=("$file")
+}
+
+for m in $roots; do
+    add_module "$m"
+done
+printf '%s\n' "${order[@]}" >"$out/modules.new/load-order"
+
+cp "$vmlinuz" "$out/vmlinuz"
+cp "$kconfig" "$out/config"
+rm -rf "$out/modules"
+mv "$out/modules.new" "$out/modules"
+rm -rf "$tree"
+echo "$pkg" >"$out/package"
+print_paths

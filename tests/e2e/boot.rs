@@ -1,0 +1,290 @@
+//! End-to-end: aivmm boots a stock Linux guest (the Debian cloud kernel) on hugepage-backed,
+//! NUMA-bound memory, and handles bad input and SIGTERM as its contract says.
+//!
+//! All tests share one rig run (one L1 boot in nested mode): see `aivmm_tests::rig`.
+//! The scenarios are in tests/rig/scenarios.sh, the guest side in tests/rig/guest/.
+
+use aivmm_tests::{rig, Rig, RigMode, ScenarioRun};
+
+/// The boot and sigterm configs' zone: 256 MiB of 2 MiB pages.
+const ZONE_HUGEPAGES: i64 = 256 / 2;
+
+/// The node the scenarios bound memory to; node 1 in the nested rig (its two-node L1).
+#[track_caller]
+fn host_node(rig: &Rig, run: &ScenarioRun) -> i64 {
+    let node = rig.fact_i64(run, "host_node");
+    if rig.mode == RigMode::Nested {
+        rig.check(
+            run,
+            node == 1,
+            "the nested rig must place the zone on L1's node 1",
+        );
+    }
+    node
+}
+
+/// Free hugepages on `node` before, during and after a run must read `before`,
+/// `before - ZONE_HUGEPAGES`, `before`: the zone took its pages from that node and gave
+/// every one back.
+#[track_caller]
+fn check_hugepages_taken_and_returned(rig: &Rig, run: &ScenarioRun, node: i64) {
+    let before = rig.fact_i64(run, &format!("hp_node{node}_before"));
+    let during = rig.fact_i64(run, &format!("hp_node{node}_during"));
+    let after = rig.fact_i64(run, &format!("hp_node{node}_after"));
+    rig.check(
+        run,
+        before - during == ZONE_HUGEPAGES,
+        &format!(
+            "node {node}: free 2 MiB hugepages went {before} -> {during} while the VM ran, \
+             expected a drop of {ZONE_HUGEPAGES} (256 MiB zone)"
+        ),
+    );
+    rig.check(
+        run,
+        after == before,
+        &format!(
+            "node {node}: {before} free hugepages before the run, {after} after: pages leaked"
+        ),
+    );
+}
+
+#[test]
+fn l2_reaches_init_and_prints_marker() {
+    let rig = rig();
+    let run = rig.run("boot");
+    let marker = run
+        .line_containing("AIVMM-GUEST-INIT uptime=")
+        .unwrap_or_else(|| {
+            rig.fail(
+                run,
+                "the guest never printed its init marker `AIVMM-GUEST-INIT`",
+            )
+        });
+    rig.check(
+        run,
+        marker.contains("cpus="),
+        &format!("malformed marker line `{marker}`"),
+    );
+    rig.check(
+        run,
+        run.line_containing("AIVMM-SCRIPT-EXIT rc=0").is_some(),
+        "the guest's boot-check.sh did not run to `AIVMM-SCRIPT-EXIT rc=0`",
+    );
+}
+
+#[test]
+fn boot_timer_logs_init_reached() {
+    // The guest init writes 0x7b to port 0x440; aivmm logs when that happened.
+    let rig = rig();
+    let run = rig.run("boot");
+    let logged = run
+        .stderr_lines()
+        .any(|l| l.to_ascii_lowercase().contains("reached init"));
+    rig.check(
+        run,
+        logged,
+        "aivmm logged no `guest reached init in N ms` line (boot timer, port 0x440)",
+    );
+}
+
+#[test]
+fn guest_sees_two_vcpus() {
+    let rig = rig();
+    let run = rig.run("boot");
+    for line in ["GUEST-NPROC=2", "GUEST-CPUINFO-PROCESSORS=2"] {
+        rig.check(
+            run,
+            run.output.iter().any(|l| l.trim() == line),
+            &format!("the guest did not report `{line}` (2 vCPUs configured)"),
+        );
+    }
+    rig.check(
+        run,
+        run.line_containing("AIVMM-GUEST-INIT")
+            .is_some_and(|l| l.trim_end().ends_with("cpus=2")),
+        "the init marker does not say cpus=2",
+    );
+}
+
+#[test]
+fn hugepage_zone_is_bound_to_its_numa_node() {
+    let rig = rig();
+    let run = rig.run("boot");
+    let node = host_node(rig, run);
+    let maps = run.fact("numa_maps").unwrap_or_default();
+    let huge: Vec<&str> = maps
+        .split(';')
+        .map(str::trim)
+        .filter(|l| l.split_whitespace().any(|w| w == "huge"))
+        .collect();
+    rig.check(
+        run,
+        !huge.is_empty(),
+        "aivmm's /proc/<pid>/numa_maps has no `huge` mapping while the VM runs",
+    );
+    let on_node = format!("N{node}=");
+    rig.check(
+        run,
+        huge.iter().any(|l| l.contains(&on_node)),
+        &format!("no hugepage mapping has pages on node {node} (`{on_node}`)"),
+    );
+    let stray = huge.iter().find(|l| {
+        l.split_whitespace()
+            .any(|w| w.starts_with('N') && w.contains('=') && !w.starts_with(&on_node))
+    });
+    if let Some(l) = stray {
+        rig.fail(
+            run,
+            &format!("a hugepage mapping has pages off node {node}: `{l}`"),
+        );
+    }
+    check_hugepages_taken_and_returned(rig, run, node);
+}
+
+#[test]
+fn guest_poweroff_exits_zero() {
+    let rig = rig();
+    let run = rig.run("boot");
+    rig.check(
+        run,
+        run.line_containing("AIVMM-SCRIPT-EXIT").is_some(),
+        "the guest script never finished, so the exit was not the guest's poweroff",
+    );
+    rig.check(
+        run,
+        run.rc == Some(0),
+        "aivmm did not exit 0 after the guest's `poweroff -f`",
+    );
+}
+
+/// The `badconfig` run of one case, which must have exited 2 with one error line that
+/// mentions every word of `expect` (case-insensitively), and left the hugepages alone.
+#[track_caller]
+fn check_bad_config(case: &str, expect: &[&str]) {
+    let rig = rig();
+    let runs = rig.runs("badconfig");
+    let Some(run) = runs.iter().find(|r| r.fact("case") == Some(case)) else {
+        panic!(
+            "no badconfig run for case `{case}`\n{}\n{}",
+            rig.describe(),
+            runs.iter().map(|r| r.excerpt(20)).collect::<String>()
+        );
+    };
+    rig.check(
+        run,
+        run.rc == Some(2),
+        &format!("bad config `{case}`: exit code should be 2"),
+    );
+    let errors: Vec<&str> = run
+        .stderr_lines()
+        .filter(|l| l.starts_with("aivmm: error:"))
+        .collect();
+    rig.check(
+        run,
+        errors.len() == 1,
+        &format!(
+            "bad config `{case}`: expected one `aivmm: error:` line, got {}",
+            errors.len()
+        ),
+    );
+    let line = errors[0].to_ascii_lowercase();
+    for word in expect {
+        rig.check(
+            run,
+            line.contains(&word.to_ascii_lowercase()),
+            &format!("bad config `{case}`: the error line does not mention `{word}`"),
+        );
+    }
+    for node in [0, 1] {
+        if let (Some(b), Some(a)) = (
+            run.fact_i64(&format!("hp_node{node}_before")),
+            run.fact_i64(&format!("hp_node{node}_after")),
+        ) {
+            rig.check(
+                run,
+                a == b,
+                &format!("bad config `{case}`: free hugepages on node {node} went {b} -> {a}"),
+            );
+        }
+    }
+}
+
+#[test]
+fn bad_config_zero_memory_exits_2() {
+    check_bad_config("zero-memory", &["memory"]);
+}
+
+#[test]
+fn bad_config_unknown_field_exits_2() {
+    check_bad_config("unknown-field", &["unknown field", "vcpu_count"]);
+}
+
+#[test]
+fn bad_config_missing_numa_node_exits_2() {
+    check_bad_config("numa-node-7", &["node", "7"]);
+}
+
+#[test]
+fn bad_config_missing_kernel_exits_2() {
+    check_bad_config("missing-kernel", &["/nonexistent/aivmm-rig/vmlinuz"]);
+}
+
+#[test]
+fn sigterm_exits_zero_and_frees_hugepages() {
+    let rig = rig();
+    let run = rig.run("sigterm");
+    rig.check(
+        run,
+        run.fact("signalled") == Some("1"),
+        "the guest never reached init, so SIGTERM was not sent",
+    );
+    rig.check(run, run.rc == Some(0), "aivmm did not exit 0 on SIGTERM");
+    rig.check(
+        run,
+        run.line_containing("GUEST-WOKE-UP").is_none(),
+        "the guest finished its 60 s sleep: aivmm ignored SIGTERM",
+    );
+    let node = host_node(rig, run);
+    check_hugepages_taken_and_returned(rig, run, node);
+}
+
+#[test]
+fn vcpu_threads_run_on_the_zone_node_cpus() {
+    // No `cpus` in boot.toml: aivmm pins the vCPU threads to the CPUs of the memory's node.
+    let rig = rig();
+    let run = rig.run("boot");
+    let node = host_node(rig, run);
+    let node_cpus = match rig.mode {
+        RigMode::Nested => rig
+            .report
+            .fact("l1", &format!("node{node}_cpus"))
+            .map(str::to_string),
+        RigMode::Direct => {
+            std::fs::read_to_string(format!("/sys/devices/system/node/node{node}/cpulist"))
+                .ok()
+                .map(|s| s.trim().to_string())
+        }
+    }
+    .unwrap_or_else(|| rig.fail(run, &format!("unknown CPU list of node {node}")));
+    // `thread_cpus` is "comm:cpulist;" per thread; aivmm names its vCPU threads vcpu<N>.
+    let threads = run.fact("thread_cpus").unwrap_or_default();
+    let vcpus: Vec<(&str, &str)> = threads
+        .split(';')
+        .filter_map(|t| t.split_once(':'))
+        .filter(|(comm, _)| comm.starts_with("vcpu"))
+        .collect();
+    rig.check(
+        run,
+        vcpus.len() == 2,
+        &format!("expected 2 vCPU threads (named vcpu<N>) in `{threads}`"),
+    );
+    for (comm, cpus) in vcpus {
+        rig.check(
+            run,
+            cpus == node_cpus,
+            &format!(
+                "thread {comm} may run on CPUs {cpus}, expected node {node}'s CPUs {node_cpus}"
+            ),
+        );
+    }
+}

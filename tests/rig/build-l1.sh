@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Build the nested rig's L1: its kernel (the Debian cloud kernel) and initramfs.
+#
+#   tests/rig/build-l1.sh OUTDIR AIVMM_BIN SCENARIO_SCRIPT [--add SRC:DEST]... [--bin SRC:DEST]...
+#
+# OUTDIR receives l1-vmlinuz, l1-initrd.cpio (uncompressed: L1 runs under TCG, where the
+# kernel would spend seconds inflating it) and l2-initrd.gz. The L1 initramfs holds:
+#   /init               tests/rig/l1-init (modules, hugepages, runs the scenario script)
+#   /bin/aivmm          AIVMM_BIN with its shared libraries and dynamic loader
+#   /l2/vmlinuz         the L2 kernel (same kernel)
+#   /l2/initrd.gz       the L2 initramfs (guest-kernel/build-initramfs.sh, with
+#                       tests/rig/guest/* under /scripts/; AIVMM_AGENT adds the guest agent)
+#   /mods/              KVM and VFIO modules, /mods/load-order
+#   /configs/           tests/rig/configs/*.toml
+#   /rig/scenario.sh    SCENARIO_SCRIPT
+# Extra --add / --bin arguments go to the L1 initramfs as they are.
+# AIVMM_KERNEL_DIR: where fetch-kernel.sh keeps the kernel (default <repo>/target/guest-kernel).
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(cd "$here/../.." && pwd)
+
+if [ $# -lt 3 ]; then
+    sed -n '4,5s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2
+    exit 2
+fi
+out=$1
+aivmm=$2
+scenario=$3
+shift 3
+[ -f "$aivmm" ] || { echo "$0: no aivmm binary at $aivmm" >&2; exit 1; }
+[ -f "$scenario" ] || { echo "$0: no scenario script at $scenario" >&2; exit 1; }
+
+kdir=${AIVMM_KERNEL_DIR:-$root/target/guest-kernel}
+"$root/guest-kernel/fetch-kernel.sh" "$kdir" >/dev/null
+mkdir -p "$out"
+
+l2_args=(--add "$here/guest:/scripts")
+if [ -n "${AIVMM_AGENT:-}" ]; then
+    l2_args+=(--agent "$AIVMM_AGENT")
+fi
+"$root/guest-kernel/build-initramfs.sh" "$out/l2-initrd.gz" "${l2_args[@]}" >/dev/null
+
+"$root/guest-kernel/build-initramfs.sh" "$out/l1-initrd.cpio" \
+    --init "$here/l1-init" \
+    --bin "$aivmm:/bin/aivmm" \
+    --add "$kdir/vmlinuz:/l2/vmlinuz" \
+    --add "$out/l2-initrd.gz:/l2/initrd.gz" \
+    --add "$kdir/modules:/mods" \
+    --add "$here/configs:/configs" \
+    --add "$scenario:/rig/scenario.sh" \
+    "$@" >/dev/null
+cp "$kdir/vmlinuz" "$out/l1-vmlinuz"
+echo "L1: $out/l1-vmlinuz $out/l1-initrd.cpio ($(($(stat -c %s "$out/l1-initrd.cpio") / 1024)) KiB)"

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
+# Boot the nested rig's L1 under QEMU TCG (the machine the project's e2e tests run in).
+#
+#   tests/rig/run-l1.sh OUTDIR [TIMEOUT_S]          (OUTDIR as made by build-l1.sh; 1500 s)
+#
+# The L1 console goes to stdout and to OUTDIR/l1-console.log; the exit code is QEMU's
+# (124 when the timeout stopped it). Environment:
+#   RIG_SCENARIOS   comma-separated scenarios for L1 to run (default: the script's default)
+#   RIG_QEMU_EXTRA  extra QEMU arguments (word-split)
+#
+# The machine: q35 with a split irqchip (needed for intel-iommu interrupt remapping), TCG
+# with `-cpu max` (emulates AMD-V, so L1 gets a working /dev/kvm), 2 vCPUs and 4 GiB in two
+# NUMA nodes (CPU n on node n), an IOMMU, and QEMU's `edu` PCI device behind a PCIe expander
+# bridge on node 1: L1 sees it at 0000:81:00.0 with numa_node 1, a stand-in for a GPU there.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(cd "$here/../.." && pwd)
+# shellcheck source=../../guest-kernel/pkg.sh
+. "$root/guest-kernel/pkg.sh"
+
+out=${1:?usage: run-l1.sh OUTDIR [TIMEOUT_S]}
+limit=${2:-1500}
+for f in l1-vmlinuz l1-initrd.cpio; do
+    [ -f "$out/$f" ] || { echo "$0: no $out/$f (run build-l1.sh first)" >&2; exit 1; }
+done
+need_cmd qemu-system-x86_64 qemu-system-x86
+
+append="console=ttyS0 panic=-1 quiet intel_iommu=on"
+if [ -n "${RIG_SCENARIOS:-}" ]; then
+    append+=" rig.scenarios=$RIG_SCENARIOS"
+fi
+# shellcheck disable=SC2206 # word splitting is the point of RIG_QEMU_EXTRA
+extra=(${RIG_QEMU_EXTRA:-})
+
+log=$out/l1-console.log
+: >"$log"
+set +e
+# --foreground: Ctrl-C at a terminal still reaches QEMU. stdin is /dev/null so QEMU never
+# puts the caller's terminal into raw mode.
+timeout --foreground -k 10 "$limit" qemu-system-x86_64 \
+    -machine q35,kernel-irqchip=split -accel tcg -cpu max -smp 2 -m 4096 \
+    -object memory-backend-ram,id=m0,size=2G -object memory-backend-ram,id=m1,size=2G \
+    -numa node,nodeid=0,cpus=0,memdev=m0 -numa node,nodeid=1,cpus=1,memdev=m1 \
+    -device intel-iommu,intremap=on \
+    -device pxb-pcie,id=pxb1,bus_nr=128,numa_node=1,bus=pcie.0 \
+    -device pcie-root-port,id=rp1,bus=pxb1,chassis=1 \
+    -device edu,bus=rp1 \
+    -nographic -no-reboot \
+    -kernel "$out/l1-vmlinuz" -initrd "$out/l1-initrd.cpio" -append "$append" \
+    "${extra[@]}" </dev/null 2>&1 | tee "$log"
+rc=${PIPESTATUS[0]}
+set -e
+if [ "$rc" -eq 124 ]; then
+    echo "run-l1.sh: L1 did not finish within ${limit}s, QEMU stopped" | tee -a "$log"
+fi
+exit "$rc"

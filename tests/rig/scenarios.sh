@@ -1,0 +1,276 @@
+#!/bin/sh
+# The rig's scenarios: runs aivmm on the rig configs and prints machine-readable lines that
+# the Rust e2e tests (tests/src/report.rs) parse:
+#
+#   RIG-BEGIN <name>                 an aivmm run starts
+#   RIG-FACT <name> <key>=<value>    a fact measured around it (value = rest of the line)
+#   ...                              the guest console and aivmm's stderr (prefixed "[stderr] ")
+#   RIG-END <name> rc=<n>            aivmm's exit code (137 when the rig had to kill it)
+#   RIG-SCENARIOS-DONE               every requested scenario ran
+#
+#   scenarios.sh [boot] [badconfig] [sigterm] [demo]      (default: boot badconfig sigterm)
+#
+# Runs in L1 under busybox sh (nested mode), or on the host in direct mode; POSIX sh only.
+# Environment (defaults are the L1 layout made by build-l1.sh):
+#   AIVMM        the aivmm binary                        (/bin/aivmm)
+#   L2_KERNEL    the guest kernel                        (/l2/vmlinuz)
+#   L2_INITRD    the guest initramfs                     (/l2/initrd.gz)
+#   RIG_CONFIGS  the rig configs (tests/rig/configs)     (/configs)
+#   RIG_TMP      scratch directory for logs              (/tmp/rig)
+#   RIG_VM_TIMEOUT  seconds an aivmm run may take before the rig kills it (300)
+#   RIG_DEMO_CONFIG the config of the demo scenario      (see scenario_demo)
+set -u
+
+AIVMM=${AIVMM:-/bin/aivmm}
+L2_KERNEL=${L2_KERNEL:-/l2/vmlinuz}
+L2_INITRD=${L2_INITRD:-/l2/initrd.gz}
+RIG_CONFIGS=${RIG_CONFIGS:-/configs}
+RIG_TMP=${RIG_TMP:-/tmp/rig}
+RIG_VM_TIMEOUT=${RIG_VM_TIMEOUT:-300}
+mkdir -p "$RIG_TMP"
+
+fact() { echo "RIG-FACT $1 $2=$3"; }
+
+# Milliseconds since boot (good enough for durations; /proc/uptime has 10 ms resolution).
+now_ms() { awk '{ printf "%d\n", $1 * 1000 }' /proc/uptime; }
+
+# The NUMA node the VM memory goes to: node 1 (the node of the rig's edu device), or node 0
+# on a single-node host in direct mode.
+if [ -d /sys/devices/system/node/node1 ]; then NODE=1; else NODE=0; fi
+
+# Free 2 MiB hugepages on a node ("na" when the node does not exist).
+hp_free() {
+    f=/sys/devices/system/node/node$1/hugepages/hugepages-2048kB/free_hugepages
+    if [ -r "$f" ]; then cat "$f"; else echo na; fi
+}
+
+# hp_facts NAME WHEN: free hugepages on every node, e.g. `hp_node1_before=192`.
+hp_facts() {
+    for n in 0 1; do
+        [ -d "/sys/devices/system/node/node$n" ] && fact "$1" "hp_node${n}_$2" "$(hp_free "$n")"
+    done
+}
+
+# A rig config as this host needs it: on a single-node host the node-1 binding becomes node 0.
+config() {
+    src=$RIG_CONFIGS/$1
+    if [ "$NODE" = 1 ]; then
+        echo "$src"
+    else
+        sed "s/^host_node = 1\$/host_node = $NODE/" "$src" >"$RIG_TMP/$1"
+        echo "$RIG_TMP/$1"
+    fi
+}
+
+# True while PID runs (a zombie that the shell has not reaped yet counts as gone).
+alive() {
+    [ -r "/proc/$1/stat" ] || return 1
+    state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)
+    [ -n "$state" ] && [ "$state" != Z ]
+}
+
+# vm_start NAME CONFIG [aivmm args...]: aivmm in the background, console to $RIG_TMP/NAME.out,
+# stderr to $RIG_TMP/NAME.err; sets VM_PID and VM_T0 (ms).
+vm_start() {
+    out=$RIG_TMP/$1.out
+    cfg=$2
+    shift 2
+    : >"$out"
+    : >"${out%.out}.err"
+    VM_T0=$(now_ms)
+    "$AIVMM" --config "$cfg" "$@" <"/dev/null" >"$out" 2>"${out%.out}.err" &
+    VM_PID=$!
+}
+
+# wait_guest NAME PATTERN PID SECONDS: wait until the guest is up: PATTERN on its console, or
+# aivmm's boot timer logging "reached init" (so that a console problem does not hide what
+# the memory checks can still see). 0 = up (sets UP_BY), 1 = aivmm ended first, 2 = timeout.
+wait_guest() {
+    deadline=$(($(now_ms) + $4 * 1000))
+    while :; do
+        if grep -q "$2" "$RIG_TMP/$1.out" 2>/dev/null; then
+            UP_BY=console
+            return 0
+        fi
+        if grep -q "reached init" "$RIG_TMP/$1.err" 2>/dev/null; then
+            UP_BY=boot-timer
+            return 0
+        fi
+        alive "$3" || return 1
+        [ "$(now_ms)" -lt "$deadline" ] || return 2
+        sleep 0.2
+    done
+}
+
+# vm_wait NAME PID SECONDS: wait for aivmm to exit and set VM_RC; past the deadline the rig
+# kills it (SIGKILL, so the exit code cannot look like a clean exit) and says so.
+vm_wait() {
+    deadline=$(($(now_ms) + $3 * 1000))
+    while alive "$2"; do
+        if [ "$(now_ms)" -ge "$deadline" ]; then
+            fact "$1" timed_out "after ${3}s, killed"
+            kill -KILL "$2" 2>/dev/null
+            break
+        fi
+        sleep 0.2
+    done
+    wait "$2"
+    VM_RC=$?
+}
+
+# Print what the run produced: the guest console, then aivmm's stderr, marked as such.
+vm_output() {
+    cat "$RIG_TMP/$1.out"
+    sed 's/^/[stderr] /' "$RIG_TMP/$1.err"
+}
+
+# Facts from aivmm's stderr: its boot timer ("guest reached init in N ms") and error line.
+stderr_facts() {
+    init_ms=$(sed -n 's/.*guest reached init in \([0-9.]*\) *ms.*/\1/p' "$RIG_TMP/$2.err" | head -n 1)
+    [ -n "$init_ms" ] && fact "$1" init_ms "$init_ms"
+    err=$(grep -m 1 '^aivmm: error:' "$RIG_TMP/$2.err")
+    [ -n "$err" ] && fact "$1" error "$err"
+    fact "$1" error_lines "$(grep -c '^aivmm: error:' "$RIG_TMP/$2.err")"
+}
+
+# Memory of a running aivmm as L1 sees it: the hugetlb mappings with their NUMA placement,
+# the RSS split, and the CPUs each thread may run on.
+memory_facts() {
+    name=$1
+    pid=$2
+    huge=$(grep huge "/proc/$pid/numa_maps" 2>/dev/null | tr '\n' ';')
+    fact "$name" numa_maps "$huge"
+    for key in VmRSS RssAnon RssFile RssShmem VmLck VmHWM; do
+        v=$(awk -v k="$key:" '$1 == k { print $2 }' "/proc/$pid/status" 2>/dev/null)
+        fact "$name" "${key}_kb" "${v:-na}"
+    done
+    cpus=
+    for t in /proc/"$pid"/task/*; do
+        [ -r "$t/status" ] || continue
+        c=$(awk '$1 == "Cpus_allowed_list:" { print $2 }' "$t/status")
+        cpus="$cpus$(cat "$t/comm" 2>/dev/null):$c;"
+    done
+    fact "$name" thread_cpus "$cpus"
+}
+
+# aivmm overrides so the same configs work in L1 and on a host (direct mode).
+guest_args() { echo "--kernel $L2_KERNEL --initrd $L2_INITRD"; }
+
+scenario_boot() {
+    echo "RIG-BEGIN boot"
+    fact boot host_node "$NODE"
+    hp_facts boot before
+    # shellcheck disable=SC2046 # guest_args is a list of words without spaces
+    vm_start boot "$(config boot.toml)" $(guest_args)
+    pid=$VM_PID
+    wait_guest boot AIVMM-GUEST-INIT "$pid" "$RIG_VM_TIMEOUT"
+    case $? in
+    0)
+        fact boot up_ms $(($(now_ms) - VM_T0))
+        fact boot up_by "$UP_BY"
+        # Sampled while the guest's boot-check.sh sleeps: the VM is alive and fully mapped.
+        memory_facts boot "$pid"
+        hp_facts boot during
+        ;;
+    1) fact boot up_by "none: aivmm exited before the guest reached init" ;;
+    2) fact boot up_by "none: the guest did not reach init within ${RIG_VM_TIMEOUT}s" ;;
+    esac
+    vm_wait boot "$pid" "$RIG_VM_TIMEOUT"
+    fact boot total_ms $(($(now_ms) - VM_T0))
+    hp_facts boot after
+    stderr_facts boot boot
+    vm_output boot
+    echo "RIG-END boot rc=$VM_RC"
+}
+
+# Configs aivmm must refuse with exit code 2 and one `aivmm: error:` line, leaving nothing
+# behind (the hugepage counters are compared before and after).
+scenario_badconfig() {
+    for case_cfg in zero-memory:bad-zero-memory.toml unknown-field:bad-unknown-field.toml \
+        numa-node-7:bad-numa-node.toml missing-kernel:bad-missing-kernel.toml; do
+        case_name=${case_cfg%%:*}
+        cfg=$RIG_CONFIGS/${case_cfg#*:}
+        echo "RIG-BEGIN badconfig"
+        fact badconfig case "$case_name"
+        fact badconfig config "$cfg"
+        hp_facts badconfig before
+        if [ "$case_name" = missing-kernel ]; then
+            # The point is the config's own (missing) kernel path: no override.
+            vm_start badconfig "$cfg" --initrd "$L2_INITRD"
+        else
+            # shellcheck disable=SC2046
+            vm_start badconfig "$cfg" $(guest_args)
+        fi
+        # A refused config ends at once; a booting one would be a failure, cut it short.
+        vm_wait badconfig "$VM_PID" 60
+        hp_facts badconfig after
+        stderr_facts badconfig badconfig
+        vm_output badconfig
+        echo "RIG-END badconfig rc=$VM_RC"
+    done
+}
+
+# SIGTERM while the guest runs: aivmm exits 0 at once and gives every hugepage back.
+scenario_sigterm() {
+    echo "RIG-BEGIN sigterm"
+    fact sigterm host_node "$NODE"
+    hp_facts sigterm before
+    # shellcheck disable=SC2046
+    vm_start sigterm "$(config sigterm.toml)" $(guest_args)
+    pid=$VM_PID
+    if wait_guest sigterm GUEST-SLEEPING "$pid" "$RIG_VM_TIMEOUT"; then
+        fact sigterm up_by "$UP_BY"
+        # Past init the guest sleeps 60 s; a moment more makes sure its script runs.
+        [ "$UP_BY" = console ] || sleep 2
+        hp_facts sigterm during
+        t=$(now_ms)
+        kill -TERM "$pid"
+        fact sigterm signalled 1
+        vm_wait sigterm "$pid" 60
+        fact sigterm exit_after_signal_ms $(($(now_ms) - t))
+    else
+        fact sigterm signalled "0 (the guest never reached init)"
+        vm_wait sigterm "$pid" "$RIG_VM_TIMEOUT"
+    fi
+    hp_facts sigterm after
+    stderr_facts sigterm sigterm
+    vm_output sigterm
+    echo "RIG-END sigterm rc=$VM_RC"
+}
+
+# `make demo`: one tenant microVM, its console straight to ours, live. The config is
+# RIG_DEMO_CONFIG, else the tenant demo config when the rig carries it (configs/tenant-demo.toml,
+# added by demo.sh), else the rig's demo.toml; the guest runs /scripts/demo.sh.
+scenario_demo() {
+    cfg=${RIG_DEMO_CONFIG:-}
+    if [ -z "$cfg" ]; then
+        if [ -f "$RIG_CONFIGS/tenant-demo.toml" ]; then
+            cfg=$RIG_CONFIGS/tenant-demo.toml
+        else
+            cfg=$(config demo.toml)
+        fi
+    fi
+    # The tenant's own kernel command line, plus the script for the guest init to run.
+    cmdline=$(sed -n 's/^cmdline *= *"\(.*\)"$/\1/p' "$cfg" | sed 's/ *aivmm\.script=[^ ]*//g')
+    cmdline="$cmdline aivmm.script=/scripts/demo.sh"
+    echo "RIG-BEGIN demo"
+    fact demo config "$cfg"
+    echo "+ aivmm --config $cfg $(guest_args) --cmdline '$cmdline'"
+    t0=$(now_ms)
+    # shellcheck disable=SC2046
+    "$AIVMM" --config "$cfg" $(guest_args) --cmdline "$cmdline" </dev/null &
+    vm_wait demo $! "$RIG_VM_TIMEOUT"
+    fact demo total_ms $(($(now_ms) - t0))
+    echo "RIG-END demo rc=$VM_RC"
+}
+
+[ $# -gt 0 ] || set -- boot badconfig sigterm
+fact rig mode "${RIG_MODE:-unknown}"
+fact rig aivmm "$AIVMM"
+for s in "$@"; do
+    case $s in
+    boot | badconfig | sigterm | demo) "scenario_$s" ;;
+    *) echo "scenarios.sh: unknown scenario: $s" >&2 ;;
+    esac
+done
+echo "RIG-SCENARIOS-DONE"

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# `make test`: the whole test suite, as CI runs it.
+#   1. host dependencies and the guest kernel (tests/rig/deps.sh)
+#   2. cargo build --workspace --all-targets (the e2e rig then reuses the same aivmm build)
+#   3. cargo test --workspace (unit tests, real-/dev/kvm tests, and the e2e tests: one rig
+#      run, nested under QEMU TCG on hosts whose KVM cannot boot Linux)
+# Ends with a summary: per test binary results, failed tests, where the rig's log is.
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+mkdir -p target
+log=target/test-output.log
+t0=$SECONDS
+
+step() {
+    # Bold headings on a terminal, plain text in logs.
+    if [ -t 1 ]; then printf '\n\033[1m== %s\033[0m\n' "$*"; else printf '\n== %s\n' "$*"; fi
+}
+
+step "dependencies (tests/rig/deps.sh)"
+tests/rig/deps.sh
+
+step "cargo build --workspace --all-targets"
+cargo build --workspace --all-targets
+
+step "cargo test --workspace"
+set +e
+# --no-fail-fast: one failing test binary must not hide the others' results.
+cargo test --workspace --no-fail-fast 2>&1 | tee "$log"
+rc=${PIPESTATUS[0]}
+set -e
+
+step "summary"
+awk '
+    /^     Running / {
+        # "Running unittests src/lib.rs (target/debug/deps/vmm-0123abcd)" -> "vmm src/lib.rs"
+        src = $0; sub(/^ +Running (unittests )?/, "", src); sub(/ \(.*$/, "", src)
+        exe = $NF; sub(/^.*\//, "", exe); sub(/-[0-9a-f]+\)$/, "", exe)
+        bin = exe " " src
+    }
+    /^   Doc-tests / { bin = "doc-tests " $2 }
+    /^test result:/ {
+        printf "%-45s %s\n", bin, $0
+        passed += $4; failed += $6; ignored += $8
+    }
+    / \.\.\. FAILED$/ { fails[++n] = bin ": " $2 }
+    END {
+        printf "\ntotal: %d passed, %d failed, %d skipped\n", passed, failed, ignored
+        for (i = 1; i <= n; i++) print "FAILED " fails[i]
+    }' "$log"
+for l in target/rig/l1-console.log target/rig/direct-console.log; do
+    [ -f "$l" ] && echo "rig log: $l"
+done
+echo "full output: $log; $((SECONDS - t0)) s"
+if [ "$rc" -eq 0 ]; then echo "RESULT: PASS"; else echo "RESULT: FAIL (cargo test exit code $rc)"; fi
+exit "$rc"

@@ -1,0 +1,336 @@
+//! The rig driver: runs `tests/rig/` once per test binary and keeps the parsed report.
+//!
+//! Steps (each failure becomes a message with the output that explains it):
+//! 1. `tests/rig/deps.sh` installs QEMU, busybox-static, cpio and fetches the guest kernel;
+//! 2. `tests/rig/host-can-boot-linux.sh` picks the mode: **direct** where this host's KVM can
+//!    boot Linux, else **nested** (aivmm inside a QEMU TCG L1); `AIVMM_RIG=direct|nested`
+//!    forces it;
+//! 3. aivmm is built (`cargo build -p vmm --bin aivmm`) unless `AIVMM_BIN` names a binary;
+//! 4. nested: `build-l1.sh` + `run-l1.sh` (one L1 boot runs every scenario);
+//!    direct: `run-direct.sh`;
+//! 5. the console log is parsed into a [`RigReport`].
+//!
+//! Environment: `AIVMM_BIN`, `AIVMM_RIG`, `AIVMM_RIG_DIR` (work directory, default
+//! `<repo>/target/rig`), `AIVMM_RIG_TIMEOUT` (seconds for the whole L1 run, default 1500),
+//! `AIVMM_AGENT` (a guest agent binary to put in the L2 initramfs).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use crate::report::{RigReport, ScenarioRun};
+
+/// Lines of log shown with a failure.
+pub const EXCERPT_LINES: usize = 60;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RigMode {
+    /// aivmm runs inside a QEMU TCG L1 with nested KVM (hosts whose KVM cannot boot Linux).
+    Nested,
+    /// aivmm runs on this host (its KVM boots Linux).
+    Direct,
+}
+
+/// A finished rig run.
+#[derive(Debug)]
+pub struct Rig {
+    pub mode: RigMode,
+    /// Why this mode (host-can-boot-linux.sh's answer).
+    pub mode_reason: String,
+    pub root: PathBuf,
+    pub aivmm: PathBuf,
+    /// The console log the report was parsed from.
+    pub log_path: PathBuf,
+    /// Exit code of run-l1.sh / run-direct.sh (QEMU's; 124 = timed out).
+    pub exit_code: Option<i32>,
+    pub elapsed: Duration,
+    pub report: RigReport,
+}
+
+static RIG: OnceLock<Result<Rig, String>> = OnceLock::new();
+
+/// The rig run shared by every test of this test binary; started by the first caller.
+/// Panics (failing the calling test) with the reason when the rig cannot run at all.
+pub fn rig() -> &'static Rig {
+    match RIG.get_or_init(Rig::start) {
+        Ok(rig) => rig,
+        Err(e) => panic!("the aivmm test rig could not run:\n{e}"),
+    }
+}
+
+/// Progress for people watching a long test run. Written to fd 2 directly: the test
+/// harness only captures `eprintln!`, and a silent multi-minute test looks hung.
+fn progress(msg: &str) {
+    let _ = writeln!(std::io::stderr(), "aivmm-tests rig: {msg}");
+}
+
+/// The last `n` lines of `text`.
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The workspace root: the parent of this crate, or `AIVMM_ROOT`.
+pub fn workspace_root() -> Result<PathBuf, String> {
+    let root = match std::env::var_os("AIVMM_ROOT") {
+        Some(r) => PathBuf::from(r),
+        None => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .ok_or("the tests crate has no parent directory")?
+            .to_path_buf(),
+    };
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml"))
+        .map_err(|e| format!("cannot read {}/Cargo.toml: {e}", root.display()))?;
+    if !manifest.contains("[workspace]") || !root.join("tests/rig").is_dir() {
+        return Err(format!(
+            "{} is not the aivmm workspace root",
+            root.display()
+        ));
+    }
+    Ok(root)
+}
+
+/// Run a command to completion; Err carries its output's last lines.
+fn run_step(what: &str, cmd: &mut Command) -> Result<String, String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{what}: cannot start {cmd:?}: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if out.status.success() {
+        return Ok(stdout);
+    }
+    let both = format!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    Err(format!(
+        "{what} failed ({}): {cmd:?}\n--- last {EXCERPT_LINES} lines of its output ---\n{}",
+        out.status,
+        last_lines(&both, EXCERPT_LINES)
+    ))
+}
+
+/// Build aivmm in the test profile and return the binary's path, as cargo reports it
+/// (so `--target-dir` and `CARGO_TARGET_DIR` are honoured).
+fn build_aivmm(root: &Path) -> Result<PathBuf, String> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let stdout = run_step(
+        "building aivmm",
+        Command::new(cargo).current_dir(root).args([
+            "build",
+            "-p",
+            "vmm",
+            "--bin",
+            "aivmm",
+            "--message-format=json-render-diagnostics",
+        ]),
+    )?;
+    // Each artifact is a JSON line; the binary's has `"executable":"<path>"`. A full JSON
+    // parser would be a dependency for one field; paths here have no quotes or escapes.
+    stdout
+        .lines()
+        .filter(|l| l.contains("\"reason\":\"compiler-artifact\""))
+        .filter_map(|l| {
+            let start = l.find("\"executable\":\"")? + "\"executable\":\"".len();
+            let len = l[start..].find('"')?;
+            Some(PathBuf::from(&l[start..start + len]))
+        })
+        .find(|p| p.file_name().is_some_and(|n| n == "aivmm"))
+        .ok_or_else(|| "cargo built the vmm package but reported no `aivmm` executable".to_string())
+}
+
+impl Rig {
+    fn start() -> Result<Rig, String> {
+        let started = Instant::now();
+        let root = workspace_root()?;
+        let rig_dir = root.join("tests/rig");
+
+        progress("installing dependencies (tests/rig/deps.sh)");
+        run_step(
+            "tests/rig/deps.sh",
+            &mut Command::new(rig_dir.join("deps.sh")),
+        )?;
+
+        let probe = Command::new(rig_dir.join("host-can-boot-linux.sh"))
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run host-can-boot-linux.sh: {e}"))?;
+        let mode_reason = String::from_utf8_lossy(&probe.stdout).trim().to_string();
+        let mode = match probe.status.code() {
+            Some(0) => RigMode::Direct,
+            Some(1) => RigMode::Nested,
+            _ => {
+                return Err(format!(
+                    "host-can-boot-linux.sh failed ({}): {}",
+                    probe.status,
+                    String::from_utf8_lossy(&probe.stderr).trim()
+                ))
+            }
+        };
+        progress(&format!("mode: {mode_reason}"));
+
+        let aivmm = match std::env::var_os("AIVMM_BIN") {
+            Some(p) => PathBuf::from(p),
+            None => {
+                progress("building aivmm (cargo build -p vmm --bin aivmm)");
+                build_aivmm(&root)?
+            }
+        };
+        if !aivmm.is_file() {
+            return Err(format!("no aivmm binary at {}", aivmm.display()));
+        }
+
+        let out_dir = std::env::var_os("AIVMM_RIG_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target/rig"));
+        std::fs::create_dir_all(&out_dir)
+            .map_err(|e| format!("cannot create {}: {e}", out_dir.display()))?;
+
+        let (log_path, status) = match mode {
+            RigMode::Nested => {
+                progress("building L1 (tests/rig/build-l1.sh)");
+                run_step(
+                    "tests/rig/build-l1.sh",
+                    Command::new(rig_dir.join("build-l1.sh"))
+                        .arg(&out_dir)
+                        .arg(&aivmm)
+                        .arg(rig_dir.join("scenarios.sh")),
+                )?;
+                let timeout = std::env::var("AIVMM_RIG_TIMEOUT").unwrap_or_else(|_| "1500".into());
+                let log = out_dir.join("l1-console.log");
+                progress(&format!(
+                    "booting L1 under QEMU TCG (timeout {timeout} s; console: {})",
+                    log.display()
+                ));
+                let status = Command::new(rig_dir.join("run-l1.sh"))
+                    .arg(&out_dir)
+                    .arg(&timeout)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .status()
+                    .map_err(|e| format!("cannot run run-l1.sh: {e}"))?;
+                (log, status)
+            }
+            RigMode::Direct => {
+                let log = out_dir.join("direct-console.log");
+                progress(&format!(
+                    "running the scenarios on this host (log: {})",
+                    log.display()
+                ));
+                let status = Command::new(rig_dir.join("run-direct.sh"))
+                    .arg(&out_dir)
+                    .arg(&aivmm)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .status()
+                    .map_err(|e| format!("cannot run run-direct.sh: {e}"))?;
+                (log, status)
+            }
+        };
+        let log = std::fs::read(&log_path)
+            .map_err(|e| format!("the rig left no log at {}: {e}", log_path.display()))?;
+        let report = RigReport::parse(&String::from_utf8_lossy(&log));
+        let elapsed = started.elapsed();
+        progress(&format!(
+            "done in {:.0} s ({}, {} scenario runs)",
+            elapsed.as_secs_f64(),
+            status,
+            report.scenarios.values().map(Vec::len).sum::<usize>()
+        ));
+        Ok(Rig {
+            mode,
+            mode_reason,
+            root,
+            aivmm,
+            log_path,
+            exit_code: status.code(),
+            elapsed,
+            report,
+        })
+    }
+
+    /// How the rig ran, for failure messages.
+    pub fn describe(&self) -> String {
+        let mut s = format!(
+            "rig: {}; aivmm {}; log {}; exit code {}; {:.0} s",
+            self.mode_reason,
+            self.aivmm.display(),
+            self.log_path.display(),
+            self.exit_code
+                .map_or_else(|| "none (killed by a signal)".into(), |c| c.to_string()),
+            self.elapsed.as_secs_f64()
+        );
+        if self.exit_code == Some(124) {
+            s.push_str(" -- the rig timed out (AIVMM_RIG_TIMEOUT)");
+        }
+        let r = &self.report;
+        if self.mode == RigMode::Nested {
+            s.push_str(&format!(
+                "\nL1 reached init: {}; scenarios finished: {}; L1 finished: {}",
+                r.l1_up, r.scenarios_done, r.l1_done
+            ));
+            if let Some(l1) = r.facts.get("l1") {
+                let mut facts: Vec<_> = l1.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                facts.sort();
+                s.push_str(&format!("\nL1 facts: {}", facts.join(" ")));
+            }
+        }
+        if !r.problems.is_empty() {
+            s.push_str(&format!("\nlog problems: {}", r.problems.join("; ")));
+        }
+        s
+    }
+
+    /// Every run of scenario `name`; fails the test, with the end of the log, when the
+    /// scenario never ran.
+    #[track_caller]
+    pub fn runs(&self, name: &str) -> &[ScenarioRun] {
+        let runs = self.report.runs(name);
+        if runs.is_empty() {
+            panic!(
+                "scenario `{name}` did not run\n{}\n--- last {EXCERPT_LINES} lines of the log ---\n{}",
+                self.describe(),
+                self.report.tail(EXCERPT_LINES)
+            );
+        }
+        runs
+    }
+
+    /// The (single) run of scenario `name`, which must have finished (have an rc).
+    #[track_caller]
+    pub fn run(&self, name: &str) -> &ScenarioRun {
+        let run = &self.runs(name)[0];
+        if run.rc.is_none() {
+            self.fail(
+                run,
+                "the run did not finish (no RIG-END: aivmm or the rig hung or died)",
+            );
+        }
+        run
+    }
+
+    /// Fail the test with `what`, the rig's state and the run's log excerpt.
+    #[track_caller]
+    pub fn fail(&self, run: &ScenarioRun, what: &str) -> ! {
+        panic!(
+            "{what}\n{}\n{}",
+            self.describe(),
+            run.excerpt(EXCERPT_LINES)
+        )
+    }
+
+    /// `fail` unless `ok`.
+    #[track_caller]
+    pub fn check(&self, run: &ScenarioRun, ok: bool, what: &str) {
+        if !ok {
+            self.fail(run, what);
+        }
+    }
+
+    /// An integer fact the scenario must have recorded.
+    #[track_caller]
+    pub fn fact_i64(&self, run: &ScenarioRun, key: &str) -> i64 {
+        run.fact_i64(key)
+            .unwrap_or_else(|| self.fail(run, &format!("the rig recorded no integer fact `{key}`")))
+    }
+}
