@@ -201,3 +201,63 @@ fn handle_exit(exit: VcpuExit, ctx: &VcpuContext) -> Option<StopReason> {
     }
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> VcpuContext {
+        VcpuContext {
+            id: 3,
+            io_bus: Bus::new(),
+            mmio_bus: Bus::new(),
+            stop: Arc::new(Stop::new().unwrap()),
+            affinity: None,
+        }
+    }
+
+    #[test]
+    fn entry_failure_and_internal_error_are_vcpu_errors_with_exit_code_1() {
+        let c = ctx();
+        let r = handle_exit(VcpuExit::FailEntry(0x21, 1), &c).unwrap();
+        assert!(
+            matches!(&r, StopReason::VcpuError(m) if m.contains("vCPU 3") && m.contains("0x21"))
+        );
+        assert_eq!(r.exit_code(), 1);
+        let r = handle_exit(VcpuExit::InternalError, &c).unwrap();
+        assert_eq!(r.exit_code(), 1);
+    }
+
+    #[test]
+    fn guest_initiated_stops_exit_cleanly() {
+        let c = ctx();
+        let r = handle_exit(VcpuExit::Shutdown, &c).unwrap();
+        assert_eq!(r.exit_code(), 0);
+        let data = [0u64; 16];
+        let r = handle_exit(
+            VcpuExit::SystemEvent(kvm_bindings::KVM_SYSTEM_EVENT_RESET, &data),
+            &c,
+        )
+        .unwrap();
+        assert_eq!(r, StopReason::GuestReset);
+    }
+
+    #[test]
+    fn port_io_to_nothing_reads_all_ones_and_keeps_running() {
+        let c = ctx();
+        let mut data = [0u8; 2];
+        assert!(handle_exit(VcpuExit::IoIn(0x1234, &mut data), &c).is_none());
+        assert_eq!(data, [0xff, 0xff]);
+        assert!(handle_exit(VcpuExit::MmioWrite(0xd000_0000, &[1, 2, 3, 4]), &c).is_none());
+    }
+
+    #[test]
+    fn first_stop_reason_wins() {
+        let stop = Stop::new().unwrap();
+        stop.request(StopReason::GuestReset);
+        stop.request(StopReason::Signal(15));
+        assert_eq!(stop.reason(), Some(StopReason::GuestReset));
+        assert!(stop.is_requested());
+        assert_eq!(stop.evt.read().unwrap(), 2);
+    }
+}
