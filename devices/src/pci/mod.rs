@@ -1,0 +1,29 @@
+//! PCI: configuration space, the device trait, and bus 0 with its two config access
+//! mechanisms (port I/O 0xCF8/0xCFC and ECAM).
+//!
+//! These are device models only: nothing here knows about KVM or the VMM. The VMM puts
+//! a [`PciConfigIo`] on the port I/O bus at [`PCI_CONFIG_IO_PORT`] and a [`PciConfigMmio`]
+//! on the MMIO bus at the ECAM base it chooses, both sharing one [`PciRoot`].
+
+pub mod config_space;
+pub mod device;
+pub mod root;
+
+pub use config_space::{BarKind, PciConfigError, PciConfiguration, PciHeader};
+pub use device::{PciDevice, PciHostBridge};
+pub use root::{
+    PciConfigIo, PciConfigMmio, PciRoot, PciRootError, PCI_CONFIG_IO_PORT, PCI_CONFIG_IO_PORT_LEN,
+};
+
+/// Whether an access of `len` bytes at `offset` inside a 32-bit register is one that PCI
+/// config space accepts: 1, 2 or 4 bytes, naturally aligned, within the dword.
+pub(crate) fn is_dword_access(offset: u64, len: usize) -> bool {
+    matches!(len, 1 | 2 | 4) && offset < 4 && offset.is_multiple_of(len as u64)
+}
+
+/// Copies the bytes of `value` at `offset` (a valid [`is_dword_access`]) into `data`.
+pub(crate) fn extract_bytes(value: u32, offset: u64, data: &mut [u8]) {
+    let bytes = value.to_le_bytes();
+    let start = offset as usize;
+    data.copy_from_slice(&bytes[start..start + data.len()]);
+}
