@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
 # Build the nested rig's L1: its kernel (the Debian cloud kernel) and initramfs.
 #
 #   tests/rig/build-l1.sh OUTDIR AIVMM_BIN SCENARIO_SCRIPT [--add SRC:DEST]... [--bin SRC:DEST]...
@@ -31,15 +32,9 @@ shift 3
 [ -f "$aivmm" ] || { echo "$0: no aivmm binary at $aivmm" >&2; exit 1; }
 [ -f "$scenario" ] || { echo "$0: no scenario script at $scenario" >&2; exit 1; }
 
-kdir=${AIVMM_KERNEL_DIR:-$root/target/guest-kernel}
-"$root/guest-kernel/fetch-kernel.sh" "$kdir" >/dev/null
-mkdir -p "$out"
-
-l2_args=(--add "$here/guest:/scripts")
-if [ -n "${AIVMM_AGENT:-}" ]; then
-    l2_args+=(--agent "$AIVMM_AGENT")
-fi
-"$root/guest-kernel/build-initramfs.sh" "$out/l2-initrd.gz" "${l2_args[@]}" >/dev/null
+# shellcheck source=l2-image.sh
+. "$here/l2-image.sh"
+prepare_l2 "$out"
 
 "$root/guest-kernel/build-initramfs.sh" "$out/l1-initrd.cpio" \
     --init "$here/l1-init" \

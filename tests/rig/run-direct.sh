@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
 # Direct mode of the rig: on a host whose KVM boots Linux (see host-can-boot-linux.sh), run
 # the same scenarios with aivmm on the host itself instead of inside a nested L1.
 #
@@ -15,14 +16,9 @@ root=$(cd "$here/../.." && pwd)
 out=${1:?usage: run-direct.sh OUTDIR AIVMM_BIN [SCENARIO...]}
 aivmm=${2:?usage: run-direct.sh OUTDIR AIVMM_BIN [SCENARIO...]}
 shift 2
-kdir=${AIVMM_KERNEL_DIR:-$root/target/guest-kernel}
-"$root/guest-kernel/fetch-kernel.sh" "$kdir" >/dev/null
-mkdir -p "$out"
-l2_args=(--add "$here/guest:/scripts")
-if [ -n "${AIVMM_AGENT:-}" ]; then
-    l2_args+=(--agent "$AIVMM_AGENT")
-fi
-"$root/guest-kernel/build-initramfs.sh" "$out/l2-initrd.gz" "${l2_args[@]}" >/dev/null
+# shellcheck source=l2-image.sh
+. "$here/l2-image.sh"
+prepare_l2 "$out"
 
 # The scenarios need 128 free pages (256 MiB) at a time; keep a margin like L1 has.
 want=${RIG_DIRECT_HUGEPAGES:-192}
