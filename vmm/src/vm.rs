@@ -239,7 +239,11 @@ pub fn run_image(
             }
         }
     }
-    log::info!("{} vCPU(s) running", handles.len());
+    log::info!(
+        "{} vCPU(s) running, {} ms after aivmm started",
+        handles.len(),
+        start.elapsed().as_millis()
+    );
 
     while !stop.is_requested() {
         events.run().map_err(VmError::EventLoop)?;
