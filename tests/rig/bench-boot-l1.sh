@@ -1,0 +1,256 @@
+#!/bin/sh
+# shellcheck shell=dash
+# Boot-time and memory-overhead benchmark, the L1 side: runs inside the nested rig's L1 as its
+# scenario script (tests/rig/bench-boot.sh builds the L1 with it and reads what it prints).
+#
+# aivmm and QEMU boot the same L2 guest (same bzImage, same initramfs, same kernel command
+# line, 256 MiB, 2 vCPUs) with KVM, interleaved round by round: aivmm (memfd), aivmm-2m
+# (hugetlb), QEMU `-M microvm` with two option sets, QEMU `-M q35`, then again.
+# Every run is timed the same way: L1's clock (/proc/uptime) just before the VMM is started,
+# its console (stdout) goes through a FIFO to a reader made of shell builtins only (no polling,
+# no fork per check), which takes the clock again when the guest init's marker line
+# `AIVMM-GUEST-INIT` arrives, and once more when the VMM has exited. The guest script
+# (/bench/exit.sh) returns at once, so the guest init powers off right after the marker.
+#
+# Machine-readable lines (the rest of the output is context):
+#   BENCH-FACT <key>=<value>
+#   BENCH-RUN vmm=<name> run=<n|probe|diag> boot_ms=<n|na> exit_ms=<n|na> rc=<n>
+#             guest_uptime=<s|na> vmm_init_ms=<n|na>
+#   BENCH-MEM vmm=<name> when=<marker|later> VmRSS_kb=.. RssAnon_kb=.. RssFile_kb=..
+#             RssShmem_kb=.. VmHWM_kb=.. HugetlbPages_kb=.. Threads=.. guest_rss_kb=..
+#   BENCH-DONE
+#
+# Environment (l1-init sets the first three; /bench/bench.env, written by bench-boot.sh, may
+# set the rest): AIVMM, L2_KERNEL, L2_INITRD, BENCH_RUNS (10), BENCH_QEMU
+# (/usr/bin/qemu-system-x86_64), BENCH_TIMEOUT (120 s per measured run), BENCH_DIAG (1: one
+# extra run of each VMM without `quiet`, console printed, for kernel timestamps),
+# BENCH_VARIANTS (the VMMs to run, default all);
+# for trying it outside L1: BENCH_TMP, BENCH_L2_EXTRA, BENCH_ACCEL (kvm), BENCH_CPU (host).
+# POSIX sh for busybox ash.
+set -u
+
+# shellcheck disable=SC1091 # written by bench-boot.sh
+[ -r /bench/bench.env ] && . /bench/bench.env
+AIVMM=${AIVMM:-/bin/aivmm}
+L2_KERNEL=${L2_KERNEL:-/l2/vmlinuz}
+L2_INITRD=${L2_INITRD:-/l2/initrd.gz}
+QEMU=${BENCH_QEMU:-/usr/bin/qemu-system-x86_64}
+RUNS=${BENCH_RUNS:-10}
+LIMIT=${BENCH_TIMEOUT:-120}
+DIAG=${BENCH_DIAG:-1}
+TMP=${BENCH_TMP:-/tmp/bench}
+mkdir -p "$TMP"
+
+fact() { echo "BENCH-FACT $1=$2"; }
+
+# The L2 initramfs: the rig's, with a small second archive appended (the kernel unpacks
+# concatenated archives in order) that adds /bench/exit.sh and /bench/sleep.sh.
+INITRD=$TMP/initrd.gz
+cat "$L2_INITRD" "${BENCH_L2_EXTRA:-/bench/l2-extra.cpio.gz}" >"$INITRD"
+
+BASE_CMDLINE="console=ttyS0 reboot=k panic=-1 pci=off nomodule 8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"
+CMDLINE="$BASE_CMDLINE quiet aivmm.script=/bench/exit.sh"
+MEM_CMDLINE="$BASE_CMDLINE quiet aivmm.script=/bench/sleep.sh"
+DIAG_CMDLINE="$BASE_CMDLINE aivmm.script=/bench/exit.sh"
+
+QEMU_COMMON="-accel ${BENCH_ACCEL:-kvm} -cpu ${BENCH_CPU:-host} -m 256 -smp 2 -nodefaults -no-user-config -display none -no-reboot -serial stdio"
+
+fact l1_kernel "$(uname -r)"
+fact l1_cpus "$(nproc)"
+fact l1_kvm "$([ -c /dev/kvm ] && echo yes || echo no)"
+fact l2_kernel_bytes "$(wc -c <"$L2_KERNEL")"
+fact l2_initrd_bytes "$(wc -c <"$INITRD")"
+fact cmdline "$CMDLINE"
+fact runs "$RUNS"
+fact qemu_version "$("$QEMU" --version 2>&1 | head -n 1)"
+# busybox date has no %N; /proc/uptime (10 ms) is the clock.
+fact clock /proc/uptime
+fact l1_thp "$(cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null)"
+fact l1_shmem_thp "$(cat /sys/kernel/mm/transparent_hugepage/shmem_enabled 2>/dev/null)"
+fact l1_hugepages_free "$(cat /sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages 2>/dev/null)"
+
+# Milliseconds from two /proc/uptime readings (10 ms resolution; L1 is up for more than 1 s,
+# so the integer part never starts with 0).
+ms_between() {
+    a=$1
+    b=$2
+    echo $(((${b%.*}${b#*.} - ${a%.*}${a#*.}) * 10))
+}
+
+# mem_sample NAME WHEN PID: the VMM's RSS split as L1 sees it. guest_rss_kb: the resident part
+# of the mappings of 128 MiB or more, i.e. guest RAM (256 MiB, mapped once). L1's root file
+# system is the initramfs (shmem), so the VMM's own binary and libraries count as RssShmem
+# here, not RssFile: the overhead is VmRSS minus guest_rss_kb.
+mem_sample() {
+    kv=$(awk '$1 ~ /^(VmRSS|RssAnon|RssFile|RssShmem|VmHWM|HugetlbPages):$/ { sub(":", "", $1); printf "%s_kb=%s ", $1, $2 }
+              $1 == "Threads:" { printf "Threads=%s ", $2 }' "/proc/$3/status" 2>/dev/null)
+    guest=$(awk '/^[0-9a-f]+-[0-9a-f]+ / { big = 0 } $1 == "Size:" { big = ($2 >= 131072) }
+                 $1 == "Rss:" && big { g += $2 } END { print g + 0 }' "/proc/$3/smaps" 2>/dev/null)
+    echo "BENCH-MEM vmm=$1 when=$2 ${kv:-gone} guest_rss_kb=${guest:-na}"
+}
+
+# one_run NAME RUN MEM CMD...: start CMD (a VMM) and time it as described at the top.
+# MEM=1 samples the VMM's memory when the marker arrives and 3 s later.
+# Sets BOOT_MS (na when the marker never came) and RC; the console is in $TMP/NAME-RUN.out.
+one_run() {
+    name=$1
+    run=$2
+    mem=$3
+    shift 3
+    base=$TMP/$name-$run
+    fifo=$base.fifo
+    rm -f "$fifo"
+    mkfifo "$fifo"
+    : >"$base.out"
+    t_mark=
+    guest_up=na
+    killer=
+    sampler=
+    read -r t0 _ </proc/uptime
+    "$@" </dev/null >"$fifo" 2>"$base.err" &
+    pid=$!
+    # The watchdog must not hold the FIFO open (the reader's EOF is the VMM's exit).
+    (sleep "${RUN_LIMIT:-$LIMIT}" && kill -KILL "$pid") </dev/null >/dev/null 2>&1 &
+    watchdog=$!
+    while IFS= read -r line || [ -n "$line" ]; do
+        case $line in
+        *AIVMM-GUEST-INIT*)
+            if [ -z "$t_mark" ]; then
+                read -r t_mark _ </proc/uptime
+                guest_up=${line#*uptime=}
+                guest_up=${guest_up%% *}
+                if [ "$mem" = 1 ]; then
+                    mem_sample "$name" marker "$pid"
+                    (sleep 3 && mem_sample "$name" later "$pid") &
+                    sampler=$!
+                fi
+            fi
+            ;;
+        *AIVMM-SCRIPT-EXIT*)
+            # The guest powers off now; a VMM that does not exit on it is cut short.
+            (sleep 30 && kill -KILL "$pid") </dev/null >/dev/null 2>&1 &
+            killer=$!
+            ;;
+        esac
+        printf '%s\n' "$line" >>"$base.out"
+    done <"$fifo"
+    wait "$pid"
+    RC=$?
+    read -r t_end _ </proc/uptime
+    kill "$watchdog" 2>/dev/null
+    [ -n "$killer" ] && kill "$killer" 2>/dev/null
+    [ -n "$sampler" ] && wait "$sampler"
+    rm -f "$fifo"
+    if [ -n "$t_mark" ]; then BOOT_MS=$(ms_between "$t0" "$t_mark"); else BOOT_MS=na; fi
+    exit_ms=$(ms_between "$t0" "$t_end")
+    init_ms=$(sed -n 's/.*guest reached init in \([0-9]*\) ms.*/\1/p' "$base.err" | head -n 1)
+    echo "BENCH-RUN vmm=$name run=$run boot_ms=$BOOT_MS exit_ms=$exit_ms rc=$RC guest_uptime=$guest_up vmm_init_ms=${init_ms:-na}"
+    if [ "$BOOT_MS" = na ] || [ "$RC" != 0 ]; then
+        echo "--- $name run $run: console (last 40 lines) ---"
+        tail -n 40 "$base.out"
+        echo "--- $name run $run: stderr (last 20 lines) ---"
+        tail -n 20 "$base.err"
+        echo "---"
+    fi
+}
+
+# The VMMs, in the order of each round. aivmm-2m: aivmm on 2 MiB hugepages (its production
+# setting; hugetlb zones are always prefaulted). microvm*: option sets. `microvm` is the one
+# QEMU's docs (docs/system/i386/microvm.rst) recommend, with the ISA serial port on; with it
+# this kernel probes a CMOS RTC that is not there. `microvm-legacy` keeps the PIT, PIC and
+# RTC. `microvm-rtc` (the docs' set with the RTC on) was measured once as slow as `microvm`,
+# so it is not in the default list.
+VARIANTS=${BENCH_VARIANTS:-aivmm aivmm-2m microvm microvm-legacy q35}
+machine_of() {
+    case $1 in
+    microvm) echo microvm,x-option-roms=off,pit=off,pic=off,isa-serial=on,rtc=off ;;
+    microvm-rtc) echo microvm,x-option-roms=off,pit=off,pic=off,isa-serial=on ;;
+    microvm-legacy) echo microvm,x-option-roms=off,isa-serial=on ;;
+    q35) echo q35 ;;
+    esac
+}
+cat >"$TMP/aivmm-2m.toml" <<'EOF2'
+[machine]
+vcpus = 2
+
+[[memory.zones]]
+id = "mem0"
+size_mib = 256
+backing = "hugetlb-2m"
+EOF2
+
+# launch VARIANT RUN MEM CMDLINE
+# QEMU's guest RAM is anonymous by default (THP-eligible, see the l1_thp fact); for the memory
+# runs it is a memfd, as aivmm's, so that RssShmem is the guest on both and RssAnon + RssFile
+# the VMM.
+launch() {
+    v=$1
+    case $v in
+    aivmm)
+        one_run "$v" "$2" "$3" "$AIVMM" --kernel "$L2_KERNEL" --initrd "$INITRD" \
+            --cmdline "$4" --memory 256 --vcpus 2
+        ;;
+    aivmm-2m)
+        one_run "$v" "$2" "$3" "$AIVMM" --config "$TMP/aivmm-2m.toml" --kernel "$L2_KERNEL" \
+            --initrd "$INITRD" --cmdline "$4" --memory 256 --vcpus 2
+        ;;
+    *)
+        machine=$(machine_of "$v")
+        memopts=
+        if [ "$3" = 1 ]; then
+            memopts="-object memory-backend-memfd,id=ram0,size=256M"
+            machine="$machine,memory-backend=ram0"
+        fi
+        # shellcheck disable=SC2086 # QEMU_COMMON and memopts are lists of words
+        one_run "$v" "$2" "$3" "$QEMU" -M "$machine" $QEMU_COMMON $memopts \
+            -kernel "$L2_KERNEL" -initrd "$INITRD" -append "$4"
+        ;;
+    esac
+}
+
+for v in $VARIANTS; do
+    m=$(machine_of "$v")
+    [ -n "$m" ] && fact "machine_$v" "$m"
+done
+fact aivmm_2m_config "$(tr '\n' ' ' <"$TMP/aivmm-2m.toml")"
+
+# Probe (and warm-up, not counted): one run of each; a variant that does not reach the marker
+# is left out. A probe that hangs is cut short sooner than a measured run.
+RUN_LIMIT=$((LIMIT < 180 ? LIMIT : 180))
+ok=
+for v in $VARIANTS; do
+    launch "$v" probe 0 "$CMDLINE"
+    if [ "$BOOT_MS" != na ]; then ok="$ok $v"; else fact "dropped_$v" "no marker in the probe run"; fi
+done
+VARIANTS=$ok
+fact variants "$VARIANTS"
+RUN_LIMIT=$LIMIT
+
+i=1
+while [ "$i" -le "$RUNS" ]; do
+    for v in $VARIANTS; do
+        launch "$v" "$i" 0 "$CMDLINE"
+    done
+    i=$((i + 1))
+done
+
+# Memory after boot: the guest sleeps 5 s past the marker. The microvm option sets do not
+# change QEMU's memory, so one of them is enough.
+mem_done=
+for v in $VARIANTS; do
+    case $v in microvm*) [ -n "$mem_done" ] && continue; mem_done=1 ;; esac
+    launch "$v" mem 1 "$MEM_CMDLINE"
+done
+
+# Where the time goes: the kernel's own timestamps (printk) without `quiet`.
+if [ "$DIAG" = 1 ]; then
+    for v in $VARIANTS; do
+        launch "$v" diag 0 "$DIAG_CMDLINE"
+        echo "--- $v diag: console ---"
+        cat "$TMP/$v-diag.out"
+        echo "--- $v diag: stderr ---"
+        cat "$TMP/$v-diag.err"
+        echo "---"
+    done
+fi
+echo "BENCH-DONE"

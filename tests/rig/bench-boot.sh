@@ -1,0 +1,236 @@
+#!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
+# Boot time to the guest's init and VMM memory overhead: aivmm vs QEMU (`-M microvm`, `-M q35`),
+# side by side in one boot of the nested rig's L1 (docs/PERFORMANCE.md has the results).
+#
+#   tests/rig/bench-boot.sh [OUTDIR]            (default <repo>/target/rig/bench-boot)
+#
+# Builds aivmm (release), an L1 whose scenario is tests/rig/bench-boot-l1.sh and which also
+# carries qemu-system-x86_64 (with its shared libraries and the firmware it loads), boots it
+# under QEMU TCG (tests/rig/run-l1.sh), and turns the BENCH-* lines L1 prints into a table:
+# median and min..max per VMM over BENCH_RUNS interleaved rounds, and aivmm's ratio to each QEMU.
+# The L1 console is kept in OUTDIR/l1-console.log, the table in OUTDIR/results.md.
+#
+# Environment: BENCH_RUNS (10), BENCH_TIMEOUT (120 s per VMM run inside L1), BENCH_DIAG (1),
+# BENCH_VARIANTS (default: aivmm aivmm-2m microvm microvm-legacy q35; also microvm-rtc),
+# BENCH_STALL (420 s of L1 console silence before a stuck L1 is stopped),
+# BENCH_L1_TIMEOUT (3600 s for the whole L1), AIVMM_BIN (skip the build, use this binary).
+# Exit code: 0 when every measured run reached the marker and exited 0, 1 otherwise.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(cd "$here/../.." && pwd)
+# shellcheck source=../../guest-kernel/pkg.sh
+. "$root/guest-kernel/pkg.sh"
+cd "$root"
+
+out=${1:-$root/target/rig/bench-boot}
+runs=${BENCH_RUNS:-10}
+mkdir -p "$out"
+
+"$here/deps.sh"
+need_cmd qemu-system-x86_64 qemu-system-x86
+
+if [ -n "${AIVMM_BIN:-}" ]; then
+    aivmm=$AIVMM_BIN
+else
+    cargo build -q -p vmm --release --bin aivmm
+    target=${CARGO_TARGET_DIR:-$root/target}
+    case $target in /*) ;; *) target=$root/$target ;; esac
+    aivmm=$target/release/aivmm
+fi
+
+qemu=$(command -v qemu-system-x86_64)
+# What QEMU loads for these machines (found with strace): SeaBIOS and the linuxboot option
+# ROM for q35 (kvmvapic.bin too), qboot for microvm. QEMU looks for them next to its binary
+# (<bindir>/../share/qemu, .../share/seabios), so the binary keeps its path in L1.
+firmware=(
+    /usr/share/seabios/bios-256k.bin:/usr/share/seabios/bios-256k.bin
+    /usr/share/qemu/bios-microvm.bin:/usr/share/qemu/bios-microvm.bin
+    /usr/share/qemu/linuxboot_dma.bin:/usr/share/qemu/linuxboot_dma.bin
+    /usr/share/qemu/linuxboot.bin:/usr/share/qemu/linuxboot.bin
+    /usr/share/qemu/kvmvapic.bin:/usr/share/qemu/kvmvapic.bin
+)
+for spec in "${firmware[@]}"; do
+    [ -e "${spec%%:*}" ] || {
+        echo "$0: ${spec%%:*} is missing (packages seabios, qemu-system-data)" >&2
+        exit 1
+    }
+done
+
+stage=$(mktemp -d "${TMPDIR:-/tmp}/aivmm-bench.XXXXXX")
+trap 'rm -rf "$stage"' EXIT
+
+# The guest scripts, appended to the rig's L2 initramfs inside L1 (a second cpio archive).
+mkdir -p "$stage/l2/bench"
+printf '#!/bin/sh\n# Boot-time runs: nothing to do, the init powers off.\nexit 0\n' \
+    >"$stage/l2/bench/exit.sh"
+printf '#!/bin/sh\n# Memory runs: stay up while L1 samples the VMM.\necho BENCH-GUEST-SLEEPING\nsleep 5\nexit 0\n' \
+    >"$stage/l2/bench/sleep.sh"
+chmod 0755 "$stage/l2/bench/"*.sh
+(cd "$stage/l2" && find . -mindepth 1 -print0 | LC_ALL=C sort -z |
+    cpio --null --create --format=newc --owner=0:0 --reproducible --quiet) |
+    gzip -9 -n >"$stage/l2-extra.cpio.gz"
+
+cat >"$stage/bench.env" <<EOF
+BENCH_RUNS=$runs
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-120}
+BENCH_DIAG=${BENCH_DIAG:-1}
+BENCH_QEMU=$qemu
+EOF
+if [ -n "${BENCH_VARIANTS:-}" ]; then
+    echo "BENCH_VARIANTS='$BENCH_VARIANTS'" >>"$stage/bench.env"
+fi
+
+add=(
+    --bin "$qemu:$qemu"
+    --add "$stage/l2-extra.cpio.gz:/bench/l2-extra.cpio.gz"
+    --add "$stage/bench.env:/bench/bench.env"
+)
+for spec in "${firmware[@]}"; do
+    add+=(--add "$spec")
+done
+# QEMU 7.2 keeps TCG in a module; with -accel kvm it should not need it, but it is 22 KiB.
+tcg=/usr/lib/x86_64-linux-gnu/qemu/accel-tcg-x86_64.so
+if [ -f "$tcg" ]; then
+    add+=(--add "$tcg:$tcg")
+fi
+
+"$here/build-l1.sh" "$out" "$aivmm" "$here/bench-boot-l1.sh" "${add[@]}"
+
+echo "bench-boot: booting L1 (QEMU TCG); $runs runs of each VMM take a while (about 20 min)"
+log=$out/l1-console.log
+# run-l1.sh in a session of its own, so that a stalled L1 can be stopped with its QEMU: in a
+# few hundred runs, L1 (TCG emulating AMD-V) once stopped making progress for good with both
+# vCPUs busy. Every VMM run prints within BENCH_TIMEOUT of L1 time, so a console silent for
+# BENCH_STALL seconds of wall time means L1 is stuck; what was measured until then is kept.
+stall=${BENCH_STALL:-420}
+setsid "$here/run-l1.sh" "$out" "${BENCH_L1_TIMEOUT:-3600}" >/dev/null 2>&1 &
+l1=$!
+last_size=-1
+last_change=$SECONDS
+stalled=0
+while kill -0 "$l1" 2>/dev/null; do
+    sleep 10
+    size=$(stat -c %s "$log" 2>/dev/null || echo 0)
+    if [ "$size" != "$last_size" ]; then
+        last_size=$size
+        last_change=$SECONDS
+    elif [ $((SECONDS - last_change)) -ge "$stall" ]; then
+        echo "bench-boot: the L1 console was silent for ${stall}s; stopping L1" | tee -a "$log" >&2
+        stalled=1
+        kill -TERM -- "-$l1" 2>/dev/null || true
+        break
+    fi
+done
+set +e
+wait "$l1"
+rc=$?
+set -e
+tr -d '\r' <"$log" | grep -E '^BENCH-' >"$out/bench-lines.txt" || true
+complete=1
+if ! grep -q '^BENCH-DONE' "$out/bench-lines.txt"; then
+    complete=0
+    echo "bench-boot: L1 did not finish the benchmark (run-l1.sh exit $rc, stalled=$stalled); last lines of $log:" >&2
+    tail -n 20 "$log" >&2
+    grep -q '^BENCH-RUN .* run=[0-9]' "$out/bench-lines.txt" || exit 1
+    echo "bench-boot: INCOMPLETE: the table below has only the runs L1 finished" >&2
+fi
+
+# The table. Medians of an even count are the mean of the two middle values. "Fastest microvm"
+# is the microvm option set with the lowest median: the ratio the issue's target refers to.
+awk -v runs="$runs" '
+function sort(a, n,    i, j, t) {
+    for (i = 2; i <= n; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
+}
+function median(a, n) { return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2 }
+function kv(line, key,    m) {
+    if (match(line, "(^| )" key "=[^ ]*")) {
+        m = substr(line, RSTART, RLENGTH); sub(/^ /, "", m); sub(/^[^=]*=/, "", m); return m
+    }
+    return ""
+}
+# stats(arr, v, cnt): median, min and max of arr[v, 1..cnt] into the globals MED, LO, HI.
+function stats(arr, v, cnt,    i, a) {
+    for (i = 1; i <= cnt; i++) a[i] = arr[v, i] + 0
+    sort(a, cnt); MED = median(a, cnt); LO = a[1]; HI = a[cnt]
+}
+/^BENCH-FACT / { sub(/^BENCH-FACT /, ""); k = $0; sub(/=.*/, "", k); v = $0; sub(/^[^=]*=/, "", v); fact[k] = v; next }
+/^BENCH-RUN / {
+    vmm = kv($0, "vmm"); run = kv($0, "run")
+    if (run !~ /^[0-9]+$/) next
+    b = kv($0, "boot_ms"); rc = kv($0, "rc"); g = kv($0, "guest_uptime"); e = kv($0, "exit_ms")
+    if (!(vmm in seen)) { seen[vmm] = 1; order[++nv] = vmm }
+    total[vmm]++
+    if (rc != 0) bad[vmm]++
+    if (b == "na") { missed[vmm]++; next }
+    n[vmm]++; boot[vmm, n[vmm]] = b + 0; ex[vmm, n[vmm]] = e + 0
+    if (g != "na") { ng[vmm]++; gu[vmm, ng[vmm]] = g * 1000; pre[vmm, ng[vmm]] = b - g * 1000 }
+    i = kv($0, "vmm_init_ms"); if (i != "na" && i != "") { ni[vmm]++; vi[vmm, ni[vmm]] = i + 0 }
+}
+/^BENCH-MEM / {
+    vmm = kv($0, "vmm"); w = kv($0, "when")
+    if (!(vmm in mseen)) { mseen[vmm] = 1; morder[++nm] = vmm }
+    h = kv($0, "HugetlbPages_kb"); if (h == "") h = "n/a"
+    mem[vmm, w] = sprintf("%s,%s,%s,%s,%s,%s,%s", kv($0, "VmRSS_kb"), kv($0, "RssAnon_kb"), kv($0, "RssFile_kb"), kv($0, "RssShmem_kb"), h, kv($0, "VmHWM_kb"), kv($0, "guest_rss_kb"))
+}
+END {
+    for (k = 1; k <= nv; k++) {
+        v = order[k]
+        if (n[v] > 0) { stats(boot, v, n[v]); med[v] = MED; lo[v] = LO; hi[v] = HI }
+        if (v ~ /^microvm/ && (v in med) && (best == "" || med[v] < med[best])) best = v
+    }
+    printf "Boot time to the guest init marker: L1 wall clock (ms) from starting the VMM to the marker line on its console; %d interleaved rounds\n\n", runs
+    printf "| VMM | median | min..max | guest /proc/uptime at the marker, median | before the guest clock starts, median | aivmm / this | aivmm-2m / this |\n"
+    printf "|-----|-------:|----------|------:|------:|------:|------:|\n"
+    for (k = 1; k <= nv; k++) {
+        v = order[k]
+        if (!(v in med)) { printf "| %s | no run reached the marker | | | | | |\n", v; continue }
+        gm = "n/a"; pm = "n/a"
+        if (ng[v] > 0) { stats(gu, v, ng[v]); gm = sprintf("%.0f", MED); stats(pre, v, ng[v]); pm = sprintf("%.0f", MED) }
+        r1 = (v != "aivmm" && ("aivmm" in med)) ? sprintf("%.2f", med["aivmm"] / med[v]) : ""
+        r2 = (v != "aivmm-2m" && ("aivmm-2m" in med)) ? sprintf("%.2f", med["aivmm-2m"] / med[v]) : ""
+        printf "| %s | %.0f | %d..%d | %s | %s | %s | %s |\n", v, med[v], lo[v], hi[v], gm, pm, r1, r2
+        if (missed[v] + 0 > 0 || bad[v] + 0 > 0) notes = notes sprintf("%s: %d of %d runs without the marker, %d with a non-zero exit\n", v, missed[v] + 0, total[v], bad[v] + 0)
+    }
+    if (best != "") {
+        printf "\nFastest microvm option set: %s (%s), median %.0f ms.", best, fact["machine_" best], med[best]
+        if ("aivmm" in med) printf " aivmm / microvm = %.2f", med["aivmm"] / med[best]
+        if ("aivmm-2m" in med) printf ", aivmm-2m / microvm = %.2f", med["aivmm-2m"] / med[best]
+        if (("q35" in med) && ("aivmm" in med)) printf "; aivmm / q35 = %.2f", med["aivmm"] / med["q35"]
+        printf " (target: aivmm <= 0.5 x microvm)\n"
+    }
+    for (k = 1; k <= nv; k++) {
+        v = order[k]
+        if (ni[v] > 0) { stats(vi, v, ni[v]); printf "%s boot timer (its process start to the guest init'"'"'s port 0x440 write): median %.0f ms, %d..%d\n", v, MED, LO, HI }
+    }
+    for (k = 1; k <= nv; k++) {
+        v = order[k]
+        if (n[v] > 0) { stats(ex, v, n[v]); exitline = exitline sprintf("%s %.0f ms; ", v, MED) }
+    }
+    if (exitline != "") printf "Start to VMM exit (guest powered off), median: %s\n", exitline
+    if (notes != "") printf "\n%s", notes
+    printf "\nVMM memory after boot (KiB, /proc/<pid>/status and smaps). Guest RAM is 256 MiB: a memfd (resident part in RssShmem and in the guest-RAM column) or hugetlb (HugetlbPages, outside VmRSS). L1'"'"'s root file system is the initramfs, so binaries and libraries count as RssShmem there, not RssFile: the VMM overhead is VmRSS minus the guest RAM'"'"'s resident part\n\n"
+    printf "| VMM | sampled | VmRSS | guest RAM resident | VMM overhead = VmRSS - guest RAM | RssAnon | RssFile | RssShmem | HugetlbPages | VmHWM |\n"
+    printf "|-----|---------|------:|------:|------:|------:|------:|------:|------:|------:|\n"
+    for (k = 1; k <= nm; k++) {
+        v = morder[k]
+        split("marker later", ws, " ")
+        for (j = 1; j <= 2; j++) {
+            if (!((v, ws[j]) in mem)) continue
+            split(mem[v, ws[j]], f, ",")
+            printf "| %s | %s | %s | %s | %d KiB (%.2f MiB) | %s | %s | %s | %s | %s |\n", v, (ws[j] == "marker" ? "at the marker" : "3 s later"), f[1], f[7], f[1] - f[7], (f[1] - f[7]) / 1024, f[2], f[3], f[4], f[5], f[6]
+        }
+    }
+    printf "\n"
+    for (k = 1; k <= nv; k++) if (("machine_" order[k]) in fact) printf "%s: -M %s\n", order[k], fact["machine_" order[k]]
+    if ("aivmm_2m_config" in fact) printf "aivmm-2m: --config with %s\n", fact["aivmm_2m_config"]
+    printf "L1: kernel %s, THP %s, shmem THP %s; %s\nguest cmdline: %s\n", fact["l1_kernel"], fact["l1_thp"], fact["l1_shmem_thp"], fact["qemu_version"], fact["cmdline"]
+}' "$out/bench-lines.txt" | tee "$out/results.md"
+
+# Success means a complete benchmark in which every measured run booted and exited cleanly.
+[ "$complete" = 1 ] || exit 1
+if awk '/^BENCH-RUN / && / run=[0-9]+ / && (/boot_ms=na/ || !/ rc=0 /) { bad = 1 } END { exit bad }' "$out/bench-lines.txt"; then
+    exit 0
+fi
+exit 1
