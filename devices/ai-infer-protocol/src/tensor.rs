@@ -210,8 +210,18 @@ impl TensorDesc {
     /// rank, every dim within the signature's range for it.
     pub fn validate_against(&self, expected: &TensorSpec) -> Result<(), ProtocolError> {
         self.check_dtype_and_rank(expected)?;
+        self.check_dims(expected, false)
+    }
+
+    /// Every dim within the signature's range for it; with `zero_is_unknown`, a 0 dim
+    /// (an output whose size the guest leaves to the model) is accepted.
+    fn check_dims(
+        &self,
+        expected: &TensorSpec,
+        zero_is_unknown: bool,
+    ) -> Result<(), ProtocolError> {
         for (index, (value, range)) in self.shape.dims().iter().zip(&expected.dims).enumerate() {
-            if !range.contains(*value) {
+            if !(zero_is_unknown && *value == 0) && !range.contains(*value) {
                 return Err(ProtocolError::DimOutOfRange {
                     index,
                     value: *value,
@@ -230,17 +240,7 @@ impl TensorDesc {
             return self.check_dtype(expected);
         }
         self.check_dtype_and_rank(expected)?;
-        for (index, (value, range)) in self.shape.dims().iter().zip(&expected.dims).enumerate() {
-            if *value != 0 && !range.contains(*value) {
-                return Err(ProtocolError::DimOutOfRange {
-                    index,
-                    value: *value,
-                    min: range.min,
-                    max: range.max,
-                });
-            }
-        }
-        Ok(())
+        self.check_dims(expected, true)
     }
 
     /// Checks what the backend produced for this output descriptor and returns the
