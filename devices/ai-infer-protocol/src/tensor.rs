@@ -221,7 +221,7 @@ impl TensorDesc {
         zero_is_unknown: bool,
     ) -> Result<(), ProtocolError> {
         for (index, (value, range)) in self.shape.dims().iter().zip(&expected.dims).enumerate() {
-            if !(zero_is_unknown && *value == 0) && !range.contains(*value) {
+            if (!zero_is_unknown || *value != 0) && !range.contains(*value) {
                 return Err(ProtocolError::DimOutOfRange {
                     index,
                     value: *value,
