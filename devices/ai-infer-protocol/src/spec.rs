@@ -113,14 +113,7 @@ impl TensorSpec {
     /// Reads the wire form from the first 168 bytes of `buf`.
     pub fn decode(buf: &[u8]) -> Result<Self, ProtocolError> {
         let mut r = Reader::new(buf, "tensor spec", Self::LEN)?;
-        let dtype = DType::try_from(r.u8()?)?;
-        let rank = usize::from(r.u8()?);
-        if rank > MAX_RANK {
-            return Err(ProtocolError::RankTooLarge {
-                rank,
-                max: MAX_RANK,
-            });
-        }
+        let (dtype, rank) = crate::tensor::read_dtype_and_rank(&mut r)?;
         let name_len = usize::from(r.u8()?);
         r.reserved_u8("tensor_spec.reserved0")?;
         r.reserved_u32("tensor_spec.reserved1")?;

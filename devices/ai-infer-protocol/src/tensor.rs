@@ -308,14 +308,7 @@ impl TensorDesc {
     /// Reads the wire form from the first 80 bytes of `buf`.
     pub fn decode(buf: &[u8]) -> Result<Self, ProtocolError> {
         let mut r = Reader::new(buf, "tensor descriptor", Self::LEN)?;
-        let dtype = DType::try_from(r.u8()?)?;
-        let rank = usize::from(r.u8()?);
-        if rank > MAX_RANK {
-            return Err(ProtocolError::RankTooLarge {
-                rank,
-                max: MAX_RANK,
-            });
-        }
+        let (dtype, rank) = read_dtype_and_rank(&mut r)?;
         r.reserved_u16("tensor.reserved0")?;
         r.reserved_u32("tensor.reserved1")?;
         let mut dims = [0u64; MAX_RANK];
@@ -336,6 +329,20 @@ impl TensorDesc {
             data_len,
         })
     }
+}
+
+/// Reads the dtype and rank bytes that open both a tensor descriptor and a tensor spec,
+/// rejecting an unknown dtype and a rank above [`MAX_RANK`].
+pub(crate) fn read_dtype_and_rank(r: &mut Reader) -> Result<(DType, usize), ProtocolError> {
+    let dtype = DType::try_from(r.u8()?)?;
+    let rank = usize::from(r.u8()?);
+    if rank > MAX_RANK {
+        return Err(ProtocolError::RankTooLarge {
+            rank,
+            max: MAX_RANK,
+        });
+    }
+    Ok((dtype, rank))
 }
 
 #[cfg(test)]
