@@ -86,6 +86,8 @@ pub enum ConfigError {
         cpu: usize,
         online: String,
     },
+    #[error("console.mode = \"file\" needs console.path")]
+    ConsoleNeedsPath,
     #[error("more vCPUs ({vcpus}) than KVM allows on this host ({max})")]
     KvmVcpuLimit { vcpus: u8, max: usize },
 }
@@ -386,10 +388,7 @@ impl VmConfig {
             });
         }
         if self.console.mode == ConsoleMode::File && self.console.path.is_none() {
-            return Err(ConfigError::Parse {
-                path: PathBuf::from("<config>"),
-                message: "console.mode = \"file\" needs console.path".into(),
-            });
+            return Err(ConfigError::ConsoleNeedsPath);
         }
 
         let online = host.online_cpus();
@@ -705,6 +704,16 @@ mod tests {
         assert_eq!(cfg.memory.zones[0].backing, Backing::Hugetlb2M);
         assert_eq!(cfg.machine.vcpus, 1);
         assert_eq!(cfg.boot.cmdline, "quiet");
+    }
+
+    #[test]
+    fn file_console_needs_a_path() {
+        let sys = FakeSys::new("console", 0);
+        let cfg =
+            parse(&(base(&sys, "id = \"m\"\nsize_mib = 32") + "[console]\nmode = \"file\"\n"))
+                .unwrap();
+        let err = cfg.validate(&sys.host(), 64).unwrap_err();
+        assert!(matches!(err, ConfigError::ConsoleNeedsPath), "{err}");
     }
 
     #[test]

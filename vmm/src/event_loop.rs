@@ -47,12 +47,12 @@ pub fn install_stop_signals(evt: &EventFd) -> std::io::Result<()> {
 
 /// Watches the stop, reset and signal events and host stdin.
 pub struct ControlLoop {
-    pub stop: Arc<Stop>,
-    pub reset_evt: EventFd,
-    pub poweroff_evt: EventFd,
-    pub signal_evt: EventFd,
-    pub serial: Arc<Mutex<SerialConsole>>,
-    pub stdin_enabled: bool,
+    stop: Arc<Stop>,
+    reset_evt: EventFd,
+    poweroff_evt: EventFd,
+    signal_evt: EventFd,
+    serial: Arc<Mutex<SerialConsole>>,
+    stdin_enabled: bool,
     dropped_input: u64,
 }
 

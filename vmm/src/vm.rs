@@ -263,19 +263,12 @@ pub fn run_image(
 
 fn register_memory(vm: &VmFd, ram: &GuestRam) -> Result<(), VmError> {
     for (slot, region) in ram.memory.iter().enumerate() {
-        let host_addr = ram
-            .memory
-            .get_host_address(region.start_addr())
-            .map_err(|e| VmError::Io {
-                what: "a KVM memory slot",
-                source: std::io::Error::other(e.to_string()),
-            })?;
         let mem = kvm_userspace_memory_region {
             slot: slot as u32,
             flags: 0,
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
-            userspace_addr: host_addr as u64,
+            userspace_addr: region.as_ptr() as u64,
         };
         // SAFETY: the region is a live mapping owned by `ram`, which outlives the VM fd's use
         // of it (both are dropped together at the end of `run`, the VM first).

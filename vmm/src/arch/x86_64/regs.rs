@@ -219,8 +219,9 @@ fn set_delivery_mode(reg: u32, mode: u32) -> u32 {
     (reg & !0x700) | (mode << 8)
 }
 
-/// Sets up everything but the general registers on one vCPU. `boot` selects whether this
-/// is the boot CPU (application processors wait for INIT/SIPI in the in-kernel LAPIC).
+/// Sets up MSRs, FPU and LAPIC LINTs on vCPU `cpu`; the boot CPU (0) also gets the segment
+/// and general registers for `mode` at `entry`. Application processors keep their reset
+/// state and wait for INIT/SIPI in the in-kernel LAPIC.
 pub fn setup_vcpu(vcpu: &VcpuFd, cpu: u8, mode: EntryMode, entry: u64) -> Result<(), RegsError> {
     let ioctl = |what| move |source| RegsError::Ioctl { what, cpu, source };
     let entries = boot_msr_entries();
