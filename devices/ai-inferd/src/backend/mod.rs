@@ -1,0 +1,90 @@
+//! Inference backends: what executors call to run one batch of one model.
+//!
+//! A backend owns one loaded model instance. Inputs are borrowed straight from guest
+//! memory and outputs are written straight into guest buffers ([`VolatileSlice`]s,
+//! because the guest can change that memory at any time); the only copies are the
+//! ones a runtime's API forces, which each backend documents.
+
+use ai_infer_protocol::{ModelInfo, Shape, TensorDesc};
+use thiserror::Error;
+use vm_memory::VolatileSlice;
+
+/// One input tensor of one request: its validated descriptor and its bytes.
+pub struct InputTensor<'a> {
+    /// dtype and shape, already checked against the model's signature.
+    pub desc: &'a TensorDesc,
+    /// Exactly `desc.data_len` bytes, in guest memory.
+    pub data: VolatileSlice<'a>,
+}
+
+/// One output buffer of one request: the driver's expectation and its capacity.
+pub struct OutputBuffer<'a> {
+    /// What the driver expects (dims of 0 = unknown); `data_len` is the capacity.
+    pub desc: &'a TensorDesc,
+    /// The buffer in guest memory (`desc.data_len` bytes).
+    pub buf: VolatileSlice<'a>,
+}
+
+/// The tensors of one request inside a batch.
+pub struct RequestTensors<'a> {
+    /// Inputs in signature order.
+    pub inputs: Vec<InputTensor<'a>>,
+    /// Outputs in signature order.
+    pub outputs: Vec<OutputBuffer<'a>>,
+}
+
+/// Why a backend could not produce one request's outputs.
+#[derive(Debug, Error)]
+pub enum BackendError {
+    /// An input value is outside the model's domain (e.g. a token id ≥ vocabulary).
+    #[error("input tensor {index}: {reason}")]
+    BadInput {
+        /// Tensor index (inputs first).
+        index: usize,
+        /// What was wrong.
+        reason: String,
+    },
+    /// Output `index` needs `needed` bytes but its buffer holds fewer. `shapes` are the
+    /// produced shapes of every output, reported to the driver so it can resize.
+    #[error("output {index} needs {needed} bytes")]
+    OutputTooSmall {
+        /// Output index (0-based among outputs).
+        index: usize,
+        /// Bytes it needs.
+        needed: u64,
+        /// Produced shape of every output.
+        shapes: Vec<Shape>,
+    },
+    /// The produced shape contradicts the output descriptor.
+    #[error("output {index} has shape {produced:?}, which contradicts the request")]
+    ShapeMismatch {
+        /// Output index (0-based among outputs).
+        index: usize,
+        /// The produced shape.
+        produced: Shape,
+        /// Produced shape of every output.
+        shapes: Vec<Shape>,
+    },
+    /// The runtime failed.
+    #[error("runtime failed: {0}")]
+    Runtime(String),
+}
+
+/// What one request got from a batch: the produced shape of each output (its bytes are
+/// already written at the start of the output's buffer), or the reason it failed.
+pub type RequestOutcome = Result<Vec<Shape>, BackendError>;
+
+/// A loaded model instance.
+pub trait Backend: Send + Sync {
+    /// The model's name, id and signature (what MODELS reports).
+    fn info(&self) -> &ModelInfo;
+
+    /// Largest batch this instance runs in one call (1 = no batching).
+    fn max_batch(&self) -> usize;
+
+    /// Runs `batch` (1 ..= `max_batch` requests, each already validated against
+    /// [`Backend::info`]) in as few runtime calls as possible and writes each request's
+    /// outputs into its buffers. Returns one outcome per request, in order; a failure
+    /// of one request must not fail the others.
+    fn run(&self, batch: &mut [RequestTensors<'_>]) -> Vec<RequestOutcome>;
+}
