@@ -74,6 +74,19 @@ pub enum BarKind {
     Io,
 }
 
+/// A BAR as the guest has placed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PciBarRange {
+    /// BAR index (0-5).
+    pub index: usize,
+    /// Base address the guest programmed.
+    pub addr: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// What it decodes.
+    pub kind: BarKind,
+}
+
 /// Errors from building a configuration space.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum PciConfigError {
@@ -443,6 +456,30 @@ impl PciConfiguration {
     /// The kind of BAR `index`, or `None` if no BAR starts at `index`.
     pub fn bar_kind(&self, index: usize) -> Option<BarKind> {
         self.bars.get(index).copied().flatten().map(|bar| bar.kind)
+    }
+
+    /// The BARs the function decodes right now: memory BARs while memory decoding is on,
+    /// I/O BARs while I/O decoding is on, skipping any at address zero or mid-sizing
+    /// (an address that would run past the end of its space).
+    pub fn decoded_bars(&self) -> Vec<PciBarRange> {
+        (0..NUM_BARS)
+            .filter_map(|index| {
+                let bar = self.bars[index]?;
+                let addr = self.bar_address(index)?;
+                let (enabled, limit) = match bar.kind {
+                    BarKind::Io => (self.io_enabled(), 1u64 << 16),
+                    BarKind::Mmio32 => (self.memory_enabled(), 1u64 << 32),
+                    BarKind::Mmio64 => (self.memory_enabled(), u64::MAX),
+                };
+                let fits = addr != 0 && addr.checked_add(bar.size).is_some_and(|end| end <= limit);
+                (enabled && fits).then_some(PciBarRange {
+                    index,
+                    addr,
+                    size: bar.size,
+                    kind: bar.kind,
+                })
+            })
+            .collect()
     }
 
     /// Appends a capability to the capability list and returns its offset.

@@ -1,6 +1,6 @@
 //! The interface every PCI function implements, and the host bridge at 00:00.0.
 
-use super::config_space::{PciConfiguration, PciHeader};
+use super::config_space::{PciBarRange, PciConfiguration, PciHeader};
 
 /// A PCI function as the [`PciRoot`](super::PciRoot) and the VMM see it.
 ///
@@ -15,6 +15,13 @@ pub trait PciDevice: Send {
     /// Writes `data` (1, 2 or 4 bytes) at byte `offset` of config register `reg_idx`.
     /// Malformed or out-of-range writes are ignored.
     fn config_write(&mut self, reg_idx: usize, offset: u64, data: &[u8]);
+
+    /// The BARs the function decodes now (see [`PciConfiguration::decoded_bars`]); the
+    /// VMM routes MMIO and port accesses inside them to [`Self::bar_read`] /
+    /// [`Self::bar_write`]. A function without BARs returns none.
+    fn bars(&self) -> Vec<PciBarRange> {
+        Vec::new()
+    }
 
     /// Reads `data.len()` bytes at `offset` in BAR `bar`. By default a function has no
     /// BAR contents: the read returns all-ones.

@@ -5,12 +5,16 @@
 //! a [`PciConfigIo`] on the port I/O bus at [`PCI_CONFIG_IO_PORT`] and a [`PciConfigMmio`]
 //! on the MMIO bus at the ECAM base it chooses, both sharing one [`PciRoot`].
 
+pub mod bar_router;
 pub mod config_space;
 pub mod device;
+pub mod msix;
 pub mod root;
 
-pub use config_space::{BarKind, PciConfigError, PciConfiguration, PciHeader};
+pub use bar_router::PciBarRouter;
+pub use config_space::{BarKind, PciBarRange, PciConfigError, PciConfiguration, PciHeader};
 pub use device::{PciDevice, PciHostBridge};
+pub use msix::{MsiMessage, MsiVectors, Msix, MsixLayout};
 pub use root::{
     PciConfigIo, PciConfigMmio, PciRoot, PciRootError, PCI_CONFIG_IO_PORT, PCI_CONFIG_IO_PORT_LEN,
 };

@@ -110,6 +110,11 @@ impl PciRoot {
         Ok(())
     }
 
+    /// Every function on the bus, host bridge first.
+    pub fn functions(&self) -> impl Iterator<Item = &Arc<Mutex<dyn PciDevice>>> {
+        self.functions.values()
+    }
+
     /// Reads config register `reg_idx` of bus:device.function; all-ones if nothing is
     /// there or the address is out of range.
     pub fn config_read(&self, bus: u8, device: u8, function: u8, reg_idx: usize) -> u32 {

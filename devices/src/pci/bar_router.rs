@@ -1,0 +1,145 @@
+//! Routes guest MMIO accesses inside the PCI windows to the BAR that decodes them.
+//!
+//! The guest may move a BAR at any time by rewriting it, so the router does not cache a
+//! map: on each access it asks the functions which BARs they decode now. There are only
+//! a handful of functions and BAR accesses are rare (virtqueue notifications go through
+//! ioeventfds and never exit to the VMM), so a linear scan is cheap enough.
+
+use std::sync::{Arc, Mutex};
+
+use super::config_space::BarKind;
+use super::root::PciRoot;
+use crate::bus::BusDevice;
+
+/// A [`BusDevice`] covering one PCI MMIO window, placed on the MMIO bus at `base`.
+pub struct PciBarRouter {
+    root: Arc<Mutex<PciRoot>>,
+    base: u64,
+}
+
+impl PciBarRouter {
+    /// A router for the window starting at guest address `base`.
+    pub fn new(root: Arc<Mutex<PciRoot>>, base: u64) -> Self {
+        Self { root, base }
+    }
+
+    /// Calls `f` with the function, BAR index and offset decoding `offset` (relative to
+    /// the window); returns false if no BAR does.
+    fn dispatch(
+        &self,
+        offset: u64,
+        len: usize,
+        f: impl FnOnce(&mut dyn super::PciDevice, usize, u64),
+    ) -> bool {
+        let Some(addr) = self.base.checked_add(offset) else {
+            return false;
+        };
+        let root = self.root.lock().unwrap_or_else(|p| p.into_inner());
+        for device in root.functions() {
+            let mut dev = device.lock().unwrap_or_else(|p| p.into_inner());
+            let hit = dev.bars().into_iter().find(|bar| {
+                bar.kind != BarKind::Io && addr >= bar.addr && addr - bar.addr < bar.size
+            });
+            if let Some(bar) = hit {
+                let offset = addr - bar.addr;
+                if offset + len as u64 > bar.size {
+                    log::debug!(
+                        "PCI access at {addr:#x} runs past the end of BAR {}",
+                        bar.index
+                    );
+                    return false;
+                }
+                f(&mut *dev, bar.index, offset);
+                return true;
+            }
+        }
+        false
+    }
+}
+
+impl BusDevice for PciBarRouter {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let len = data.len();
+        if !self.dispatch(offset, len, |dev, bar, off| dev.bar_read(bar, off, data)) {
+            data.fill(0xff);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if !self.dispatch(offset, data.len(), |dev, bar, off| {
+            dev.bar_write(bar, off, data)
+        }) {
+            log::debug!("dropping PCI MMIO write at window offset {offset:#x}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pci::{PciBarRange, PciConfiguration, PciDevice, PciHeader};
+
+    struct Dev {
+        config: PciConfiguration,
+        last_write: Option<(usize, u64, Vec<u8>)>,
+    }
+
+    impl PciDevice for Dev {
+        fn config_read(&mut self, reg_idx: usize) -> u32 {
+            self.config.read_reg(reg_idx)
+        }
+        fn config_write(&mut self, reg_idx: usize, offset: u64, data: &[u8]) {
+            self.config.write_reg(reg_idx, offset, data);
+        }
+        fn bars(&self) -> Vec<PciBarRange> {
+            self.config.decoded_bars()
+        }
+        fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+            data.fill(bar as u8 * 16 + offset as u8);
+        }
+        fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+            self.last_write = Some((bar, offset, data.to_vec()));
+        }
+    }
+
+    #[test]
+    fn accesses_follow_the_bar_and_the_command_register() {
+        let mut config = PciConfiguration::new(PciHeader::default(), false);
+        config.add_bar(0, 0x1000, BarKind::Mmio64, false).unwrap();
+        config.add_bar(2, 0x100, BarKind::Mmio32, false).unwrap();
+        config.set_bar_address(0, 0x1_0000_0000).unwrap();
+        config.set_bar_address(2, 0xc000_0000).unwrap();
+        let dev = Arc::new(Mutex::new(Dev {
+            config,
+            last_write: None,
+        }));
+        let mut root = PciRoot::new();
+        root.add_device(dev.clone()).unwrap();
+        let root = Arc::new(Mutex::new(root));
+        let mut low = PciBarRouter::new(root.clone(), 0xc000_0000);
+        let mut high = PciBarRouter::new(root, 0x1_0000_0000);
+
+        let mut d = [0u8; 4];
+        low.read(0x4, &mut d);
+        assert_eq!(d, [0xff; 4], "memory decoding is off");
+        dev.lock().unwrap().config.write_reg(1, 0, &[0x2]);
+        low.read(0x4, &mut d);
+        assert_eq!(d, [0x24; 4]);
+        high.write(0x10, &[7, 7]);
+        assert_eq!(dev.lock().unwrap().last_write, Some((0, 0x10, vec![7, 7])));
+        // Past the end of BAR 2 and an access straddling its end.
+        low.read(0x100, &mut d);
+        assert_eq!(d, [0xff; 4]);
+        low.read(0xfe, &mut d);
+        assert_eq!(d, [0xff; 4]);
+        // The guest moves BAR 2; the old address no longer decodes.
+        dev.lock()
+            .unwrap()
+            .config
+            .write_reg(6, 0, &0xc000_1000u32.to_le_bytes());
+        low.read(0x4, &mut d);
+        assert_eq!(d, [0xff; 4]);
+        low.read(0x1004, &mut d);
+        assert_eq!(d, [0x24; 4]);
+    }
+}

@@ -1,0 +1,801 @@
+//! The modern virtio-pci transport: one 64-bit memory BAR with the common configuration,
+//! ISR, device configuration, notification area and the MSI-X table and PBA, each found
+//! by the guest through a vendor-specific capability (virtio 1.2 §4.1.4).
+//!
+//! ```text
+//! BAR 0 (32 KiB)  0x0000 common cfg   0x1000 ISR   0x2000 device cfg
+//!                 0x3000 notify (4 bytes per queue)
+//!                 0x4000 MSI-X table  0x5000 MSI-X PBA
+//! ```
+//!
+//! Every register the guest writes is checked: a queue size that is not a power of two
+//! or above the maximum, a queue change after DRIVER_OK, features the device did not offer
+//! or an out-of-range MSI-X vector are refused the way the spec says (the register keeps
+//! its old value, FEATURES_OK does not stick, the vector reads back as NO_VECTOR). None of
+//! it can make the VMM fail: the worst a guest gets is a device that will not start.
+
+use std::sync::Arc;
+
+use thiserror::Error;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{status, ActivateParams, QueueConfig, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::pci::config_space::NUM_CONFIGURATION_REGISTERS;
+use crate::pci::{
+    BarKind, MsiVectors, Msix, MsixLayout, PciBarRange, PciConfigError, PciConfiguration,
+    PciDevice, PciHeader,
+};
+
+/// Size of BAR 0.
+pub const VIRTIO_PCI_BAR_SIZE: u64 = 0x8000;
+const COMMON_CFG_OFFSET: u64 = 0x0000;
+const COMMON_CFG_LEN: u64 = 0x38;
+const ISR_OFFSET: u64 = 0x1000;
+const ISR_LEN: u64 = 1;
+const DEVICE_CFG_OFFSET: u64 = 0x2000;
+const DEVICE_CFG_LEN: u64 = 0x1000;
+const NOTIFY_OFFSET: u64 = 0x3000;
+const NOTIFY_LEN: u64 = 0x1000;
+/// Each queue notifies at its own 4-byte slot, so each gets its own ioeventfd.
+const NOTIFY_OFF_MULTIPLIER: u32 = 4;
+const MSIX_TABLE_OFFSET: u32 = 0x4000;
+const MSIX_PBA_OFFSET: u32 = 0x5000;
+/// Most queues: the notify area and the MSI-X table (one vector per queue + config) fit.
+pub const MAX_QUEUES: usize = 255;
+
+/// "No vector" in config_msix_vector / queue_msix_vector.
+pub const VIRTIO_MSI_NO_VECTOR: u16 = 0xffff;
+
+/// Virtio PCI capability types.
+const CAP_COMMON_CFG: u8 = 1;
+const CAP_NOTIFY_CFG: u8 = 2;
+const CAP_ISR_CFG: u8 = 3;
+const CAP_DEVICE_CFG: u8 = 4;
+const CAP_PCI_CFG: u8 = 5;
+const PCI_CAP_ID_VNDR: u8 = 0x09;
+
+/// Common configuration register offsets (virtio 1.2 §4.1.4.3).
+mod common {
+    pub const DEVICE_FEATURE_SELECT: u64 = 0x00;
+    pub const DEVICE_FEATURE: u64 = 0x04;
+    pub const DRIVER_FEATURE_SELECT: u64 = 0x08;
+    pub const DRIVER_FEATURE: u64 = 0x0c;
+    pub const CONFIG_MSIX_VECTOR: u64 = 0x10;
+    pub const NUM_QUEUES: u64 = 0x12;
+    pub const DEVICE_STATUS: u64 = 0x14;
+    pub const CONFIG_GENERATION: u64 = 0x15;
+    pub const QUEUE_SELECT: u64 = 0x16;
+    pub const QUEUE_SIZE: u64 = 0x18;
+    pub const QUEUE_MSIX_VECTOR: u64 = 0x1a;
+    pub const QUEUE_ENABLE: u64 = 0x1c;
+    pub const QUEUE_NOTIFY_OFF: u64 = 0x1e;
+    pub const QUEUE_DESC_LO: u64 = 0x20;
+    pub const QUEUE_DESC_HI: u64 = 0x24;
+    pub const QUEUE_DRIVER_LO: u64 = 0x28;
+    pub const QUEUE_DRIVER_HI: u64 = 0x2c;
+    pub const QUEUE_DEVICE_LO: u64 = 0x30;
+    pub const QUEUE_DEVICE_HI: u64 = 0x34;
+}
+
+/// Errors from building the transport.
+#[derive(Debug, Error)]
+pub enum VirtioPciError {
+    /// The device has no queues or more than the transport supports.
+    #[error("a virtio-pci device needs 1 to {MAX_QUEUES} queues, not {0}")]
+    QueueCount(usize),
+    /// The VMM gave fewer interrupt vectors than queues + 1.
+    #[error("{queues} queues need {needed} MSI-X vectors, got {got}")]
+    Vectors {
+        /// Queues of the device.
+        queues: usize,
+        /// Vectors needed.
+        needed: usize,
+        /// Vectors given.
+        got: usize,
+    },
+    /// Config space could not be built.
+    #[error("cannot build the virtio-pci config space: {0}")]
+    Config(#[from] PciConfigError),
+    /// An eventfd could not be created.
+    #[error("cannot create a queue notification eventfd: {0}")]
+    EventFd(std::io::Error),
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Queue {
+    config: QueueConfig,
+    vector: u16,
+}
+
+/// A virtio device on the PCI bus.
+pub struct VirtioPciDevice {
+    config: PciConfiguration,
+    device: Box<dyn VirtioDevice>,
+    msix: Msix,
+    msix_cap_reg: usize,
+    pci_cfg_cap: usize,
+    queues: Vec<Queue>,
+    kicks: Vec<EventFd>,
+    /// Handed to the device for queues without a vector: nobody listens.
+    no_vector_call: EventFd,
+    device_feature_select: u32,
+    driver_feature_select: u32,
+    driver_features: u64,
+    status: u8,
+    config_vector: u16,
+    queue_select: u16,
+    config_generation: u8,
+    activated: bool,
+}
+
+impl std::fmt::Debug for VirtioPciDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VirtioPciDevice")
+            .field("device_type", &self.device.device_type())
+            .field("status", &self.status)
+            .finish()
+    }
+}
+
+impl VirtioPciDevice {
+    /// Puts `device` on PCI with `header` identification; `vectors` must have at least
+    /// one vector per queue plus one for configuration changes.
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        header: PciHeader,
+        vectors: Arc<dyn MsiVectors>,
+    ) -> Result<Self, VirtioPciError> {
+        let num_queues = device.num_queues();
+        if num_queues == 0 || num_queues > MAX_QUEUES {
+            return Err(VirtioPciError::QueueCount(num_queues));
+        }
+        if vectors.len() < num_queues + 1 {
+            return Err(VirtioPciError::Vectors {
+                queues: num_queues,
+                needed: num_queues + 1,
+                got: vectors.len(),
+            });
+        }
+        let mut config = PciConfiguration::new(header, false);
+        config.add_bar(0, VIRTIO_PCI_BAR_SIZE, BarKind::Mmio64, false)?;
+
+        let msix = Msix::new(
+            vectors,
+            MsixLayout {
+                table_bar: 0,
+                table_offset: MSIX_TABLE_OFFSET,
+                pba_bar: 0,
+                pba_offset: MSIX_PBA_OFFSET,
+            },
+        );
+        let msix_cap = config.add_capability(&msix.capability())?;
+        config.set_write_mask(msix_cap / 4, Msix::CONTROL_WRITE_MASK);
+
+        for (cfg_type, offset, len) in [
+            (CAP_COMMON_CFG, COMMON_CFG_OFFSET, COMMON_CFG_LEN),
+            (CAP_ISR_CFG, ISR_OFFSET, ISR_LEN),
+            (CAP_DEVICE_CFG, DEVICE_CFG_OFFSET, DEVICE_CFG_LEN),
+        ] {
+            config.add_capability(&virtio_cap(cfg_type, offset, len, 16))?;
+        }
+        let mut notify = virtio_cap(CAP_NOTIFY_CFG, NOTIFY_OFFSET, NOTIFY_LEN, 20);
+        notify.extend_from_slice(&NOTIFY_OFF_MULTIPLIER.to_le_bytes());
+        config.add_capability(&notify)?;
+        // The PCI configuration access capability: bar, offset, length and the data
+        // window are guest-writable; accesses to the window reach the BAR.
+        let mut pci_cfg = virtio_cap(CAP_PCI_CFG, 0, 0, 20);
+        pci_cfg.extend_from_slice(&[0; 4]);
+        let pci_cfg_cap = config.add_capability(&pci_cfg)?;
+        let reg = pci_cfg_cap / 4;
+        config.set_write_mask(reg + 1, 0x0000_00ff); // bar
+        config.set_write_mask(reg + 2, 0xffff_ffff); // offset
+        config.set_write_mask(reg + 3, 0xffff_ffff); // length
+        config.set_write_mask(reg + 4, 0xffff_ffff); // data
+
+        let kicks = (0..num_queues)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(VirtioPciError::EventFd)?;
+        let no_vector_call = EventFd::new(libc::EFD_NONBLOCK).map_err(VirtioPciError::EventFd)?;
+        let max = device.queue_max_size();
+        Ok(Self {
+            config,
+            device,
+            msix,
+            msix_cap_reg: msix_cap / 4,
+            pci_cfg_cap,
+            queues: vec![
+                Queue {
+                    config: QueueConfig {
+                        size: max,
+                        ..QueueConfig::default()
+                    },
+                    vector: VIRTIO_MSI_NO_VECTOR,
+                };
+                num_queues
+            ],
+            kicks,
+            no_vector_call,
+            device_feature_select: 0,
+            driver_feature_select: 0,
+            driver_features: 0,
+            status: 0,
+            config_vector: VIRTIO_MSI_NO_VECTOR,
+            queue_select: 0,
+            config_generation: 0,
+            activated: false,
+        })
+    }
+
+    /// Places BAR 0 at `addr` (the VMM's allocation, before the guest runs).
+    pub fn set_bar_address(&mut self, addr: u64) -> Result<(), PciConfigError> {
+        self.config.set_bar_address(0, addr)
+    }
+
+    /// Guest address of BAR 0 as programmed now.
+    pub fn bar_address(&self) -> Option<u64> {
+        self.config.bar_address(0)
+    }
+
+    /// The notification eventfds with their offset in BAR 0, for the VMM to register as
+    /// ioeventfds at `BAR 0 + offset` (writes then never exit to the VMM).
+    pub fn notifications(&self) -> impl Iterator<Item = (u64, &EventFd)> {
+        self.kicks.iter().enumerate().map(|(q, evt)| {
+            (
+                NOTIFY_OFFSET + q as u64 * u64::from(NOTIFY_OFF_MULTIPLIER),
+                evt,
+            )
+        })
+    }
+
+    /// The device behind the transport.
+    pub fn device(&self) -> &dyn VirtioDevice {
+        self.device.as_ref()
+    }
+
+    fn device_status(&self) -> u8 {
+        let mut s = self.status;
+        if self.activated && self.device.needs_reset() {
+            s |= status::DEVICE_NEEDS_RESET;
+        }
+        s
+    }
+
+    fn reset(&mut self) {
+        if self.activated {
+            self.device.reset();
+        }
+        self.activated = false;
+        self.status = 0;
+        self.driver_features = 0;
+        self.device_feature_select = 0;
+        self.driver_feature_select = 0;
+        self.queue_select = 0;
+        self.config_vector = VIRTIO_MSI_NO_VECTOR;
+        let max = self.device.queue_max_size();
+        for q in &mut self.queues {
+            *q = Queue {
+                config: QueueConfig {
+                    size: max,
+                    ..QueueConfig::default()
+                },
+                vector: VIRTIO_MSI_NO_VECTOR,
+            };
+        }
+        // Drop notifications the guest sent before the reset.
+        for kick in &self.kicks {
+            let _ = kick.read();
+        }
+    }
+
+    fn set_status(&mut self, value: u8) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        let added = value & !self.status;
+        let mut new = value;
+        if added & status::FEATURES_OK != 0 {
+            let offered = self.device.features();
+            let ok = self.device.ready()
+                && self.driver_features & !offered == 0
+                && self.driver_features & VIRTIO_F_VERSION_1 != 0;
+            if !ok {
+                log::warn!(
+                    "virtio device {}: refusing FEATURES_OK (driver features {:#x}, offered {:#x}, ready {})",
+                    self.device.device_type(),
+                    self.driver_features,
+                    offered,
+                    self.device.ready()
+                );
+                new &= !status::FEATURES_OK;
+            }
+        }
+        if added & status::DRIVER_OK != 0 && !self.activated {
+            if new & status::FEATURES_OK == 0 {
+                log::warn!("virtio: DRIVER_OK without FEATURES_OK; ignoring");
+                new &= !status::DRIVER_OK;
+            } else if let Err(e) = self.activate() {
+                log::error!(
+                    "virtio device {}: activation failed: {e}",
+                    self.device.device_type()
+                );
+                new |= status::DEVICE_NEEDS_RESET;
+                new &= !status::DRIVER_OK;
+            }
+        }
+        // The driver cannot set DEVICE_NEEDS_RESET itself.
+        self.status =
+            new & !status::DEVICE_NEEDS_RESET | (self.status & status::DEVICE_NEEDS_RESET);
+        if new & status::DEVICE_NEEDS_RESET != 0 {
+            self.status |= status::DEVICE_NEEDS_RESET;
+        }
+    }
+
+    fn activate(&mut self) -> std::io::Result<()> {
+        let configs: Vec<QueueConfig> = self.queues.iter().map(|q| q.config).collect();
+        let calls = self
+            .queues
+            .iter()
+            .map(|q| {
+                self.msix
+                    .notifier(q.vector)
+                    .unwrap_or(&self.no_vector_call)
+                    .try_clone()
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.device.activate(ActivateParams {
+            features: self.driver_features,
+            queues: &configs,
+            kicks: &self.kicks,
+            calls: &calls,
+            config_irq: self.msix.notifier(self.config_vector),
+        })?;
+        self.activated = true;
+        Ok(())
+    }
+
+    fn selected(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(usize::from(self.queue_select))
+    }
+
+    fn valid_vector(&self, vector: u16) -> u16 {
+        if vector < self.msix.num_vectors() {
+            vector
+        } else {
+            VIRTIO_MSI_NO_VECTOR
+        }
+    }
+
+    fn read_common(&mut self, offset: u64, data: &mut [u8]) {
+        let value: u64 = match (offset, data.len()) {
+            (common::DEVICE_FEATURE_SELECT, 4) => u64::from(self.device_feature_select),
+            (common::DEVICE_FEATURE, 4) => match self.device_feature_select {
+                0 => self.device.features() & 0xffff_ffff,
+                1 => self.device.features() >> 32,
+                _ => 0,
+            },
+            (common::DRIVER_FEATURE_SELECT, 4) => u64::from(self.driver_feature_select),
+            (common::DRIVER_FEATURE, 4) => match self.driver_feature_select {
+                0 => self.driver_features & 0xffff_ffff,
+                1 => self.driver_features >> 32,
+                _ => 0,
+            },
+            (common::CONFIG_MSIX_VECTOR, 2) => u64::from(self.config_vector),
+            (common::NUM_QUEUES, 2) => self.queues.len() as u64,
+            (common::DEVICE_STATUS, 1) => u64::from(self.device_status()),
+            (common::CONFIG_GENERATION, 1) => u64::from(self.config_generation),
+            (common::QUEUE_SELECT, 2) => u64::from(self.queue_select),
+            (off, len) => match self.queues.get(usize::from(self.queue_select)).copied() {
+                None => 0,
+                Some(q) => match (off, len) {
+                    (common::QUEUE_SIZE, 2) => u64::from(q.config.size),
+                    (common::QUEUE_MSIX_VECTOR, 2) => u64::from(q.vector),
+                    (common::QUEUE_ENABLE, 2) => u64::from(q.config.enabled),
+                    (common::QUEUE_NOTIFY_OFF, 2) => u64::from(self.queue_select),
+                    (common::QUEUE_DESC_LO, 4) => q.config.desc_table & 0xffff_ffff,
+                    (common::QUEUE_DESC_HI, 4) => q.config.desc_table >> 32,
+                    (common::QUEUE_DRIVER_LO, 4) => q.config.avail_ring & 0xffff_ffff,
+                    (common::QUEUE_DRIVER_HI, 4) => q.config.avail_ring >> 32,
+                    (common::QUEUE_DEVICE_LO, 4) => q.config.used_ring & 0xffff_ffff,
+                    (common::QUEUE_DEVICE_HI, 4) => q.config.used_ring >> 32,
+                    _ => 0,
+                },
+            },
+        };
+        data.copy_from_slice(&value.to_le_bytes()[..data.len()]);
+    }
+
+    fn write_common(&mut self, offset: u64, data: &[u8]) {
+        let mut bytes = [0u8; 8];
+        bytes[..data.len()].copy_from_slice(data);
+        let value = u64::from_le_bytes(bytes);
+        let running = self.status & status::DRIVER_OK != 0;
+        match (offset, data.len()) {
+            (common::DEVICE_FEATURE_SELECT, 4) => self.device_feature_select = value as u32,
+            (common::DRIVER_FEATURE_SELECT, 4) => self.driver_feature_select = value as u32,
+            (common::DRIVER_FEATURE, 4) if self.status & status::FEATURES_OK == 0 => {
+                match self.driver_feature_select {
+                    0 => self.driver_features = (self.driver_features & !0xffff_ffff) | value,
+                    1 => self.driver_features = (self.driver_features & 0xffff_ffff) | value << 32,
+                    _ => {}
+                }
+            }
+            (common::CONFIG_MSIX_VECTOR, 2) => self.config_vector = self.valid_vector(value as u16),
+            (common::DEVICE_STATUS, 1) => self.set_status(value as u8),
+            (common::QUEUE_SELECT, 2) => self.queue_select = value as u16,
+            (common::QUEUE_MSIX_VECTOR, 2) => {
+                let vector = self.valid_vector(value as u16);
+                if let Some(q) = self.selected() {
+                    q.vector = vector;
+                }
+            }
+            (off, len) if !running => {
+                let max = self.device.queue_max_size();
+                let Some(q) = self.selected() else {
+                    return;
+                };
+                let c = &mut q.config;
+                match (off, len) {
+                    (common::QUEUE_SIZE, 2) => {
+                        let size = value as u16;
+                        if size.is_power_of_two() && size <= max {
+                            c.size = size;
+                        } else {
+                            log::debug!("virtio: ignoring queue size {size} (max {max})");
+                        }
+                    }
+                    (common::QUEUE_ENABLE, 2) => c.enabled = value == 1,
+                    (common::QUEUE_DESC_LO, 4) => c.desc_table = set_lo(c.desc_table, value),
+                    (common::QUEUE_DESC_HI, 4) => c.desc_table = set_hi(c.desc_table, value),
+                    (common::QUEUE_DRIVER_LO, 4) => c.avail_ring = set_lo(c.avail_ring, value),
+                    (common::QUEUE_DRIVER_HI, 4) => c.avail_ring = set_hi(c.avail_ring, value),
+                    (common::QUEUE_DEVICE_LO, 4) => c.used_ring = set_lo(c.used_ring, value),
+                    (common::QUEUE_DEVICE_HI, 4) => c.used_ring = set_hi(c.used_ring, value),
+                    _ => log::debug!("virtio: ignoring common config write at {off:#x}/{len}"),
+                }
+            }
+            (off, len) => log::debug!(
+                "virtio: ignoring common config write at {off:#x}/{len} after DRIVER_OK"
+            ),
+        }
+    }
+
+    /// Forwards an access through the PCI configuration access capability's window.
+    fn pci_cfg_window(&mut self, data: Option<&[u8]>) -> [u8; 4] {
+        let reg = self.pci_cfg_cap / 4;
+        let bar = self.config.read_reg(reg + 1) as u8;
+        let offset = u64::from(self.config.read_reg(reg + 2));
+        let len = self.config.read_reg(reg + 3) as usize;
+        let mut out = [0u8; 4];
+        if bar != 0 || !matches!(len, 1 | 2 | 4) {
+            return out;
+        }
+        match data {
+            Some(d) => {
+                let d = d.get(..len).unwrap_or(d);
+                self.bar_write(0, offset, d);
+            }
+            None => self.bar_read(0, offset, &mut out[..len]),
+        }
+        out
+    }
+}
+
+fn set_lo(old: u64, value: u64) -> u64 {
+    (old & !0xffff_ffff) | (value & 0xffff_ffff)
+}
+
+fn set_hi(old: u64, value: u64) -> u64 {
+    (old & 0xffff_ffff) | (value << 32)
+}
+
+/// A `struct virtio_pci_cap` of `cap_len` bytes (16, or 20 with one extra dword).
+fn virtio_cap(cfg_type: u8, offset: u64, len: u64, cap_len: u8) -> Vec<u8> {
+    let mut cap = vec![PCI_CAP_ID_VNDR, 0, cap_len, cfg_type, 0, 0, 0, 0];
+    cap.extend_from_slice(&(offset as u32).to_le_bytes());
+    cap.extend_from_slice(&(len as u32).to_le_bytes());
+    cap
+}
+
+impl PciDevice for VirtioPciDevice {
+    fn config_read(&mut self, reg_idx: usize) -> u32 {
+        if reg_idx == self.pci_cfg_cap / 4 + 4 {
+            return u32::from_le_bytes(self.pci_cfg_window(None));
+        }
+        self.config.read_reg(reg_idx)
+    }
+
+    fn config_write(&mut self, reg_idx: usize, offset: u64, data: &[u8]) {
+        if reg_idx >= NUM_CONFIGURATION_REGISTERS {
+            return;
+        }
+        if reg_idx == self.pci_cfg_cap / 4 + 4 {
+            self.pci_cfg_window(Some(data));
+            return;
+        }
+        self.config.write_reg(reg_idx, offset, data);
+        if reg_idx == self.msix_cap_reg {
+            let control = (self.config.read_reg(reg_idx) >> 16) as u16;
+            self.msix.set_control(control);
+        }
+    }
+
+    fn bars(&self) -> Vec<PciBarRange> {
+        self.config.decoded_bars()
+    }
+
+    fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if bar != 0 || data.len() > 8 {
+            return;
+        }
+        let len = data.len() as u64;
+        match offset {
+            o if o < COMMON_CFG_OFFSET + COMMON_CFG_LEN && o + len <= COMMON_CFG_LEN => {
+                self.read_common(o, data)
+            }
+            o if (ISR_OFFSET..ISR_OFFSET + ISR_LEN).contains(&o) => {
+                // MSI-X only: no INTx, so the ISR never has bits to report.
+            }
+            o if (DEVICE_CFG_OFFSET..DEVICE_CFG_OFFSET + DEVICE_CFG_LEN).contains(&o) => {
+                self.device.read_config(o - DEVICE_CFG_OFFSET, data)
+            }
+            o if (u64::from(MSIX_TABLE_OFFSET)..u64::from(MSIX_PBA_OFFSET)).contains(&o) => {
+                self.msix.read_table(o - u64::from(MSIX_TABLE_OFFSET), data)
+            }
+            o if o >= u64::from(MSIX_PBA_OFFSET) => {
+                self.msix.read_pba(o - u64::from(MSIX_PBA_OFFSET), data)
+            }
+            _ => {}
+        }
+    }
+
+    fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        if bar != 0 || data.len() > 8 {
+            return;
+        }
+        let len = data.len() as u64;
+        match offset {
+            o if o + len <= COMMON_CFG_LEN => self.write_common(o, data),
+            o if (DEVICE_CFG_OFFSET..DEVICE_CFG_OFFSET + DEVICE_CFG_LEN).contains(&o) => {
+                self.device.write_config(o - DEVICE_CFG_OFFSET, data)
+            }
+            o if (NOTIFY_OFFSET..NOTIFY_OFFSET + NOTIFY_LEN).contains(&o) => {
+                // Only reached when the ioeventfd is not registered (yet).
+                let queue = ((o - NOTIFY_OFFSET) / u64::from(NOTIFY_OFF_MULTIPLIER)) as usize;
+                if let Some(kick) = self.kicks.get(queue) {
+                    let _ = kick.write(1);
+                }
+            }
+            o if (u64::from(MSIX_TABLE_OFFSET)..u64::from(MSIX_PBA_OFFSET)).contains(&o) => self
+                .msix
+                .write_table(o - u64::from(MSIX_TABLE_OFFSET), data),
+            _ => log::debug!("virtio-pci: dropping BAR write at {offset:#x}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pci::msix::tests::RecordingVectors;
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Seen {
+        activated: Option<(u64, Vec<QueueConfig>)>,
+        resets: usize,
+    }
+
+    struct FakeDevice {
+        ready: bool,
+        seen: Arc<Mutex<Seen>>,
+    }
+
+    impl VirtioDevice for FakeDevice {
+        fn device_type(&self) -> u32 {
+            60
+        }
+        fn num_queues(&self) -> usize {
+            2
+        }
+        fn queue_max_size(&self) -> u16 {
+            256
+        }
+        fn features(&self) -> u64 {
+            VIRTIO_F_VERSION_1 | 1 << 28
+        }
+        fn ready(&self) -> bool {
+            self.ready
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = (offset as u8).wrapping_add(i as u8);
+            }
+        }
+        fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+        fn activate(&mut self, p: ActivateParams<'_>) -> std::io::Result<()> {
+            assert_eq!(p.kicks.len(), 2);
+            assert_eq!(p.calls.len(), 2);
+            self.seen.lock().unwrap().activated = Some((p.features, p.queues.to_vec()));
+            Ok(())
+        }
+        fn reset(&mut self) {
+            self.seen.lock().unwrap().resets += 1;
+        }
+    }
+
+    fn transport(ready: bool) -> (VirtioPciDevice, Arc<Mutex<Seen>>) {
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let dev = FakeDevice {
+            ready,
+            seen: seen.clone(),
+        };
+        let header = PciHeader {
+            vendor_id: 0x1af4,
+            device_id: 0x107c,
+            ..PciHeader::default()
+        };
+        let t = VirtioPciDevice::new(Box::new(dev), header, RecordingVectors::new(3)).unwrap();
+        (t, seen)
+    }
+
+    fn w(t: &mut VirtioPciDevice, off: u64, v: u64, len: usize) {
+        t.bar_write(0, off, &v.to_le_bytes()[..len]);
+    }
+
+    fn r(t: &mut VirtioPciDevice, off: u64, len: usize) -> u64 {
+        let mut b = [0u8; 8];
+        t.bar_read(0, off, &mut b[..len]);
+        u64::from_le_bytes(b)
+    }
+
+    /// Walks the capability list and returns (cfg_type, offset) of each virtio cap.
+    fn virtio_caps(t: &mut VirtioPciDevice) -> Vec<(u8, u32)> {
+        let mut caps = Vec::new();
+        let mut ptr = (t.config_read(13) & 0xff) as usize;
+        let mut guard = 0;
+        while ptr != 0 && guard < 48 {
+            let dw0 = t.config_read(ptr / 4);
+            if dw0 as u8 == PCI_CAP_ID_VNDR {
+                let cfg_type = (dw0 >> 24) as u8;
+                caps.push((cfg_type, t.config_read(ptr / 4 + 2)));
+            }
+            ptr = ((dw0 >> 8) & 0xff) as usize;
+            guard += 1;
+        }
+        caps
+    }
+
+    #[test]
+    fn capabilities_point_at_the_bar_layout() {
+        let (mut t, _) = transport(true);
+        let caps = virtio_caps(&mut t);
+        assert_eq!(
+            caps,
+            vec![
+                (CAP_COMMON_CFG, 0),
+                (CAP_ISR_CFG, 0x1000),
+                (CAP_DEVICE_CFG, 0x2000),
+                (CAP_NOTIFY_CFG, 0x3000),
+                (CAP_PCI_CFG, 0)
+            ]
+        );
+        assert_eq!(t.config_read(0), 0x107c_1af4);
+        assert_eq!(r(&mut t, common::NUM_QUEUES, 2), 2);
+    }
+
+    fn negotiate(t: &mut VirtioPciDevice, features: u64) -> u8 {
+        w(t, common::DEVICE_STATUS, 0, 1);
+        w(t, common::DEVICE_STATUS, 1, 1);
+        w(t, common::DEVICE_STATUS, 3, 1);
+        w(t, common::DRIVER_FEATURE_SELECT, 0, 4);
+        w(t, common::DRIVER_FEATURE, features & 0xffff_ffff, 4);
+        w(t, common::DRIVER_FEATURE_SELECT, 1, 4);
+        w(t, common::DRIVER_FEATURE, features >> 32, 4);
+        w(t, common::DEVICE_STATUS, 11, 1);
+        r(t, common::DEVICE_STATUS, 1) as u8
+    }
+
+    #[test]
+    fn features_ok_needs_version_1_only_offered_bits_and_a_ready_device() {
+        let (mut t, _) = transport(true);
+        w(&mut t, common::DEVICE_FEATURE_SELECT, 1, 4);
+        assert_eq!(r(&mut t, common::DEVICE_FEATURE, 4), 1);
+        assert_eq!(
+            negotiate(&mut t, VIRTIO_F_VERSION_1) & status::FEATURES_OK,
+            8
+        );
+        assert_eq!(
+            negotiate(&mut t, 1 << 28) & status::FEATURES_OK,
+            0,
+            "no VERSION_1"
+        );
+        assert_eq!(
+            negotiate(&mut t, VIRTIO_F_VERSION_1 | 1 << 35) & status::FEATURES_OK,
+            0
+        );
+        let (mut t, _) = transport(false);
+        assert_eq!(
+            negotiate(&mut t, VIRTIO_F_VERSION_1) & status::FEATURES_OK,
+            0,
+            "not ready"
+        );
+    }
+
+    #[test]
+    fn queues_are_programmed_checked_and_handed_over_at_driver_ok() {
+        let (mut t, seen) = transport(true);
+        negotiate(&mut t, VIRTIO_F_VERSION_1);
+        w(&mut t, common::QUEUE_SELECT, 1, 2);
+        assert_eq!(r(&mut t, common::QUEUE_SIZE, 2), 256);
+        w(&mut t, common::QUEUE_SIZE, 100, 2);
+        assert_eq!(r(&mut t, common::QUEUE_SIZE, 2), 256, "not a power of two");
+        w(&mut t, common::QUEUE_SIZE, 512, 2);
+        assert_eq!(r(&mut t, common::QUEUE_SIZE, 2), 256, "above the maximum");
+        w(&mut t, common::QUEUE_SIZE, 64, 2);
+        w(&mut t, common::QUEUE_DESC_LO, 0x1000, 4);
+        w(&mut t, common::QUEUE_DESC_HI, 0x1, 4);
+        w(&mut t, common::QUEUE_DRIVER_LO, 0x2000, 4);
+        w(&mut t, common::QUEUE_DEVICE_LO, 0x3000, 4);
+        w(&mut t, common::QUEUE_MSIX_VECTOR, 1, 2);
+        assert_eq!(r(&mut t, common::QUEUE_MSIX_VECTOR, 2), 1);
+        w(&mut t, common::QUEUE_MSIX_VECTOR, 9, 2);
+        assert_eq!(
+            r(&mut t, common::QUEUE_MSIX_VECTOR, 2),
+            0xffff,
+            "vector out of range"
+        );
+        w(&mut t, common::QUEUE_ENABLE, 1, 2);
+        assert_eq!(r(&mut t, common::QUEUE_NOTIFY_OFF, 2), 1);
+        w(&mut t, common::QUEUE_SELECT, 7, 2);
+        assert_eq!(r(&mut t, common::QUEUE_SIZE, 2), 0, "no such queue");
+        w(&mut t, common::DEVICE_STATUS, 15, 1);
+        assert_eq!(r(&mut t, common::DEVICE_STATUS, 1), 15);
+        let (features, queues) = seen.lock().unwrap().activated.clone().unwrap();
+        assert_eq!(features, VIRTIO_F_VERSION_1);
+        assert_eq!(
+            queues[1],
+            QueueConfig {
+                size: 64,
+                desc_table: 0x1_0000_1000,
+                avail_ring: 0x2000,
+                used_ring: 0x3000,
+                enabled: true
+            }
+        );
+        assert!(!queues[0].enabled);
+        // Queue registers are frozen after DRIVER_OK.
+        w(&mut t, common::QUEUE_SELECT, 1, 2);
+        w(&mut t, common::QUEUE_SIZE, 16, 2);
+        assert_eq!(r(&mut t, common::QUEUE_SIZE, 2), 64);
+        // Reset stops the device and restores defaults.
+        w(&mut t, common::DEVICE_STATUS, 0, 1);
+        assert_eq!(seen.lock().unwrap().resets, 1);
+        assert_eq!(r(&mut t, common::DEVICE_STATUS, 1), 0);
+        assert_eq!(r(&mut t, common::QUEUE_SIZE, 2), 256);
+    }
+
+    #[test]
+    fn device_config_notify_and_pci_cfg_window() {
+        let (mut t, _) = transport(true);
+        assert_eq!(r(&mut t, DEVICE_CFG_OFFSET + 4, 4), 0x0706_0504);
+        let (_, kick) = t.notifications().nth(1).unwrap();
+        let kick = kick.try_clone().unwrap();
+        w(&mut t, NOTIFY_OFFSET + 4, 1, 2);
+        assert_eq!(kick.read().unwrap(), 1);
+        // Read the device config through the PCI_CFG capability window.
+        let cap = t.pci_cfg_cap / 4;
+        t.config_write(cap + 1, 0, &[0]);
+        t.config_write(cap + 2, 0, &((DEVICE_CFG_OFFSET + 8) as u32).to_le_bytes());
+        t.config_write(cap + 3, 0, &4u32.to_le_bytes());
+        assert_eq!(t.config_read(cap + 4), 0x0b0a_0908);
+        // Garbage in unused parts of the BAR reads zero and writes vanish.
+        assert_eq!(r(&mut t, 0x1800, 8), 0);
+        assert_eq!(r(&mut t, 0x5ff8, 8), u64::MAX, "past the PBA");
+        w(&mut t, 0x1800, 0xdead, 4);
+        w(&mut t, common::DEVICE_STATUS, 0xdead, 4);
+        assert_eq!(r(&mut t, common::DEVICE_STATUS, 1), 0);
+    }
+}
