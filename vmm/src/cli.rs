@@ -30,6 +30,9 @@ pub struct Cli {
     /// Number of vCPUs.
     #[arg(long)]
     pub vcpus: Option<u64>,
+    /// Give the guest an ai_infer device served by the ai-inferd socket at this path.
+    #[arg(long)]
+    pub ai_infer_socket: Option<PathBuf>,
     /// Log level: error, warn, info, debug.
     #[arg(long, default_value = "warn", value_parser = parse_level)]
     pub log_level: log::LevelFilter,
@@ -43,6 +46,7 @@ impl Cli {
             cmdline: self.cmdline.clone(),
             memory_mib: self.memory,
             vcpus: self.vcpus,
+            ai_infer_socket: self.ai_infer_socket.clone(),
         }
     }
 }

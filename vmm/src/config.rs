@@ -90,6 +90,19 @@ pub enum ConfigError {
     ConsoleNeedsPath,
     #[error("more vCPUs ({vcpus}) than KVM allows on this host ({max})")]
     KvmVcpuLimit { vcpus: u8, max: usize },
+    #[error(
+        "ai_infer needs guest memory the daemon can map, but memory zone '{id}' is anonymous: \
+         use backing = \"memfd\" or a hugetlb backing"
+    )]
+    AiInferNeedsSharedMemory { id: String },
+    #[error("ai_infer.{field} = {value} is out of range ({allowed})")]
+    AiInferRange {
+        field: &'static str,
+        value: u64,
+        allowed: &'static str,
+    },
+    #[error("ai_infer.socket is empty: give the path of the ai-inferd socket for this tenant")]
+    AiInferNoSocket,
 }
 
 /// How a memory zone is backed on the host.
@@ -227,6 +240,52 @@ pub enum ConsoleMode {
     Off,
 }
 
+fn validate_ai_infer(ai: &AiInferConfig, zones: &[MemoryZoneConfig]) -> Result<(), ConfigError> {
+    if ai.socket.as_os_str().is_empty() {
+        return Err(ConfigError::AiInferNoSocket);
+    }
+    if !(1..=64).contains(&ai.queues) {
+        return Err(ConfigError::AiInferRange {
+            field: "queues",
+            value: ai.queues,
+            allowed: "1 to 64",
+        });
+    }
+    if !(2..=256).contains(&ai.queue_size) || !ai.queue_size.is_power_of_two() {
+        return Err(ConfigError::AiInferRange {
+            field: "queue_size",
+            value: ai.queue_size,
+            allowed: "a power of two from 2 to 256",
+        });
+    }
+    if let Some(z) = zones.iter().find(|z| z.backing == Backing::Anonymous) {
+        return Err(ConfigError::AiInferNeedsSharedMemory { id: z.id.clone() });
+    }
+    Ok(())
+}
+
+/// The paravirtual inference device, served by `ai-inferd` over vhost-user.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AiInferConfig {
+    /// The daemon's unix socket for this tenant (the operator gives each tenant its own).
+    pub socket: PathBuf,
+    /// Request queues (1-64; default 1).
+    #[serde(default = "default_ai_infer_queues")]
+    pub queues: u64,
+    /// Largest ring size offered to the driver (power of two, 2-256; default 256).
+    #[serde(default = "default_ai_infer_queue_size")]
+    pub queue_size: u64,
+}
+
+fn default_ai_infer_queues() -> u64 {
+    1
+}
+
+fn default_ai_infer_queue_size() -> u64 {
+    256
+}
+
 /// The whole tenant VM description, as read from `--config`.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -239,6 +298,8 @@ pub struct VmConfig {
     pub memory: MemoryConfig,
     #[serde(default)]
     pub console: ConsoleConfig,
+    #[serde(default)]
+    pub ai_infer: Option<AiInferConfig>,
 }
 
 /// Command-line overrides applied on top of the file.
@@ -251,6 +312,8 @@ pub struct Overrides {
     /// exactly one zone, whose size is then changed.
     pub memory_mib: Option<u64>,
     pub vcpus: Option<u64>,
+    /// Adds (or re-points) the ai_infer device at this daemon socket.
+    pub ai_infer_socket: Option<PathBuf>,
 }
 
 /// A configuration that passed validation; only this type reaches the VM builder.
@@ -263,6 +326,7 @@ pub struct ValidatedConfig {
     pub cmdline: String,
     pub zones: Vec<MemoryZoneConfig>,
     pub console: ConsoleConfig,
+    pub ai_infer: Option<AiInferConfig>,
 }
 
 impl VmConfig {
@@ -296,6 +360,18 @@ impl VmConfig {
         }
         if let Some(v) = o.vcpus {
             self.machine.vcpus = v;
+        }
+        if let Some(socket) = &o.ai_infer_socket {
+            match &mut self.ai_infer {
+                Some(ai) => ai.socket = socket.clone(),
+                None => {
+                    self.ai_infer = Some(AiInferConfig {
+                        socket: socket.clone(),
+                        queues: default_ai_infer_queues(),
+                        queue_size: default_ai_infer_queue_size(),
+                    })
+                }
+            }
         }
         if let Some(m) = o.memory_mib {
             if self.memory.zones.len() == 1 {
@@ -390,6 +466,9 @@ impl VmConfig {
         if self.console.mode == ConsoleMode::File && self.console.path.is_none() {
             return Err(ConfigError::ConsoleNeedsPath);
         }
+        if let Some(ai) = &self.ai_infer {
+            validate_ai_infer(ai, zones)?;
+        }
 
         let online = host.online_cpus();
         let vcpu_affinity = match &self.machine.cpus {
@@ -423,6 +502,7 @@ impl VmConfig {
             cmdline: self.boot.cmdline.clone(),
             zones: zones.clone(),
             console: self.console.clone(),
+            ai_infer: self.ai_infer.clone(),
         })
     }
 }

@@ -8,7 +8,9 @@ pub mod config;
 pub mod console;
 pub mod event_loop;
 pub mod host;
+pub mod interrupts;
 pub mod memory;
+pub mod pci;
 pub mod vcpu;
 pub mod vm;
 

@@ -4,6 +4,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ai_infer_protocol as proto;
+use devices::pci::PciHeader;
+use devices::virtio::{VhostUserDevice, VhostUserDeviceConfig, VirtioPciDevice};
 use devices::{
     BootTimer, Bus, SerialConsole, SleepControl, BOOT_TIMER_PORT, I8042, I8042_PORT,
     I8042_PORT_LEN, SERIAL_PORT, SERIAL_PORT_LEN,
@@ -17,11 +20,13 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::{acpi, boot, cpuid, layout, mptable, regs};
-use crate::config::ValidatedConfig;
+use crate::config::{AiInferConfig, ValidatedConfig};
 use crate::console;
 use crate::event_loop::{install_stop_signals, ControlLoop};
 use crate::host::HostTopology;
+use crate::interrupts::MsiRouter;
 use crate::memory::{GuestRam, MemoryError};
+use crate::pci::{PciError, PciSegment};
 use crate::vcpu::{install_kick_handler, Stop, StopReason, VcpuContext, VcpuHandle};
 
 /// The serial port's ISA IRQ (COM1).
@@ -53,6 +58,10 @@ pub enum VmError {
     },
     #[error("cannot place a device on the bus: {0}")]
     Bus(#[from] devices::BusError),
+    #[error(transparent)]
+    Pci(#[from] PciError),
+    #[error("cannot create a device: {0}")]
+    Device(String),
     #[error("event loop failed: {0:?}")]
     EventLoop(event_manager::Error),
 }
@@ -103,7 +112,7 @@ pub fn run_image(
     start: Instant,
     image: GuestImage,
 ) -> Result<StopReason, VmError> {
-    let vm = kvm.create_vm().map_err(kvm_err("create the KVM VM"))?;
+    let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create the KVM VM"))?);
     vm.set_tss_address(layout::KVM_TSS_ADDR)
         .map_err(kvm_err("set the TSS address"))?;
     vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR)
@@ -128,7 +137,12 @@ pub fn run_image(
 
     regs::write_boot_tables(&ram.memory)?;
     mptable::setup_mptable(&ram.memory, cfg.vcpus)?;
-    let rsdp = acpi::setup_acpi(&ram.memory, cfg.vcpus)?;
+    let ram_end = ram
+        .ranges()
+        .last()
+        .map(|&(start, len)| start + len)
+        .unwrap_or(0);
+    let rsdp = acpi::setup_acpi(&ram.memory, cfg.vcpus, ram_end)?;
     let entry = match image {
         GuestImage::Linux => boot::load_guest(
             &ram.memory,
@@ -186,7 +200,16 @@ pub fn run_image(
         u64::from(BOOT_TIMER_PORT),
         1,
     )?;
-    let mmio_bus = Bus::new();
+    let mut mmio_bus = Bus::new();
+
+    // PCI: bus 0 and, if configured, the ai_infer device.
+    let msi_router = Arc::new(MsiRouter::new(vm.clone()));
+    let mut pci = PciSegment::new(ram_end);
+    pci.attach(&mut io_bus, &mut mmio_bus)?;
+    let _ai_infer = match &cfg.ai_infer {
+        Some(ai) => Some(add_ai_infer(&vm, &msi_router, &mut pci, ai, &ram)?),
+        None => None,
+    };
 
     // vCPUs: all configured before any runs.
     install_kick_handler().map_err(io_err("the vCPU kick signal"))?;
@@ -259,6 +282,45 @@ pub fn run_image(
     Ok(stop
         .reason()
         .unwrap_or(StopReason::VcpuError("stopped without a reason".into())))
+}
+
+/// Adds the ai_infer virtio-pci device, whose queues `ai-inferd` serves over vhost-user.
+fn add_ai_infer(
+    vm: &VmFd,
+    router: &Arc<MsiRouter>,
+    pci: &mut PciSegment,
+    ai: &AiInferConfig,
+    ram: &GuestRam,
+) -> Result<Arc<Mutex<VirtioPciDevice>>, VmError> {
+    let device = VhostUserDevice::new(
+        VhostUserDeviceConfig {
+            device_type: proto::VIRTIO_ID_AI_INFER,
+            num_queues: ai.queues as usize,
+            queue_max_size: ai.queue_size as u16,
+            config_len: proto::CONFIG_SPACE_LEN as u32,
+            allowed_features: proto::DEVICE_FEATURES,
+            socket: ai.socket.clone(),
+        },
+        ram.memory.clone(),
+    )
+    .map_err(|e| VmError::Device(e.to_string()))?;
+    let header = PciHeader {
+        vendor_id: proto::PCI_VENDOR_ID_VIRTIO,
+        device_id: proto::PCI_DEVICE_ID_AI_INFER,
+        revision_id: proto::PCI_REVISION_ID_AI_INFER,
+        class_code: (proto::PCI_CLASS_CODE_AI_INFER >> 16) as u8,
+        subclass: (proto::PCI_CLASS_CODE_AI_INFER >> 8) as u8,
+        prog_if: proto::PCI_CLASS_CODE_AI_INFER as u8,
+        subsystem_vendor_id: proto::PCI_SUBSYSTEM_VENDOR_ID,
+        subsystem_id: proto::PCI_SUBSYSTEM_ID_AI_INFER,
+        multi_function: false,
+    };
+    let (slot, transport) = pci.add_virtio(vm, router, Box::new(device), header)?;
+    log::info!(
+        "ai_infer device at PCI 00:{slot:02x}.0, backend socket {}",
+        ai.socket.display()
+    );
+    Ok(transport)
 }
 
 fn register_memory(vm: &VmFd, ram: &GuestRam) -> Result<(), VmError> {

@@ -10,7 +10,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::Kvm;
-use vmm::config::{Backing, ConsoleConfig, ConsoleMode, MemoryZoneConfig, ValidatedConfig};
+use vmm::config::{
+    AiInferConfig, Backing, ConsoleConfig, ConsoleMode, MemoryZoneConfig, ValidatedConfig,
+};
 use vmm::host::SysfsHost;
 use vmm::vcpu::StopReason;
 use vmm::vm::{run_image, GuestImage};
@@ -49,6 +51,7 @@ fn config(console: PathBuf, vcpus: u8, backing: Backing) -> ValidatedConfig {
             mode: ConsoleMode::File,
             path: Some(console),
         },
+        ai_infer: None,
     }
 }
 
@@ -148,5 +151,63 @@ fn acpi_sleep_control_s5_powers_the_vm_off() {
     let reason = run(&code, &config(log.clone(), 1, Backing::Memfd), &kvm);
     assert_eq!(reason, StopReason::GuestShutdown("ACPI power off"));
     assert_eq!(reason.exit_code(), 0);
+    let _ = std::fs::remove_file(log);
+}
+
+/// Real-mode code that reads PCI config dword `reg` of 00:`slot`.0 through 0xCF8/0xCFC
+/// and writes its four bytes (little-endian) to the serial port.
+fn pci_read_to_serial(slot: u8, reg: u8) -> Vec<u8> {
+    let address = 0x8000_0000u32 | u32::from(slot) << 11 | u32::from(reg) << 2;
+    let mut code = vec![0x66, 0xb8]; // mov eax, imm32
+    code.extend_from_slice(&address.to_le_bytes());
+    code.extend_from_slice(&[0xba, 0xf8, 0x0c, 0x66, 0xef]); // mov dx, 0xcf8; out dx, eax
+    code.extend_from_slice(&[0xba, 0xfc, 0x0c, 0x66, 0xed]); // mov dx, 0xcfc; in eax, dx
+    code.extend_from_slice(&[0xba, 0xf8, 0x03, 0xee]); // mov dx, 0x3f8; out dx, al
+    for _ in 0..3 {
+        code.extend_from_slice(&[0x66, 0xc1, 0xe8, 0x08, 0xee]); // shr eax, 8; out dx, al
+    }
+    code
+}
+
+#[test]
+fn pci_bus_shows_the_ai_infer_device_before_its_backend_connects() {
+    let Some(kvm) = kvm() else { return };
+    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
+    let log = console_path("pci");
+    let mut cfg = config(log.clone(), 1, Backing::Memfd);
+    // Nothing listens on this socket: the device must still appear, and the VM must
+    // still stop promptly (the connector thread retries in the background).
+    cfg.ai_infer = Some(AiInferConfig {
+        socket: std::env::temp_dir().join(format!("aivmm-no-daemon-{}.sock", std::process::id())),
+        queues: 1,
+        queue_size: 256,
+    });
+    let mut code = Vec::new();
+    code.extend(pci_read_to_serial(0, 0)); // host bridge id
+    code.extend(pci_read_to_serial(1, 0)); // ai_infer id
+    code.extend(pci_read_to_serial(1, 2)); // class / revision
+    code.extend(pci_read_to_serial(1, 4)); // BAR 0 low
+    code.extend(pci_read_to_serial(2, 0)); // empty slot
+    code.extend(outs(&[(0x64, 0xfe)]));
+    code.extend_from_slice(&HLT_LOOP);
+    let started = Instant::now();
+    let reason = run(&code, &cfg, &kvm);
+    assert_eq!(reason, StopReason::GuestReset);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let out = std::fs::read(&log).unwrap();
+    let dwords: Vec<u32> = out
+        .chunks(4)
+        .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(
+        dwords,
+        vec![
+            0x0008_1b36, // Red Hat host bridge
+            0x107c_1af4, // virtio ai_infer
+            0x1200_0001, // class 12/00/00, revision 1
+            0xc000_0004, // BAR 0 in the 32-bit window, 64-bit memory BAR
+            0xffff_ffff, // nothing at 00:02.0
+        ]
+    );
     let _ = std::fs::remove_file(log);
 }

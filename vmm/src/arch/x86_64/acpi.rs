@@ -1,12 +1,16 @@
 //! ACPI tables: RSDP → XSDT → FADT (hardware-reduced, with a sleep control register so a
-//! guest `poweroff` reaches the VMM) + DSDT (just `_S5_`) and MADT (all vCPUs, the IOAPIC).
+//! guest `poweroff` reaches the VMM) + DSDT (`_S5_`, COM1, the PCI host bridge), MADT (all
+//! vCPUs, the IOAPIC) and MCFG (ECAM of PCI bus 0).
 //!
 //! Every table is encoded field by field into a byte vector and checksummed; see the ACPI 6.x
 //! specification, chapter 5.2, for the layouts.
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::layout::{IOAPIC_ADDR, LAPIC_ADDR};
+use super::layout::{
+    pci_mmio64_start, IOAPIC_ADDR, LAPIC_ADDR, PCI_ECAM_SIZE, PCI_ECAM_START, PCI_MMIO32_SIZE,
+    PCI_MMIO32_START, PCI_MMIO64_SIZE,
+};
 
 /// Where the tables go: the BIOS read-only area, which Linux scans for the RSDP and which
 /// the e820 map reports as reserved.
@@ -14,7 +18,8 @@ pub const RSDP_ADDR: u64 = 0xe_0000;
 const XSDT_ADDR: u64 = 0xe_0040;
 const FADT_ADDR: u64 = 0xe_0080;
 const DSDT_ADDR: u64 = 0xe_0200;
-const MADT_ADDR: u64 = 0xe_0300;
+const MADT_ADDR: u64 = 0xe_0800;
+const MCFG_ADDR: u64 = 0xe_0f00;
 /// The tables must end below the 1 MiB boundary.
 const ACPI_AREA_END: u64 = 0x10_0000;
 
@@ -166,7 +171,7 @@ fn fadt(dsdt: u64) -> Vec<u8> {
 /// its I/O range and IRQ 4. A hardware-reduced platform has no legacy PIC, so Linux maps
 /// ISA IRQs only for devices the namespace describes; without COM1 here the console's
 /// interrupt never reaches the guest and only polled kernel printk shows.
-fn dsdt() -> Vec<u8> {
+fn dsdt(ram_end: u64) -> Vec<u8> {
     let s5 = aml::name(
         b"_S5_",
         &aml::package(&[aml::byte(S5_SLP_TYP), aml::byte(S5_SLP_TYP)]),
@@ -191,7 +196,53 @@ fn dsdt() -> Vec<u8> {
         .concat(),
     );
     let mut t = Sdt::new(b"DSDT", 2);
-    t.bytes(&s5).bytes(&aml::scope(b"_SB_", &com1));
+    t.bytes(&s5)
+        .bytes(&aml::scope(b"_SB_", &[com1, pci0(ram_end)].concat()));
+    t.finish()
+}
+
+/// `\_SB_.PCI0`: the PCI host bridge (bus 0), with the resources it decodes: the
+/// config ports, all other I/O ports, the 32-bit MMIO window below the IOAPIC and the
+/// 64-bit window above RAM. Linux finds PCI root buses only through this on an ACPI
+/// system. Devices use MSI-X, so there is no `_PRT` for INTx.
+fn pci0(ram_end: u64) -> Vec<u8> {
+    let mmio64 = pci_mmio64_start(ram_end);
+    let crs = [
+        aml::word_bus_number(0, 0),
+        aml::io_port(0xcf8, 8),
+        aml::word_io(0x0000, 0x0cf7),
+        aml::word_io(0x0d00, 0xffff),
+        aml::dword_memory(
+            PCI_MMIO32_START as u32,
+            (PCI_MMIO32_START + PCI_MMIO32_SIZE - 1) as u32,
+        ),
+        aml::qword_memory(mmio64, mmio64 + PCI_MMIO64_SIZE - 1),
+        aml::END_TAG.to_vec(),
+    ]
+    .concat();
+    aml::device(
+        b"PCI0",
+        &[
+            aml::name(b"_HID", &aml::eisa_id(*b"PNP0A03")),
+            aml::name(b"_UID", &[aml::ZERO]),
+            aml::name(b"_SEG", &[aml::ZERO]),
+            aml::name(b"_BBN", &[aml::ZERO]),
+            aml::name(b"_ADR", &[aml::ZERO]),
+            aml::name(b"_CRS", &aml::buffer(&crs)),
+        ]
+        .concat(),
+    )
+}
+
+/// MCFG: one ECAM allocation, segment 0, buses 0-0.
+fn mcfg() -> Vec<u8> {
+    let mut t = Sdt::new(b"MCFG", 1);
+    t.u64(0) // reserved
+        .u64(PCI_ECAM_START)
+        .u16(0) // segment
+        .u8(0) // start bus
+        .u8(((PCI_ECAM_SIZE >> 20) - 1) as u8) // end bus
+        .u32(0);
     t.finish()
 }
 
@@ -270,6 +321,55 @@ mod aml {
         vec![0x47, 0x01, b[0], b[1], b[0], b[1], 0x01, len]
     }
 
+    /// Producer, positive decode, fixed minimum and maximum: the general flags of every
+    /// address space descriptor below.
+    const PRODUCER_FIXED: u8 = 0x0c;
+
+    /// Large address space descriptor: `tag`, resource `kind`, type-specific flags, then
+    /// granularity, min, max, translation and length, each `width` bytes.
+    fn address_space(
+        tag: u8,
+        kind: u8,
+        type_flags: u8,
+        width: usize,
+        min: u64,
+        max: u64,
+    ) -> Vec<u8> {
+        let len = 3 + 5 * width;
+        let mut v = vec![
+            tag,
+            len as u8,
+            (len >> 8) as u8,
+            kind,
+            PRODUCER_FIXED,
+            type_flags,
+        ];
+        for field in [0, min, max, 0, max - min + 1] {
+            v.extend_from_slice(&field.to_le_bytes()[..width]);
+        }
+        v
+    }
+
+    /// `WordBusNumber` for buses `min..=max`.
+    pub fn word_bus_number(min: u16, max: u16) -> Vec<u8> {
+        address_space(0x88, 2, 0, 2, min.into(), max.into())
+    }
+
+    /// `WordIO` for ports `min..=max` (entire range).
+    pub fn word_io(min: u16, max: u16) -> Vec<u8> {
+        address_space(0x88, 1, 0x03, 2, min.into(), max.into())
+    }
+
+    /// `DWordMemory`, read-write, non-cacheable, `min..=max`.
+    pub fn dword_memory(min: u32, max: u32) -> Vec<u8> {
+        address_space(0x87, 0, 0x01, 4, min.into(), max.into())
+    }
+
+    /// `QWordMemory`, read-write, non-cacheable, `min..=max`.
+    pub fn qword_memory(min: u64, max: u64) -> Vec<u8> {
+        address_space(0x8a, 0, 0x01, 8, min, max)
+    }
+
     /// Small IRQ descriptor without flags: edge-triggered, active high.
     pub fn irq_no_flags(irq: u8) -> Vec<u8> {
         let mask = (1u16 << irq).to_le_bytes();
@@ -305,17 +405,23 @@ fn madt(vcpus: u8) -> Vec<u8> {
 }
 
 /// Writes all tables; returns the RSDP address for the zero page.
-pub fn setup_acpi(mem: &GuestMemoryMmap, vcpus: u8) -> Result<u64, AcpiError> {
+///
+/// `ram_end` (the end of guest RAM) places the 64-bit PCI window.
+pub fn setup_acpi(mem: &GuestMemoryMmap, vcpus: u8, ram_end: u64) -> Result<u64, AcpiError> {
     let madt = madt(vcpus);
-    if MADT_ADDR + madt.len() as u64 > ACPI_AREA_END {
+    let dsdt = dsdt(ram_end);
+    if MADT_ADDR + madt.len() as u64 > MCFG_ADDR || DSDT_ADDR + dsdt.len() as u64 > MADT_ADDR {
         return Err(AcpiError::TooLarge { vcpus });
     }
+    let mcfg = mcfg();
+    debug_assert!(MCFG_ADDR + (mcfg.len() as u64) <= ACPI_AREA_END);
     let tables = [
         (RSDP_ADDR, rsdp(XSDT_ADDR)),
-        (XSDT_ADDR, xsdt(&[FADT_ADDR, MADT_ADDR])),
+        (XSDT_ADDR, xsdt(&[FADT_ADDR, MADT_ADDR, MCFG_ADDR])),
         (FADT_ADDR, fadt(DSDT_ADDR)),
-        (DSDT_ADDR, dsdt()),
+        (DSDT_ADDR, dsdt),
         (MADT_ADDR, madt),
+        (MCFG_ADDR, mcfg),
     ];
     for (addr, bytes) in tables {
         mem.write_slice(&bytes, GuestAddress(addr))
@@ -343,7 +449,11 @@ mod tests {
         let r = rsdp(XSDT_ADDR);
         assert_eq!(r.len(), 36);
         assert!(sums_to_zero(&r[..20]) && sums_to_zero(&r));
-        assert!(sums_to_zero(&dsdt()));
+        assert!(sums_to_zero(&dsdt(1 << 30)));
+        let m = mcfg();
+        assert_eq!(m.len(), 60);
+        assert!(sums_to_zero(&m));
+        assert_eq!(&m[44..52], &PCI_ECAM_START.to_le_bytes());
         assert!(sums_to_zero(&xsdt(&[1, 2])));
         assert_eq!(xsdt(&[1, 2]).len(), 36 + 16);
     }
@@ -362,8 +472,19 @@ mod tests {
             vec![0x12, 0x06, 0x02, 0x0a, 0x05, 0x0a, 0x05]
         );
         assert_eq!(aml::irq_no_flags(4), vec![0x22, 0x10, 0x00]);
-        let d = dsdt();
+        // WordIO 0x0d00-0xffff: producer, fixed, entire range, length 0xf300.
+        assert_eq!(
+            aml::word_io(0x0d00, 0xffff),
+            vec![
+                0x88, 0x0d, 0x00, 0x01, 0x0c, 0x03, 0, 0, 0x00, 0x0d, 0xff, 0xff, 0, 0, 0x00, 0xf3
+            ]
+        );
+        let q = aml::qword_memory(1 << 32, (2 << 32) - 1);
+        assert_eq!((q[0], q[1], q.len()), (0x8a, 43, 46));
+        assert_eq!(&q[38..46], &(1u64 << 32).to_le_bytes(), "length");
+        let d = dsdt(1 << 30);
         assert!(sums_to_zero(&d));
+        assert!(d.windows(4).any(|w| w == b"PCI0"));
         let body = &d[36..];
         assert!(body.windows(4).any(|w| w == b"COM1"));
         assert!(body.windows(4).any(|w| w == b"_S5_"));
@@ -386,13 +507,13 @@ mod tests {
     #[test]
     fn tables_land_in_guest_memory_for_many_vcpus() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        assert_eq!(setup_acpi(&mem, 40).unwrap(), RSDP_ADDR);
+        assert_eq!(setup_acpi(&mem, 40, 1 << 30).unwrap(), RSDP_ADDR);
         let mut sig = [0u8; 8];
         mem.read_slice(&mut sig, GuestAddress(RSDP_ADDR)).unwrap();
         assert_eq!(&sig, b"RSD PTR ");
         let small = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x8_0000)]).unwrap();
         assert!(matches!(
-            setup_acpi(&small, 1),
+            setup_acpi(&small, 1, 1 << 30),
             Err(AcpiError::Write { .. })
         ));
     }

@@ -220,7 +220,8 @@ fn load_initrd(
     Ok((addr, size))
 }
 
-/// The e820 view of RAM: the first range is cut at the EBDA and resumes at 1 MiB.
+/// The e820 map: RAM (the first range cut at the EBDA, resuming at 1 MiB) and the
+/// reserved PCI ECAM window, sorted by address.
 pub fn e820_entries(ram: &[(u64, u64)]) -> Vec<(u64, u64, u32)> {
     let mut out = Vec::with_capacity(ram.len() + 2);
     for &(start, len) in ram {
@@ -234,6 +235,9 @@ pub fn e820_entries(ram: &[(u64, u64)]) -> Vec<(u64, u64, u32)> {
             out.push((start, len, E820_RAM));
         }
     }
+    // Linux uses the MCFG's ECAM only if the firmware reserved it.
+    out.push((PCI_ECAM_START, PCI_ECAM_SIZE, E820_RESERVED));
+    out.sort_unstable();
     out
 }
 
@@ -340,7 +344,8 @@ mod tests {
         assert_eq!(e[0], (0, EBDA_START, E820_RAM));
         assert_eq!(e[1].2, E820_RESERVED);
         assert_eq!(e[2], (HIMEM_START, 3072 * MIB - HIMEM_START, E820_RAM));
-        assert_eq!(e[3], (MMIO_HOLE_END, 1024 * MIB, E820_RAM));
+        assert_eq!(e[3], (PCI_ECAM_START, PCI_ECAM_SIZE, E820_RESERVED));
+        assert_eq!(e[4], (MMIO_HOLE_END, 1024 * MIB, E820_RAM));
     }
 
     #[test]
@@ -361,7 +366,7 @@ mod tests {
         assert_eq!({ p.hdr.cmdline_size }, 11);
         assert_eq!({ p.hdr.ramdisk_image }, 0x300_0000);
         assert_eq!({ p.hdr.ramdisk_size }, 0x1234);
-        assert_eq!(p.e820_entries, 3);
+        assert_eq!(p.e820_entries, 4, "RAM, EBDA, RAM, ECAM");
         assert_eq!({ p.acpi_rsdp_addr }, 0xe0000);
         let last = p.e820_table[2];
         assert_eq!(({ last.addr }, { last.size }), (HIMEM_START, 63 * MIB));
@@ -373,7 +378,7 @@ mod tests {
         write_start_info(&mem, &[(0, 64 * MIB)], Some((0x200_0000, 4096)), None).unwrap();
         let info: StartInfo = mem.read_obj(GuestAddress(PVH_INFO_ADDR)).unwrap();
         assert_eq!(info.0.magic, XEN_HVM_START_MAGIC);
-        assert_eq!(info.0.memmap_entries, 3);
+        assert_eq!(info.0.memmap_entries, 4);
         assert_eq!(info.0.nr_modules, 1);
         let m: ModlistEntry = mem.read_obj(GuestAddress(PVH_MODLIST_ADDR)).unwrap();
         assert_eq!((m.0.paddr, m.0.size), (0x200_0000, 4096));

@@ -8,7 +8,10 @@
 //! 0x0000_6060  PVH memory map
 //! 0x0000_7000  zero page            0x0009_fc00  MP table (EBDA)
 //! 0x0000_8ff0  boot stack top       0x0010_0000  kernel (HIMEM_START)
-//! 0xc000_0000 - 0xffff_ffff  32-bit MMIO hole (IOAPIC, LAPIC, future PCI BARs)
+//! 0xc000_0000 - 0xdfff_ffff  PCI 32-bit MMIO window (BARs)
+//! 0xe000_0000 - 0xe00f_ffff  PCI ECAM (bus 0)
+//! 0xfec0_0000 / 0xfee0_0000  IOAPIC / LAPIC
+//! above RAM (≥ 4 GiB)        PCI 64-bit MMIO window (large BARs)
 //! ```
 
 pub const GDT_ADDR: u64 = 0x500;
@@ -40,3 +43,19 @@ pub const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
 
 /// The smallest guest we can lay out: the boot structures, the kernel and some headroom.
 pub const MIN_RAM: u64 = 16 << 20;
+
+/// PCI 32-bit MMIO window: BARs of emulated devices and small passthrough BARs.
+pub const PCI_MMIO32_START: u64 = MMIO_HOLE_START;
+pub const PCI_MMIO32_SIZE: u64 = 0x2000_0000;
+/// ECAM (memory-mapped config space) for bus 0 only: 32 devices × 8 functions × 4 KiB.
+pub const PCI_ECAM_START: u64 = 0xe000_0000;
+pub const PCI_ECAM_SIZE: u64 = 1 << 20;
+/// Size of the 64-bit window above RAM, for large (GPU) BARs.
+pub const PCI_MMIO64_SIZE: u64 = 64 << 30;
+
+/// Where the 64-bit PCI window starts: the first 1 GiB boundary at or above both 4 GiB
+/// and the end of guest RAM.
+pub fn pci_mmio64_start(ram_end: u64) -> u64 {
+    const GIB: u64 = 1 << 30;
+    ram_end.max(MMIO_HOLE_END).div_ceil(GIB) * GIB
+}
