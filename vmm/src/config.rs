@@ -103,6 +103,8 @@ pub enum ConfigError {
     },
     #[error("ai_infer.socket is empty: give the path of the ai-inferd socket for this tenant")]
     AiInferNoSocket,
+    #[error("ai_infer is a PCI device, but the kernel command line has pci=off: remove it")]
+    AiInferPciOff,
 }
 
 /// How a memory zone is backed on the host.
@@ -468,6 +470,9 @@ impl VmConfig {
         }
         if let Some(ai) = &self.ai_infer {
             validate_ai_infer(ai, zones)?;
+            if self.boot.cmdline.split_whitespace().any(|w| w == "pci=off") {
+                return Err(ConfigError::AiInferPciOff);
+            }
         }
 
         let online = host.online_cpus();
@@ -648,6 +653,57 @@ mod tests {
         assert_eq!(v.vcpu_affinity, Some(CpuSet::from_cpus([1])));
         assert_eq!(v.zones[0].backing, Backing::Hugetlb2M);
         assert_eq!(v.cmdline, DEFAULT_CMDLINE);
+    }
+
+    #[test]
+    fn ai_infer_needs_shared_memory_pci_and_sane_queues() {
+        let sys = FakeSys::new("ai", 0);
+        let check = |zone: &str, extra: &str| {
+            let text = base(&sys, zone).replace(
+                "[boot]\n",
+                &format!("[boot]\ncmdline = \"console=ttyS0\"\n"),
+            ) + extra;
+            parse(&text).unwrap().validate(&sys.host(), 64)
+        };
+        let ok = check(
+            "id = \"m\"\nsize_mib = 32",
+            "[ai_infer]\nsocket = \"/run/t.sock\"\n",
+        )
+        .unwrap();
+        let ai = ok.ai_infer.unwrap();
+        assert_eq!((ai.queues, ai.queue_size), (1, 256));
+        let err = check(
+            "id = \"m\"\nsize_mib = 32\nbacking = \"anonymous\"",
+            "[ai_infer]\nsocket = \"/run/t.sock\"\n",
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, ConfigError::AiInferNeedsSharedMemory { .. }),
+            "{err}"
+        );
+        for (extra, field) in [
+            ("queue_size = 100", "queue_size"),
+            ("queue_size = 512", "queue_size"),
+            ("queues = 0", "queues"),
+            ("queues = 65", "queues"),
+        ] {
+            let err = check(
+                "id = \"m\"\nsize_mib = 32",
+                &format!("[ai_infer]\nsocket = \"/s\"\n{extra}\n"),
+            )
+            .unwrap_err();
+            assert!(err.to_string().contains(field), "{extra}: {err}");
+        }
+        let err = check("id = \"m\"\nsize_mib = 32", "[ai_infer]\nsocket = \"\"\n").unwrap_err();
+        assert!(matches!(err, ConfigError::AiInferNoSocket), "{err}");
+        // The default command line has pci=off.
+        let mut cfg = parse(&base(&sys, "id = \"m\"\nsize_mib = 32")).unwrap();
+        cfg.apply(&Overrides {
+            ai_infer_socket: Some(PathBuf::from("/run/t.sock")),
+            ..Default::default()
+        });
+        let err = cfg.validate(&sys.host(), 64).unwrap_err();
+        assert!(matches!(err, ConfigError::AiInferPciOff), "{err}");
     }
 
     #[test]

@@ -6,5 +6,11 @@ echo "GUEST-NPROC=$(nproc)"
 echo "GUEST-CPUINFO-PROCESSORS=$(grep -c '^processor' /proc/cpuinfo)"
 echo "GUEST-MEMTOTAL=$(awk '/^MemTotal:/ { print $2 " " $3 }' /proc/meminfo)"
 echo "GUEST-KERNEL=$(uname -r)"
+# PCI functions as vendor:device@slot (the host bridge and, in this scenario, the ai_infer
+# device whose daemon is not running: it must be visible anyway).
+for d in /sys/bus/pci/devices/*; do
+    [ -e "$d/vendor" ] || continue
+    echo "GUEST-PCI=$(cat "$d/vendor"):$(cat "$d/device")@${d##*/} driver=$(basename "$(readlink "$d/driver" 2>/dev/null || echo none)")"
+done
 sleep "${BOOT_CHECK_SLEEP:-5}"
 exit 0
