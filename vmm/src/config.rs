@@ -659,10 +659,9 @@ mod tests {
     fn ai_infer_needs_shared_memory_pci_and_sane_queues() {
         let sys = FakeSys::new("ai", 0);
         let check = |zone: &str, extra: &str| {
-            let text = base(&sys, zone).replace(
-                "[boot]\n",
-                &format!("[boot]\ncmdline = \"console=ttyS0\"\n"),
-            ) + extra;
+            let text = base(&sys, zone)
+                .replace("[boot]\n", "[boot]\ncmdline = \"console=ttyS0\"\n")
+                + extra;
             parse(&text).unwrap().validate(&sys.host(), 64)
         };
         let ok = check(
