@@ -49,7 +49,7 @@ fact() { echo "BENCH-FACT $1=$2"; }
 INITRD=$TMP/initrd.gz
 cat "$L2_INITRD" "${BENCH_L2_EXTRA:-/bench/l2-extra.cpio.gz}" >"$INITRD"
 
-BASE_CMDLINE="console=ttyS0 reboot=k panic=-1 pci=off nomodule 8250.nr_uarts=1 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"
+BASE_CMDLINE="console=ttyS0 reboot=k panic=-1 pci=off nomodule 8250.nr_uarts=1"
 CMDLINE="$BASE_CMDLINE quiet aivmm.script=/bench/exit.sh"
 MEM_CMDLINE="$BASE_CMDLINE quiet aivmm.script=/bench/sleep.sh"
 DIAG_CMDLINE="$BASE_CMDLINE aivmm.script=/bench/exit.sh"

@@ -193,8 +193,8 @@ impl Default for MachineConfig {
     }
 }
 
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off i8042.noaux \
-     i8042.nomux i8042.dumbkbd nomodule 8250.nr_uarts=1";
+pub const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 pci=off nomodule 8250.nr_uarts=1";
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
