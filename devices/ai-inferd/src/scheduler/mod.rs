@@ -25,11 +25,12 @@
 mod batcher;
 pub mod deadline;
 pub mod fair_queue;
+mod id_map;
 pub mod priority;
 pub mod quota;
 pub mod stats;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -39,6 +40,7 @@ use thiserror::Error;
 use batcher::{ModelQueue, Queued};
 use deadline::{predicted_finish, Backlog, ExecTimeEstimator};
 use fair_queue::{TenantClock, VirtualTime};
+use id_map::IdMap;
 use quota::TenantQuota;
 
 pub use deadline::EstimatorConfig;
@@ -371,12 +373,12 @@ pub enum Poll<J> {
 /// Deterministic scheduler state; see the module documentation.
 pub struct SchedulerCore<J> {
     config: SchedulerConfig,
-    tenants: HashMap<TenantId, TenantState>,
-    models: HashMap<ModelId, ModelState<J>>,
+    tenants: IdMap<TenantId, TenantState>,
+    models: IdMap<ModelId, ModelState<J>>,
     /// Models each executor serves, sorted (derived from the model policies).
-    executor_models: HashMap<ExecutorId, Vec<ModelId>>,
+    executor_models: IdMap<ExecutorId, Vec<ModelId>>,
     /// Batches dispatched and not yet completed, per executor, oldest first.
-    running: HashMap<ExecutorId, VecDeque<Dispatched>>,
+    running: IdMap<ExecutorId, VecDeque<Dispatched>>,
     /// Jobs found expired while forming a batch; handed out by the next poll.
     pending_drops: Vec<(JobMeta, J, Reject)>,
     /// Virtual time of the last tenant served first in a batch: where an idle
@@ -422,13 +424,13 @@ fn bump(counter: &mut u64, by: u64) {
     *counter = counter.wrapping_add(by);
 }
 
-fn vt_of(tenants: &HashMap<TenantId, TenantState>, tenant: TenantId) -> VirtualTime {
+fn vt_of(tenants: &IdMap<TenantId, TenantState>, tenant: TenantId) -> VirtualTime {
     tenants.get(&tenant).map_or(0, |t| t.clock.vt())
 }
 
 /// Bookkeeping for an admitted job that leaves the queue without running.
 fn note_dropped(
-    tenants: &mut HashMap<TenantId, TenantState>,
+    tenants: &mut IdMap<TenantId, TenantState>,
     stats: &mut ModelStats,
     tenant: TenantId,
     count: usize,
@@ -458,10 +460,10 @@ impl<J> SchedulerCore<J> {
     pub fn with_config(config: SchedulerConfig) -> Self {
         Self {
             config,
-            tenants: HashMap::new(),
-            models: HashMap::new(),
-            executor_models: HashMap::new(),
-            running: HashMap::new(),
+            tenants: IdMap::default(),
+            models: IdMap::default(),
+            executor_models: IdMap::default(),
+            running: IdMap::default(),
             pending_drops: Vec::new(),
             system_vt: 0,
             next_seq: 0,
