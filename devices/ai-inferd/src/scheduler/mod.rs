@@ -959,7 +959,7 @@ impl<J> SchedulerCore<J> {
                 }
             }
         }
-        if let Some(m) = model {
+        if let Some(m) = model.filter(|_| count > 0) {
             m.estimator.record(count, compute_ns);
             bump(&mut m.stats.completed, count as u64);
             m.stats.compute.record(compute_ns);
