@@ -5,16 +5,51 @@
 //! mutex and a condition variable for the daemon's threads (connection handlers
 //! submit, executors wait for batches).
 //!
-//! Placeholder policy: one FIFO per model, batches of up to `max_batch` jobs in
-//! arrival order, `max_in_flight` per tenant. The full policy (weighted fair queueing
-//! of accelerator time, priority classes with bounded wait, deadline admission, token
-//! buckets, batching delay) replaces the internals without changing this API.
+//! Mechanisms, one module each (docs/scheduling.md explains the reasoning):
+//! - [`quota`]: per-tenant token buckets (requests/s, accelerator-seconds/s) and the
+//!   in-flight bound, checked at submission → THROTTLED / QUEUE_FULL at once;
+//! - [`deadline`]: per-model, per-batch-size execution time estimates; requests that
+//!   cannot meet their deadline are rejected at submission or dropped while queued
+//!   (DEADLINE), never started late;
+//! - [`fair_queue`]: weighted fair sharing of accelerator *time* by virtual time;
+//! - [`priority`]: classes with a per-tenant ceiling, strict order, bounded wait;
+//! - `batcher`: one queue per model across tenants, batches formed when full or when
+//!   the oldest request waited `max_queue_delay`;
+//! - [`stats`]: per-tenant and per-model counters and histograms, Prometheus text.
+//!
+//! A dispatched batch is charged to its tenants at its estimated time (split equally)
+//! and corrected when [`SchedulerCore::complete`] reports the measured time, split
+//! equally among the batch's requests ([`SchedulerCore::complete_batch`] splits by
+//! caller-given weights instead, e.g. input bytes).
 
-use std::collections::{HashMap, VecDeque};
+mod batcher;
+pub mod deadline;
+pub mod fair_queue;
+mod id_map;
+pub mod priority;
+pub mod quota;
+pub mod stats;
+
+use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use ai_infer_protocol::{PriorityClass, Status};
+use thiserror::Error;
+
+use batcher::{ModelQueue, Queued};
+use deadline::{predicted_finish, Backlog, ExecTimeEstimator};
+use fair_queue::{TenantClock, VirtualTime};
+use id_map::IdMap;
+use quota::TenantQuota;
+
+pub use deadline::EstimatorConfig;
+pub use priority::ClassPolicy;
+pub use quota::TokenBucket;
+pub use stats::{
+    jain_index, render_prometheus, Histogram, ModelSnapshot, ModelStats, SchedulerStats,
+    TenantSnapshot, TenantStats,
+};
 
 /// Nanoseconds on the scheduler's monotonic clock.
 pub type Nanos = u64;
@@ -29,6 +64,63 @@ pub type ModelId = u32;
 /// An executor (one model instance on one device), numbered by the daemon.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ExecutorId(pub u32);
+
+/// Largest `max_batch` the scheduler uses; larger values are lowered to it.
+pub const MAX_BATCH: u32 = 1024;
+
+/// Dispatched batches remembered per executor until `complete`; beyond this the
+/// oldest record is forgotten (an executor that never completes cannot grow memory).
+const MAX_RUNNING_PER_EXECUTOR: usize = 64;
+
+/// Why a policy or config value is unusable.
+#[derive(Clone, Debug, Error, PartialEq)]
+pub enum PolicyError {
+    /// A tenant weight of 0.
+    #[error("Tenant weight {0} is below 1")]
+    Weight(u32),
+    /// A tenant `max_in_flight` of 0.
+    #[error("Tenant max_in_flight {0} is below 1")]
+    MaxInFlight(u32),
+    /// A request rate that is not a positive finite number.
+    #[error("Tenant rate_rps {0} is not a positive finite number")]
+    Rate(f64),
+    /// A request burst of 0.
+    #[error("Tenant burst {0} is below 1")]
+    Burst(u32),
+    /// An accelerator share that is not a positive finite number.
+    #[error("Tenant accel_share {0} is not a positive finite number")]
+    AccelShare(f64),
+    /// An accelerator burst that is not a positive finite number.
+    #[error("Tenant accel_burst {0} is not a positive finite number of seconds")]
+    AccelBurst(f64),
+    /// A model `max_batch` outside 1 ..= [`MAX_BATCH`].
+    #[error("Model max_batch {0} is outside 1..=1024")]
+    MaxBatch(u32),
+    /// A model `max_queue` of 0.
+    #[error("Model max_queue {0} is below 1")]
+    MaxQueue(u32),
+    /// A model with no executor.
+    #[error("Model has no executors")]
+    NoExecutors,
+    /// An estimator smoothing factor outside (0, 1].
+    #[error("Estimator {name} {value} is outside (0, 1]")]
+    Smoothing {
+        /// `alpha` or `dev_alpha`.
+        name: &'static str,
+        /// The value given.
+        value: f64,
+    },
+    /// A negative or non-finite `dev_factor`.
+    #[error("Estimator dev_factor {0} is not a finite number ≥ 0")]
+    DevFactor(f64),
+    /// A `realtime_stretch` below 1 or not finite.
+    #[error("Realtime stretch {0} is not a finite number ≥ 1")]
+    RealtimeStretch(f64),
+}
+
+fn positive_finite(v: f64) -> bool {
+    v.is_finite() && v > 0.0
+}
 
 /// The operator's policy for one tenant (from its TOML config; changeable at run time).
 #[derive(Clone, Debug, PartialEq)]
@@ -45,6 +137,8 @@ pub struct TenantPolicy {
     pub burst: u32,
     /// Accelerator-seconds per second, `None` = unlimited.
     pub accel_share: Option<f64>,
+    /// Accelerator-seconds the `accel_share` bucket holds (default 0.1 s).
+    pub accel_burst: f64,
 }
 
 impl Default for TenantPolicy {
@@ -56,7 +150,34 @@ impl Default for TenantPolicy {
             rate_rps: None,
             burst: 32,
             accel_share: None,
+            accel_burst: 0.1,
         }
+    }
+}
+
+impl TenantPolicy {
+    /// Checks the values a config loader should refuse. The scheduler itself accepts
+    /// any policy (weight 0 counts as 1, invalid rates as 0).
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        if self.weight == 0 {
+            return Err(PolicyError::Weight(self.weight));
+        }
+        if self.max_in_flight == 0 {
+            return Err(PolicyError::MaxInFlight(self.max_in_flight));
+        }
+        if let Some(rate) = self.rate_rps.filter(|r| !positive_finite(*r)) {
+            return Err(PolicyError::Rate(rate));
+        }
+        if self.rate_rps.is_some() && self.burst == 0 {
+            return Err(PolicyError::Burst(self.burst));
+        }
+        if let Some(share) = self.accel_share.filter(|s| !positive_finite(*s)) {
+            return Err(PolicyError::AccelShare(share));
+        }
+        if self.accel_share.is_some() && !positive_finite(self.accel_burst) {
+            return Err(PolicyError::AccelBurst(self.accel_burst));
+        }
+        Ok(())
     }
 }
 
@@ -69,6 +190,87 @@ pub struct ModelPolicy {
     pub max_queue_delay_ns: Nanos,
     /// Executors that serve this model.
     pub executors: Vec<ExecutorId>,
+    /// Requests queued for the model at once, all tenants (default 1024); more get
+    /// QUEUE_FULL.
+    pub max_queue: u32,
+}
+
+impl Default for ModelPolicy {
+    /// No batching (`max_batch` 1, no delay), no executors, a queue of 1024.
+    fn default() -> Self {
+        Self {
+            max_batch: 1,
+            max_queue_delay_ns: 0,
+            executors: Vec::new(),
+            max_queue: 1024,
+        }
+    }
+}
+
+impl ModelPolicy {
+    /// Checks the values a config loader should refuse.
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        if !(1..=MAX_BATCH).contains(&self.max_batch) {
+            return Err(PolicyError::MaxBatch(self.max_batch));
+        }
+        if self.max_queue == 0 {
+            return Err(PolicyError::MaxQueue(self.max_queue));
+        }
+        if self.executors.is_empty() {
+            return Err(PolicyError::NoExecutors);
+        }
+        Ok(())
+    }
+
+    fn batch_limit(&self) -> usize {
+        self.max_batch.clamp(1, MAX_BATCH) as usize
+    }
+}
+
+/// Scheduler-wide settings (defaults documented on each field).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SchedulerConfig {
+    /// Longest wait per priority class before a request is promoted.
+    pub classes: ClassPolicy,
+    /// Accelerator time an idle tenant may be behind the others when it comes back
+    /// (default 0: it re-enters exactly at the current virtual time).
+    pub idle_credit_ns: Nanos,
+    /// Smoothing of the execution time estimates.
+    pub estimator: EstimatorConfig,
+    /// A batch led by a realtime request only grows while its estimated time stays
+    /// within this factor of that request running alone (default 1.5; values below
+    /// 1 count as 1, i.e. realtime requests are batched only when that is free).
+    pub realtime_stretch: f64,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            classes: ClassPolicy::default(),
+            idle_credit_ns: 0,
+            estimator: EstimatorConfig::default(),
+            realtime_stretch: 1.5,
+        }
+    }
+}
+
+impl SchedulerConfig {
+    /// Checks the values a config loader should refuse.
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        let e = &self.estimator;
+        for (name, value) in [("alpha", e.alpha), ("dev_alpha", e.dev_alpha)] {
+            if !(value > 0.0 && value <= 1.0) {
+                return Err(PolicyError::Smoothing { name, value });
+            }
+        }
+        if !(e.dev_factor.is_finite() && e.dev_factor >= 0.0) {
+            return Err(PolicyError::DevFactor(e.dev_factor));
+        }
+        if !(self.realtime_stretch.is_finite() && self.realtime_stretch >= 1.0) {
+            return Err(PolicyError::RealtimeStretch(self.realtime_stretch));
+        }
+        Ok(())
+    }
 }
 
 /// What the scheduler knows about one admitted INFER request.
@@ -106,6 +308,19 @@ pub enum Reject {
 }
 
 impl Reject {
+    /// Number of reasons.
+    pub const COUNT: usize = 6;
+
+    /// Every reason, in [`Reject::index`] order.
+    pub const ALL: [Reject; Reject::COUNT] = [
+        Reject::QueueFull,
+        Reject::Throttled,
+        Reject::Deadline,
+        Reject::Cancelled,
+        Reject::UnknownModel,
+        Reject::UnknownTenant,
+    ];
+
     /// The status the request completes with.
     pub fn status(self) -> Status {
         match self {
@@ -114,6 +329,23 @@ impl Reject {
             Reject::Deadline => Status::Deadline,
             Reject::Cancelled | Reject::UnknownTenant => Status::Cancelled,
             Reject::UnknownModel => Status::UnknownModel,
+        }
+    }
+
+    /// Position in [`Reject::ALL`] and in the statistics arrays.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Name used as a metrics label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Reject::QueueFull => "queue_full",
+            Reject::Throttled => "throttled",
+            Reject::Deadline => "deadline",
+            Reject::Cancelled => "cancelled",
+            Reject::UnknownModel => "unknown_model",
+            Reject::UnknownTenant => "unknown_tenant",
         }
     }
 }
@@ -140,14 +372,76 @@ pub enum Poll<J> {
 
 /// Deterministic scheduler state; see the module documentation.
 pub struct SchedulerCore<J> {
-    tenants: HashMap<TenantId, TenantState>,
-    models: HashMap<ModelId, ModelPolicy>,
-    queues: HashMap<ModelId, VecDeque<(JobMeta, J)>>,
+    config: SchedulerConfig,
+    tenants: IdMap<TenantId, TenantState>,
+    models: IdMap<ModelId, ModelState<J>>,
+    /// Models each executor serves, sorted (derived from the model policies).
+    executor_models: IdMap<ExecutorId, Vec<ModelId>>,
+    /// Batches dispatched and not yet completed, per executor, oldest first.
+    running: IdMap<ExecutorId, VecDeque<Dispatched>>,
+    /// Jobs found expired while forming a batch; handed out by the next poll.
+    pending_drops: Vec<(JobMeta, J, Reject)>,
+    /// Virtual time of the last tenant served first in a batch: where an idle
+    /// tenant re-enters when nobody is backlogged.
+    system_vt: VirtualTime,
+    next_seq: u64,
 }
 
 struct TenantState {
     policy: TenantPolicy,
+    clock: TenantClock,
+    quota: TenantQuota,
+    /// Queued or running.
     in_flight: u32,
+    /// Queued only (0 = idle for the fair queue).
+    queued: u32,
+    stats: TenantStats,
+}
+
+struct ModelState<J> {
+    policy: ModelPolicy,
+    queue: ModelQueue<J>,
+    estimator: ExecTimeEstimator,
+    stats: ModelStats,
+}
+
+/// A batch between `poll` and `complete`.
+struct Dispatched {
+    model: ModelId,
+    dispatched_at: Nanos,
+    estimate_ns: Nanos,
+    jobs: Vec<DispatchedJob>,
+}
+
+struct DispatchedJob {
+    tenant: TenantId,
+    /// Virtual time charged at dispatch, refunded at completion.
+    charged: VirtualTime,
+    deadline: Option<Nanos>,
+}
+
+fn bump(counter: &mut u64, by: u64) {
+    *counter = counter.wrapping_add(by);
+}
+
+fn vt_of(tenants: &IdMap<TenantId, TenantState>, tenant: TenantId) -> VirtualTime {
+    tenants.get(&tenant).map_or(0, |t| t.clock.vt())
+}
+
+/// Bookkeeping for an admitted job that leaves the queue without running.
+fn note_dropped(
+    tenants: &mut IdMap<TenantId, TenantState>,
+    stats: &mut ModelStats,
+    tenant: TenantId,
+    count: usize,
+    reason: Reject,
+) {
+    bump(&mut stats.dropped[reason.index()], count as u64);
+    if let Some(t) = tenants.get_mut(&tenant) {
+        t.in_flight = t.in_flight.saturating_sub(count as u32);
+        t.queued = t.queued.saturating_sub(count as u32);
+        bump(&mut t.stats.dropped[reason.index()], count as u64);
+    }
 }
 
 impl<J> Default for SchedulerCore<J> {
@@ -157,128 +451,582 @@ impl<J> Default for SchedulerCore<J> {
 }
 
 impl<J> SchedulerCore<J> {
-    /// An empty scheduler: no tenants, no models.
+    /// An empty scheduler: no tenants, no models, default config.
     pub fn new() -> Self {
+        Self::with_config(SchedulerConfig::default())
+    }
+
+    /// An empty scheduler with `config`.
+    pub fn with_config(config: SchedulerConfig) -> Self {
         Self {
-            tenants: HashMap::new(),
-            models: HashMap::new(),
-            queues: HashMap::new(),
+            config,
+            tenants: IdMap::default(),
+            models: IdMap::default(),
+            executor_models: IdMap::default(),
+            running: IdMap::default(),
+            pending_drops: Vec::new(),
+            system_vt: 0,
+            next_seq: 0,
         }
     }
 
-    /// Adds a tenant or replaces its policy (hot reconfiguration keeps its queue).
-    pub fn set_tenant(&mut self, tenant: TenantId, policy: TenantPolicy) {
+    /// The scheduler-wide settings.
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.config
+    }
+
+    /// Replaces the scheduler-wide settings (hot reconfiguration; queues and
+    /// measurements are kept).
+    pub fn set_config(&mut self, config: SchedulerConfig) {
+        for model in self.models.values_mut() {
+            model.estimator.set_config(&config.estimator);
+        }
+        self.config = config;
+    }
+
+    /// Where a tenant with new work re-enters the fair queue: the smallest counter
+    /// among tenants with queued work, or the last served counter if none has.
+    fn floor(&self) -> VirtualTime {
         self.tenants
-            .entry(tenant)
-            .and_modify(|state| state.policy = policy.clone())
-            .or_insert(TenantState {
-                policy,
-                in_flight: 0,
-            });
+            .values()
+            .filter(|t| t.queued > 0)
+            .map(|t| t.clock.vt())
+            .min()
+            .unwrap_or(self.system_vt)
+    }
+
+    /// Adds a tenant or replaces its policy (hot reconfiguration keeps its queue,
+    /// its fair-share counter and what its quota buckets hold).
+    pub fn set_tenant(&mut self, tenant: TenantId, policy: TenantPolicy) {
+        let floor = self.floor();
+        match self.tenants.get_mut(&tenant) {
+            Some(state) => {
+                state.clock.set_weight(policy.weight);
+                state.quota.reconfigure(&policy);
+                state.policy = policy;
+            }
+            None => {
+                let state = TenantState {
+                    clock: TenantClock::new(policy.weight, floor),
+                    quota: TenantQuota::new(&policy),
+                    policy,
+                    in_flight: 0,
+                    queued: 0,
+                    stats: TenantStats::default(),
+                };
+                self.tenants.insert(tenant, state);
+            }
+        }
     }
 
     /// Removes a tenant (VM disconnect) and returns its queued jobs, which complete as
     /// cancelled. Its running jobs finish, and the caller discards their results.
     pub fn remove_tenant(&mut self, tenant: TenantId) -> Vec<(JobMeta, J)> {
+        let removed = self.drain_tenant(tenant);
         self.tenants.remove(&tenant);
-        self.drain_tenant(tenant)
-    }
-
-    /// Removes every queued job of `tenant` (device reset) and returns them; the tenant
-    /// stays registered.
-    pub fn drain_tenant(&mut self, tenant: TenantId) -> Vec<(JobMeta, J)> {
-        let mut removed = Vec::new();
-        for queue in self.queues.values_mut() {
-            let (gone, kept): (Vec<_>, Vec<_>) =
-                queue.drain(..).partition(|(meta, _)| meta.tenant == tenant);
-            *queue = kept.into();
-            removed.extend(gone);
-        }
-        if let Some(state) = self.tenants.get_mut(&tenant) {
-            state.in_flight = state.in_flight.saturating_sub(removed.len() as u32);
-        }
         removed
     }
 
-    /// Adds a model or replaces its policy.
+    /// Removes every queued job of `tenant` (device reset) and returns them; the tenant
+    /// stays registered. Jobs already handed to an executor are not touched.
+    pub fn drain_tenant(&mut self, tenant: TenantId) -> Vec<(JobMeta, J)> {
+        let mut removed = Vec::new();
+        for model in self.models.values_mut() {
+            let drained = model.queue.drain_tenant(tenant);
+            note_dropped(
+                &mut self.tenants,
+                &mut model.stats,
+                tenant,
+                drained.len(),
+                Reject::Cancelled,
+            );
+            removed.extend(drained.into_iter().map(|q| (q.meta, q.job)));
+        }
+        // Expired jobs waiting to be handed out were already accounted for.
+        let (mine, others): (Vec<_>, Vec<_>) = self
+            .pending_drops
+            .drain(..)
+            .partition(|(meta, _, _)| meta.tenant == tenant);
+        self.pending_drops = others;
+        removed.extend(mine.into_iter().map(|(meta, job, _)| (meta, job)));
+        removed
+    }
+
+    /// Adds a model or replaces its policy (its queue and measurements are kept).
     pub fn set_model(&mut self, model: ModelId, policy: ModelPolicy) {
-        self.models.insert(model, policy);
+        let max_batch = policy.batch_limit();
+        match self.models.get_mut(&model) {
+            Some(state) => {
+                state.estimator.set_max_batch(max_batch);
+                state.policy = policy;
+            }
+            None => {
+                let state = ModelState {
+                    estimator: ExecTimeEstimator::new(&self.config.estimator, max_batch),
+                    policy,
+                    queue: ModelQueue::default(),
+                    stats: ModelStats::default(),
+                };
+                self.models.insert(model, state);
+            }
+        }
+        self.executor_models.clear();
+        for (id, state) in &self.models {
+            for executor in &state.policy.executors {
+                self.executor_models.entry(*executor).or_default().push(*id);
+            }
+        }
+        for served in self.executor_models.values_mut() {
+            served.sort_unstable();
+            served.dedup();
+        }
+    }
+
+    /// Estimated time left of the batches running on `executors`.
+    fn running_left(&self, executors: &[ExecutorId], now: Nanos) -> Nanos {
+        executors
+            .iter()
+            .filter_map(|e| self.running.get(e))
+            .flatten()
+            .map(|d| {
+                d.dispatched_at
+                    .saturating_add(d.estimate_ns)
+                    .saturating_sub(now)
+            })
+            .fold(0, Nanos::saturating_add)
+    }
+
+    /// Why `meta` (priority already clamped) cannot be admitted at `now`, if so.
+    fn admission(&mut self, now: Nanos, meta: &JobMeta) -> Result<(), Reject> {
+        let (Some(tenant), Some(model)) =
+            (self.tenants.get(&meta.tenant), self.models.get(&meta.model))
+        else {
+            return Err(Reject::UnknownModel);
+        };
+        if tenant.in_flight >= tenant.policy.max_in_flight
+            || model.queue.len() >= model.policy.max_queue as usize
+        {
+            return Err(Reject::QueueFull);
+        }
+        if let Some(deadline) = meta.deadline {
+            if deadline <= now {
+                return Err(Reject::Deadline);
+            }
+            let backlog = Backlog {
+                ahead: model.queue.len_at_or_above(meta.priority),
+                max_batch: model.policy.batch_limit(),
+                running_left_ns: self.running_left(&model.policy.executors, now),
+                executors: model.policy.executors.len(),
+            };
+            if predicted_finish(now, backlog, &model.estimator).is_some_and(|f| f > deadline) {
+                return Err(Reject::Deadline);
+            }
+        }
+        // Quotas last, so a request refused for another reason costs no token.
+        let quota_ok = self
+            .tenants
+            .get_mut(&meta.tenant)
+            .is_some_and(|t| t.quota.admits(now));
+        if !quota_ok {
+            return Err(Reject::Throttled);
+        }
+        Ok(())
     }
 
     /// Admits a job or says why not (and gives the job back).
-    pub fn submit(&mut self, _now: Nanos, mut meta: JobMeta, job: J) -> Result<(), (Reject, J)> {
-        let Some(state) = self.tenants.get_mut(&meta.tenant) else {
+    ///
+    /// Checks, in order: tenant and model known; in-flight and model queue bounds
+    /// (QUEUE_FULL); deadline passed or predicted to be missed (DEADLINE); request
+    /// rate and accelerator-time quotas (THROTTLED).
+    pub fn submit(&mut self, now: Nanos, mut meta: JobMeta, job: J) -> Result<(), (Reject, J)> {
+        let Some(tenant) = self.tenants.get_mut(&meta.tenant) else {
             return Err((Reject::UnknownTenant, job));
         };
-        if !self.models.contains_key(&meta.model) {
+        bump(&mut tenant.stats.requests, 1);
+        let (class, clamped) = priority::clamp(meta.priority, tenant.policy.priority_ceiling);
+        meta.priority = class;
+        if clamped {
+            bump(&mut tenant.stats.priority_clamped, 1);
+        }
+        let was_idle = tenant.queued == 0;
+        if let Some(model) = self.models.get_mut(&meta.model) {
+            bump(&mut model.stats.requests, 1);
+        }
+        if let Err(reason) = self.admission(now, &meta) {
+            if let Some(t) = self.tenants.get_mut(&meta.tenant) {
+                bump(&mut t.stats.rejected[reason.index()], 1);
+            }
+            if let Some(m) = self.models.get_mut(&meta.model) {
+                bump(&mut m.stats.rejected[reason.index()], 1);
+            }
+            return Err((reason, job));
+        }
+        let floor = if was_idle { Some(self.floor()) } else { None };
+        let credit = self.config.idle_credit_ns;
+        let (Some(tenant), Some(model)) = (
+            self.tenants.get_mut(&meta.tenant),
+            self.models.get_mut(&meta.model),
+        ) else {
             return Err((Reject::UnknownModel, job));
+        };
+        tenant.quota.take_request(now);
+        if let Some(floor) = floor {
+            tenant.clock.lift(floor, credit);
         }
-        if state.in_flight >= state.policy.max_in_flight {
-            return Err((Reject::QueueFull, job));
-        }
-        meta.priority = meta.priority.min(state.policy.priority_ceiling);
-        state.in_flight += 1;
-        self.queues
-            .entry(meta.model)
-            .or_default()
-            .push_back((meta, job));
+        tenant.in_flight += 1;
+        tenant.queued += 1;
+        bump(&mut tenant.stats.admitted, 1);
+        bump(&mut model.stats.admitted, 1);
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        model.queue.push(Queued { seq, meta, job });
         Ok(())
     }
 
     /// Removes a queued job of `tenant` by `request_id`; `None` if it is not queued
     /// (unknown, or already running).
     pub fn cancel(&mut self, tenant: TenantId, request_id: u64) -> Option<(JobMeta, J)> {
-        for queue in self.queues.values_mut() {
-            if let Some(pos) = queue
-                .iter()
-                .position(|(meta, _)| meta.tenant == tenant && meta.request_id == request_id)
-            {
-                let removed = queue.remove(pos);
-                if let Some(state) = self.tenants.get_mut(&tenant) {
-                    state.in_flight = state.in_flight.saturating_sub(1);
-                }
-                return removed;
+        for model in self.models.values_mut() {
+            if let Some(q) = model.queue.cancel(tenant, request_id) {
+                note_dropped(
+                    &mut self.tenants,
+                    &mut model.stats,
+                    tenant,
+                    1,
+                    Reject::Cancelled,
+                );
+                return Some((q.meta, q.job));
             }
         }
         None
     }
 
     /// The next thing `executor` should do at time `now`.
-    pub fn poll(&mut self, _now: Nanos, executor: ExecutorId) -> Poll<J> {
-        let mut models: Vec<_> = self
-            .models
-            .iter()
-            .filter(|(_, policy)| policy.executors.contains(&executor))
-            .map(|(id, policy)| (*id, policy.max_batch.max(1) as usize))
-            .collect();
-        models.sort_unstable();
-        for (model, max_batch) in models {
-            if let Some(queue) = self.queues.get_mut(&model) {
-                if !queue.is_empty() {
-                    let take = queue.len().min(max_batch);
-                    let jobs = queue.drain(..take).collect();
-                    return Poll::Run(Batch { model, jobs });
+    ///
+    /// In order: jobs found expired earlier; queued jobs of the executor's models
+    /// that can no longer meet their deadline (`Drop`); a batch of the ready model
+    /// whose best request ranks first (`Run`); else the time the first model
+    /// becomes ready (`Wait`).
+    pub fn poll(&mut self, now: Nanos, executor: ExecutorId) -> Poll<J> {
+        if !self.pending_drops.is_empty() {
+            return Poll::Drop(std::mem::take(&mut self.pending_drops));
+        }
+        let Some(served) = self.executor_models.get(&executor) else {
+            return Poll::Wait(None);
+        };
+        let mut expired = Vec::new();
+        for id in served {
+            let Some(model) = self.models.get_mut(id).filter(|m| !m.queue.is_empty()) else {
+                continue;
+            };
+            let shortest = model.estimator.estimate(1).unwrap_or(0);
+            while let Some(q) = model.queue.pop_expired(now, shortest) {
+                note_dropped(
+                    &mut self.tenants,
+                    &mut model.stats,
+                    q.meta.tenant,
+                    1,
+                    Reject::Deadline,
+                );
+                expired.push((q.meta, q.job, Reject::Deadline));
+            }
+        }
+        if !expired.is_empty() {
+            return Poll::Drop(expired);
+        }
+
+        let mut best = None;
+        let mut wake: Option<Nanos> = None;
+        for id in served {
+            let Some(model) = self.models.get_mut(id) else {
+                continue;
+            };
+            let ModelState {
+                policy,
+                queue,
+                estimator,
+                ..
+            } = model;
+            match queue.ready_at(now, policy, |n| estimator.estimate(n)) {
+                None => {}
+                Some(at) if at > now => wake = Some(wake.map_or(at, |w| w.min(at))),
+                Some(_) => {
+                    let head =
+                        queue.best_head(now, &self.config.classes, |t| vt_of(&self.tenants, t));
+                    if let Some((_, rank)) = head {
+                        if best.is_none_or(|(r, _)| rank < r) {
+                            best = Some((rank, *id));
+                        }
+                    }
                 }
             }
         }
-        Poll::Wait(None)
+        match best {
+            Some((_, model)) => self.form_batch(now, executor, model),
+            None => Poll::Wait(wake),
+        }
+    }
+
+    /// Takes the best requests of `model` into one batch for `executor`.
+    ///
+    /// Requests are taken in rank order (overdue, class, fair share) while the batch
+    /// still finishes before every member's deadline by the estimate, and, when a
+    /// realtime request leads it, while it takes at most `realtime_stretch` times
+    /// that request's time alone. A request that cannot finish in time even alone
+    /// is dropped instead.
+    fn form_batch(&mut self, now: Nanos, executor: ExecutorId, model_id: ModelId) -> Poll<J> {
+        let Some(model) = self.models.get_mut(&model_id) else {
+            return Poll::Wait(None);
+        };
+        let max_batch = model.policy.batch_limit();
+        let target = model.queue.len().clamp(1, max_batch);
+        // Charged at dispatch so that concurrent executors see the tenant as served;
+        // at least 1 ns so that requests interleave by weight before any estimate.
+        let per_job_ns = model
+            .estimator
+            .estimate(target)
+            .map_or(1, |e| (e / target as u64).max(1));
+        let alone_ns = model.estimator.estimate(1);
+        let mut jobs = Vec::with_capacity(target);
+        let mut charges = Vec::with_capacity(target);
+        let mut batch_deadline: Option<Nanos> = None;
+        // Longest the batch may take, set when a realtime request leads it.
+        let mut stretch_limit: Option<Nanos> = None;
+        let mut first_vt = None;
+        while jobs.len() < max_batch {
+            let tenants = &self.tenants;
+            let Some((at, _)) = model
+                .queue
+                .best_head(now, &self.config.classes, |t| vt_of(tenants, t))
+            else {
+                break;
+            };
+            let Some(head) = model.queue.peek(at) else {
+                break;
+            };
+            let deadline = head.meta.deadline;
+            if let (Some(d), Some(alone)) = (deadline, alone_ns) {
+                if now.saturating_add(alone) > d {
+                    if let Some(q) = model.queue.pop(at) {
+                        note_dropped(
+                            &mut self.tenants,
+                            &mut model.stats,
+                            q.meta.tenant,
+                            1,
+                            Reject::Deadline,
+                        );
+                        self.pending_drops.push((q.meta, q.job, Reject::Deadline));
+                    }
+                    continue;
+                }
+            }
+            let tightest = match (batch_deadline, deadline) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let exec = model.estimator.estimate(jobs.len() + 1);
+            if let (Some(d), Some(exec)) = (tightest, exec) {
+                if now.saturating_add(exec) > d {
+                    break;
+                }
+            }
+            if let (Some(limit), Some(exec)) = (stretch_limit, exec) {
+                if exec > limit {
+                    break;
+                }
+            }
+            if jobs.is_empty() && head.meta.priority == PriorityClass::Realtime {
+                let stretch = self.config.realtime_stretch.max(1.0);
+                // A lower bound of the time alone, so that a pessimistic guess
+                // (only large batches measured) cannot loosen the limit.
+                stretch_limit = model
+                    .estimator
+                    .lower_bound(1)
+                    .map(|alone| (alone as f64 * stretch) as Nanos);
+            }
+            batch_deadline = tightest;
+            let Some(q) = model.queue.pop(at) else {
+                break;
+            };
+            let queue_ns = now.saturating_sub(q.meta.arrival);
+            model.stats.queue.record(queue_ns);
+            let mut charged = 0;
+            if let Some(t) = self.tenants.get_mut(&q.meta.tenant) {
+                first_vt.get_or_insert(t.clock.vt());
+                charged = t.clock.charge(per_job_ns);
+                t.queued = t.queued.saturating_sub(1);
+                t.stats.queue.record(queue_ns);
+            }
+            charges.push(DispatchedJob {
+                tenant: q.meta.tenant,
+                charged,
+                deadline: q.meta.deadline,
+            });
+            jobs.push((q.meta, q.job));
+        }
+        if jobs.is_empty() {
+            return match self.pending_drops.is_empty() {
+                true => Poll::Wait(None),
+                false => Poll::Drop(std::mem::take(&mut self.pending_drops)),
+            };
+        }
+        if let Some(vt) = first_vt {
+            self.system_vt = self.system_vt.max(vt);
+        }
+        bump(&mut model.stats.batches, 1);
+        model.stats.batch_sizes.record(jobs.len());
+        let running = self.running.entry(executor).or_default();
+        if running.len() >= MAX_RUNNING_PER_EXECUTOR {
+            log::warn!(
+                "executor {} has {} batches without completion; forgetting the oldest",
+                executor.0,
+                running.len()
+            );
+            running.pop_front();
+        }
+        running.push_back(Dispatched {
+            model: model_id,
+            dispatched_at: now,
+            estimate_ns: model.estimator.estimate(jobs.len()).unwrap_or(0),
+            jobs: charges,
+        });
+        Poll::Run(Batch {
+            model: model_id,
+            jobs,
+        })
     }
 
     /// Records that `executor` finished a batch of `model` that took `compute_ns`,
-    /// with the given jobs' tenants (one entry per job, in batch order).
+    /// with the given jobs' tenants (one entry per job, in batch order). The time is
+    /// split equally among the jobs and charged to their tenants.
     pub fn complete(
         &mut self,
-        _now: Nanos,
-        _executor: ExecutorId,
-        _model: ModelId,
+        now: Nanos,
+        executor: ExecutorId,
+        model: ModelId,
         tenants: &[TenantId],
-        _compute_ns: Nanos,
+        compute_ns: Nanos,
     ) {
-        for tenant in tenants {
-            if let Some(state) = self.tenants.get_mut(tenant) {
-                state.in_flight = state.in_flight.saturating_sub(1);
+        self.finish_batch(
+            now,
+            executor,
+            model,
+            tenants.len(),
+            |i| (tenants[i], 1),
+            compute_ns,
+        );
+    }
+
+    /// Like [`SchedulerCore::complete`], with a cost weight per job (e.g. its input
+    /// bytes, or tokens after padding): `compute_ns` is split in proportion to the
+    /// weights (equally when they are all 0).
+    pub fn complete_batch(
+        &mut self,
+        now: Nanos,
+        executor: ExecutorId,
+        model: ModelId,
+        jobs: &[(TenantId, u64)],
+        compute_ns: Nanos,
+    ) {
+        self.finish_batch(now, executor, model, jobs.len(), |i| jobs[i], compute_ns);
+    }
+
+    fn finish_batch(
+        &mut self,
+        now: Nanos,
+        executor: ExecutorId,
+        model_id: ModelId,
+        count: usize,
+        job: impl Fn(usize) -> (TenantId, u64),
+        compute_ns: Nanos,
+    ) {
+        let record = self.running.get_mut(&executor).and_then(|batches| {
+            let pos = batches.iter().position(|b| b.model == model_id)?;
+            batches.remove(pos)
+        });
+        let mut model = self.models.get_mut(&model_id);
+        if let Some(record) = record {
+            for dispatched in record.jobs {
+                let late = dispatched.deadline.is_some_and(|d| now > d);
+                if let Some(t) = self.tenants.get_mut(&dispatched.tenant) {
+                    t.clock.refund(dispatched.charged);
+                    if late {
+                        bump(&mut t.stats.deadline_missed, 1);
+                    }
+                }
+                if let (true, Some(m)) = (late, model.as_mut()) {
+                    bump(&mut m.stats.deadline_missed, 1);
+                }
             }
         }
+        if let Some(m) = model.filter(|_| count > 0) {
+            m.estimator.record(count, compute_ns);
+            bump(&mut m.stats.completed, count as u64);
+            m.stats.compute.record(compute_ns);
+            bump(&mut m.stats.busy_ns, compute_ns);
+        }
+        let mut total_weight: u128 = (0..count).map(|i| u128::from(job(i).1)).sum();
+        let equal = total_weight == 0;
+        if equal {
+            total_weight = count as u128;
+        }
+        let compute = u128::from(compute_ns);
+        let mut cumulative = 0u128;
+        for i in 0..count {
+            let (tenant, weight) = job(i);
+            let weight = if equal { 1 } else { u128::from(weight) };
+            // Shares from cumulative weights add up to exactly `compute_ns`.
+            let before = compute * cumulative / total_weight;
+            cumulative += weight;
+            let share = (compute * cumulative / total_weight - before) as Nanos;
+            if let Some(t) = self.tenants.get_mut(&tenant) {
+                t.in_flight = t.in_flight.saturating_sub(1);
+                t.clock.charge(share);
+                t.quota.charge_accel(now, share);
+                bump(&mut t.stats.completed, 1);
+                t.stats.compute.record(compute_ns);
+                bump(&mut t.stats.busy_ns, share);
+            }
+        }
+    }
+
+    /// Predicted execution time of a batch of `batch` requests of `model`, from
+    /// measurements; `None` for an unknown or never measured model.
+    pub fn estimate(&self, model: ModelId, batch: usize) -> Option<Nanos> {
+        self.models.get(&model)?.estimator.estimate(batch)
+    }
+
+    /// INFER requests of `tenant` queued or running; `None` for an unknown tenant.
+    pub fn in_flight(&self, tenant: TenantId) -> Option<u32> {
+        self.tenants.get(&tenant).map(|t| t.in_flight)
+    }
+
+    /// A snapshot of every counter, tenants and models sorted by id.
+    pub fn stats(&self) -> SchedulerStats {
+        let mut tenants: Vec<_> = self
+            .tenants
+            .iter()
+            .map(|(id, t)| TenantSnapshot {
+                tenant: *id,
+                weight: t.clock.weight(),
+                queued: u64::from(t.queued),
+                in_flight: u64::from(t.in_flight),
+                stats: t.stats.clone(),
+            })
+            .collect();
+        tenants.sort_unstable_by_key(|t| t.tenant);
+        let mut models: Vec<_> = self
+            .models
+            .iter()
+            .map(|(id, m)| ModelSnapshot {
+                model: *id,
+                queued: m.queue.len() as u64,
+                estimate_batch1_ns: m.estimator.estimate(1),
+                stats: m.stats.clone(),
+            })
+            .collect();
+        models.sort_unstable_by_key(|m| m.model);
+        SchedulerStats { tenants, models }
     }
 }
 
@@ -298,8 +1046,13 @@ impl<J> Default for Scheduler<J> {
 impl<J> Scheduler<J> {
     /// An empty scheduler whose clock starts now.
     pub fn new() -> Self {
+        Self::with_config(SchedulerConfig::default())
+    }
+
+    /// An empty scheduler with `config` whose clock starts now.
+    pub fn with_config(config: SchedulerConfig) -> Self {
         Self {
-            core: Mutex::new(SchedulerCore::new()),
+            core: Mutex::new(SchedulerCore::with_config(config)),
             wake: Condvar::new(),
             epoch: Instant::now(),
         }
@@ -321,6 +1074,11 @@ impl<J> Scheduler<J> {
     pub fn submit(&self, meta: JobMeta, job: J) -> Result<(), (Reject, J)> {
         let now = self.now();
         self.with_core(|core| core.submit(now, meta, job))
+    }
+
+    /// A snapshot of the statistics (see [`SchedulerCore::stats`]).
+    pub fn stats(&self) -> SchedulerStats {
+        self.lock().stats()
     }
 
     /// Blocks until `executor` has something to do or `timeout` passes.
@@ -352,3 +1110,6 @@ impl<J> Scheduler<J> {
         self.core.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,311 @@
+//! Deadlines: per-model execution time estimates and the admission prediction.
+//!
+//! Modelled on Clockwork (Gujarati et al., OSDI 2020): inference time of a model at a
+//! given batch size is very predictable, so the scheduler measures it, predicts when
+//! a new request would finish, and rejects at once (DEADLINE) the request that cannot
+//! make it, instead of running it late and wasting the accelerator on a result nobody
+//! can use. A queued request whose deadline can no longer be met even if it started
+//! now is dropped (`Poll::Drop`) before it reaches an executor, and a batch is only
+//! grown while every request in it still finishes in time.
+//!
+//! The estimate for batch size `n` is a smoothed mean plus `dev_factor` smoothed mean
+//! deviations of the measured times (the retransmission-timeout estimator of
+//! Jacobson/Karels, RFC 6298), so it is a high percentile rather than the mean when
+//! times vary, and exact when they do not. Sizes not measured yet borrow from the
+//! nearest larger measured size (batch time does not shrink with more requests) or
+//! scale the nearest smaller one linearly; a model never measured has no estimate and
+//! admission trusts the request.
+
+use super::Nanos;
+
+/// How measurements are smoothed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EstimatorConfig {
+    /// Weight of a new measurement in the mean, in (0, 1].
+    pub alpha: f64,
+    /// Weight of a new deviation in the mean deviation, in (0, 1].
+    pub dev_alpha: f64,
+    /// Mean deviations added to the mean (0 = the mean itself).
+    pub dev_factor: f64,
+}
+
+impl Default for EstimatorConfig {
+    /// alpha 1/8, dev_alpha 1/4, dev_factor 2 (RFC 6298 uses 1/8, 1/4 and 4; 2 keeps
+    /// fewer good requests out when times are noisy).
+    fn default() -> Self {
+        Self {
+            alpha: 0.125,
+            dev_alpha: 0.25,
+            dev_factor: 2.0,
+        }
+    }
+}
+
+impl EstimatorConfig {
+    /// The config with out-of-range values replaced by the defaults.
+    fn sanitized(&self) -> Self {
+        let d = Self::default();
+        let unit = |v: f64, fallback: f64| if v > 0.0 && v <= 1.0 { v } else { fallback };
+        Self {
+            alpha: unit(self.alpha, d.alpha),
+            dev_alpha: unit(self.dev_alpha, d.dev_alpha),
+            dev_factor: if self.dev_factor >= 0.0 && self.dev_factor.is_finite() {
+                self.dev_factor
+            } else {
+                d.dev_factor
+            },
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Smoothed {
+    mean: f64,
+    dev: f64,
+}
+
+/// Execution time estimates of one model, per batch size.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExecTimeEstimator {
+    config: EstimatorConfig,
+    /// Index `n - 1` for batch size `n`.
+    sizes: Vec<Option<Smoothed>>,
+}
+
+impl ExecTimeEstimator {
+    /// An estimator for batches of 1 ..= `max_batch` (at least 1) with no measurements.
+    pub fn new(config: &EstimatorConfig, max_batch: usize) -> Self {
+        Self {
+            config: config.sanitized(),
+            sizes: vec![None; max_batch.max(1)],
+        }
+    }
+
+    /// Changes the smoothing of future measurements.
+    pub fn set_config(&mut self, config: &EstimatorConfig) {
+        self.config = config.sanitized();
+    }
+
+    /// Changes the largest batch size, keeping the measurements that still apply.
+    pub fn set_max_batch(&mut self, max_batch: usize) {
+        self.sizes.resize(max_batch.max(1), None);
+    }
+
+    /// Records that a batch of `n` requests took `ns`. Sizes outside 1 ..= max batch
+    /// are ignored (the caller reported something the scheduler did not dispatch).
+    pub fn record(&mut self, n: usize, ns: Nanos) {
+        let Some(slot) = n.checked_sub(1).and_then(|i| self.sizes.get_mut(i)) else {
+            return;
+        };
+        let x = ns as f64;
+        *slot = Some(match *slot {
+            // The first measurement is taken as exact (RFC 6298 starts the deviation
+            // at half of it, which would double the first estimates).
+            None => Smoothed { mean: x, dev: 0.0 },
+            Some(s) => {
+                let dev = s.dev + self.config.dev_alpha * ((x - s.mean).abs() - s.dev);
+                let mean = s.mean + self.config.alpha * (x - s.mean);
+                Smoothed { mean, dev }
+            }
+        });
+    }
+
+    /// Predicted execution time of a batch of `n` requests; `None` when no size has
+    /// been measured.
+    pub fn estimate(&self, n: usize) -> Option<Nanos> {
+        let n = n.clamp(1, self.sizes.len());
+        let value = |s: &Smoothed| s.mean + self.config.dev_factor * s.dev;
+        if let Some(v) = self.sizes[n - 1..].iter().flatten().map(value).next() {
+            return Some(to_nanos(v));
+        }
+        let (k, v) = self.sizes[..n - 1]
+            .iter()
+            .enumerate()
+            .rev()
+            .find_map(|(i, s)| s.as_ref().map(|s| (i + 1, value(s))))?;
+        Some(to_nanos(v * n as f64 / k as f64))
+    }
+
+    /// A lower bound of the execution time of a batch of `n`, for limits that must
+    /// not be loosened by a pessimistic guess: the measured time of `n` if there is
+    /// one, else the larger of the nearest smaller size's time (batch time does not
+    /// shrink with more requests) and the nearest larger size's time scaled down
+    /// linearly (time per request does not grow with the batch). `None` when
+    /// nothing is measured.
+    pub fn lower_bound(&self, n: usize) -> Option<Nanos> {
+        let n = n.clamp(1, self.sizes.len());
+        let value = |s: &Smoothed| s.mean + self.config.dev_factor * s.dev;
+        if let Some(s) = &self.sizes[n - 1] {
+            return Some(to_nanos(value(s)));
+        }
+        let below = self.sizes[..n - 1].iter().rev().flatten().map(value).next();
+        let above = self.sizes[n..]
+            .iter()
+            .enumerate()
+            .find_map(|(i, s)| s.as_ref().map(|s| value(s) * n as f64 / (n + i + 1) as f64));
+        match (below, above) {
+            (Some(a), Some(b)) => Some(to_nanos(a.max(b))),
+            (a, b) => a.or(b).map(to_nanos),
+        }
+    }
+}
+
+/// Float nanoseconds to [`Nanos`], rounded up, saturating.
+fn to_nanos(v: f64) -> Nanos {
+    // `as` saturates and maps NaN to 0.
+    v.ceil() as Nanos
+}
+
+/// The state of a model's queue that admission looks at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backlog {
+    /// Requests queued for the model that will go before the new one.
+    pub ahead: usize,
+    /// The model's largest batch.
+    pub max_batch: usize,
+    /// Estimated time left of the batches running on the model's executors, summed.
+    pub running_left_ns: Nanos,
+    /// Executors that serve the model (at least 1 is assumed).
+    pub executors: usize,
+}
+
+/// When a request submitted at `now` behind `backlog` is predicted to finish; `None`
+/// when the model has no estimate yet.
+///
+/// The requests ahead run in full batches spread over the executors; the new one
+/// runs in the batch after them, of size `ahead % max_batch + 1`. This ignores other
+/// models sharing the executors and batching delay, so it errs on the side of
+/// admitting; the queue-time check at dispatch catches the rest.
+pub fn predicted_finish(
+    now: Nanos,
+    backlog: Backlog,
+    estimator: &ExecTimeEstimator,
+) -> Option<Nanos> {
+    let max_batch = backlog.max_batch.max(1);
+    let full_batches = (backlog.ahead / max_batch) as u64;
+    let own = estimator.estimate(backlog.ahead % max_batch + 1)?;
+    let full = estimator.estimate(max_batch)?;
+    let before = full
+        .saturating_mul(full_batches)
+        .saturating_add(backlog.running_left_ns)
+        / backlog.executors.max(1) as u64;
+    Some(now.saturating_add(before).saturating_add(own))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constant_times_are_estimated_exactly() {
+        let mut e = ExecTimeEstimator::new(&EstimatorConfig::default(), 8);
+        assert_eq!(e.estimate(1), None);
+        for _ in 0..10 {
+            e.record(1, 1_000);
+        }
+        assert_eq!(e.estimate(1), Some(1_000));
+    }
+
+    #[test]
+    fn noisy_times_are_estimated_above_the_mean() {
+        let mut e = ExecTimeEstimator::new(&EstimatorConfig::default(), 1);
+        for i in 0..200 {
+            e.record(1, if i % 2 == 0 { 900 } else { 1_100 });
+        }
+        let est = e.estimate(1).unwrap();
+        assert!(est > 1_100 && est < 1_500, "estimate {est}");
+    }
+
+    #[test]
+    fn the_mean_follows_a_change_of_speed() {
+        let mut e = ExecTimeEstimator::new(
+            &EstimatorConfig {
+                dev_factor: 0.0,
+                ..EstimatorConfig::default()
+            },
+            1,
+        );
+        e.record(1, 1_000);
+        for _ in 0..100 {
+            e.record(1, 3_000);
+        }
+        assert!(e.estimate(1).unwrap().abs_diff(3_000) < 10);
+    }
+
+    #[test]
+    fn unmeasured_sizes_borrow_from_larger_or_scale_smaller() {
+        let mut e = ExecTimeEstimator::new(&EstimatorConfig::default(), 8);
+        e.record(2, 2_000);
+        e.record(6, 4_000);
+        assert_eq!(e.estimate(1), Some(2_000), "from size 2");
+        assert_eq!(e.estimate(3), Some(4_000), "from size 6");
+        assert_eq!(e.estimate(8), Some(4_000 * 8 / 6 + 1), "scaled from 6");
+        assert_eq!(e.estimate(100), e.estimate(8), "clamped to max batch");
+    }
+
+    #[test]
+    fn lower_bounds_never_exceed_what_monotone_batches_allow() {
+        let mut e = ExecTimeEstimator::new(&EstimatorConfig::default(), 8);
+        assert_eq!(e.lower_bound(1), None);
+        e.record(8, 8_000);
+        assert_eq!(
+            e.lower_bound(1),
+            Some(1_000),
+            "8 µs for 8: at least 1 µs for 1"
+        );
+        assert_eq!(
+            e.estimate(1),
+            Some(8_000),
+            "while the estimate is pessimistic"
+        );
+        e.record(2, 3_000);
+        assert_eq!(
+            e.lower_bound(4),
+            Some(4_000),
+            "max(3 µs from size 2, 4 µs from size 8)"
+        );
+        assert_eq!(e.lower_bound(2), Some(3_000), "measured");
+    }
+
+    #[test]
+    fn out_of_range_sizes_are_ignored() {
+        let mut e = ExecTimeEstimator::new(&EstimatorConfig::default(), 4);
+        e.record(0, 5);
+        e.record(5, 5);
+        assert_eq!(e.estimate(1), None);
+    }
+
+    #[test]
+    fn prediction_counts_full_batches_ahead_and_running_work() {
+        let mut e = ExecTimeEstimator::new(&EstimatorConfig::default(), 4);
+        e.record(1, 10);
+        e.record(2, 15);
+        e.record(4, 20);
+        let backlog = Backlog {
+            ahead: 9,
+            max_batch: 4,
+            running_left_ns: 7,
+            executors: 1,
+        };
+        // Two full batches (40) + running (7), then a batch of 2 (15).
+        assert_eq!(predicted_finish(100, backlog, &e), Some(100 + 47 + 15));
+        let two = Backlog {
+            executors: 2,
+            ..backlog
+        };
+        assert_eq!(predicted_finish(100, two, &e), Some(100 + 23 + 15));
+        let fresh = ExecTimeEstimator::new(&EstimatorConfig::default(), 4);
+        assert_eq!(predicted_finish(100, backlog, &fresh), None);
+    }
+
+    #[test]
+    fn invalid_config_values_fall_back_to_defaults() {
+        let bad = EstimatorConfig {
+            alpha: f64::NAN,
+            dev_alpha: 7.0,
+            dev_factor: -1.0,
+        };
+        let e = ExecTimeEstimator::new(&bad, 1);
+        assert_eq!(e.config, EstimatorConfig::default());
+    }
+}
