@@ -43,8 +43,13 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// The file is not valid TOML for this schema.
-    #[error("invalid config: {0}")]
-    Parse(#[from] toml::de::Error),
+    #[error("invalid config at line {line}: {message}")]
+    Parse {
+        /// 1-based line of the offending item (0 if unknown).
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
     /// No `[[tenant]]` entry.
     #[error("no [[tenant]] entry: the daemon would serve nobody")]
     NoTenants,
@@ -316,7 +321,14 @@ impl TenantConfig {
 impl Config {
     /// Parses and validates a config file's text. Relative paths stay relative.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text)?;
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            line: e
+                .span()
+                .and_then(|span| text.get(..span.start))
+                .map(|before| before.matches('\n').count() + 1)
+                .unwrap_or(0),
+            message: e.message().trim().replace('\n', " "),
+        })?;
         config.validate()?;
         Ok(config)
     }
@@ -436,12 +448,14 @@ mod tests {
         assert!(err.to_string().contains("colour"), "{err}");
         let err = Config::parse("[daemon]\nmodels = \"m\"\nspeed = 1\n").unwrap_err();
         assert!(err.to_string().contains("speed"), "{err}");
+        assert!(matches!(err, ConfigError::Parse { line: 3, .. }), "{err}");
+        assert_eq!(err.to_string().lines().count(), 1);
     }
 
     #[test]
     fn bad_priority_name_is_rejected() {
         let err = Config::parse(&with_tenant("priority_ceiling = \"urgent\"")).unwrap_err();
-        assert!(matches!(err, ConfigError::Parse(_)), "{err}");
+        assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
     }
 
     #[test]

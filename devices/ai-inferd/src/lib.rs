@@ -20,4 +20,5 @@ pub mod job;
 pub mod registry;
 pub mod scheduler;
 pub mod tenant;
+pub mod test_frontend;
 pub mod ticket;
