@@ -155,6 +155,12 @@ impl TenantDevice {
         let mem = atomic.memory().into_inner();
         let taken = {
             let mut state = vring.get_mut();
+            // A reset disables the vring (RESET_DEVICE) or marks it not ready
+            // (GET_VRING_BASE) before it abandons the queue's work: from then on
+            // nothing is taken until the driver sets the queue up again.
+            if !state.is_enabled() {
+                return false;
+            }
             let q = state.get_queue_mut();
             if !q.ready() {
                 return false;

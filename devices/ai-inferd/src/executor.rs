@@ -18,7 +18,7 @@ use crate::daemon::Shared;
 use crate::guest_io::{tensor_slice, BounceBuffer, GuestIoError, TensorPlace};
 use crate::intake::complete_rejected;
 use crate::job::Job;
-use crate::scheduler::{Batch, ExecutorId, Nanos, Poll};
+use crate::scheduler::{Batch, ExecutorId, Nanos, Poll, Reject};
 use crate::tenant::Record;
 
 /// How often an idle executor checks the stop flag.
@@ -140,18 +140,25 @@ impl Staging {
 fn run_batch(shared: &Shared, id: ExecutorId, batch: Batch<Job>) {
     let model = batch.model;
     let tenants: Vec<_> = batch.jobs.iter().map(|(meta, _)| meta.tenant).collect();
-    // Work abandoned by a reset or disconnect is not run and never completed.
-    let jobs: Vec<Job> = batch
-        .jobs
-        .into_iter()
-        .filter(|(meta, job)| {
-            let t = &job.ticket;
-            t.tenant
-                .start_running(meta.request_id, t.queue, t.generation)
-        })
-        .map(|(_, job)| job)
-        .collect();
     let start = shared.scheduler.now();
+    // Work abandoned by a reset or disconnect is not run and never completed. A
+    // request whose deadline passed is not started (§10.1), whatever the policy did.
+    let mut jobs = Vec::new();
+    let mut expired = Vec::new();
+    for (meta, job) in batch.jobs {
+        let t = &job.ticket;
+        if !t
+            .tenant
+            .start_running(meta.request_id, t.queue, t.generation)
+        {
+            continue;
+        }
+        if meta.deadline.is_some_and(|d| d < start) {
+            expired.push(job);
+        } else {
+            jobs.push(job);
+        }
+    }
     let mut results: Vec<JobResult> = Vec::new();
     let mut compute_ns = 0;
     let mut batch_size = 0;
@@ -176,6 +183,12 @@ fn run_batch(shared: &Shared, id: ExecutorId, batch: Batch<Job>) {
         };
         finish(job, outcome, staging.as_ref(), timing);
         job.ticket.tenant.finish_running(job.ticket.queue);
+    }
+    for job in expired {
+        let queue = job.ticket.queue;
+        let tenant = std::sync::Arc::clone(&job.ticket.tenant);
+        complete_rejected(shared, job, Reject::Deadline);
+        tenant.finish_running(queue);
     }
 }
 

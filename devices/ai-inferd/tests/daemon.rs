@@ -737,3 +737,33 @@ fn a_corrupt_ring_stops_only_that_tenant() {
     assert!(a.wait_for(0, p.head, Duration::from_millis(300)).is_err());
     check_add_one(&mut b, 0, 1, &[2.0]);
 }
+
+#[test]
+fn a_request_whose_deadline_passed_in_the_queue_is_not_run() {
+    let h = Harness::start(1, &[TenantOpts::new("a", "[\"*\"]")]);
+    let mut fe = h.connect("a");
+    h.gate.close();
+    let held = fe
+        .submit(0, &add_one_request(1, GATED, 1), &[&f32_bytes(&[1.0])], 0)
+        .unwrap();
+    h.gate.wait_entered(1);
+    let late = add_one_request(2, ADD_ONE, 1).with_deadline_us(1000);
+    let late = fe.submit(0, &late, &[&f32_bytes(&[2.0])], 0).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    h.gate.open();
+    for (p, status) in [(held, Status::Ok), (late, Status::Deadline)] {
+        let used = fe.wait_for(0, p.head, WAIT).unwrap();
+        let done = fe.finish(p, used).unwrap();
+        let hdr = done.header().unwrap();
+        assert_eq!(hdr.status, status);
+        if status == Status::Deadline {
+            assert_eq!((hdr.compute_ns, hdr.batch_size), (0, 0));
+            assert!(hdr.queue_ns >= 50_000_000, "{hdr:?}");
+            assert_eq!(done.outputs[0], vec![0u8; 4], "never ran");
+        }
+    }
+    assert_eq!(
+        fe.trace().unwrap().infer_status[Status::Deadline as usize],
+        1
+    );
+}
