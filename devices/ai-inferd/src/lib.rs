@@ -1,9 +1,24 @@
 //! `ai-inferd`: the host side of the ai_infer device (docs/ai_infer.md).
 //!
-//! One process per host. Every tenant VM's aivmm connects over vhost-user and shares
-//! its guest memory; the daemon validates each request chain, hands admitted INFER
-//! requests to the [`scheduler`], and executors run the scheduled batches on a
-//! [`backend`], reading inputs from and writing outputs to guest memory in place.
+//! One process per host. Every tenant VM's aivmm connects over vhost-user to the
+//! tenant's own socket and shares its guest memory ([`device`], [`daemon`]); the
+//! daemon walks and validates each request chain ([`chain`], [`intake`]), hands
+//! admitted INFER requests to the [`scheduler`], and [`executor`] threads run the
+//! scheduled batches on a [`backend`], reading inputs from and writing outputs to
+//! guest memory in place ([`guest_io`]). [`test_frontend`] is a small vhost-user
+//! frontend and virtio driver for integration tests and load generation.
 
 pub mod backend;
+pub mod chain;
+pub mod config;
+pub mod daemon;
+pub mod device;
+pub mod executor;
+pub mod guest_io;
+pub mod intake;
+pub mod job;
+pub mod registry;
 pub mod scheduler;
+pub mod tenant;
+pub mod test_frontend;
+pub mod ticket;

@@ -1,0 +1,553 @@
+//! The daemon's TOML configuration: where the models are, how many executors run
+//! where, and one `[[tenant]]` entry per VM that may connect.
+//!
+//! A tenant is bound to the unix socket its VMM connects to; everything the daemon
+//! grants a VM (weight, priority ceiling, models, quotas) comes from that entry, never
+//! from the guest. The file is parsed and validated once, at start-up.
+//!
+//! ```toml
+//! [daemon]
+//! models = "/etc/aivmm/models.toml"
+//! executor_threads = 2
+//! executor_cpus = [2, 3]
+//!
+//! [[tenant]]
+//! name = "vm-a"
+//! socket = "/run/ai-inferd/vm-a.sock"
+//! weight = 2
+//! priority_ceiling = "interactive"
+//! allowed_models = ["minilm"]
+//! max_in_flight = 32
+//! rate_rps = 200.0
+//! burst = 50
+//! ```
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use ai_infer_protocol::{PriorityClass, MAX_REQUEST_QUEUES};
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::scheduler::TenantPolicy;
+
+/// Why the configuration cannot be used.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("invalid config at line {line}: {message}")]
+    Parse {
+        /// 1-based line of the offending item (0 if unknown).
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// No `[[tenant]]` entry.
+    #[error("no [[tenant]] entry: the daemon would serve nobody")]
+    NoTenants,
+    /// Two tenants share a name.
+    #[error("tenant name {0:?} is used twice")]
+    DuplicateName(String),
+    /// Two tenants share a socket path.
+    #[error("socket {0} is used by two tenants")]
+    DuplicateSocket(PathBuf),
+    /// A tenant name is empty or unusable in logs.
+    #[error("tenant name {0:?} must be 1-64 characters of [A-Za-z0-9._-]")]
+    BadName(String),
+    /// A numeric field is out of its range.
+    #[error("tenant {tenant:?}: {field} = {value} is out of range ({range})")]
+    OutOfRange {
+        /// The tenant.
+        tenant: String,
+        /// The field.
+        field: &'static str,
+        /// The value given.
+        value: String,
+        /// What is allowed.
+        range: &'static str,
+    },
+    /// `allowed_models` mixes `"*"` with names, or lists a name twice, or is empty.
+    #[error("tenant {tenant:?}: allowed_models {reason}")]
+    BadAllowedModels {
+        /// The tenant.
+        tenant: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// `executor_threads` is 0 or unreasonably large.
+    #[error("daemon.executor_threads = {0} is out of range (1-256)")]
+    ExecutorThreads(u32),
+    /// `executor_cpus` lists a CPU number the kernel cannot address.
+    #[error("daemon.executor_cpus contains {0}, beyond the highest CPU number {max}", max = libc::CPU_SETSIZE - 1)]
+    ExecutorCpu(u32),
+}
+
+/// The whole file.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Daemon-wide settings.
+    pub daemon: DaemonSection,
+    /// One entry per VM that may connect.
+    #[serde(rename = "tenant", default)]
+    pub tenants: Vec<TenantConfig>,
+}
+
+/// `[daemon]`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonSection {
+    /// The models manifest (read by `models::load_models`). Relative paths are
+    /// relative to the config file.
+    pub models: PathBuf,
+    /// Reserved for the metrics endpoint (not served yet); accepted so that configs
+    /// can already name it.
+    #[serde(default)]
+    pub metrics_socket: Option<PathBuf>,
+    /// Executor threads (each runs one batch at a time). Default 1.
+    #[serde(default = "default_executor_threads")]
+    pub executor_threads: u32,
+    /// CPUs to pin executors to: executor `i` runs on `executor_cpus[i % len]`.
+    /// Default: empty, no pinning.
+    #[serde(default)]
+    pub executor_cpus: Vec<u32>,
+    /// Longest a request waits for a batch to fill, in microseconds. Default 0 (run
+    /// whatever is queued as soon as an executor is free).
+    #[serde(default)]
+    pub max_batch_delay_us: u64,
+}
+
+fn default_executor_threads() -> u32 {
+    1
+}
+
+/// Which models a tenant may use.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AllowedModels {
+    /// `["*"]`: every model in the manifest.
+    All,
+    /// Only these model names.
+    Named(Vec<String>),
+}
+
+impl AllowedModels {
+    /// Whether the model called `name` is allowed.
+    pub fn allows(&self, name: &str) -> bool {
+        match self {
+            AllowedModels::All => true,
+            AllowedModels::Named(names) => names.iter().any(|n| n == name),
+        }
+    }
+}
+
+/// Priority ceiling as written in the file.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PriorityName {
+    /// `"batch"`.
+    Batch,
+    /// `"normal"`.
+    Normal,
+    /// `"interactive"`.
+    Interactive,
+    /// `"realtime"`.
+    Realtime,
+}
+
+impl From<PriorityName> for PriorityClass {
+    fn from(p: PriorityName) -> Self {
+        match p {
+            PriorityName::Batch => PriorityClass::Batch,
+            PriorityName::Normal => PriorityClass::Normal,
+            PriorityName::Interactive => PriorityClass::Interactive,
+            PriorityName::Realtime => PriorityClass::Realtime,
+        }
+    }
+}
+
+/// One `[[tenant]]` entry.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// Name used in logs; unique.
+    pub name: String,
+    /// The unix socket this tenant's VMM connects to; unique. The daemon creates it
+    /// (replacing a stale file).
+    pub socket: PathBuf,
+    /// Share of accelerator time relative to other tenants, ≥ 1. Default 1.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Highest priority class this tenant gets. Default `"normal"`.
+    #[serde(default = "default_ceiling")]
+    pub priority_ceiling: PriorityName,
+    /// Model names, or `["*"]` for all. Default: none (MODELS lists nothing).
+    #[serde(default)]
+    pub allowed_models: Vec<String>,
+    /// INFER requests queued or running at once, 1–65536. Default 64.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: u32,
+    /// Requests per second (token bucket); absent = unlimited.
+    #[serde(default)]
+    pub rate_rps: Option<f64>,
+    /// Token bucket depth for `rate_rps`, ≥ 1. Default 32.
+    #[serde(default = "default_burst")]
+    pub burst: u32,
+    /// Accelerator-seconds per second; absent = unlimited.
+    #[serde(default)]
+    pub accel_share: Option<f64>,
+    /// Request queues offered to the VM, 1–64. Default 1.
+    #[serde(default = "default_queues")]
+    pub num_request_queues: u16,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+fn default_ceiling() -> PriorityName {
+    PriorityName::Normal
+}
+fn default_max_in_flight() -> u32 {
+    64
+}
+fn default_burst() -> u32 {
+    32
+}
+fn default_queues() -> u16 {
+    1
+}
+
+/// Highest `max_in_flight` accepted: far above any sane value, low enough that
+/// per-tenant bookkeeping stays small.
+pub const MAX_IN_FLIGHT_LIMIT: u32 = 65536;
+
+impl TenantConfig {
+    /// The scheduler policy for this tenant.
+    pub fn policy(&self) -> TenantPolicy {
+        TenantPolicy {
+            weight: self.weight,
+            priority_ceiling: self.priority_ceiling.into(),
+            max_in_flight: self.max_in_flight,
+            rate_rps: self.rate_rps,
+            burst: self.burst,
+            accel_share: self.accel_share,
+            ..TenantPolicy::default()
+        }
+    }
+
+    /// The parsed `allowed_models`.
+    pub fn allowed(&self) -> AllowedModels {
+        if self.allowed_models.iter().any(|m| m == "*") {
+            AllowedModels::All
+        } else {
+            AllowedModels::Named(self.allowed_models.clone())
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let name_ok = !self.name.is_empty()
+            && self.name.len() <= 64
+            && self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if !name_ok {
+            return Err(ConfigError::BadName(self.name.clone()));
+        }
+        let range = |field, value: String, range| ConfigError::OutOfRange {
+            tenant: self.name.clone(),
+            field,
+            value,
+            range,
+        };
+        if self.weight == 0 {
+            return Err(range("weight", "0".into(), "≥ 1"));
+        }
+        if self.max_in_flight == 0 || self.max_in_flight > MAX_IN_FLIGHT_LIMIT {
+            return Err(range(
+                "max_in_flight",
+                self.max_in_flight.to_string(),
+                "1-65536",
+            ));
+        }
+        if self.burst == 0 {
+            return Err(range("burst", "0".into(), "≥ 1"));
+        }
+        for (field, value) in [
+            ("rate_rps", self.rate_rps),
+            ("accel_share", self.accel_share),
+        ] {
+            if let Some(v) = value {
+                if !(v.is_finite() && v > 0.0) {
+                    return Err(range(field, v.to_string(), "a finite number > 0"));
+                }
+            }
+        }
+        if self.num_request_queues == 0 || usize::from(self.num_request_queues) > MAX_REQUEST_QUEUES
+        {
+            return Err(range(
+                "num_request_queues",
+                self.num_request_queues.to_string(),
+                "1-64",
+            ));
+        }
+        let bad = |reason: String| ConfigError::BadAllowedModels {
+            tenant: self.name.clone(),
+            reason,
+        };
+        let has_star = self.allowed_models.iter().any(|m| m == "*");
+        if has_star && self.allowed_models.len() > 1 {
+            return Err(bad("mixes \"*\" with model names".into()));
+        }
+        let mut seen = HashSet::new();
+        for m in &self.allowed_models {
+            if m.is_empty() {
+                return Err(bad("contains an empty name".into()));
+            }
+            if !seen.insert(m) {
+                return Err(bad(format!("lists {m:?} twice")));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Parses and validates a config file's text. Relative paths stay relative.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            line: e
+                .span()
+                .and_then(|span| text.get(..span.start))
+                .map(|before| before.matches('\n').count() + 1)
+                .unwrap_or(0),
+            message: e.message().trim().replace('\n', " "),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads, parses and validates `path`; the models path is resolved against the
+    /// file's directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config = Self::parse(&text)?;
+        if config.daemon.models.is_relative() {
+            if let Some(dir) = path.parent() {
+                config.daemon.models = dir.join(&config.daemon.models);
+            }
+        }
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let d = &self.daemon;
+        if d.executor_threads == 0 || d.executor_threads > 256 {
+            return Err(ConfigError::ExecutorThreads(d.executor_threads));
+        }
+        if let Some(cpu) = d
+            .executor_cpus
+            .iter()
+            .find(|c| **c as usize >= libc::CPU_SETSIZE as usize)
+        {
+            return Err(ConfigError::ExecutorCpu(*cpu));
+        }
+        if self.tenants.is_empty() {
+            return Err(ConfigError::NoTenants);
+        }
+        let mut names = HashSet::new();
+        let mut sockets = HashSet::new();
+        for t in &self.tenants {
+            t.validate()?;
+            if !names.insert(t.name.as_str()) {
+                return Err(ConfigError::DuplicateName(t.name.clone()));
+            }
+            if !sockets.insert(t.socket.as_path()) {
+                return Err(ConfigError::DuplicateSocket(t.socket.clone()));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        [daemon]
+        models = "models.toml"
+        executor_threads = 2
+        executor_cpus = [0, 1]
+
+        [[tenant]]
+        name = "vm-a"
+        socket = "/tmp/a.sock"
+        weight = 3
+        priority_ceiling = "realtime"
+        allowed_models = ["*"]
+        max_in_flight = 8
+        rate_rps = 100.0
+        burst = 10
+
+        [[tenant]]
+        name = "vm-b"
+        socket = "/tmp/b.sock"
+        allowed_models = ["minilm", "add-one"]
+    "#;
+
+    fn with_tenant(extra: &str) -> String {
+        format!(
+            "[daemon]\nmodels = \"m.toml\"\n[[tenant]]\nname = \"t\"\nsocket = \"/tmp/t.sock\"\n{extra}\n"
+        )
+    }
+
+    #[test]
+    fn parses_a_full_config_and_applies_defaults() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.daemon.executor_threads, 2);
+        assert_eq!(c.daemon.executor_cpus, vec![0, 1]);
+        assert_eq!(c.daemon.max_batch_delay_us, 0);
+        let a = &c.tenants[0];
+        assert_eq!(a.allowed(), AllowedModels::All);
+        let p = a.policy();
+        assert_eq!(p.weight, 3);
+        assert_eq!(p.priority_ceiling, PriorityClass::Realtime);
+        assert_eq!(p.max_in_flight, 8);
+        assert_eq!(p.rate_rps, Some(100.0));
+        assert_eq!(p.burst, 10);
+        let b = &c.tenants[1];
+        assert_eq!(b.weight, 1);
+        assert_eq!(b.priority_ceiling, PriorityName::Normal);
+        assert_eq!(b.max_in_flight, 64);
+        assert_eq!(b.num_request_queues, 1);
+        assert!(b.allowed().allows("minilm"));
+        assert!(!b.allowed().allows("bert"));
+        assert_eq!(b.policy().rate_rps, None);
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let c = Config::parse(include_str!("../../../configs/ai-inferd.toml")).unwrap();
+        assert_eq!(c.tenants.len(), 2);
+        assert_eq!(c.tenants[0].num_request_queues, 2);
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let err = Config::parse(&with_tenant("colour = \"red\"")).unwrap_err();
+        assert!(err.to_string().contains("colour"), "{err}");
+        let err = Config::parse("[daemon]\nmodels = \"m\"\nspeed = 1\n").unwrap_err();
+        assert!(err.to_string().contains("speed"), "{err}");
+        assert!(matches!(err, ConfigError::Parse { line: 3, .. }), "{err}");
+        assert_eq!(err.to_string().lines().count(), 1);
+    }
+
+    #[test]
+    fn bad_priority_name_is_rejected() {
+        let err = Config::parse(&with_tenant("priority_ceiling = \"urgent\"")).unwrap_err();
+        assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_values_are_rejected() {
+        for (extra, field) in [
+            ("weight = 0", "weight"),
+            ("max_in_flight = 0", "max_in_flight"),
+            ("max_in_flight = 65537", "max_in_flight"),
+            ("burst = 0", "burst"),
+            ("rate_rps = 0.0", "rate_rps"),
+            ("rate_rps = -1.0", "rate_rps"),
+            ("rate_rps = nan", "rate_rps"),
+            ("accel_share = inf", "accel_share"),
+            ("num_request_queues = 0", "num_request_queues"),
+            ("num_request_queues = 65", "num_request_queues"),
+        ] {
+            match Config::parse(&with_tenant(extra)) {
+                Err(ConfigError::OutOfRange { field: f, .. }) => assert_eq!(f, field, "{extra}"),
+                other => panic!("{extra}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn allowed_models_must_be_consistent() {
+        for extra in [
+            "allowed_models = [\"*\", \"a\"]",
+            "allowed_models = [\"a\", \"a\"]",
+            "allowed_models = [\"\"]",
+        ] {
+            assert!(
+                matches!(
+                    Config::parse(&with_tenant(extra)),
+                    Err(ConfigError::BadAllowedModels { .. })
+                ),
+                "{extra}"
+            );
+        }
+        let c = Config::parse(&with_tenant("")).unwrap();
+        assert_eq!(c.tenants[0].allowed(), AllowedModels::Named(vec![]));
+        assert!(!c.tenants[0].allowed().allows("anything"));
+    }
+
+    #[test]
+    fn duplicates_and_missing_tenants_are_rejected() {
+        let dup_name = GOOD.replace("vm-b", "vm-a");
+        assert!(matches!(
+            Config::parse(&dup_name),
+            Err(ConfigError::DuplicateName(n)) if n == "vm-a"
+        ));
+        let dup_sock = GOOD.replace("/tmp/b.sock", "/tmp/a.sock");
+        assert!(matches!(
+            Config::parse(&dup_sock),
+            Err(ConfigError::DuplicateSocket(p)) if p == Path::new("/tmp/a.sock")
+        ));
+        assert!(matches!(
+            Config::parse("[daemon]\nmodels = \"m\"\n"),
+            Err(ConfigError::NoTenants)
+        ));
+    }
+
+    #[test]
+    fn tenant_names_and_daemon_limits_are_checked() {
+        for bad in ["", "has space", "slash/name"] {
+            let text = with_tenant("").replace("name = \"t\"", &format!("name = {bad:?}"));
+            assert!(
+                matches!(Config::parse(&text), Err(ConfigError::BadName(_))),
+                "{bad:?}"
+            );
+        }
+        let text = with_tenant("").replace("[daemon]\n", "[daemon]\nexecutor_threads = 0\n");
+        assert!(matches!(
+            Config::parse(&text),
+            Err(ConfigError::ExecutorThreads(0))
+        ));
+        let text = with_tenant("").replace("[daemon]\n", "[daemon]\nexecutor_cpus = [5000]\n");
+        assert!(matches!(
+            Config::parse(&text),
+            Err(ConfigError::ExecutorCpu(5000))
+        ));
+    }
+
+    #[test]
+    fn load_resolves_the_models_path_next_to_the_file() {
+        let dir = std::env::temp_dir().join(format!("ai-inferd-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("d.toml");
+        std::fs::write(&file, with_tenant("")).unwrap();
+        let c = Config::load(&file).unwrap();
+        assert_eq!(c.daemon.models, dir.join("m.toml"));
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(matches!(Config::load(&file), Err(ConfigError::Read { .. })));
+    }
+}

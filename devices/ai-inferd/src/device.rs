@@ -1,0 +1,312 @@
+//! The vhost-user backend of one tenant connection: feature and config negotiation,
+//! guest memory, and taking chains off the request queues.
+//!
+//! One [`TenantDevice`] exists per accepted VMM connection. Its vring worker thread
+//! (owned by `vhost-user-backend`) calls [`VhostUserBackend::handle_event`] on a kick;
+//! the device then takes every available chain in ring order, walks it (§9 step 0)
+//! and hands it to [`crate::intake`]. Queue resets (GET_VRING_BASE, RESET_DEVICE)
+//! abandon the queue's work and wait until no executor still computes for it, so
+//! that after the reset nothing the guest made available before is read or written.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use ai_infer_protocol::{DEVICE_FEATURES, QUEUE_SIZE_MAX};
+use log::{debug, error, warn};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringT};
+use virtio_queue::{Error as QueueError, QueueOwnedT, QueueT};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::chain;
+use crate::daemon::Shared;
+use crate::intake;
+use crate::tenant::Tenant;
+use crate::ticket::{ChainTicket, Vring};
+
+/// Longest a queue reset waits for a running batch of that queue to finish.
+pub const RESET_WAIT: Duration = Duration::from_secs(60);
+
+/// The vhost-user backend for one tenant connection.
+pub struct TenantDevice {
+    shared: Arc<Shared>,
+    tenant: Arc<Tenant>,
+    mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
+    event_idx: AtomicBool,
+    /// Queues that showed ring-level corruption; not served until reset.
+    broken: Vec<AtomicBool>,
+}
+
+impl TenantDevice {
+    /// A device for a new connection of `tenant`.
+    pub fn new(shared: Arc<Shared>, tenant: Arc<Tenant>) -> Self {
+        let queues = usize::from(tenant.spec.device_config.num_request_queues);
+        TenantDevice {
+            shared,
+            tenant,
+            mem: RwLock::new(None),
+            event_idx: AtomicBool::new(false),
+            broken: (0..queues).map(|_| AtomicBool::new(false)).collect(),
+        }
+    }
+
+    /// Abandons the work of the queues `which` selects (reset or disconnect): queued
+    /// jobs are dropped unanswered, running ones are waited for and their results
+    /// discarded.
+    pub fn abandon(&self, which: impl Fn(u16) -> bool) {
+        let queued = self.tenant.abandon(&which);
+        let id = self.tenant.spec.id;
+        for request_id in queued {
+            // Dropping the job drops its memory reference; it is never completed.
+            drop(
+                self.shared
+                    .scheduler
+                    .with_core(|core| core.cancel(id, request_id)),
+            );
+        }
+        if !self.tenant.wait_idle(&which, RESET_WAIT) {
+            error!(
+                "{}: a batch still runs {}s after a reset; its outputs may land late",
+                self.tenant.spec.name,
+                RESET_WAIT.as_secs()
+            );
+        }
+        for (q, flag) in self.broken.iter().enumerate() {
+            if which(q as u16) {
+                flag.store(false, Ordering::SeqCst);
+            }
+        }
+    }
+
+    fn memory(&self) -> Option<GuestMemoryAtomic<GuestMemoryMmap>> {
+        self.mem.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn mark_broken(&self, queue: u16, why: &str) {
+        error!(
+            "{}: queue {queue}: {why}; the queue is not served until the driver resets it",
+            self.tenant.spec.name
+        );
+        if let Some(flag) = self.broken.get(usize::from(queue)) {
+            flag.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn is_broken(&self, queue: u16) -> bool {
+        self.broken
+            .get(usize::from(queue))
+            .is_none_or(|flag| flag.load(Ordering::SeqCst))
+    }
+
+    /// Serves `queue` until its available ring is empty (re-checking after enabling
+    /// notifications when EVENT_IDX is on, so no kick is lost).
+    fn serve_queue(&self, queue: u16, vring: &Vring) {
+        let Some(atomic) = self.memory() else {
+            debug!("{}: kick before the memory table", self.tenant.spec.name);
+            return;
+        };
+        let event_idx = self.event_idx.load(Ordering::SeqCst);
+        loop {
+            if event_idx {
+                if let Err(e) = vring.disable_notification() {
+                    warn!(
+                        "{}: cannot disable notifications: {e}",
+                        self.tenant.spec.name
+                    );
+                }
+            }
+            while self.take_one(queue, vring, &atomic) {}
+            if !event_idx {
+                break;
+            }
+            match vring.enable_notification() {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    warn!(
+                        "{}: cannot enable notifications: {e}",
+                        self.tenant.spec.name
+                    );
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Takes and handles one chain; false when there is none (or the queue stopped).
+    fn take_one(
+        &self,
+        queue: u16,
+        vring: &Vring,
+        atomic: &GuestMemoryAtomic<GuestMemoryMmap>,
+    ) -> bool {
+        if self.is_broken(queue) {
+            return false;
+        }
+        // The generation is read before the chain is taken: a reset in between makes
+        // this chain's work stale instead of letting it slip into the new generation.
+        let generation = self.tenant.lock().generation(queue);
+        let mem = atomic.memory().into_inner();
+        let taken = {
+            let mut state = vring.get_mut();
+            // A reset disables the vring (RESET_DEVICE) or marks it not ready
+            // (GET_VRING_BASE) before it abandons the queue's work: from then on
+            // nothing is taken until the driver sets the queue up again.
+            if !state.is_enabled() {
+                return false;
+            }
+            let q = state.get_queue_mut();
+            if !q.ready() {
+                return false;
+            }
+            let (size, desc_table) = (q.size(), q.desc_table());
+            match q.iter(&*mem) {
+                Ok(mut avail) => avail.next().map(|c| (c.head_index(), size, desc_table)),
+                Err(QueueError::InvalidAvailRingIndex) => {
+                    drop(state);
+                    self.mark_broken(queue, "available index moved by more than the queue size");
+                    return false;
+                }
+                Err(e) => {
+                    drop(state);
+                    self.mark_broken(queue, &format!("cannot read the available ring: {e}"));
+                    return false;
+                }
+            }
+        };
+        let Some((head, size, desc_table)) = taken else {
+            return false;
+        };
+        if head >= size {
+            self.mark_broken(queue, &format!("head index {head} ≥ queue size {size}"));
+            return false;
+        }
+        let arrival = self.shared.scheduler.now();
+        let max_descriptors = self.tenant.spec.device_config.max_chain_descriptors;
+        let walked = chain::walk(&*mem, GuestAddress(desc_table), size, head, max_descriptors);
+        let ticket = |writable, writable_len| ChainTicket {
+            tenant: Arc::clone(&self.tenant),
+            queue,
+            generation,
+            vring: vring.clone(),
+            mem: Arc::clone(&mem),
+            head,
+            writable,
+            writable_len,
+            arrival,
+        };
+        match walked {
+            Ok(walked) => {
+                let t = ticket(walked.writable.clone(), walked.writable_len);
+                intake::handle_chain(&self.shared, walked, t);
+            }
+            Err(e) => {
+                debug!(
+                    "{}: queue {queue}: chain {head}: {e}",
+                    self.tenant.spec.name
+                );
+                ticket(Vec::new(), 0).complete_unanswerable();
+            }
+        }
+        true
+    }
+}
+
+impl VhostUserBackend for TenantDevice {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.tenant.spec.device_config.num_request_queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(QUEUE_SIZE_MAX)
+    }
+
+    fn features(&self) -> u64 {
+        DEVICE_FEATURES | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::RESET_DEVICE
+            | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::SeqCst);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let mut space = [0u8; ai_infer_protocol::CONFIG_SPACE_LEN];
+        if self.tenant.spec.device_config.encode(&mut space).is_err() {
+            return Vec::new();
+        }
+        let start = offset as usize;
+        // An empty answer is how vhost-user reports a bad range.
+        match start.checked_add(size as usize) {
+            Some(end) if end <= space.len() => space[start..end].to_vec(),
+            _ => Vec::new(),
+        }
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        *self.mem.write().unwrap_or_else(|p| p.into_inner()) = Some(mem);
+        Ok(())
+    }
+
+    fn reset_device(&self) {
+        self.abandon(|_| true);
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        let Ok(queue) = u16::try_from(queue_index) else {
+            return Ok(());
+        };
+        self.abandon(|q| q == queue);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        // One worker thread serves every queue of the connection, so CANCEL and its
+        // target are handled in order even across queues of one tenant.
+        let n = self.num_queues();
+        vec![if n >= 64 { u64::MAX } else { (1u64 << n) - 1 }]
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                error!(
+                    "{}: cannot create an exit event: {e}",
+                    self.tenant.spec.name
+                );
+                None
+            }
+        }
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[Vring],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        // Errors returned here would end the worker thread; guest-caused problems are
+        // handled per chain or per queue instead.
+        if let Some(vring) = vrings.get(usize::from(device_event)) {
+            self.serve_queue(device_event, vring);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,148 @@
+//! Everything needed to complete one chain, possibly long after it was taken: the
+//! queue, the guest memory it lives in, its writable buffers, and the generation it
+//! belongs to.
+//!
+//! A ticket keeps its own reference to the guest memory mapping and to the vring, so
+//! it stays safe to use after the VMM disconnected; its completion is then simply
+//! discarded because the generation moved on. Completion happens under the tenant's
+//! lock, so a reset or disconnect (which moves the generation under the same lock)
+//! is either fully before or fully after it.
+
+use std::sync::Arc;
+
+use ai_infer_protocol::{Response, ResponseHeader, TensorDesc, RESPONSE_HEADER_LEN};
+use log::warn;
+use vhost_user_backend::{VringRwLock, VringT};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::chain::Segment;
+use crate::guest_io::write_stream;
+use crate::scheduler::Nanos;
+use crate::tenant::{Record, Tenant};
+
+/// The vring type the daemon uses.
+pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemoryMmap>>;
+
+/// How to complete one chain.
+pub struct ChainTicket {
+    /// Whose chain it is.
+    pub tenant: Arc<Tenant>,
+    /// Queue index it arrived on.
+    pub queue: u16,
+    /// The queue's generation when the chain was taken.
+    pub generation: u64,
+    /// The queue.
+    pub vring: Vring,
+    /// Guest memory as mapped when the chain was taken.
+    pub mem: Arc<GuestMemoryMmap>,
+    /// Head descriptor index.
+    pub head: u16,
+    /// Device-writable buffers (the W stream).
+    pub writable: Vec<Segment>,
+    /// Total length of W (≤ `u32::MAX`, checked by the chain walk).
+    pub writable_len: u64,
+    /// When the chain was taken (scheduler clock).
+    pub arrival: Nanos,
+}
+
+impl ChainTicket {
+    /// Where the response header goes in W.
+    pub fn response_offset(&self) -> u64 {
+        self.writable_len.saturating_sub(RESPONSE_HEADER_LEN as u64)
+    }
+
+    /// Writes `writes` (W offset, bytes), publishes the used element with `used_len`,
+    /// accounts `record` and notifies the driver if it wants that. Returns false (and
+    /// touches nothing) if the chain's work was abandoned.
+    pub fn complete(&self, writes: &[(u64, &[u8])], used_len: u32, record: Record) -> bool {
+        let mut st = self.tenant.lock();
+        if st.generation(self.queue) != self.generation {
+            return false;
+        }
+        let mut len = used_len;
+        for (offset, bytes) in writes {
+            if let Err(e) = write_stream(&self.mem, &self.writable, *offset, bytes) {
+                // Cannot happen for a walked chain on its own mapping; never publish a
+                // length the device did not write.
+                warn!("{}: cannot write response: {e}", self.tenant.spec.name);
+                len = 0;
+            }
+        }
+        if let Err(e) = self.vring.add_used(self.head, len) {
+            warn!("{}: cannot add used element: {e}", self.tenant.spec.name);
+        }
+        st.record(record);
+        drop(st);
+        match self.vring.needs_notification() {
+            Ok(true) => {
+                if let Err(e) = self.vring.signal_used_queue() {
+                    warn!(
+                        "{}: cannot signal queue {}: {e}",
+                        self.tenant.spec.name, self.queue
+                    );
+                }
+            }
+            Ok(false) => {}
+            Err(e) => warn!("{}: cannot read event index: {e}", self.tenant.spec.name),
+        }
+        true
+    }
+
+    /// Completes with `used.len = 0` and nothing written (§9 step 0).
+    pub fn complete_unanswerable(&self) -> bool {
+        self.complete(&[], 0, Record::Other)
+    }
+
+    /// Completes with a response header only.
+    pub fn respond(&self, header: &ResponseHeader, record: Record) -> bool {
+        let mut bytes = [0u8; RESPONSE_HEADER_LEN];
+        if header.encode(&mut bytes).is_err() {
+            return self.complete_unanswerable();
+        }
+        self.complete(&[(self.response_offset(), &bytes)], self.used_len(), record)
+    }
+
+    /// Completes with a payload at W offset `payload_offset` and a response header.
+    pub fn respond_with_payload(
+        &self,
+        payload_offset: u64,
+        payload: &[u8],
+        header: &ResponseHeader,
+        record: Record,
+    ) -> bool {
+        let mut bytes = [0u8; RESPONSE_HEADER_LEN];
+        if header.encode(&mut bytes).is_err() {
+            return self.complete_unanswerable();
+        }
+        self.complete(
+            &[(payload_offset, payload), (self.response_offset(), &bytes)],
+            self.used_len(),
+            record,
+        )
+    }
+
+    /// Completes with output shape entries (at `shapes_offset`, right before the
+    /// response header) and the response header.
+    pub fn respond_with_shapes(
+        &self,
+        shapes_offset: u64,
+        header: &ResponseHeader,
+        shapes: &[TensorDesc],
+        record: Record,
+    ) -> bool {
+        let response = Response {
+            header: *header,
+            outputs: shapes.to_vec(),
+        };
+        let mut bytes = vec![0u8; response.encoded_len()];
+        if response.encode(&mut bytes).is_err() {
+            return self.respond(header, record);
+        }
+        self.complete(&[(shapes_offset, &bytes)], self.used_len(), record)
+    }
+
+    fn used_len(&self) -> u32 {
+        // The chain walk rejected W longer than u32::MAX.
+        u32::try_from(self.writable_len).unwrap_or(0)
+    }
+}
