@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::host::{CpuSet, HostTopology};
+use crate::passthrough::{self, PassthroughDevice, PassthroughError, PciHost};
 
 /// Largest kernel command line we accept (the boot protocol's `cmdline_size` is checked later
 /// against the kernel's own limit).
@@ -105,6 +106,12 @@ pub enum ConfigError {
     AiInferNoSocket,
     #[error("ai_infer is a PCI device, but the kernel command line has pci=off: remove it")]
     AiInferPciOff,
+    #[error(transparent)]
+    Passthrough(#[from] PassthroughError),
+    #[error(
+        "[[passthrough]] devices sit on PCI, but the kernel command line has pci=off: remove it"
+    )]
+    PassthroughPciOff,
 }
 
 /// How a memory zone is backed on the host.
@@ -288,6 +295,16 @@ fn default_ai_infer_queue_size() -> u64 {
     256
 }
 
+/// A host PCI device given to the guest with VFIO (`[[passthrough]]`).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PassthroughConfig {
+    /// The host device: its PCI address (`"0000:81:00.0"`, or `"81:00.0"` in domain 0) or
+    /// its sysfs directory (`"/sys/bus/pci/devices/0000:81:00.0"`). It must be bound to
+    /// vfio-pci. By default the tenant's memory zones and vCPUs go to its NUMA node.
+    pub device: String,
+}
+
 /// The whole tenant VM description, as read from `--config`.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -302,6 +319,8 @@ pub struct VmConfig {
     pub console: ConsoleConfig,
     #[serde(default)]
     pub ai_infer: Option<AiInferConfig>,
+    #[serde(default)]
+    pub passthrough: Vec<PassthroughConfig>,
 }
 
 /// Command-line overrides applied on top of the file.
@@ -326,9 +345,19 @@ pub struct ValidatedConfig {
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
     pub cmdline: String,
+    /// The zones, with `host_node` filled in from the passthrough devices' node where the
+    /// config left it open.
     pub zones: Vec<MemoryZoneConfig>,
     pub console: ConsoleConfig,
     pub ai_infer: Option<AiInferConfig>,
+    /// Host devices that passed the passthrough checks, in config order.
+    pub passthrough: Vec<PassthroughDevice>,
+    /// RLIMIT_MEMLOCK (bytes) to raise the soft limit to before VFIO pins guest RAM
+    /// ([`passthrough::raise_memlock`]); `None` when the current limit suffices.
+    pub memlock_raise: Option<u64>,
+    /// Things the operator should know that do not stop the VM (placement that crosses
+    /// NUMA nodes); the caller logs them.
+    pub warnings: Vec<String>,
 }
 
 impl VmConfig {
@@ -393,9 +422,9 @@ impl VmConfig {
 
     /// Checks everything that can be checked before touching KVM or allocating memory.
     /// `kvm_max_vcpus` is KVM's limit on this host.
-    pub fn validate(
+    pub fn validate<H: HostTopology + PciHost>(
         &self,
-        host: &dyn HostTopology,
+        host: &H,
         kvm_max_vcpus: usize,
     ) -> Result<ValidatedConfig, ConfigError> {
         let max = u64::from(MAX_VCPUS);
@@ -413,13 +442,13 @@ impl VmConfig {
             });
         }
 
-        let zones = &self.memory.zones;
+        let mut zones = self.memory.zones.clone();
         if zones.is_empty() {
             return Err(ConfigError::NoMemory);
         }
         let mut ids = HashSet::new();
         let mut total_mib: u64 = 0;
-        for z in zones {
+        for z in &zones {
             if !ids.insert(z.id.as_str()) {
                 return Err(ConfigError::DuplicateZone(z.id.clone()));
             }
@@ -452,7 +481,31 @@ impl VmConfig {
                 max_mib: MAX_MEMORY_MIB,
             });
         }
-        check_hugepages(zones, host)?;
+
+        // Passthrough devices: host checks, then their node becomes the default placement,
+        // before the hugepage pools are checked on the nodes the zones will really use.
+        let entries: Vec<String> = self.passthrough.iter().map(|p| p.device.clone()).collect();
+        let devices = passthrough::resolve(&entries, host)?;
+        let explicit_cpus = self
+            .machine
+            .cpus
+            .as_deref()
+            .map(|s| {
+                CpuSet::parse(s).map_err(|reason| ConfigError::CpuSet {
+                    field: "machine.cpus",
+                    value: s.to_string(),
+                    reason,
+                })
+            })
+            .transpose()?;
+        let placement =
+            passthrough::place_near_devices(&devices, &mut zones, explicit_cpus.as_ref(), host);
+        check_hugepages(&zones, host)?;
+        let memlock_raise = if devices.is_empty() {
+            None
+        } else {
+            passthrough::check_memlock(passthrough::memlock_needed(&zones), host.memlock())?
+        };
 
         let kernel = self.boot.kernel.clone().ok_or(ConfigError::NoKernel)?;
         check_readable("kernel", &kernel)?;
@@ -469,20 +522,18 @@ impl VmConfig {
             return Err(ConfigError::ConsoleNeedsPath);
         }
         if let Some(ai) = &self.ai_infer {
-            validate_ai_infer(ai, zones)?;
+            validate_ai_infer(ai, &zones)?;
             if self.boot.cmdline.split_whitespace().any(|w| w == "pci=off") {
                 return Err(ConfigError::AiInferPciOff);
             }
         }
+        if !devices.is_empty() && self.boot.cmdline.split_whitespace().any(|w| w == "pci=off") {
+            return Err(ConfigError::PassthroughPciOff);
+        }
 
         let online = host.online_cpus();
-        let vcpu_affinity = match &self.machine.cpus {
-            Some(s) => {
-                let set = CpuSet::parse(s).map_err(|reason| ConfigError::CpuSet {
-                    field: "machine.cpus",
-                    value: s.clone(),
-                    reason,
-                })?;
+        let vcpu_affinity = match explicit_cpus {
+            Some(set) => {
                 if let Some(cpu) = set.iter().find(|c| !online.contains(*c)) {
                     return Err(ConfigError::NoSuchCpu {
                         field: "machine.cpus",
@@ -492,11 +543,13 @@ impl VmConfig {
                 }
                 Some(set)
             }
-            None => zones
-                .iter()
-                .find_map(|z| z.host_node)
-                .and_then(|n| host.node_cpus(n))
-                .filter(|s| !s.is_empty()),
+            None => placement.cpus.clone().or_else(|| {
+                zones
+                    .iter()
+                    .find_map(|z| z.host_node)
+                    .and_then(|n| host.node_cpus(n))
+                    .filter(|s| !s.is_empty())
+            }),
         };
 
         Ok(ValidatedConfig {
@@ -505,9 +558,12 @@ impl VmConfig {
             kernel,
             initrd: self.boot.initrd.clone(),
             cmdline: self.boot.cmdline.clone(),
-            zones: zones.clone(),
+            zones,
             console: self.console.clone(),
             ai_infer: self.ai_infer.clone(),
+            passthrough: devices,
+            memlock_raise,
+            warnings: placement.warnings,
         })
     }
 }
@@ -583,54 +639,19 @@ fn format_list(v: &[u32]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::host::SysfsHost;
-
-    /// A fake sysfs: 2 nodes (CPUs 0 and 1), node 1 with `free1` of 16 2 MiB hugepages free.
-    struct FakeSys {
-        root: PathBuf,
-    }
-
-    impl FakeSys {
-        fn new(name: &str, free1: u64) -> Self {
-            let root =
-                std::env::temp_dir().join(format!("aivmm-fakesys-{name}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&root);
-            for (n, cpus, free) in [(0, "0", 0u64), (1, "1", free1)] {
-                let hp = root.join(format!(
-                    "devices/system/node/node{n}/hugepages/hugepages-2048kB"
-                ));
-                std::fs::create_dir_all(&hp).unwrap();
-                std::fs::write(hp.join("free_hugepages"), format!("{free}\n")).unwrap();
-                std::fs::write(hp.join("nr_hugepages"), "16\n").unwrap();
-                std::fs::write(
-                    root.join(format!("devices/system/node/node{n}/cpulist")),
-                    format!("{cpus}\n"),
-                )
-                .unwrap();
-            }
-            std::fs::create_dir_all(root.join("devices/system/cpu")).unwrap();
-            std::fs::write(root.join("devices/system/cpu/online"), "0-1\n").unwrap();
-            std::fs::write(root.join("vmlinuz"), b"kernel").unwrap();
-            FakeSys { root }
-        }
-
-        fn host(&self) -> SysfsHost {
-            SysfsHost::with_root(&self.root)
-        }
-
-        fn kernel(&self) -> String {
-            self.root.join("vmlinuz").display().to_string()
-        }
-    }
-
-    impl Drop for FakeSys {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.root);
-        }
-    }
+    use crate::test_support::FakeSys;
 
     fn parse(text: &str) -> Result<VmConfig, ConfigError> {
         VmConfig::from_toml(text, Path::new("test.toml"))
+    }
+
+    /// A config with one zone and a command line that allows PCI.
+    fn pt_base(sys: &FakeSys, zone: &str) -> String {
+        format!(
+            "[machine]\nvcpus = 2\n[boot]\nkernel = \"{}\"\ncmdline = \"console=ttyS0\"\n\
+             [[memory.zones]]\n{zone}\n",
+            sys.kernel()
+        )
     }
 
     fn base(sys: &FakeSys, zone: &str) -> String {
@@ -849,6 +870,91 @@ mod tests {
                 .unwrap();
         let err = cfg.validate(&sys.host(), 64).unwrap_err();
         assert!(matches!(err, ConfigError::ConsoleNeedsPath), "{err}");
+    }
+
+    #[test]
+    fn passthrough_device_places_zones_and_vcpus_on_its_node() {
+        let sys = FakeSys::new("pt-config", 16);
+        sys.pci_device("0000:81:00.0", Some("vfio-pci"), Some(7), 1, false);
+        let text = pt_base(&sys, "id = \"m\"\nsize_mib = 32\nbacking = \"hugetlb-2m\"")
+            + "[[passthrough]]\ndevice = \"/sys/bus/pci/devices/0000:81:00.0\"\n";
+        let v = parse(&text).unwrap().validate(&sys.host(), 64).unwrap();
+        assert_eq!(v.zones[0].host_node, Some(1));
+        assert_eq!(v.vcpu_affinity, Some(CpuSet::from_cpus([1])));
+        assert_eq!(v.passthrough.len(), 1);
+        assert_eq!(v.passthrough[0].iommu_group, 7);
+        assert_eq!(v.memlock_raise, None);
+        assert!(v.warnings.is_empty(), "{:?}", v.warnings);
+
+        // The hugepage check follows the zone to the device's node: node 1 has only 10 free.
+        let sys = FakeSys::new("pt-config-hp", 10);
+        sys.pci_device("0000:81:00.0", Some("vfio-pci"), Some(7), 1, false);
+        let text = pt_base(&sys, "id = \"m\"\nsize_mib = 32\nbacking = \"hugetlb-2m\"")
+            + "[[passthrough]]\ndevice = \"0000:81:00.0\"\n";
+        let msg = parse(&text)
+            .unwrap()
+            .validate(&sys.host(), 64)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("on host node 1"), "{msg}");
+    }
+
+    #[test]
+    fn passthrough_problems_are_config_errors() {
+        let sys = FakeSys::new("pt-config-err", 16);
+        sys.pci_device("0000:81:00.0", Some("vfio-pci"), Some(7), 1, false);
+        let err = parse("[[passthrough]]\ndevice = \"0000:81:00.0\"\nbar = 1\n").unwrap_err();
+        assert!(err.to_string().contains("unknown field `bar`"), "{err}");
+
+        let text = pt_base(&sys, "id = \"m\"\nsize_mib = 64")
+            + "[[passthrough]]\ndevice = \"0000:81:00.1\"\n";
+        let err = parse(&text).unwrap().validate(&sys.host(), 64).unwrap_err();
+        assert!(matches!(err, ConfigError::Passthrough(_)), "{err}");
+
+        let text = pt_base(&sys, "id = \"m\"\nsize_mib = 64")
+            + "[[passthrough]]\ndevice = \"0000:81:00.0\"\n";
+        let low = crate::passthrough::MemlockLimit {
+            soft: 8 << 20,
+            hard: 16 << 20,
+            ipc_lock: false,
+        };
+        let msg = parse(&text)
+            .unwrap()
+            .validate(&sys.host().with_memlock(low), 64)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("pins 64 MiB") && msg.contains("RLIMIT_MEMLOCK"),
+            "{msg}"
+        );
+        let enough = crate::passthrough::MemlockLimit {
+            hard: 1 << 30,
+            ..low
+        };
+        let v = parse(&text)
+            .unwrap()
+            .validate(&sys.host().with_memlock(enough), 64)
+            .unwrap();
+        assert_eq!(v.memlock_raise, Some(64 << 20));
+
+        let text = base(&sys, "id = \"m\"\nsize_mib = 64")
+            + "[[passthrough]]\ndevice = \"0000:81:00.0\"\n";
+        let err = parse(&text).unwrap().validate(&sys.host(), 64).unwrap_err();
+        assert!(matches!(err, ConfigError::PassthroughPciOff), "{err}");
+    }
+
+    #[test]
+    fn explicit_cpus_across_nodes_warn_but_validate() {
+        let sys = FakeSys::new("pt-config-warn", 16);
+        sys.pci_device("0000:81:00.0", Some("vfio-pci"), Some(7), 1, false);
+        let text = pt_base(&sys, "id = \"m\"\nsize_mib = 32\nhost_node = 0")
+            + "[[passthrough]]\ndevice = \"0000:81:00.0\"\n";
+        let mut cfg = parse(&text).unwrap();
+        cfg.machine.cpus = Some("0".into());
+        let v = cfg.validate(&sys.host(), 64).unwrap();
+        assert_eq!(v.zones[0].host_node, Some(0));
+        assert_eq!(v.vcpu_affinity, Some(CpuSet::from_cpus([0])));
+        assert_eq!(v.warnings.len(), 2, "{:?}", v.warnings);
     }
 
     #[test]

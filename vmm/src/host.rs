@@ -4,7 +4,9 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use crate::passthrough::MemlockLimit;
 
 /// A set of host CPU numbers, as in sysfs `cpulist` files ("0-3,8").
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -103,19 +105,52 @@ pub trait HostTopology {
 /// Reads the real host (or a fake tree rooted elsewhere, for tests).
 pub struct SysfsHost {
     root: PathBuf,
+    /// Where device nodes live (`/dev`); VFIO group files are under `vfio/`.
+    dev_root: PathBuf,
+    /// Memory lock limits to report instead of this process's own.
+    memlock: Option<MemlockLimit>,
 }
 
 impl Default for SysfsHost {
     fn default() -> Self {
         SysfsHost {
             root: PathBuf::from("/sys"),
+            dev_root: PathBuf::from("/dev"),
+            memlock: None,
         }
     }
 }
 
 impl SysfsHost {
+    /// A host whose sysfs is `root` and whose `/dev` is `root/dev` (a fake tree).
     pub fn with_root(root: impl Into<PathBuf>) -> Self {
-        SysfsHost { root: root.into() }
+        let root = root.into();
+        SysfsHost {
+            dev_root: root.join("dev"),
+            root,
+            memlock: None,
+        }
+    }
+
+    /// Reports `limit` as the memory lock limits instead of reading them.
+    pub fn with_memlock(mut self, limit: MemlockLimit) -> Self {
+        self.memlock = Some(limit);
+        self
+    }
+
+    /// The sysfs root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The `/dev` root.
+    pub fn dev_root(&self) -> &Path {
+        &self.dev_root
+    }
+
+    /// The limits given with [`Self::with_memlock`], if any.
+    pub fn memlock_override(&self) -> Option<MemlockLimit> {
+        self.memlock
     }
 
     fn read(&self, rel: &str) -> Option<String> {

@@ -10,9 +10,13 @@ pub mod event_loop;
 pub mod host;
 pub mod interrupts;
 pub mod memory;
+pub mod passthrough;
 pub mod pci;
 pub mod vcpu;
 pub mod vm;
+
+#[cfg(test)]
+mod test_support;
 
 /// Exit codes of the `aivmm` binary.
 pub mod exit_code {

@@ -72,6 +72,14 @@ fn main() -> ExitCode {
         Ok(v) => v,
         Err(e) => return fail(exit_code::BAD_INPUT, e),
     };
+    for w in &validated.warnings {
+        log::warn!("{w}");
+    }
+    if let Some(bytes) = validated.memlock_raise {
+        if let Err(e) = vmm::passthrough::raise_memlock(bytes) {
+            return fail(exit_code::BAD_INPUT, e);
+        }
+    }
 
     match vmm::vm::run(&validated, &kvm, &host, start) {
         Ok(reason) => {

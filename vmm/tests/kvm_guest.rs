@@ -52,6 +52,9 @@ fn config(console: PathBuf, vcpus: u8, backing: Backing) -> ValidatedConfig {
             path: Some(console),
         },
         ai_infer: None,
+        passthrough: Vec::new(),
+        memlock_raise: None,
+        warnings: Vec::new(),
     }
 }
 
