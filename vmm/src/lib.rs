@@ -13,6 +13,7 @@ pub mod memory;
 pub mod passthrough;
 pub mod pci;
 pub mod vcpu;
+pub mod vfio;
 pub mod vm;
 
 #[cfg(test)]

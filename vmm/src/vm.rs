@@ -28,6 +28,7 @@ use crate::interrupts::MsiRouter;
 use crate::memory::{GuestRam, MemoryError};
 use crate::pci::{PciError, PciSegment};
 use crate::vcpu::{install_kick_handler, Stop, StopReason, VcpuContext, VcpuHandle};
+use crate::vfio::{Passthrough, PassthroughSetupError};
 
 /// The serial port's ISA IRQ (COM1).
 const SERIAL_IRQ: u32 = 4;
@@ -60,6 +61,8 @@ pub enum VmError {
     Bus(#[from] devices::BusError),
     #[error(transparent)]
     Pci(#[from] PciError),
+    #[error(transparent)]
+    Passthrough(#[from] PassthroughSetupError),
     #[error("cannot create a device: {0}")]
     Device(String),
     #[error("event loop failed: {0:?}")]
@@ -72,7 +75,11 @@ impl VmError {
     pub fn is_config_error(&self) -> bool {
         matches!(
             self,
-            VmError::Memory(_) | VmError::Boot(_) | VmError::Mptable(_) | VmError::Acpi(_)
+            VmError::Memory(_)
+                | VmError::Boot(_)
+                | VmError::Mptable(_)
+                | VmError::Acpi(_)
+                | VmError::Passthrough(_)
         )
     }
 }
@@ -210,6 +217,18 @@ pub fn run_image(
         Some(ai) => Some(add_ai_infer(&vm, &msi_router, &mut pci, ai, &ram)?),
         None => None,
     };
+    // Passthrough devices: dropped (reset, DMA-unmapped) before the RAM, on every path.
+    let mut passthrough = if cfg.passthrough.is_empty() {
+        None
+    } else {
+        Some(Passthrough::attach(
+            &vm,
+            &ram,
+            &mut pci,
+            &msi_router,
+            &cfg.passthrough,
+        )?)
+    };
 
     // vCPUs: all configured before any runs.
     install_kick_handler().map_err(io_err("the vCPU kick signal"))?;
@@ -275,6 +294,10 @@ pub fn run_image(
         h.stop(VCPU_STOP_TIMEOUT);
     }
     drop(raw_stdin);
+    if let Some(p) = passthrough.as_mut() {
+        p.shutdown();
+    }
+    drop(passthrough);
     // The VM goes before the RAM it maps.
     drop(events);
     drop(vm);

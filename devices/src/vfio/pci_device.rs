@@ -119,6 +119,7 @@ pub struct VfioPciDevice {
     mapper: Option<Box<dyn GuestMapper>>,
     /// Where each BAR's mmaps are mapped into the guest now.
     mapped_at: [Option<u64>; NUM_BARS],
+    shut_down: bool,
 }
 
 impl std::fmt::Debug for VfioPciDevice {
@@ -194,6 +195,7 @@ impl VfioPciDevice {
             mmaps,
             mapper: None,
             mapped_at: [None; NUM_BARS],
+            shut_down: false,
         };
         if dev.intx.is_some() {
             dev.enable_intx().map_err(VfioPciError::EnableIntx)?;
@@ -226,6 +228,9 @@ impl VfioPciDevice {
     /// are mapped into the guest, and moved or removed when the guest moves the BAR or
     /// turns decoding off (the host kernel revokes BAR mappings while decoding is off).
     pub fn attach_mapper(&mut self, mapper: Box<dyn GuestMapper>) {
+        if self.shut_down {
+            return;
+        }
         self.mapper = Some(mapper);
         self.mapped_at = [None; NUM_BARS];
         self.sync_guest_mappings();
@@ -265,6 +270,29 @@ impl VfioPciDevice {
             }
             self.mapped_at[bar] = at;
         }
+    }
+
+    /// Takes the device out of the guest: BAR mappings removed, interrupts off, device
+    /// reset. Done when the VM stops (and on drop); the device stays usable for trapped
+    /// accesses only until dropped. Idempotent.
+    pub fn shutdown(&mut self) {
+        if self.shut_down {
+            return;
+        }
+        self.shut_down = true;
+        // Guest mappings go before the mmaps they point into.
+        if let Some(mapper) = self.mapper.as_mut() {
+            for m in &mut self.mmaps {
+                if let Some(handle) = m.guest.take() {
+                    if let Err(e) = mapper.unmap(handle) {
+                        log::error!("cannot unmap BAR {} from the guest: {e}", m.bar);
+                    }
+                }
+            }
+        }
+        self.mapper = None;
+        self.set_mode(IrqMode::Off);
+        self.backend.reset();
     }
 
     fn enable_intx(&self) -> io::Result<()> {
@@ -514,18 +542,7 @@ impl PciDevice for VfioPciDevice {
 
 impl Drop for VfioPciDevice {
     fn drop(&mut self) {
-        // Guest mappings go before the mmaps they point into.
-        if let Some(mapper) = self.mapper.as_mut() {
-            for m in &mut self.mmaps {
-                if let Some(handle) = m.guest.take() {
-                    if let Err(e) = mapper.unmap(handle) {
-                        log::error!("cannot unmap BAR {} from the guest: {e}", m.bar);
-                    }
-                }
-            }
-        }
-        self.set_mode(IrqMode::Off);
-        self.backend.reset();
+        self.shutdown();
     }
 }
 
@@ -885,13 +902,27 @@ mod tests {
     }
 
     #[test]
-    fn drop_turns_interrupts_off_and_resets() {
+    fn shutdown_and_drop_turn_interrupts_off_and_reset_once() {
         let fake = FakeVfio::edu();
-        let dev = device(&fake, &mut FakeIrqs::default());
+        let mut dev = device(&fake, &mut FakeIrqs::default());
+        let mapper = FakeMapper::default();
+        let log = mapper.mapped.clone();
+        dev.attach_mapper(Box::new(mapper));
+        dev.set_bar_address(0, 0xc000_0000).unwrap();
+        write(&mut dev, 0x04, &0x0002u16.to_le_bytes());
+        assert_eq!(guest_maps(&log).len(), 1);
+        dev.shutdown();
+        assert!(guest_maps(&log).is_empty());
+        assert_eq!(fake.state().resets, 1);
+        assert_eq!(
+            fake.state().irq_log.last().map(String::as_str),
+            Some("disable Intx")
+        );
         drop(dev);
-        let s = fake.state();
-        assert_eq!(s.resets, 1);
-        assert_eq!(s.irq_log.last().map(String::as_str), Some("disable Intx"));
+        assert_eq!(fake.state().resets, 1, "shutdown is done once");
+        let fake = FakeVfio::edu();
+        drop(device(&fake, &mut FakeIrqs::default()));
+        assert_eq!(fake.state().resets, 1);
     }
 
     #[test]

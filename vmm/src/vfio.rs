@@ -1,0 +1,288 @@
+//! Passthrough devices in the VM: the VFIO container (with KVM's VFIO device), all guest
+//! RAM DMA-mapped into it at IOVA = guest-physical address, and one [`VfioPciDevice`] per
+//! configured host device on the PCI segment, with its BARs placed, its mmapped BAR parts in
+//! KVM memory slots and its interrupts routed through KVM (MSI/MSI-X via [`MsiRouter`],
+//! INTx via an irqfd with a resample eventfd).
+
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use devices::pci::{BarKind, MsiVectors, PciConfigError, PciDevice};
+use devices::vfio::{
+    open_container, DmaRange, GuestDmaMappings, GuestMapper, HostVfioDevice, HostVfioError,
+    InterruptAllocator, IntxLine, VfioContainer, VfioDeviceFd, VfioPciDevice, VfioPciError,
+};
+use kvm_bindings::{
+    kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO, kvm_userspace_memory_region,
+};
+use kvm_ioctls::VmFd;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::interrupts::MsiRouter;
+use crate::memory::GuestRam;
+use crate::passthrough::{PassthroughDevice, PciAddress};
+use crate::pci::{PciError, PciSegment};
+
+/// IOAPIC pins free for passthrough INTx: ISA IRQs nothing else here uses (the serial
+/// port has 4, the ACPI SCI 9). A guest without ACPI `_PRT` routing uses the Interrupt
+/// Line register, which Linux accepts only for IRQs up to 15.
+const INTX_GSIS: [u32; 3] = [5, 10, 11];
+/// KVM memory slots available on x86 (KVM_USER_MEM_SLOTS of older kernels; newer ones
+/// allow more, never fewer).
+const MAX_MEMSLOTS: u32 = 509;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PassthroughSetupError {
+    #[error("cannot create KVM's VFIO device: {0}")]
+    KvmVfio(kvm_ioctls::Error),
+    #[error(transparent)]
+    Host(#[from] HostVfioError),
+    #[error("passthrough device {addr}: {source}")]
+    Device {
+        addr: PciAddress,
+        source: VfioPciError,
+    },
+    #[error("passthrough device {addr}: cannot place BAR {bar}: {source}")]
+    Bar {
+        addr: PciAddress,
+        bar: usize,
+        source: PciError,
+    },
+    #[error("passthrough device {addr}: BAR {bar} does not take its address: {source}")]
+    BarAddress {
+        addr: PciAddress,
+        bar: usize,
+        source: PciConfigError,
+    },
+    #[error("passthrough device {addr}: cannot put it on PCI bus 0: {source}")]
+    Slot { addr: PciAddress, source: PciError },
+}
+
+/// KVM memory slot numbers for BAR mappings, above those of guest RAM.
+struct SlotPool {
+    free: Vec<u32>,
+    next: u32,
+}
+
+impl SlotPool {
+    fn take(&mut self) -> io::Result<u32> {
+        if let Some(s) = self.free.pop() {
+            return Ok(s);
+        }
+        if self.next >= MAX_MEMSLOTS {
+            return Err(io::Error::other("no free KVM memory slot"));
+        }
+        self.next += 1;
+        Ok(self.next - 1)
+    }
+}
+
+/// Maps BAR pieces into the guest as KVM memory slots.
+struct KvmGuestMapper {
+    vm: Arc<VmFd>,
+    slots: Arc<Mutex<SlotPool>>,
+}
+
+impl KvmGuestMapper {
+    fn set_slot(&self, slot: u32, gpa: u64, host_addr: u64, len: u64) -> io::Result<()> {
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: len,
+            userspace_addr: host_addr,
+        };
+        // SAFETY: for a new slot the caller of `map` keeps `host_addr..+len` mapped until
+        // `unmap`; a zero-sized region deletes the slot and refers to no memory.
+        unsafe { self.vm.set_user_memory_region(region) }.map_err(io::Error::from)
+    }
+}
+
+impl GuestMapper for KvmGuestMapper {
+    unsafe fn map(&mut self, gpa: u64, host_addr: *mut u8, len: u64) -> io::Result<u32> {
+        let slot = self
+            .slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()?;
+        if let Err(e) = self.set_slot(slot, gpa, host_addr as u64, len) {
+            self.slots
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .free
+                .push(slot);
+            return Err(e);
+        }
+        Ok(slot)
+    }
+
+    fn unmap(&mut self, slot: u32) -> io::Result<()> {
+        self.set_slot(slot, 0, 0, 0)?;
+        self.slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .free
+            .push(slot);
+        Ok(())
+    }
+}
+
+/// Hands a device MSI vectors from the VM's router and one of the free INTx pins.
+struct VmInterrupts<'a> {
+    vm: &'a VmFd,
+    router: &'a Arc<MsiRouter>,
+    intx_pins: &'a mut Vec<u32>,
+}
+
+impl InterruptAllocator for VmInterrupts<'_> {
+    fn msi_vectors(&mut self, count: u16) -> io::Result<Arc<dyn MsiVectors>> {
+        let group = self
+            .router
+            .allocate(usize::from(count))
+            .map_err(io::Error::other)?;
+        Ok(Arc::new(group))
+    }
+
+    fn intx_line(&mut self) -> io::Result<Option<IntxLine>> {
+        let Some(gsi) = self.intx_pins.pop() else {
+            log::warn!("no free IOAPIC pin for another passthrough INTx; the device gets none");
+            return Ok(None);
+        };
+        let trigger = EventFd::new(libc::EFD_NONBLOCK)?;
+        let resample = EventFd::new(libc::EFD_NONBLOCK)?;
+        self.vm
+            .register_irqfd_with_resample(&trigger, &resample, gsi)
+            .map_err(io::Error::from)?;
+        Ok(Some(IntxLine {
+            trigger,
+            resample,
+            gsi,
+        }))
+    }
+}
+
+/// The passthrough devices of a VM and the DMA mappings they use.
+pub struct Passthrough {
+    devices: Vec<(PciAddress, Arc<Mutex<VfioPciDevice>>)>,
+    /// Unmapped (dropped) after the devices are shut down, before the container goes.
+    dma: Option<GuestDmaMappings>,
+    _container: Arc<VfioContainer>,
+}
+
+impl Passthrough {
+    /// Opens every device, DMA-maps all of `ram`, and puts the devices on `pci`.
+    pub fn attach(
+        vm: &Arc<VmFd>,
+        ram: &GuestRam,
+        pci: &mut PciSegment,
+        router: &Arc<MsiRouter>,
+        devices: &[PassthroughDevice],
+    ) -> Result<Self, PassthroughSetupError> {
+        let mut kvm_vfio = kvm_create_device {
+            type_: kvm_device_type_KVM_DEV_TYPE_VFIO,
+            fd: 0,
+            flags: 0,
+        };
+        let kvm_vfio = vm
+            .create_device(&mut kvm_vfio)
+            .map_err(PassthroughSetupError::KvmVfio)?;
+        let container = open_container(Some(Arc::new(VfioDeviceFd::new_from_kvm(kvm_vfio))))?;
+
+        // Groups join the container (and give it its IOMMU) as devices open; only then
+        // can memory be mapped.
+        let opened = devices
+            .iter()
+            .map(|d| HostVfioDevice::open(&container, &d.sysfs_path).map(|h| (d, h)))
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let ranges: Vec<DmaRange> = ram
+            .memory
+            .iter()
+            .map(|r| DmaRange {
+                iova: r.start_addr().0,
+                len: r.len(),
+                host_addr: r.as_ptr(),
+            })
+            .collect();
+        let started = std::time::Instant::now();
+        // SAFETY: guest RAM stays mapped until the VM is torn down, and `vm::run` drops
+        // this value (unmapping the DMA ranges) before it drops the RAM.
+        let dma = unsafe { GuestDmaMappings::map(container.clone(), &ranges) }?;
+        log::info!(
+            "passthrough: {} MiB of guest RAM DMA-mapped in {} ms",
+            dma.len() >> 20,
+            started.elapsed().as_millis()
+        );
+
+        let slots = Arc::new(Mutex::new(SlotPool {
+            free: Vec::new(),
+            next: u32::try_from(ram.memory.num_regions()).unwrap_or(u32::MAX),
+        }));
+        let mut intx_pins = INTX_GSIS.iter().rev().copied().collect::<Vec<_>>();
+        let mut out = Passthrough {
+            devices: Vec::new(),
+            dma: Some(dma),
+            _container: container,
+        };
+        for (cfg, host) in opened {
+            let addr = cfg.addr;
+            let mut irqs = VmInterrupts {
+                vm,
+                router,
+                intx_pins: &mut intx_pins,
+            };
+            let mut dev = VfioPciDevice::new(Box::new(host), &mut irqs)
+                .map_err(|source| PassthroughSetupError::Device { addr, source })?;
+            for (bar, info) in dev.bar_layout() {
+                if info.kind == BarKind::Io {
+                    log::warn!(
+                        "passthrough device {addr}: I/O BAR {bar} is not placed (no port window)"
+                    );
+                    continue;
+                }
+                let gpa = pci
+                    .allocate_bar(info.size, info.kind)
+                    .map_err(|source| PassthroughSetupError::Bar { addr, bar, source })?;
+                dev.set_bar_address(bar, gpa)
+                    .map_err(|source| PassthroughSetupError::BarAddress { addr, bar, source })?;
+                log::info!(
+                    "passthrough device {addr}: BAR {bar} ({:#x} bytes, {:?}) at {gpa:#x}",
+                    info.size,
+                    info.kind
+                );
+            }
+            dev.attach_mapper(Box::new(KvmGuestMapper {
+                vm: vm.clone(),
+                slots: slots.clone(),
+            }));
+            let dev = Arc::new(Mutex::new(dev));
+            let slot = pci
+                .add(dev.clone() as Arc<Mutex<dyn PciDevice>>)
+                .map_err(|source| PassthroughSetupError::Slot { addr, source })?;
+            log::info!(
+                "passthrough device {addr} at PCI 00:{slot:02x}.0 (host NUMA node {})",
+                cfg.numa_node
+                    .map_or_else(|| "unknown".to_string(), |n| n.to_string())
+            );
+            out.devices.push((addr, dev));
+        }
+        Ok(out)
+    }
+
+    /// Takes the devices out of the guest (mappings, interrupts, reset), then unmaps guest
+    /// RAM from the IOMMU. Call after the vCPUs stopped and before the RAM goes.
+    pub fn shutdown(&mut self) {
+        for (addr, dev) in &self.devices {
+            log::info!("passthrough device {addr}: reset");
+            dev.lock().unwrap_or_else(|p| p.into_inner()).shutdown();
+        }
+        self.dma = None;
+    }
+}
+
+impl Drop for Passthrough {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
