@@ -1,9 +1,10 @@
-# shellcheck shell=bash
+# shellcheck shell=bash source-path=SCRIPTDIR
 # Sourced by the rig scripts: the L2 guest image both modes boot.
 #
 #   prepare_l2 OUTDIR   sets $kdir (the guest kernel directory, fetched if needed) and builds
-#                       OUTDIR/l2-initrd.gz with tests/rig/guest/* under /scripts/
-#                       (and the guest agent when AIVMM_AGENT names one).
+#                       OUTDIR/l2-initrd.gz with tests/rig/guest/* under /scripts/,
+#                       /bin/edu-test (tests/rig/guest/edu-test.c, built static) and the
+#                       guest agent when AIVMM_AGENT names one.
 # Needs $here (tests/rig) and $root (the repository) set by the caller.
 
 prepare_l2() {
@@ -11,9 +12,27 @@ prepare_l2() {
     kdir=${AIVMM_KERNEL_DIR:-$root/target/guest-kernel}
     "$root/guest-kernel/fetch-kernel.sh" "$kdir" >/dev/null
     mkdir -p "$out"
-    local l2_args=(--add "$here/guest:/scripts")
+    build_edu_test "$out/edu-test"
+    local l2_args=(--add "$here/guest:/scripts" --bin "$out/edu-test:/bin/edu-test")
     if [ -n "${AIVMM_AGENT:-}" ]; then
         l2_args+=(--agent "$AIVMM_AGENT")
     fi
     "$root/guest-kernel/build-initramfs.sh" "$out/l2-initrd.gz" "${l2_args[@]}" >/dev/null
+}
+
+# build_edu_test OUT: the passthrough test program, static (the guest image has no libc).
+build_edu_test() {
+    local out=$1 src=$here/guest/edu-test.c
+    # shellcheck source=../../guest-kernel/pkg.sh
+    . "$root/guest-kernel/pkg.sh"
+    need_cmd gcc gcc
+    if [ ! -f /usr/lib/x86_64-linux-gnu/libc.a ]; then
+        apt_lists_know libc6-dev
+        as_root env DEBIAN_FRONTEND=noninteractive \
+            apt-get install -y -q --no-install-recommends libc6-dev >&2
+    fi
+    if [ ! -f "$out" ] || [ "$src" -nt "$out" ]; then
+        gcc -static -O2 -Wall -Wextra -Werror -o "$out.tmp" "$src"
+        mv "$out.tmp" "$out"
+    fi
 }

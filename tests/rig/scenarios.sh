@@ -8,7 +8,8 @@
 #   RIG-END <name> rc=<n>            aivmm's exit code (137 when the rig had to kill it)
 #   RIG-SCENARIOS-DONE               every requested scenario ran
 #
-#   scenarios.sh [boot] [badconfig] [sigterm] [demo]      (default: boot badconfig sigterm)
+#   scenarios.sh [boot] [badconfig] [sigterm] [demo] [passthrough] [badpassthrough]
+#                                                         (default: boot badconfig sigterm)
 #
 # Runs in L1 under busybox sh (nested mode), or on the host in direct mode; POSIX sh only.
 # Environment (defaults are the L1 layout made by build-l1.sh):
@@ -238,6 +239,117 @@ scenario_sigterm() {
     echo "RIG-END sigterm rc=$VM_RC"
 }
 
+# The rig's passthrough target, QEMU's `edu` (1234:11e8): prints its PCI address, fails when
+# the host has none.
+edu_device() {
+    for d in /sys/bus/pci/devices/*; do
+        if [ "$(cat "$d/vendor" 2>/dev/null):$(cat "$d/device" 2>/dev/null)" = "0x1234:0x11e8" ]; then
+            echo "${d##*/}"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# driver_of DEV: the driver DEV is bound to, or "none".
+driver_of() {
+    l=$(readlink "/sys/bus/pci/devices/$1/driver" 2>/dev/null) && basename "$l" || echo none
+}
+
+# bind_vfio DEV: hands DEV to vfio-pci (driver_override keeps other drivers off it).
+bind_vfio() {
+    d=/sys/bus/pci/devices/$1
+    [ "$(driver_of "$1")" = vfio-pci ] && return 0
+    echo vfio-pci >"$d/driver_override" || return 1
+    [ -e "$d/driver" ] && echo "$1" >"$d/driver/unbind"
+    echo "$1" >/sys/bus/pci/drivers_probe
+    [ "$(driver_of "$1")" = vfio-pci ]
+}
+
+# iommu_group DEV: the IOMMU group number of DEV.
+iommu_group() {
+    l=$(readlink "/sys/bus/pci/devices/$1/iommu_group") && basename "$l"
+}
+
+# A device passed to L2: the edu bound to vfio-pci in L1, the guest's edu-test drives it
+# (BAR, DMA, MSI) and the VMM's memory must sit on the device's node.
+scenario_passthrough() {
+    echo "RIG-BEGIN passthrough"
+    if ! dev=$(edu_device); then
+        fact passthrough skipped "no edu device on this host"
+        echo "RIG-END passthrough rc=0"
+        return
+    fi
+    fact passthrough device "$dev"
+    fact passthrough device_numa_node "$(cat "/sys/bus/pci/devices/$dev/numa_node")"
+    fact passthrough driver_before "$(driver_of "$dev")"
+    bind_vfio "$dev"
+    fact passthrough driver "$(driver_of "$dev")"
+    group=$(iommu_group "$dev")
+    fact passthrough iommu_group "${group:-none}"
+    members=
+    for m in "/sys/kernel/iommu_groups/$group/devices"/*; do
+        [ -e "$m" ] && members="$members${members:+ }${m##*/}"
+    done
+    fact passthrough group_devices "$members"
+    sed "s/^device = .*/device = \"$dev\"/" "$RIG_CONFIGS/passthrough.toml" >"$RIG_TMP/passthrough.toml"
+    hp_facts passthrough before
+    # shellcheck disable=SC2046
+    vm_start passthrough "$RIG_TMP/passthrough.toml" $(guest_args) --log-level info
+    pid=$VM_PID
+    wait_guest passthrough AIVMM-GUEST-INIT "$pid" "$RIG_VM_TIMEOUT"
+    case $? in
+    0)
+        fact passthrough up_by "$UP_BY"
+        memory_facts passthrough "$pid"
+        hp_facts passthrough during
+        ;;
+    1) fact passthrough up_by "none: aivmm exited before the guest reached init" ;;
+    2) fact passthrough up_by "none: the guest did not reach init within ${RIG_VM_TIMEOUT}s" ;;
+    esac
+    vm_wait passthrough "$pid" "$RIG_VM_TIMEOUT"
+    hp_facts passthrough after
+    fact passthrough driver_after "$(driver_of "$dev")"
+    stderr_facts passthrough passthrough
+    vm_output passthrough
+    echo "RIG-END passthrough rc=$VM_RC"
+}
+
+# Passthrough configs aivmm must refuse at start (exit 2, one error line): an address with
+# no device, a device not bound to vfio-pci (the edu's root port, on pcieport), and the
+# edu while another process holds its VFIO group.
+scenario_badpassthrough() {
+    dev=$(edu_device) || dev=
+    for case_name in bdf driver busy; do
+        echo "RIG-BEGIN badpassthrough"
+        fact badpassthrough case "$case_name"
+        holder=
+        if [ "$case_name" = busy ]; then
+            if [ -n "$dev" ] && bind_vfio "$dev" && group=$(iommu_group "$dev"); then
+                # Like another VMM owning the group: the file stays open while aivmm starts.
+                sh -c "exec 3<>/dev/vfio/$group && exec sleep 120" &
+                holder=$!
+                sleep 1
+                fact badpassthrough holder "pid $holder holds /dev/vfio/$group"
+            else
+                fact badpassthrough holder "none: no edu bound to vfio-pci"
+            fi
+        fi
+        hp_facts badpassthrough before
+        # shellcheck disable=SC2046
+        vm_start badpassthrough "$RIG_CONFIGS/bad-pt-$case_name.toml" $(guest_args)
+        vm_wait badpassthrough "$VM_PID" 60
+        if [ -n "$holder" ]; then
+            kill "$holder" 2>/dev/null
+            wait "$holder" 2>/dev/null
+        fi
+        hp_facts badpassthrough after
+        stderr_facts badpassthrough badpassthrough
+        vm_output badpassthrough
+        echo "RIG-END badpassthrough rc=$VM_RC"
+    done
+}
+
 # `make demo`: one tenant microVM, its console straight to ours, live. The config is
 # RIG_DEMO_CONFIG, else the tenant demo config when the rig carries it (configs/tenant-demo.toml,
 # added by demo.sh), else the rig's demo.toml; the guest runs /scripts/demo.sh.
@@ -269,7 +381,7 @@ fact rig mode "${RIG_MODE:-unknown}"
 fact rig aivmm "$AIVMM"
 for s in "$@"; do
     case $s in
-    boot | badconfig | sigterm | demo) "scenario_$s" ;;
+    boot | badconfig | sigterm | demo | passthrough | badpassthrough) "scenario_$s" ;;
     *) echo "scenarios.sh: unknown scenario: $s" >&2 ;;
     esac
 done
