@@ -8,8 +8,8 @@
 #   RIG-END <name> rc=<n>            aivmm's exit code (137 when the rig had to kill it)
 #   RIG-SCENARIOS-DONE               every requested scenario ran
 #
-#   scenarios.sh [boot] [badconfig] [sigterm] [demo] [passthrough] [badpassthrough]
-#                                                         (default: boot badconfig sigterm)
+#   scenarios.sh [boot] [badconfig] [sigterm] [demo] [passthrough] [badpassthrough] [ptbench]
+#                         (default: boot badconfig sigterm passthrough badpassthrough)
 #
 # Runs in L1 under busybox sh (nested mode), or on the host in direct mode; POSIX sh only.
 # Environment (defaults are the L1 layout made by build-l1.sh):
@@ -272,47 +272,110 @@ iommu_group() {
 }
 
 # A device passed to L2: the edu bound to vfio-pci in L1, the guest's edu-test drives it
-# (BAR, DMA, MSI) and the VMM's memory must sit on the device's node.
+# (BAR, DMA, MSI) and the VMM's memory must sit on the device's node. Then the same with
+# `mmap = false` (scenario name passthrough_trapped): every BAR access traps into aivmm, for
+# the mapped-vs-trapped BAR access figure.
 scenario_passthrough() {
-    echo "RIG-BEGIN passthrough"
     if ! dev=$(edu_device); then
+        echo "RIG-BEGIN passthrough"
         fact passthrough skipped "no edu device on this host"
         echo "RIG-END passthrough rc=0"
         return
     fi
-    fact passthrough device "$dev"
-    fact passthrough device_numa_node "$(cat "/sys/bus/pci/devices/$dev/numa_node")"
-    fact passthrough driver_before "$(driver_of "$dev")"
+    passthrough_run passthrough "$dev" ""
+    passthrough_run passthrough_trapped "$dev" "mmap = false"
+}
+
+# passthrough_run NAME DEV EXTRA: one VM with DEV passed through; EXTRA is a line added to
+# the [[passthrough]] entry.
+passthrough_run() {
+    name=$1
+    dev=$2
+    echo "RIG-BEGIN $name"
+    fact "$name" device "$dev"
+    fact "$name" device_numa_node "$(cat "/sys/bus/pci/devices/$dev/numa_node")"
+    fact "$name" driver_before "$(driver_of "$dev")"
     bind_vfio "$dev"
-    fact passthrough driver "$(driver_of "$dev")"
+    fact "$name" driver "$(driver_of "$dev")"
     group=$(iommu_group "$dev")
-    fact passthrough iommu_group "${group:-none}"
+    fact "$name" iommu_group "${group:-none}"
     members=
     for m in "/sys/kernel/iommu_groups/$group/devices"/*; do
         [ -e "$m" ] && members="$members${members:+ }${m##*/}"
     done
-    fact passthrough group_devices "$members"
-    sed "s/^device = .*/device = \"$dev\"/" "$RIG_CONFIGS/passthrough.toml" >"$RIG_TMP/passthrough.toml"
-    hp_facts passthrough before
+    fact "$name" group_devices "$members"
+    sed "s/^device = .*/device = \"$dev\"/" "$RIG_CONFIGS/passthrough.toml" >"$RIG_TMP/$name.toml"
+    [ -n "$3" ] && echo "$3" >>"$RIG_TMP/$name.toml"
+    hp_facts "$name" before
     # shellcheck disable=SC2046
-    vm_start passthrough "$RIG_TMP/passthrough.toml" $(guest_args) --log-level info
+    vm_start "$name" "$RIG_TMP/$name.toml" $(guest_args) --log-level info
     pid=$VM_PID
-    wait_guest passthrough AIVMM-GUEST-INIT "$pid" "$RIG_VM_TIMEOUT"
+    wait_guest "$name" AIVMM-GUEST-INIT "$pid" "$RIG_VM_TIMEOUT"
     case $? in
     0)
-        fact passthrough up_by "$UP_BY"
-        memory_facts passthrough "$pid"
-        hp_facts passthrough during
+        fact "$name" up_by "$UP_BY"
+        memory_facts "$name" "$pid"
+        hp_facts "$name" during
         ;;
-    1) fact passthrough up_by "none: aivmm exited before the guest reached init" ;;
-    2) fact passthrough up_by "none: the guest did not reach init within ${RIG_VM_TIMEOUT}s" ;;
+    1) fact "$name" up_by "none: aivmm exited before the guest reached init" ;;
+    2) fact "$name" up_by "none: the guest did not reach init within ${RIG_VM_TIMEOUT}s" ;;
     esac
-    vm_wait passthrough "$pid" "$RIG_VM_TIMEOUT"
-    hp_facts passthrough after
-    fact passthrough driver_after "$(driver_of "$dev")"
-    stderr_facts passthrough passthrough
-    vm_output passthrough
-    echo "RIG-END passthrough rc=$VM_RC"
+    vm_wait "$name" "$pid" "$RIG_VM_TIMEOUT"
+    hp_facts "$name" after
+    fact "$name" driver_after "$(driver_of "$dev")"
+    stderr_facts "$name" "$name"
+    vm_output "$name"
+    echo "RIG-END $name rc=$VM_RC"
+}
+
+# Time to DMA-map (pin and enter in the IOMMU) all guest RAM for passthrough, by size and
+# backing: aivmm logs "passthrough: N MiB of guest RAM DMA-mapped in T ms" before the guest
+# runs, so each VM is stopped (SIGTERM) right after. Zones are prefaulted either way, so the
+# time is pinning and IOMMU mapping only. Sizes: RIG_PTBENCH_SIZES (MiB, default 256 512 1024).
+scenario_ptbench() {
+    if ! dev=$(edu_device) || ! bind_vfio "$dev"; then
+        echo "RIG-BEGIN ptbench"
+        fact ptbench skipped "no edu device bound to vfio-pci"
+        echo "RIG-END ptbench rc=0"
+        return
+    fi
+    node=$(cat "/sys/bus/pci/devices/$dev/numa_node")
+    [ "$node" -ge 0 ] 2>/dev/null || node=0
+    hp=/sys/devices/system/node/node$node/hugepages/hugepages-2048kB/nr_hugepages
+    orig=$(cat "$hp")
+    for mib in ${RIG_PTBENCH_SIZES:-256 512 1024}; do
+        for backing in memfd hugetlb-2m; do
+            echo "RIG-BEGIN ptbench"
+            fact ptbench size_mib "$mib"
+            fact ptbench backing "$backing"
+            [ "$backing" = hugetlb-2m ] && echo $((orig + mib / 2)) >"$hp"
+            {
+                echo '[boot]'
+                echo "kernel = \"$L2_KERNEL\""
+                echo 'cmdline = "console=ttyS0"'
+                echo '[[memory.zones]]'
+                echo 'id = "mem0"'
+                echo "size_mib = $mib"
+                echo "backing = \"$backing\""
+                echo 'prefault = true'
+                echo '[[passthrough]]'
+                echo "device = \"$dev\""
+            } >"$RIG_TMP/ptbench.toml"
+            vm_start ptbench "$RIG_TMP/ptbench.toml" --log-level info
+            pid=$VM_PID
+            deadline=$(($(now_ms) + 300000))
+            while alive "$pid" && ! grep -q "DMA-mapped in" "$RIG_TMP/ptbench.err" &&
+                [ "$(now_ms)" -lt "$deadline" ]; do
+                sleep 0.2
+            done
+            kill -TERM "$pid" 2>/dev/null
+            vm_wait ptbench "$pid" 60
+            echo "$orig" >"$hp"
+            fact ptbench dma_map_ms "$(sed -n 's/.*DMA-mapped in \([0-9]*\) ms.*/\1/p' "$RIG_TMP/ptbench.err")"
+            stderr_facts ptbench ptbench
+            echo "RIG-END ptbench rc=$VM_RC"
+        done
+    done
 }
 
 # Passthrough configs aivmm must refuse at start (exit 2, one error line): an address with
@@ -376,12 +439,12 @@ scenario_demo() {
     echo "RIG-END demo rc=$VM_RC"
 }
 
-[ $# -gt 0 ] || set -- boot badconfig sigterm
+[ $# -gt 0 ] || set -- boot badconfig sigterm passthrough badpassthrough
 fact rig mode "${RIG_MODE:-unknown}"
 fact rig aivmm "$AIVMM"
 for s in "$@"; do
     case $s in
-    boot | badconfig | sigterm | demo | passthrough | badpassthrough) "scenario_$s" ;;
+    boot | badconfig | sigterm | demo | passthrough | badpassthrough | ptbench) "scenario_$s" ;;
     *) echo "scenarios.sh: unknown scenario: $s" >&2 ;;
     esac
 done

@@ -13,7 +13,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use crate::config::MemoryZoneConfig;
+use crate::config::{MemoryZoneConfig, PassthroughConfig};
 use crate::host::{CpuSet, HostTopology, SysfsHost};
 
 /// Drivers a non-passed device of the group may be bound to (besides none): those the
@@ -298,6 +298,8 @@ pub struct PassthroughDevice {
     pub sysfs_path: PathBuf,
     pub iommu_group: u32,
     pub numa_node: Option<u32>,
+    /// Map BARs into the guest (else every BAR access traps).
+    pub mmap: bool,
 }
 
 /// Turns a config value (a PCI address or a sysfs device path) into an address.
@@ -322,12 +324,12 @@ pub fn parse_device(value: &str) -> Result<PciAddress, PassthroughError> {
 
 /// Checks every configured device on the host, in order; the first failure is the error.
 pub fn resolve(
-    entries: &[String],
+    entries: &[PassthroughConfig],
     host: &dyn PciHost,
 ) -> Result<Vec<PassthroughDevice>, PassthroughError> {
     let addrs = entries
         .iter()
-        .map(|e| parse_device(e))
+        .map(|e| parse_device(&e.device))
         .collect::<Result<Vec<_>, _>>()?;
     for (i, addr) in addrs.iter().enumerate() {
         if addrs[..i].contains(addr) {
@@ -335,7 +337,7 @@ pub fn resolve(
         }
     }
     let mut out: Vec<PassthroughDevice> = Vec::with_capacity(addrs.len());
-    for addr in &addrs {
+    for (addr, entry) in addrs.iter().zip(entries) {
         let dir = host.device_dir(addr);
         let facts = host
             .device(addr)
@@ -362,6 +364,7 @@ pub fn resolve(
             sysfs_path: dir,
             iommu_group: group,
             numa_node: facts.numa_node,
+            mmap: entry.mmap,
         });
     }
     Ok(out)
@@ -546,6 +549,17 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// Config entries for `devices`, BARs mapped.
+    fn entries(devices: &[&str]) -> Vec<PassthroughConfig> {
+        devices
+            .iter()
+            .map(|d| PassthroughConfig {
+                device: d.to_string(),
+                mmap: true,
+            })
+            .collect()
+    }
+
     fn zone(id: &str, mib: u64, node: Option<u32>) -> MemoryZoneConfig {
         MemoryZoneConfig {
             id: id.into(),
@@ -597,7 +611,7 @@ mod tests {
         let sys = FakeSys::new("pt-ok", 0);
         sys.pci_device("0000:81:00.0", Some("vfio-pci"), Some(7), 1, false);
         let host = sys.host();
-        let devs = resolve(&["0000:81:00.0".into()], &host).unwrap();
+        let devs = resolve(&entries(&["0000:81:00.0"]), &host).unwrap();
         assert_eq!(
             devs,
             vec![PassthroughDevice {
@@ -605,6 +619,7 @@ mod tests {
                 sysfs_path: sys.root().join("bus/pci/devices/0000:81:00.0"),
                 iommu_group: 7,
                 numa_node: Some(1),
+                mmap: true,
             }]
         );
     }
@@ -616,7 +631,7 @@ mod tests {
         sys.pci_device("0000:82:00.0", None, Some(8), 0, false);
         sys.pci_device("0000:83:00.0", Some("vfio-pci"), None, 0, false);
         let host = sys.host();
-        let err = |dev: &str| resolve(&[dev.into()], &host).unwrap_err();
+        let err = |dev: &str| resolve(&entries(&[dev]), &host).unwrap_err();
 
         let e = err("0000:99:00.0");
         assert!(matches!(e, PassthroughError::NoSuchDevice { .. }), "{e}");
@@ -631,7 +646,7 @@ mod tests {
         assert!(e.to_string().contains("not bound to any driver"), "{e}");
         let e = err("0000:83:00.0");
         assert!(matches!(e, PassthroughError::NoIommuGroup { .. }), "{e}");
-        let e = resolve(&["81:00.0".into(), "0000:81:00.0".into()], &host).unwrap_err();
+        let e = resolve(&entries(&["81:00.0", "0000:81:00.0"]), &host).unwrap_err();
         assert!(matches!(e, PassthroughError::Duplicate { .. }), "{e}");
         let e = err("not-a-device");
         assert!(matches!(e, PassthroughError::BadAddress { .. }), "{e}");
@@ -644,21 +659,21 @@ mod tests {
         // The GPU's audio function, still bound to its host driver.
         sys.pci_device("0000:01:00.1", Some("snd_hda_intel"), Some(3), 0, false);
         let host = sys.host();
-        let e = resolve(&["0000:01:00.0".into()], &host).unwrap_err();
+        let e = resolve(&entries(&["0000:01:00.0"]), &host).unwrap_err();
         let msg = e.to_string();
         assert!(
             msg.contains("also holds 0000:01:00.1, bound to snd_hda_intel"),
             "{msg}"
         );
         // Passing both is fine.
-        let both = resolve(&["0000:01:00.0".into(), "0000:01:00.1".into()], &host);
+        let both = resolve(&entries(&["0000:01:00.0", "0000:01:00.1"]), &host);
         assert!(
             matches!(both, Err(PassthroughError::NotVfio { .. })),
             "the audio function itself must be on vfio-pci"
         );
         sys.pci_device("0000:01:00.1", Some("vfio-pci"), Some(3), 0, false);
         assert_eq!(
-            resolve(&["0000:01:00.0".into(), "0000:01:00.1".into()], &host)
+            resolve(&entries(&["0000:01:00.0", "0000:01:00.1"]), &host)
                 .unwrap()
                 .len(),
             2
@@ -667,7 +682,7 @@ mod tests {
         sys.pci_device("0000:01:00.1", None, Some(3), 0, false);
         sys.pci_device("0000:01:00.2", Some("pci-stub"), Some(3), 0, false);
         sys.pci_device("0000:00:01.0", Some("pcieport"), Some(3), 0, true);
-        assert!(resolve(&["0000:01:00.0".into()], &host).is_ok());
+        assert!(resolve(&entries(&["0000:01:00.0"]), &host).is_ok());
     }
 
     #[test]
@@ -676,7 +691,7 @@ mod tests {
         sys.pci_device("0000:81:00.0", Some("vfio-pci"), Some(7), 1, false);
         let host = sys.host();
         std::fs::remove_file(sys.root().join("dev/vfio/7")).unwrap();
-        let e = resolve(&["0000:81:00.0".into()], &host).unwrap_err();
+        let e = resolve(&entries(&["0000:81:00.0"]), &host).unwrap_err();
         assert!(
             matches!(&e, PassthroughError::GroupOpen { group: 7, .. }),
             "{e}"
@@ -732,6 +747,7 @@ mod tests {
             sysfs_path: PathBuf::new(),
             iommu_group: 1,
             numa_node: node,
+            mmap: true,
         }
     }
 

@@ -252,10 +252,14 @@ impl Passthrough {
                     info.kind
                 );
             }
-            dev.attach_mapper(Box::new(KvmGuestMapper {
-                vm: vm.clone(),
-                slots: slots.clone(),
-            }));
+            if cfg.mmap {
+                dev.attach_mapper(Box::new(KvmGuestMapper {
+                    vm: vm.clone(),
+                    slots: slots.clone(),
+                }));
+            } else {
+                log::info!("passthrough device {addr}: BARs not mapped, every access traps");
+            }
             let dev = Arc::new(Mutex::new(dev));
             let slot = pci
                 .add(dev.clone() as Arc<Mutex<dyn PciDevice>>)
@@ -273,7 +277,7 @@ impl Passthrough {
     /// Takes the devices out of the guest (mappings, interrupts, reset), then unmaps guest
     /// RAM from the IOMMU. Call after the vCPUs stopped and before the RAM goes.
     pub fn shutdown(&mut self) {
-        for (addr, dev) in &self.devices {
+        for (addr, dev) in self.devices.drain(..) {
             log::info!("passthrough device {addr}: reset");
             dev.lock().unwrap_or_else(|p| p.into_inner()).shutdown();
         }

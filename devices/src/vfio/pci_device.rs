@@ -272,9 +272,9 @@ impl VfioPciDevice {
         }
     }
 
-    /// Takes the device out of the guest: BAR mappings removed, interrupts off, device
-    /// reset. Done when the VM stops (and on drop); the device stays usable for trapped
-    /// accesses only until dropped. Idempotent.
+    /// Takes the device out of the guest: BAR mappings removed and unmapped, interrupts
+    /// off, device reset. Done when the VM stops (and on drop); afterwards BAR accesses
+    /// only trap. Idempotent.
     pub fn shutdown(&mut self) {
         if self.shut_down {
             return;
@@ -291,6 +291,9 @@ impl VfioPciDevice {
             }
         }
         self.mapper = None;
+        // The mmaps hold the device file open: they go before the device is closed, or
+        // the host refuses to release its VFIO group.
+        self.mmaps.clear();
         self.set_mode(IrqMode::Off);
         self.backend.reset();
     }
@@ -913,6 +916,10 @@ mod tests {
         assert_eq!(guest_maps(&log).len(), 1);
         dev.shutdown();
         assert!(guest_maps(&log).is_empty());
+        assert!(
+            dev.mmaps().is_empty(),
+            "mmaps released before the device closes"
+        );
         assert_eq!(fake.state().resets, 1);
         assert_eq!(
             fake.state().irq_log.last().map(String::as_str),

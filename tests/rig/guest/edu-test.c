@@ -51,6 +51,9 @@
 #define DMA_CMD_TO_RAM 0x2
 #define EDU_BUFFER 0x40000
 #define EDU_BUFFER_SIZE 4096
+// Bytes per DMA. QEMU's edu requires the end of a transfer to lie strictly inside its
+// buffer (a full 4096-byte transfer is refused with a hardware error that stops QEMU).
+#define DMA_BYTES 2048
 #define EDU_DMA_MASK ((1ull << 28) - 1)
 
 #define PCI_COMMAND 0x04
@@ -254,7 +257,7 @@ static void check_dma(void) {
     uint16_t cmd = cfg16(PCI_COMMAND);
     cfg_w16(PCI_COMMAND, cmd | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER);
 
-    uint32_t count = EDU_BUFFER_SIZE;
+    uint32_t count = DMA_BYTES;
     dma(src_pa, EDU_BUFFER, count, 0);
     dma(EDU_BUFFER, dst_pa, count, DMA_CMD_TO_RAM);
     for (uint32_t i = 0; i < count; i++) {
