@@ -6,6 +6,9 @@
 
 use aivmm_tests::{rig, Rig, RigMode, ScenarioRun};
 
+/// Passthrough of L1's `edu` device: checks on the same rig run.
+mod passthrough;
+
 /// The boot and sigterm configs' zone: 256 MiB of 2 MiB pages.
 const ZONE_HUGEPAGES: i64 = 256 / 2;
 
