@@ -14,13 +14,24 @@ use vmm::vcpu::StopReason;
 /// A minimal stderr logger: `aivmm: <level>: message`.
 struct StderrLogger;
 
+/// vfio-ioctls warns about optional VFIO IRQ indexes a device does not have (e.g. "Could
+/// not get VFIO IRQ info for index 3") on every start: harmless, so shown only at info.
+fn level_of(m: &log::Metadata) -> log::Level {
+    if m.target().starts_with("vfio_ioctls") && m.level() == log::Level::Warn {
+        log::Level::Info
+    } else {
+        m.level()
+    }
+}
+
 impl log::Log for StderrLogger {
     fn enabled(&self, m: &log::Metadata) -> bool {
-        m.level() <= log::max_level()
+        level_of(m) <= log::max_level()
     }
     fn log(&self, r: &log::Record) {
         if self.enabled(r.metadata()) {
-            eprintln!("aivmm: {}: {}", r.level().as_str().to_lowercase(), r.args());
+            let level = level_of(r.metadata());
+            eprintln!("aivmm: {}: {}", level.as_str().to_lowercase(), r.args());
         }
     }
     fn flush(&self) {}

@@ -119,6 +119,10 @@ pub fn run_image(
     start: Instant,
     image: GuestImage,
 ) -> Result<StopReason, VmError> {
+    // SIGTERM/SIGINT from here on stop the VM cleanly: one that arrives during setup is
+    // seen by the control loop as soon as it starts.
+    let signal_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("the signal event"))?;
+    install_stop_signals(&signal_evt).map_err(io_err("signal handlers"))?;
     let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create the KVM VM"))?);
     vm.set_tss_address(layout::KVM_TSS_ADDR)
         .map_err(kvm_err("set the TSS address"))?;
@@ -247,8 +251,6 @@ pub fn run_image(
         fds.push(fd);
     }
 
-    let signal_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("the signal event"))?;
-    install_stop_signals(&signal_evt).map_err(io_err("signal handlers"))?;
     let raw_stdin = console::RawStdin::enable(&cfg.console);
     let control = Arc::new(Mutex::new(ControlLoop::new(
         stop.clone(),
