@@ -5,9 +5,11 @@
 //! kernel driver is involved and the request path makes no system calls.
 
 pub mod backoff;
+pub mod device;
 pub mod dma;
 pub mod mmio;
 pub mod pci;
+pub mod transport;
 pub mod virtqueue;
 
 #[cfg(test)]

@@ -108,18 +108,30 @@ impl FakeRing {
     pub fn set_used_flags(&mut self, flags: u16) {
         self.write(self.used, &flags.to_le_bytes());
     }
+}
 
-    /// Copies `len` bytes at device address `addr` out of the pool.
-    pub fn read_bytes(&self, addr: u64, len: usize) -> Vec<u8> {
-        let p = self.ptr(addr, len);
-        // SAFETY: the range lies in the pool (checked by `ptr`).
-        (0..len)
-            .map(|i| unsafe { std::ptr::read_volatile(p.add(i)) })
-            .collect()
-    }
+/// Copies `len` bytes at device address `addr` out of the pool, as a device would.
+pub fn device_read(pool: &DmaPool, addr: u64, len: usize) -> Vec<u8> {
+    let p = pool
+        .host_slice_for_device(addr, len)
+        .expect("device read in pool")
+        .0
+        .as_ptr();
+    // SAFETY: host_slice_for_device checked the range lies in the pool.
+    (0..len)
+        .map(|i| unsafe { std::ptr::read_volatile(p.add(i)) })
+        .collect()
+}
 
-    /// Writes `data` at device address `addr`.
-    pub fn write_bytes(&self, addr: u64, data: &[u8]) {
-        self.write(addr, data);
+/// Writes `data` at device address `addr` of the pool, as a device would.
+pub fn device_write(pool: &DmaPool, addr: u64, data: &[u8]) {
+    let p = pool
+        .host_slice_for_device(addr, data.len())
+        .expect("device write in pool")
+        .0
+        .as_ptr();
+    for (i, b) in data.iter().enumerate() {
+        // SAFETY: host_slice_for_device checked the range lies in the pool.
+        unsafe { std::ptr::write_volatile(p.add(i), *b) };
     }
 }
