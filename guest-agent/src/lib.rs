@@ -5,10 +5,13 @@
 //! kernel driver is involved and the request path makes no system calls.
 
 pub mod backoff;
+pub mod chain;
 pub mod device;
 pub mod dma;
+pub mod driver;
 pub mod mmio;
 pub mod pci;
+pub mod stats;
 pub mod transport;
 pub mod virtqueue;
 
