@@ -9,6 +9,7 @@ pub mod chain;
 pub mod device;
 pub mod dma;
 pub mod driver;
+pub mod engine;
 pub mod mmio;
 pub mod pci;
 pub mod stats;

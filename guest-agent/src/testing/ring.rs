@@ -36,21 +36,38 @@ impl FakeRing {
             .as_ptr()
     }
 
+    /// Reads a ring field with one access of its width, as a device must (a field
+    /// read byte by byte could be torn by the driver's concurrent update).
     fn read<const N: usize>(&self, addr: u64) -> [u8; N] {
         let p = self.ptr(addr, N);
+        assert_eq!(p as usize % N, 0, "unaligned ring field");
         let mut out = [0u8; N];
-        for (i, b) in out.iter_mut().enumerate() {
-            // SAFETY: host_slice_for_device checked addr..addr+N lies in the pool.
-            *b = unsafe { std::ptr::read_volatile(p.add(i)) };
+        // SAFETY: host_slice_for_device checked addr..addr+N lies in the pool, and the
+        // access is aligned (asserted).
+        unsafe {
+            match N {
+                2 => out.copy_from_slice(&std::ptr::read_volatile(p.cast::<u16>()).to_ne_bytes()),
+                4 => out.copy_from_slice(&std::ptr::read_volatile(p.cast::<u32>()).to_ne_bytes()),
+                8 => out.copy_from_slice(&std::ptr::read_volatile(p.cast::<u64>()).to_ne_bytes()),
+                _ => out[0] = std::ptr::read_volatile(p),
+            }
         }
         out
     }
 
+    /// Writes a ring field with one access of its width.
     fn write(&self, addr: u64, data: &[u8]) {
         let p = self.ptr(addr, data.len());
-        for (i, b) in data.iter().enumerate() {
-            // SAFETY: host_slice_for_device checked the range lies in the pool.
-            unsafe { std::ptr::write_volatile(p.add(i), *b) };
+        assert_eq!(p as usize % data.len(), 0, "unaligned ring field");
+        // SAFETY: as in `read`.
+        unsafe {
+            match *data {
+                [a, b] => std::ptr::write_volatile(p.cast::<u16>(), u16::from_ne_bytes([a, b])),
+                [a, b, c, d] => {
+                    std::ptr::write_volatile(p.cast::<u32>(), u32::from_ne_bytes([a, b, c, d]))
+                }
+                _ => panic!("ring fields are 2 or 4 bytes"),
+            }
         }
     }
 
