@@ -247,6 +247,12 @@ impl Engine {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// A request id no other request of this engine uses (to know it before
+    /// submitting, e.g. to cancel from another thread).
+    pub fn reserve_request_id(&self) -> u64 {
+        self.next_request_id()
+    }
+
     /// Queue for a priority class: one per class when the device has enough queues.
     fn queue_for(&self, priority: PriorityClass) -> u16 {
         u16::from(u8::from(priority)).min(self.num_queues.saturating_sub(1))
@@ -322,10 +328,12 @@ impl Engine {
                 PayloadOutcome::NeedBytes(n) if n as usize <= MODELS_MAX_PAYLOAD => {
                     payload = n as usize
                 }
-                PayloadOutcome::NeedBytes(n) => return Err(ChainError::BadResponse(format!(
+                PayloadOutcome::NeedBytes(n) => {
+                    return Err(ChainError::BadResponse(format!(
                     "MODELS needs {n} bytes, more than the protocol allows ({MODELS_MAX_PAYLOAD})"
                 ))
-                .into()),
+                    .into())
+                }
                 PayloadOutcome::Failed(status) => {
                     return Err(EngineError::Status {
                         what: "MODELS",

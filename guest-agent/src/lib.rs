@@ -4,12 +4,14 @@
 //! guest-physical addresses come from pagemap, and polls for completions. No guest
 //! kernel driver is involved and the request path makes no system calls.
 
+pub mod api;
 pub mod backoff;
 pub mod chain;
 pub mod device;
 pub mod dma;
 pub mod driver;
 pub mod engine;
+pub mod ipc;
 pub mod mmio;
 pub mod pci;
 pub mod stats;

@@ -181,6 +181,34 @@ impl Mapping {
         Ok(mapping)
     }
 
+    /// `len` bytes of an ordinary (not huge page) memfd: shareable like a hugetlbfs
+    /// pool but without physical addresses; for tests and fake devices.
+    pub(crate) fn memfd(len: usize, page_size: usize) -> Result<Self, MappingError> {
+        check_size(len, page_size)?;
+        // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"ai-agent-fake".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(MappingError::Create {
+                memfd: std::io::Error::last_os_error(),
+                dir: String::new(),
+                file: std::io::Error::from(std::io::ErrorKind::Unsupported),
+            });
+        }
+        // SAFETY: fd is a fresh descriptor this function owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let off =
+            libc::off_t::try_from(len).map_err(|_| MappingError::BadSize { len, page_size })?;
+        // SAFETY: ftruncate on a descriptor we own.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), off) } != 0 {
+            return Err(MappingError::Truncate {
+                len,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        let ptr = mmap_shared(&fd, len, true)?;
+        Ok(Mapping::Mapped { ptr, len, fd })
+    }
+
     /// Maps `len` bytes of a pool file received from another process.
     pub(crate) fn shared(fd: OwnedFd, len: usize, page_size: usize) -> Result<Self, MappingError> {
         check_size(len, page_size)?;

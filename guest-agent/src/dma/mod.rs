@@ -178,6 +178,25 @@ impl DmaPool {
         ))
     }
 
+    /// Like [`DmaPool::fake`], but in a memfd that can be shared with another process
+    /// (to test the daemon with a fake device).
+    pub fn fake_shareable(page_size: usize, page_addrs: &[u64]) -> Result<Self, DmaError> {
+        let len = page_size
+            .checked_mul(page_addrs.len())
+            .ok_or(MappingError::BadSize {
+                len: usize::MAX,
+                page_size,
+            })?;
+        let mapping = Mapping::memfd(len, page_size)?;
+        let segments = segments_from_pages(page_addrs, page_size);
+        Ok(Self::from_parts(
+            mapping,
+            page_size,
+            Some(page_addrs.to_vec()),
+            segments,
+        ))
+    }
+
     /// Maps a pool file received from the agent daemon, with the segments the daemon
     /// found in it; its buffers have no device addresses here.
     pub fn shared(

@@ -102,6 +102,8 @@ pub struct FakeState {
     /// Request ids of INFERs seen, in processing order.
     pub seen: Vec<u64>,
     pool: DmaPool,
+    /// More guest memory the device can reach (daemon session pools).
+    pub extra_pools: Vec<DmaPool>,
 }
 
 impl FakeState {
@@ -189,6 +191,7 @@ impl FakeVirtioPci {
                 corruption: None,
                 seen: Vec::new(),
                 pool,
+                extra_pools: Vec::new(),
             })),
         }
     }
@@ -229,23 +232,14 @@ impl FakeVirtioPci {
             .expect("ring")
             .complete(id, len);
     }
-
-    /// Processes every chain available on every queue, newest first when `reverse`.
-    pub fn process_all(&self, reverse: bool) -> usize {
-        let mut st = self.state();
-        process(&mut st, reverse)
-    }
 }
 
-fn process(st: &mut FakeState, reverse: bool) -> usize {
+fn process(st: &mut FakeState) -> usize {
     let mut done = 0;
     for q in 0..st.rings.len() {
         let mut taken = Vec::new();
         while let Some(chain) = st.rings[q].as_mut().and_then(FakeRing::take) {
             taken.push(chain);
-        }
-        if reverse {
-            taken.reverse();
         }
         for (head, chain) in taken {
             let len = handle_chain(st, &chain);
@@ -261,11 +255,12 @@ fn process(st: &mut FakeState, reverse: bool) -> usize {
 
 /// The device's handling of one chain; returns used.len.
 fn handle_chain(st: &mut FakeState, chain: &[(u64, u32, bool)]) -> u32 {
-    let pool = st.pool.clone();
+    let mut pools = vec![st.pool.clone()];
+    pools.extend(st.extra_pools.iter().cloned());
     let readable: Vec<u8> = chain
         .iter()
         .filter(|c| !c.2)
-        .flat_map(|c| device_read(&pool, c.0, c.1 as usize))
+        .flat_map(|c| device_read(&pools, c.0, c.1 as usize))
         .collect();
     let writable: Vec<(u64, u32)> = chain.iter().filter(|c| c.2).map(|c| (c.0, c.1)).collect();
     let w_len: u64 = writable.iter().map(|w| u64::from(w.1)).sum();
@@ -318,7 +313,7 @@ fn handle_chain(st: &mut FakeState, chain: &[(u64, u32, bool)]) -> u32 {
     // Scatter W back into the chain's writable buffers.
     let mut off = 0usize;
     for (addr, len) in &writable {
-        device_write(&pool, *addr, &w[off..off + *len as usize]);
+        device_write(&pools, *addr, &w[off..off + *len as usize]);
         off += *len as usize;
     }
     match corruption {
@@ -498,7 +493,7 @@ impl Registers for FakeVirtioPci {
         if offset >= NOTIFY {
             st.notifies.push(value as u16);
             if st.behaviour.auto_complete {
-                process(&mut st, false);
+                process(&mut st);
             }
             return;
         }

@@ -127,28 +127,29 @@ impl FakeRing {
     }
 }
 
-/// Copies `len` bytes at device address `addr` out of the pool, as a device would.
-pub fn device_read(pool: &DmaPool, addr: u64, len: usize) -> Vec<u8> {
-    let p = pool
-        .host_slice_for_device(addr, len)
-        .expect("device read in pool")
+fn resolve(pools: &[DmaPool], addr: u64, len: usize) -> *mut u8 {
+    pools
+        .iter()
+        .find_map(|p| p.host_slice_for_device(addr, len))
+        .unwrap_or_else(|| panic!("device access {addr:#x}+{len} outside guest memory"))
         .0
-        .as_ptr();
-    // SAFETY: host_slice_for_device checked the range lies in the pool.
+        .as_ptr()
+}
+
+/// Copies `len` bytes at device address `addr` out of the pools, as a device would.
+pub fn device_read(pools: &[DmaPool], addr: u64, len: usize) -> Vec<u8> {
+    let p = resolve(pools, addr, len);
+    // SAFETY: host_slice_for_device checked the range lies in a pool.
     (0..len)
         .map(|i| unsafe { std::ptr::read_volatile(p.add(i)) })
         .collect()
 }
 
-/// Writes `data` at device address `addr` of the pool, as a device would.
-pub fn device_write(pool: &DmaPool, addr: u64, data: &[u8]) {
-    let p = pool
-        .host_slice_for_device(addr, data.len())
-        .expect("device write in pool")
-        .0
-        .as_ptr();
+/// Writes `data` at device address `addr` of the pools, as a device would.
+pub fn device_write(pools: &[DmaPool], addr: u64, data: &[u8]) {
+    let p = resolve(pools, addr, data.len());
     for (i, b) in data.iter().enumerate() {
-        // SAFETY: host_slice_for_device checked the range lies in the pool.
+        // SAFETY: host_slice_for_device checked the range lies in a pool.
         unsafe { std::ptr::write_volatile(p.add(i), *b) };
     }
 }
