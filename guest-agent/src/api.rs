@@ -8,6 +8,7 @@
 //! tensor byte is copied between the caller and the device.
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use ai_infer_protocol::{
     CancelOutcome, DeviceConfig, ModelInfo, Status, TensorDesc, TraceCounters,
@@ -165,7 +166,8 @@ impl Default for AgentOptions {
 }
 
 enum Backend {
-    Direct(Engine),
+    // Boxed: the engine is much larger than a client handle.
+    Direct(Box<Engine>),
     Daemon(DaemonClient),
 }
 
@@ -190,21 +192,34 @@ impl Agent {
             Mode::Direct => false,
             Mode::Daemon => true,
         };
-        let backend = if use_daemon {
-            Backend::Daemon(DaemonClient::connect(
+        if use_daemon {
+            return Ok(Agent::from_client(DaemonClient::connect(
                 &options.socket,
                 options.session_bytes,
-            )?)
-        } else {
-            Backend::Direct(Engine::open(&options.engine)?)
-        };
-        Ok(Agent { backend })
+            )?));
+        }
+        match Engine::open(&options.engine) {
+            Ok(engine) => Ok(Agent::from_engine(engine)),
+            // The daemon owns the device but is still starting (it binds its socket
+            // once the device is up): wait for the socket.
+            Err(EngineError::Busy { .. }) if options.mode == Mode::Auto => {
+                let deadline = Instant::now() + options.engine.device.connect_timeout;
+                while !options.socket.exists() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Ok(Agent::from_client(DaemonClient::connect(
+                    &options.socket,
+                    options.session_bytes,
+                )?))
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// An agent over an engine this process already owns.
     pub fn from_engine(engine: Engine) -> Self {
         Agent {
-            backend: Backend::Direct(engine),
+            backend: Backend::Direct(Box::new(engine)),
         }
     }
 

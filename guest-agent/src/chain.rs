@@ -576,7 +576,8 @@ mod tests {
         let pool = pool();
         let (chain, _i, _o) = infer_chain(&pool);
         let good = ok_response(&chain);
-        let cases: Vec<(&str, Box<dyn Fn(&mut Response)>, u32)> = vec![
+        type Mutation = Box<dyn Fn(&mut Response)>;
+        let cases: Vec<(&str, Mutation, u32)> = vec![
             ("used len", Box::new(|_| {}), 135),
             ("request id", Box::new(|r| r.header.request_id += 1), 136),
             (
@@ -706,7 +707,13 @@ mod tests {
             ranges: vec![(0x100_1000, 8)],
         };
         assert!(matches!(
-            prepare_infer(&pool, req.clone(), &[short], &[out.clone()], 256),
+            prepare_infer(
+                &pool,
+                req.clone(),
+                &[short],
+                std::slice::from_ref(&out),
+                256
+            ),
             Err(ChainError::BufferTooShort {
                 index: 0,
                 needed: 16,
@@ -718,7 +725,13 @@ mod tests {
             ranges: vec![(0x100_0000, 8), (0x100_2000, 8)],
         };
         assert!(matches!(
-            prepare_infer(&pool, req.clone(), &[split.clone()], &[out.clone()], 4),
+            prepare_infer(
+                &pool,
+                req.clone(),
+                std::slice::from_ref(&split),
+                std::slice::from_ref(&out),
+                4
+            ),
             Err(ChainError::TooManyDescriptors { needed: 5, max: 4 })
         ));
         assert_eq!(

@@ -483,7 +483,12 @@ pub(crate) mod tests {
             &[],
         );
         let (_, out) = engine
-            .infer(1, &[input.clone()], &[small], &InferOptions::default())
+            .infer(
+                1,
+                std::slice::from_ref(&input),
+                &[small],
+                &InferOptions::default(),
+            )
             .unwrap();
         assert_eq!(out.status, Status::BufferTooSmall);
         assert_eq!(out.outputs[0].data_len, 16);
@@ -495,8 +500,8 @@ pub(crate) mod tests {
         let (_, out) = engine
             .infer(
                 9,
-                &[input.clone()],
-                &[output.clone()],
+                std::slice::from_ref(&input),
+                std::slice::from_ref(&output),
                 &InferOptions::default(),
             )
             .unwrap();
@@ -549,8 +554,8 @@ pub(crate) mod tests {
             let err = engine
                 .infer(
                     1,
-                    &[input.clone()],
-                    &[output.clone()],
+                    std::slice::from_ref(&input),
+                    std::slice::from_ref(&output),
                     &InferOptions::default(),
                 )
                 .unwrap_err();
@@ -563,8 +568,8 @@ pub(crate) mod tests {
         let (_, out) = engine
             .infer(
                 1,
-                &[input.clone()],
-                &[output.clone()],
+                std::slice::from_ref(&input),
+                std::slice::from_ref(&output),
                 &InferOptions::default(),
             )
             .unwrap();

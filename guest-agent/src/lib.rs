@@ -15,6 +15,7 @@ pub mod ipc;
 pub mod mmio;
 pub mod pci;
 pub mod stats;
+pub mod tensor_io;
 pub mod transport;
 pub mod virtqueue;
 

@@ -4,6 +4,9 @@
 
 use crate::dma::DmaPool;
 
+/// A chain as the device sees it: `(addr, len, writable)` per buffer.
+pub type Chain = Vec<(u64, u32, bool)>;
+
 /// A device's view of one split ring.
 pub struct FakeRing {
     pool: DmaPool,
@@ -76,7 +79,7 @@ impl FakeRing {
     }
 
     /// Takes the next available chain: head and `(addr, len, writable)` per buffer.
-    pub fn take(&mut self) -> Option<(u16, Vec<(u64, u32, bool)>)> {
+    pub fn take(&mut self) -> Option<(u16, Chain)> {
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         let idx = u16::from_le_bytes(self.read(self.avail + 2));
         if idx == self.last_avail {
