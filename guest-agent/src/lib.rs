@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod backoff;
+pub mod capi;
 pub mod chain;
 pub mod device;
 pub mod dma;
