@@ -182,7 +182,14 @@ impl Driver {
                     Err(DeviceError::Queue(VirtqueueError::Full { needed, .. }))
                         if needed <= usize::from(st.device.queue_size(queue).unwrap_or(0)) =>
                     {
-                        self.drain(&mut st)?;
+                        // Full of requests in flight: wait for some to complete (or for
+                        // the device to ask for a reset, which frees them all).
+                        if !self.drain(&mut st)?
+                            && backoff.is_sleeping()
+                            && st.device.needs_reset()?
+                        {
+                            self.recover(&mut st, "device set DEVICE_NEEDS_RESET".into())?;
+                        }
                     }
                     Err(e) => return Err(e.into()),
                 }

@@ -292,10 +292,12 @@ impl DmaPool {
                 .get(page_index)
                 .copied()
                 .ok_or(DmaError::NoDeviceAddresses)?;
-            let addr = base + in_page as u64;
+            let addr = base
+                .checked_add(in_page as u64)
+                .ok_or(DmaError::NoDeviceAddresses)?;
             match out.last_mut() {
                 Some((a, l))
-                    if *a + u64::from(*l) == addr
+                    if a.checked_add(u64::from(*l)) == Some(addr)
                         && u64::from(*l) + chunk as u64 <= u64::from(u32::MAX) =>
                 {
                     *l += chunk as u32;
@@ -313,7 +315,7 @@ impl DmaPool {
     pub fn host_slice_for_device(&self, addr: u64, len: usize) -> Option<(NonNull<u8>, usize)> {
         let addrs = self.inner.page_addrs.as_ref()?;
         let page = self.inner.page_size as u64;
-        let index = addrs.iter().position(|p| *p <= addr && addr < p + page)?;
+        let index = addrs.iter().position(|p| *p <= addr && addr - p < page)?;
         let offset = index * self.inner.page_size + (addr - addrs[index]) as usize;
         // The whole range must map back to the same offsets (pages adjacent).
         let ranges = self.device_ranges(offset, len).ok()?;
