@@ -1,4 +1,24 @@
-//! The aivmm guest agent: runs inside a tenant microVM and drives the `ai_infer` device from
-//! userspace (see docs/ai_infer.md). Not implemented yet: the device and its host daemon
-//! come first (issue "The ai_infer paravirtual device"); the wire format it will speak is
-//! already fixed in `devices/ai-infer-protocol`.
+//! The aivmm guest agent: runs inside a tenant microVM and drives the `ai_infer`
+//! device (docs/ai_infer.md) from userspace, DPDK style: it maps the device's BARs
+//! through sysfs, keeps its virtqueues and tensors in locked huge pages whose
+//! guest-physical addresses come from pagemap, and polls for completions. No guest
+//! kernel driver is involved and the request path makes no system calls.
+
+pub mod api;
+pub mod backoff;
+pub mod capi;
+pub mod chain;
+pub mod device;
+pub mod dma;
+pub mod driver;
+pub mod engine;
+pub mod ipc;
+pub mod mmio;
+pub mod pci;
+pub mod stats;
+pub mod tensor_io;
+pub mod transport;
+pub mod virtqueue;
+
+#[cfg(test)]
+mod testing;
