@@ -29,6 +29,7 @@ use crate::mmio::Registers;
 use crate::pci::{parse_virtio_caps, CapsError, PciFunction, SysfsError, SYSFS_PCI_DEVICES};
 use crate::stats::GuestTrace;
 use crate::transport::{TransportError, VirtioPciTransport};
+use crate::virtqueue::ChainBuffer;
 
 /// First MODELS payload area; grown on BUFFER_TOO_SMALL.
 const MODELS_FIRST_PAYLOAD: usize = 16 << 10;
@@ -263,6 +264,15 @@ impl Engine {
             self.driver.stats().driver_error();
             e.into()
         })
+    }
+
+    /// Submits `chain` exactly as given and returns the used length the device reported.
+    ///
+    /// For hostile-driver tests (`ai-agent garbage`): nothing here is validated, so the
+    /// chain may point outside guest memory or be malformed on purpose. Buffers inside
+    /// the pool are the caller's to read back.
+    pub fn call_raw(&self, queue: u16, chain: &[ChainBuffer]) -> Result<u32, EngineError> {
+        self.driver.call(queue, chain).map_err(EngineError::from)
     }
 
     /// Runs model `model_id` on tensors already in device-addressable memory.

@@ -17,6 +17,9 @@ use guest_agent::engine::{Engine, EngineOptions, InferOptions};
 use guest_agent::ipc::{Daemon, DaemonOptions, SessionMemory, DEFAULT_SOCKET};
 use guest_agent::tensor_io::{f32_values, input_desc, output_desc, parse_dtype, parse_shape};
 
+#[path = "ai-agent/garbage.rs"]
+mod garbage;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "ai-agent",
@@ -71,6 +74,10 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         concurrency: usize,
     },
+    /// Hostile-driver probe: submit malformed chains directly (needs the device, so
+    /// not while the agent daemon owns it), report each answer, then check the device
+    /// still serves this tenant. For tests of the device's validation.
+    Garbage,
     /// Own the device and serve other guest processes on the socket.
     Daemon {
         /// Largest session a client may ask for, in MiB.
@@ -456,6 +463,22 @@ fn daemon(cli: &Cli, max_session_mb: usize) -> CliResult<()> {
     Arc::new(daemon).run().map_err(err)
 }
 
+fn run_garbage(cli: &Cli) -> CliResult<ExitCode> {
+    let engine = Engine::open(&engine_options(cli, 16)).map_err(|e| e.to_string())?;
+    let (passed, total) = garbage::run(&engine)?;
+    // After all that, the device must still answer a well-formed request.
+    let models = engine.models().map_err(|e| e.to_string())?;
+    println!(
+        "GARBAGE-DONE passed={passed} of={total} models_after={}",
+        models.len()
+    );
+    Ok(if passed == total && !models.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let level = match cli.verbose {
@@ -470,6 +493,7 @@ fn main() -> ExitCode {
         Command::Daemon { max_session_mb } => {
             daemon(&cli, *max_session_mb).map(|_| ExitCode::SUCCESS)
         }
+        Command::Garbage => run_garbage(&cli),
         command => open_agent(&cli).and_then(|agent| match command {
             Command::Models => print_models(&agent).map(|_| ExitCode::SUCCESS),
             Command::Trace => print_trace(&agent).map(|_| ExitCode::SUCCESS),
@@ -485,7 +509,7 @@ fn main() -> ExitCode {
                 count,
                 concurrency,
             } => bench(Arc::new(agent), infer, *count, *concurrency).map(|_| ExitCode::SUCCESS),
-            Command::Daemon { .. } => Ok(ExitCode::SUCCESS),
+            Command::Daemon { .. } | Command::Garbage => Ok(ExitCode::SUCCESS),
         }),
     };
     result.unwrap_or_else(|e| {
