@@ -1,6 +1,6 @@
 //! End-to-end: VFIO passthrough of L1's `edu` device (behind the node-1 PCIe expander, in
 //! its own IOMMU group under intel-iommu) to the L2 guest, whose `edu-test` checks the BAR,
-//! DMA through the IOMMU and MSI delivery; the tenant's memory and vCPUs must follow the
+//! DMA through the IOMMU, MSI delivery and INTx delivery (through the DSDT's `_PRT`); the tenant's memory and vCPUs must follow the
 //! device to its NUMA node; bad passthrough configs exit 2 with their own error.
 //!
 //! The scenarios are `passthrough` (with its `passthrough_trapped` run) and
@@ -78,6 +78,54 @@ fn passed_through_edu_works_in_the_guest() {
         run,
         run.fact("driver_after") == Some("vfio-pci"),
         "the edu is no longer on vfio-pci after the run",
+    );
+}
+
+#[test]
+fn passed_through_edu_interrupts_over_intx() {
+    // edu-test --intx: the guest binds the edu to uio_pci_generic, whose IRQ comes from the
+    // DSDT's _PRT; two interrupts must arrive (the second only after resample/unmask).
+    let rig = rig();
+    let Some(run) = passthrough_run(rig, "passthrough") else {
+        return;
+    };
+    // aivmm: "passthrough device ... at PCI 00:01.0, INTx on GSI 17 (host NUMA node 1)".
+    let gsi: u32 = run
+        .stderr_lines()
+        .find_map(|l| l.split("INTx on GSI ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|g| g.parse().ok())
+        .unwrap_or_else(|| rig.fail(run, "aivmm did not log the device's INTx GSI"));
+    rig.check(
+        run,
+        (16..24).contains(&gsi),
+        &format!("INTx GSI {gsi} is not one of the PCI pins 16-23 of the _PRT"),
+    );
+    for (line, what) in [
+        (
+            "EDU-TEST intx_round=1",
+            "a second INTx after the first was handled",
+        ),
+        (
+            "EDU-TEST intx=ok",
+            "INTx raised by the device arriving in the guest",
+        ),
+        ("EDU-TEST INTX PASS", "edu-test --intx passing as a whole"),
+    ] {
+        rig.check(
+            run,
+            run.line_containing(line).is_some(),
+            &format!("no `{line}` in the guest output: {what} failed"),
+        );
+    }
+    // The guest's IRQ sits on the IOAPIC pin aivmm wired, level-triggered (fasteoi).
+    let irq_line = run
+        .line_containing("EDU-TEST intx_line=")
+        .unwrap_or_default();
+    rig.check(
+        run,
+        irq_line.contains(&format!("IO-APIC {gsi}-fasteoi")),
+        &format!("the guest's INTx is not IOAPIC pin {gsi}, level-triggered: `{irq_line}`"),
     );
 }
 

@@ -331,7 +331,9 @@ passthrough_run() {
 # Time to DMA-map (pin and enter in the IOMMU) all guest RAM for passthrough, by size and
 # backing: aivmm logs "passthrough: N MiB of guest RAM DMA-mapped in T ms" before the guest
 # runs, so each VM is stopped (SIGTERM) right after. Zones are prefaulted either way, so the
-# time is pinning and IOMMU mapping only. Sizes: RIG_PTBENCH_SIZES (MiB, default 256 512 1024).
+# time is pinning and IOMMU mapping only. Sizes: RIG_PTBENCH_SIZES (MiB, default 256 512 1024;
+# in L1 the rig.ptbench_sizes knob of run-l1.sh's RIG_PTBENCH_SIZES, and 2-4 GiB guests need
+# a bigger L1, RIG_L1_MEM_MB).
 scenario_ptbench() {
     if ! dev=$(edu_device) || ! bind_vfio "$dev"; then
         echo "RIG-BEGIN ptbench"
@@ -348,7 +350,10 @@ scenario_ptbench() {
             echo "RIG-BEGIN ptbench"
             fact ptbench size_mib "$mib"
             fact ptbench backing "$backing"
-            [ "$backing" = hugetlb-2m ] && echo $((orig + mib / 2)) >"$hp"
+            if [ "$backing" = hugetlb-2m ]; then
+                echo $((orig + mib / 2)) >"$hp"
+                fact ptbench hugepages_reserved "$(($(cat "$hp") - orig)) of $((mib / 2))"
+            fi
             {
                 echo '[boot]'
                 echo "kernel = \"$L2_KERNEL\""
