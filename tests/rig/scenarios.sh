@@ -320,7 +320,18 @@ passthrough_run() {
     1) fact "$name" up_by "none: aivmm exited before the guest reached init" ;;
     2) fact "$name" up_by "none: the guest did not reach init within ${RIG_VM_TIMEOUT}s" ;;
     esac
+    # L1's view of the device's INTx while the guest runs (vfio-pci's IRQ exists only while
+    # aivmm has INTx on): the last sample before the VM stops.
+    intx_log=$RIG_TMP/$name.l1-intx
+    : >"$intx_log"
+    (while alive "$pid"; do
+        grep vfio-intx /proc/interrupts >"$intx_log.new" && mv "$intx_log.new" "$intx_log"
+        sleep 1
+    done) &
+    sampler=$!
     vm_wait "$name" "$pid" "$RIG_VM_TIMEOUT"
+    wait "$sampler"
+    fact "$name" l1_vfio_intx "$(tr -s ' ' <"$intx_log")"
     hp_facts "$name" after
     fact "$name" driver_after "$(driver_of "$dev")"
     stderr_facts "$name" "$name"
