@@ -1,7 +1,8 @@
 //! End-to-end: VFIO passthrough of L1's `edu` device (behind the node-1 PCIe expander, in
 //! its own IOMMU group under intel-iommu) to the L2 guest, whose `edu-test` checks the BAR,
-//! DMA through the IOMMU, MSI delivery and INTx routing (the DSDT's `_PRT`); the tenant's memory and vCPUs must follow the
-//! device to its NUMA node; bad passthrough configs exit 2 with their own error.
+//! DMA through the IOMMU, MSI delivery and INTx routing (the DSDT's `_PRT`); the tenant's
+//! memory and vCPUs must follow the device to its NUMA node; bad passthrough configs exit 2
+//! with their own error.
 //!
 //! The scenarios are `passthrough` (with its `passthrough_trapped` run) and
 //! `badpassthrough` in tests/rig/scenarios.sh. A host without an edu device (direct mode on
