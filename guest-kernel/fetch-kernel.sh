@@ -3,7 +3,8 @@
 # Provide the default guest kernel: Debian's linux-image-cloud-amd64 (the versioned package
 # it depends on), fetched with `apt-get download` and unpacked with `dpkg-deb -x`. No kernel
 # build is needed. The same kernel serves as the L1 kernel of the nested test rig, so the
-# modules the rig needs (KVM on AMD-V and VFIO) are taken from the same package.
+# modules the rig needs (KVM on AMD-V and VFIO in L1, uio_pci_generic for the L2 guest's
+# INTx check) are taken from the same package.
 #
 #   guest-kernel/fetch-kernel.sh [OUTDIR]        (default: <repo>/target/guest-kernel)
 #
@@ -23,9 +24,9 @@ out=${1:-$root/target/guest-kernel}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 meta_pkg=linux-image-cloud-amd64
-# The modules the rig loads explicitly; kvm, irqbypass, vfio, vfio_virqfd and vfio-pci-core
-# come in as their dependencies (read from each module's .modinfo, see below).
-roots=${AIVMM_KERNEL_MODULES:-kvm-amd vfio_iommu_type1 vfio-pci}
+# The modules the rig loads explicitly; kvm, irqbypass, vfio, vfio_virqfd, vfio-pci-core and
+# uio come in as their dependencies (read from each module's .modinfo, see below).
+roots=${AIVMM_KERNEL_MODULES:-kvm-amd vfio_iommu_type1 vfio-pci uio_pci_generic}
 
 # Concurrent callers (parallel test binaries, make -j) must not unpack over each other.
 exec 9>"$out/.lock"
@@ -56,7 +57,8 @@ if [ -z "$pkg" ]; then
 fi
 
 if [ "$(cat "$out/package" 2>/dev/null)" = "$pkg" ] && [ -f "$out/vmlinuz" ] &&
-    [ -f "$out/config" ] && [ -f "$out/modules/load-order" ]; then
+    [ -f "$out/config" ] && [ -f "$out/modules/load-order" ] &&
+    [ "$(cat "$out/modules/roots" 2>/dev/null)" = "$roots" ]; then
     print_paths
     exit 0
 fi
@@ -130,6 +132,8 @@ for m in $roots; do
     add_module "$m"
 done
 printf '%s\n' "${order[@]}" >"$out/modules.new/load-order"
+# What the modules were chosen for: another root list re-extracts them from the cached .deb.
+echo "$roots" >"$out/modules.new/roots"
 
 cp "$vmlinuz" "$out/vmlinuz"
 cp "$kconfig" "$out/config"

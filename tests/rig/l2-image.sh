@@ -3,8 +3,9 @@
 #
 #   prepare_l2 OUTDIR   sets $kdir (the guest kernel directory, fetched if needed) and builds
 #                       OUTDIR/l2-initrd.gz with tests/rig/guest/* under /scripts/,
-#                       /bin/edu-test (tests/rig/guest/edu-test.c, built static) and the
-#                       guest agent when AIVMM_AGENT names one.
+#                       /bin/edu-test (tests/rig/guest/edu-test.c, built static), the uio
+#                       modules under /mods/ (the passthrough INTx check) and the guest
+#                       agent when AIVMM_AGENT names one.
 # Needs $here (tests/rig) and $root (the repository) set by the caller.
 
 prepare_l2() {
@@ -13,7 +14,12 @@ prepare_l2() {
     "$root/guest-kernel/fetch-kernel.sh" "$kdir" >/dev/null
     mkdir -p "$out"
     build_edu_test "$out/edu-test"
-    local l2_args=(--add "$here/guest:/scripts" --bin "$out/edu-test:/bin/edu-test")
+    local l2_args=(--add "$here/guest:/scripts" --bin "$out/edu-test:/bin/edu-test") m
+    for m in uio uio_pci_generic; do
+        if [ -f "$kdir/modules/$m.ko" ]; then
+            l2_args+=(--add "$kdir/modules/$m.ko:/mods/")
+        fi
+    done
     if [ -n "${AIVMM_AGENT:-}" ]; then
         l2_args+=(--agent "$AIVMM_AGENT")
     fi

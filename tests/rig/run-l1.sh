@@ -8,11 +8,17 @@
 # (124 when the timeout stopped it). Environment:
 #   RIG_SCENARIOS   comma-separated scenarios for L1 to run (default: the script's default)
 #   RIG_QEMU_EXTRA  extra QEMU arguments (word-split)
+#   RIG_L1_MEM_MB   L1's memory, split evenly between its two NUMA nodes (default 4096; opt
+#                   in to more for big guests, e.g. 10240 for ptbench's 4 GiB guests)
+#   RIG_HP_NODE0, RIG_HP_NODE1   2 MiB hugepages L1 reserves per node (default 64 / 192)
+#   RIG_PTBENCH_SIZES  comma-separated guest sizes in MiB for the ptbench scenario
 #
 # The machine: q35 with a split irqchip (needed for intel-iommu interrupt remapping), TCG
 # with `-cpu max` (emulates AMD-V, so L1 gets a working /dev/kvm), 2 vCPUs and 4 GiB in two
 # NUMA nodes (CPU n on node n), an IOMMU, and QEMU's `edu` PCI device behind a PCIe expander
 # bridge on node 1: L1 sees it at 0000:81:00.0 with numa_node 1, a stand-in for a GPU there.
+# QEMU allocates L1's memory as L1 touches it: a bigger RIG_L1_MEM_MB costs host memory
+# only as far as the scenarios use it.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -27,10 +33,20 @@ for f in l1-vmlinuz l1-initrd.cpio; do
 done
 need_cmd qemu-system-x86_64 qemu-system-x86
 
+mem_mb=${RIG_L1_MEM_MB:-4096}
+if ! [ "$mem_mb" -ge 2048 ] 2>/dev/null || [ $((mem_mb % 4)) -ne 0 ]; then
+    echo "$0: RIG_L1_MEM_MB=$mem_mb: give a multiple of 4 MiB, at least 2048" >&2
+    exit 2
+fi
+node_mb=$((mem_mb / 2))
+
 append="console=ttyS0 panic=-1 quiet intel_iommu=on"
 if [ -n "${RIG_SCENARIOS:-}" ]; then
     append+=" rig.scenarios=$RIG_SCENARIOS"
 fi
+[ -z "${RIG_HP_NODE0:-}" ] || append+=" rig.hp_node0=$RIG_HP_NODE0"
+[ -z "${RIG_HP_NODE1:-}" ] || append+=" rig.hp_node1=$RIG_HP_NODE1"
+[ -z "${RIG_PTBENCH_SIZES:-}" ] || append+=" rig.ptbench_sizes=$RIG_PTBENCH_SIZES"
 # shellcheck disable=SC2206 # word splitting is the point of RIG_QEMU_EXTRA
 extra=(${RIG_QEMU_EXTRA:-})
 
@@ -40,8 +56,9 @@ set +e
 # --foreground: Ctrl-C at a terminal still reaches QEMU. stdin is /dev/null so QEMU never
 # puts the caller's terminal into raw mode.
 timeout --foreground -k 10 "$limit" qemu-system-x86_64 \
-    -machine q35,kernel-irqchip=split -accel tcg -cpu max -smp 2 -m 4096 \
-    -object memory-backend-ram,id=m0,size=2G -object memory-backend-ram,id=m1,size=2G \
+    -machine q35,kernel-irqchip=split -accel tcg -cpu max -smp 2 -m "$mem_mb" \
+    -object memory-backend-ram,id=m0,size="${node_mb}M" \
+    -object memory-backend-ram,id=m1,size="${node_mb}M" \
     -numa node,nodeid=0,cpus=0,memdev=m0 -numa node,nodeid=1,cpus=1,memdev=m1 \
     -device intel-iommu,intremap=on \
     -device pxb-pcie,id=pxb1,bus_nr=128,numa_node=1,bus=pcie.0 \

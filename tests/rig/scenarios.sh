@@ -320,7 +320,18 @@ passthrough_run() {
     1) fact "$name" up_by "none: aivmm exited before the guest reached init" ;;
     2) fact "$name" up_by "none: the guest did not reach init within ${RIG_VM_TIMEOUT}s" ;;
     esac
+    # L1's view of the device's INTx while the guest runs (vfio-pci's IRQ exists only while
+    # aivmm has INTx on): the last sample before the VM stops.
+    intx_log=$RIG_TMP/$name.l1-intx
+    : >"$intx_log"
+    (while alive "$pid"; do
+        grep vfio-intx /proc/interrupts >"$intx_log.new" && mv "$intx_log.new" "$intx_log"
+        sleep 1
+    done) &
+    sampler=$!
     vm_wait "$name" "$pid" "$RIG_VM_TIMEOUT"
+    wait "$sampler"
+    fact "$name" l1_vfio_intx "$(tr -s ' ' <"$intx_log")"
     hp_facts "$name" after
     fact "$name" driver_after "$(driver_of "$dev")"
     stderr_facts "$name" "$name"
@@ -331,7 +342,9 @@ passthrough_run() {
 # Time to DMA-map (pin and enter in the IOMMU) all guest RAM for passthrough, by size and
 # backing: aivmm logs "passthrough: N MiB of guest RAM DMA-mapped in T ms" before the guest
 # runs, so each VM is stopped (SIGTERM) right after. Zones are prefaulted either way, so the
-# time is pinning and IOMMU mapping only. Sizes: RIG_PTBENCH_SIZES (MiB, default 256 512 1024).
+# time is pinning and IOMMU mapping only. Sizes: RIG_PTBENCH_SIZES (MiB, default 256 512 1024;
+# in L1 the rig.ptbench_sizes knob of run-l1.sh's RIG_PTBENCH_SIZES, and 2-4 GiB guests need
+# a bigger L1, RIG_L1_MEM_MB).
 scenario_ptbench() {
     if ! dev=$(edu_device) || ! bind_vfio "$dev"; then
         echo "RIG-BEGIN ptbench"
@@ -348,7 +361,10 @@ scenario_ptbench() {
             echo "RIG-BEGIN ptbench"
             fact ptbench size_mib "$mib"
             fact ptbench backing "$backing"
-            [ "$backing" = hugetlb-2m ] && echo $((orig + mib / 2)) >"$hp"
+            if [ "$backing" = hugetlb-2m ]; then
+                echo $((orig + mib / 2)) >"$hp"
+                fact ptbench hugepages_reserved "$(($(cat "$hp") - orig)) of $((mib / 2))"
+            fi
             {
                 echo '[boot]'
                 echo "kernel = \"$L2_KERNEL\""

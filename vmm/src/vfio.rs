@@ -1,13 +1,14 @@
 //! Passthrough devices in the VM: the VFIO container (with KVM's VFIO device), all guest
 //! RAM DMA-mapped into it at IOVA = guest-physical address, and one [`VfioPciDevice`] per
 //! configured host device on the PCI segment, with its BARs placed, its mmapped BAR parts in
-//! KVM memory slots and its interrupts routed through KVM (MSI/MSI-X via [`MsiRouter`],
-//! INTx via an irqfd with a resample eventfd).
+//! KVM memory slots, its I/O BARs in the PCI port window (trapped and forwarded) and its
+//! interrupts routed through KVM (MSI/MSI-X via [`MsiRouter`], INTx via an irqfd with a
+//! resample eventfd on the GSI the DSDT's `_PRT` gives the device's slot and pin).
 
 use std::io;
 use std::sync::{Arc, Mutex};
 
-use devices::pci::{BarKind, MsiVectors, PciConfigError, PciDevice};
+use devices::pci::{MsiVectors, PciConfigError, PciDevice};
 use devices::vfio::{
     open_container, DmaRange, GuestDmaMappings, GuestMapper, HostVfioDevice, HostVfioError,
     InterruptAllocator, IntxLine, VfioContainer, VfioDeviceFd, VfioPciDevice, VfioPciError,
@@ -19,15 +20,12 @@ use kvm_ioctls::VmFd;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::arch::x86_64::layout::pci_intx_gsi;
 use crate::interrupts::MsiRouter;
 use crate::memory::GuestRam;
 use crate::passthrough::{PassthroughDevice, PciAddress};
 use crate::pci::{PciError, PciSegment};
 
-/// IOAPIC pins free for passthrough INTx: ISA IRQs nothing else here uses (the serial
-/// port has 4, the ACPI SCI 9). A guest without ACPI `_PRT` routing uses the Interrupt
-/// Line register, which Linux accepts only for IRQs up to 15.
-const INTX_GSIS: [u32; 3] = [5, 10, 11];
 /// KVM memory slots available on x86 (KVM_USER_MEM_SLOTS of older kernels; newer ones
 /// allow more, never fewer).
 const MAX_MEMSLOTS: u32 = 509;
@@ -128,11 +126,12 @@ impl GuestMapper for KvmGuestMapper {
     }
 }
 
-/// Hands a device MSI vectors from the VM's router and one of the free INTx pins.
+/// Hands a device MSI vectors from the VM's router and the INTx line of its pin in the
+/// PCI slot it is going to take.
 struct VmInterrupts<'a> {
     vm: &'a VmFd,
     router: &'a Arc<MsiRouter>,
-    intx_pins: &'a mut Vec<u32>,
+    slot: u8,
 }
 
 impl InterruptAllocator for VmInterrupts<'_> {
@@ -144,11 +143,13 @@ impl InterruptAllocator for VmInterrupts<'_> {
         Ok(Arc::new(group))
     }
 
-    fn intx_line(&mut self) -> io::Result<Option<IntxLine>> {
-        let Some(gsi) = self.intx_pins.pop() else {
-            log::warn!("no free IOAPIC pin for another passthrough INTx; the device gets none");
+    fn intx_line(&mut self, pin: u8) -> io::Result<Option<IntxLine>> {
+        if !(1..=4).contains(&pin) {
             return Ok(None);
-        };
+        }
+        // Config space numbers INTA# as 1, the _PRT as 0. Devices whose slots and pins
+        // share a GSI share the line, as PCI INTx allows; KVM resamples each irqfd.
+        let gsi = pci_intx_gsi(self.slot, pin - 1);
         let trigger = EventFd::new(libc::EFD_NONBLOCK)?;
         let resample = EventFd::new(libc::EFD_NONBLOCK)?;
         self.vm
@@ -219,7 +220,6 @@ impl Passthrough {
             free: Vec::new(),
             next: u32::try_from(ram.memory.num_regions()).unwrap_or(u32::MAX),
         }));
-        let mut intx_pins = INTX_GSIS.iter().rev().copied().collect::<Vec<_>>();
         let mut out = Passthrough {
             devices: Vec::new(),
             dma: Some(dma),
@@ -227,20 +227,14 @@ impl Passthrough {
         };
         for (cfg, host) in opened {
             let addr = cfg.addr;
-            let mut irqs = VmInterrupts {
-                vm,
-                router,
-                intx_pins: &mut intx_pins,
-            };
+            // The slot comes first: the INTx line depends on it.
+            let slot = pci
+                .free_slot()
+                .map_err(|source| PassthroughSetupError::Slot { addr, source })?;
+            let mut irqs = VmInterrupts { vm, router, slot };
             let mut dev = VfioPciDevice::new(Box::new(host), &mut irqs)
                 .map_err(|source| PassthroughSetupError::Device { addr, source })?;
             for (bar, info) in dev.bar_layout() {
-                if info.kind == BarKind::Io {
-                    log::warn!(
-                        "passthrough device {addr}: I/O BAR {bar} is not placed (no port window)"
-                    );
-                    continue;
-                }
                 let gpa = pci
                     .allocate_bar(info.size, info.kind)
                     .map_err(|source| PassthroughSetupError::Bar { addr, bar, source })?;
@@ -260,12 +254,14 @@ impl Passthrough {
             } else {
                 log::info!("passthrough device {addr}: BARs not mapped, every access traps");
             }
+            let intx = dev
+                .intx_gsi()
+                .map_or_else(|| "no INTx".to_string(), |gsi| format!("INTx on GSI {gsi}"));
             let dev = Arc::new(Mutex::new(dev));
-            let slot = pci
-                .add(dev.clone() as Arc<Mutex<dyn PciDevice>>)
+            pci.add_at(slot, dev.clone() as Arc<Mutex<dyn PciDevice>>)
                 .map_err(|source| PassthroughSetupError::Slot { addr, source })?;
             log::info!(
-                "passthrough device {addr} at PCI 00:{slot:02x}.0 (host NUMA node {})",
+                "passthrough device {addr} at PCI 00:{slot:02x}.0, {intx} (host NUMA node {})",
                 cfg.numa_node
                     .map_or_else(|| "unknown".to_string(), |n| n.to_string())
             );

@@ -153,7 +153,20 @@ pub fn run_image(
         .last()
         .map(|&(start, len)| start + len)
         .unwrap_or(0);
-    let rsdp = acpi::setup_acpi(&ram.memory, cfg.vcpus, ram_end)?;
+    // The guest's CPUID (KVM's supported set) bounds its physical addresses, and so the
+    // 64-bit PCI window the ACPI tables declare and the PCI segment allocates from.
+    let base_cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("read KVM's supported CPUID"))?;
+    let mmio64 = layout::pci_mmio64_window(ram_end, cpuid::guest_phys_bits(&base_cpuid));
+    log::info!(
+        "PCI 64-bit window {:#x}-{:#x} ({} GiB; guest physical address width {} bits)",
+        mmio64.start,
+        mmio64.end().saturating_sub(1),
+        mmio64.size >> 30,
+        mmio64.phys_bits
+    );
+    let rsdp = acpi::setup_acpi(&ram.memory, cfg.vcpus, &mmio64)?;
     let entry = match image {
         GuestImage::Linux => boot::load_guest(
             &ram.memory,
@@ -215,7 +228,7 @@ pub fn run_image(
 
     // PCI: bus 0 and, if configured, the ai_infer device.
     let msi_router = Arc::new(MsiRouter::new(vm.clone()));
-    let mut pci = PciSegment::new(ram_end);
+    let mut pci = PciSegment::new(mmio64);
     pci.attach(&mut io_bus, &mut mmio_bus)?;
     let _ai_infer = match &cfg.ai_infer {
         Some(ai) => Some(add_ai_infer(&vm, &msi_router, &mut pci, ai, &ram)?),
@@ -236,9 +249,6 @@ pub fn run_image(
 
     // vCPUs: all configured before any runs.
     install_kick_handler().map_err(io_err("the vCPU kick signal"))?;
-    let base_cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm_err("read KVM's supported CPUID"))?;
     let mut fds = Vec::with_capacity(cfg.vcpus.into());
     for id in 0..cfg.vcpus {
         let fd = vm

@@ -1,4 +1,5 @@
-//! Routes guest MMIO accesses inside the PCI windows to the BAR that decodes them.
+//! Routes guest accesses inside the PCI windows to the BAR that decodes them: one router
+//! per MMIO window on the MMIO bus, and one for the PCI port range on the port I/O bus.
 //!
 //! The guest may move a BAR at any time by rewriting it, so the router does not cache a
 //! map: on each access it asks the functions which BARs they decode now. There are only
@@ -11,16 +12,32 @@ use super::config_space::BarKind;
 use super::root::PciRoot;
 use crate::bus::BusDevice;
 
-/// A [`BusDevice`] covering one PCI MMIO window, placed on the MMIO bus at `base`.
+/// The address space a window is in, and so which BARs can decode in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PciSpace {
+    /// Memory: 32- and 64-bit memory BARs.
+    Memory,
+    /// Port I/O: I/O BARs.
+    Io,
+}
+
+impl PciSpace {
+    fn decodes(self, kind: BarKind) -> bool {
+        (kind == BarKind::Io) == (self == PciSpace::Io)
+    }
+}
+
+/// A [`BusDevice`] covering one PCI window, placed on the MMIO or port bus at `base`.
 pub struct PciBarRouter {
     root: Arc<Mutex<PciRoot>>,
     base: u64,
+    space: PciSpace,
 }
 
 impl PciBarRouter {
-    /// A router for the window starting at guest address `base`.
-    pub fn new(root: Arc<Mutex<PciRoot>>, base: u64) -> Self {
-        Self { root, base }
+    /// A router for the window of `space` starting at address (or port) `base`.
+    pub fn new(root: Arc<Mutex<PciRoot>>, base: u64, space: PciSpace) -> Self {
+        Self { root, base, space }
     }
 
     /// Calls `f` with the function, BAR index and offset decoding `offset` (relative to
@@ -38,13 +55,14 @@ impl PciBarRouter {
         for device in root.functions() {
             let mut dev = device.lock().unwrap_or_else(|p| p.into_inner());
             let hit = dev.bars().into_iter().find(|bar| {
-                bar.kind != BarKind::Io && addr >= bar.addr && addr - bar.addr < bar.size
+                self.space.decodes(bar.kind) && addr >= bar.addr && addr - bar.addr < bar.size
             });
             if let Some(bar) = hit {
                 let offset = addr - bar.addr;
                 if offset + len as u64 > bar.size {
                     log::debug!(
-                        "PCI access at {addr:#x} runs past the end of BAR {}",
+                        "PCI {:?} access at {addr:#x} runs past the end of BAR {}",
+                        self.space,
                         bar.index
                     );
                     return false;
@@ -69,7 +87,10 @@ impl BusDevice for PciBarRouter {
         if !self.dispatch(offset, data.len(), |dev, bar, off| {
             dev.bar_write(bar, off, data)
         }) {
-            log::debug!("dropping PCI MMIO write at window offset {offset:#x}");
+            log::debug!(
+                "dropping PCI {:?} write at window offset {offset:#x}",
+                self.space
+            );
         }
     }
 }
@@ -116,8 +137,8 @@ mod tests {
         let mut root = PciRoot::new();
         root.add_device(dev.clone()).unwrap();
         let root = Arc::new(Mutex::new(root));
-        let mut low = PciBarRouter::new(root.clone(), 0xc000_0000);
-        let mut high = PciBarRouter::new(root, 0x1_0000_0000);
+        let mut low = PciBarRouter::new(root.clone(), 0xc000_0000, PciSpace::Memory);
+        let mut high = PciBarRouter::new(root, 0x1_0000_0000, PciSpace::Memory);
 
         let mut d = [0u8; 4];
         low.read(0x4, &mut d);
@@ -141,5 +162,50 @@ mod tests {
         assert_eq!(d, [0xff; 4]);
         low.read(0x1004, &mut d);
         assert_eq!(d, [0x24; 4]);
+    }
+
+    #[test]
+    fn port_accesses_reach_io_bars_only() {
+        let mut config = PciConfiguration::new(PciHeader::default(), false);
+        config.add_bar(0, 0x20, BarKind::Io, false).unwrap();
+        config.add_bar(1, 0x1000, BarKind::Mmio32, false).unwrap();
+        config.set_bar_address(0, 0xc040).unwrap();
+        // A memory BAR at the same number as a port must not answer port accesses.
+        config.set_bar_address(1, 0xd000).unwrap();
+        let dev = Arc::new(Mutex::new(Dev {
+            config,
+            last_write: None,
+        }));
+        let mut root = PciRoot::new();
+        root.add_device(dev.clone()).unwrap();
+        let root = Arc::new(Mutex::new(root));
+        let mut ports = PciBarRouter::new(root.clone(), 0x0d00, PciSpace::Io);
+        let mut mmio = PciBarRouter::new(root, 0xc000, PciSpace::Memory);
+
+        let mut d = [0u8; 2];
+        // Both decodings on: ports see only the I/O BAR, memory only the memory BAR.
+        dev.lock().unwrap().config.write_reg(1, 0, &[0x3]);
+        ports.read(0xc044 - 0x0d00, &mut d);
+        assert_eq!(d, [0x04; 2]);
+        ports.write(0xc05e - 0x0d00, &[1, 2]);
+        assert_eq!(dev.lock().unwrap().last_write, Some((0, 0x1e, vec![1, 2])));
+        ports.read(0xd004 - 0x0d00, &mut d);
+        assert_eq!(d, [0xff; 2], "a memory BAR does not decode ports");
+        mmio.read(0x40, &mut d);
+        assert_eq!(d, [0xff; 2], "an I/O BAR does not decode memory");
+        mmio.read(0x1004, &mut d);
+        assert_eq!(d, [0x14; 2]);
+        // Past the BAR end, straddling it, and with I/O decoding off.
+        ports.read(0xc060 - 0x0d00, &mut d);
+        assert_eq!(d, [0xff; 2]);
+        let mut w = [0u8; 4];
+        ports.read(0xc05e - 0x0d00, &mut w);
+        assert_eq!(w, [0xff; 4]);
+        dev.lock().unwrap().config.write_reg(1, 0, &[0x2]);
+        ports.read(0xc044 - 0x0d00, &mut d);
+        assert_eq!(d, [0xff; 2]);
+        // An offset that would overflow the address is refused, not wrapped.
+        ports.read(u64::MAX, &mut d);
+        assert_eq!(d, [0xff; 2]);
     }
 }

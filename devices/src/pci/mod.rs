@@ -11,7 +11,7 @@ pub mod device;
 pub mod msix;
 pub mod root;
 
-pub use bar_router::PciBarRouter;
+pub use bar_router::{PciBarRouter, PciSpace};
 pub use config_space::{BarKind, PciBarRange, PciConfigError, PciConfiguration, PciHeader};
 pub use device::{PciDevice, PciHostBridge};
 pub use msix::{MsiMessage, MsiVectors, Msix, MsixLayout};

@@ -77,11 +77,18 @@ impl PciRoot {
         Self { functions }
     }
 
+    /// The lowest device slot with no function in it: where [`Self::add_device`] puts
+    /// the next device. (A VMM that needs the slot before it builds the device, e.g. to
+    /// wire its INTx pin, asks here and then uses [`Self::add_function`].)
+    pub fn free_slot(&self) -> Result<u8, PciRootError> {
+        (0..NUM_DEVICES)
+            .find(|&slot| !self.functions.keys().any(|&(d, _)| d == slot))
+            .ok_or(PciRootError::NoFreeSlot)
+    }
+
     /// Adds `device` as function 0 of the lowest free device slot and returns the slot.
     pub fn add_device(&mut self, device: Arc<Mutex<dyn PciDevice>>) -> Result<u8, PciRootError> {
-        let slot = (0..NUM_DEVICES)
-            .find(|&slot| !self.functions.keys().any(|&(d, _)| d == slot))
-            .ok_or(PciRootError::NoFreeSlot)?;
+        let slot = self.free_slot()?;
         self.functions.insert((slot, 0), device);
         Ok(slot)
     }
@@ -425,6 +432,7 @@ mod tests {
         assert_eq!(root.config_read(0, 3, 2, 0), 0x1001_1af4);
         assert_eq!(root.config_read(0, 3, 0, 0), 0xffff_ffff);
         // A slot with only a non-zero function is not free for add_device.
+        assert_eq!(root.free_slot(), Ok(1));
         assert_eq!(root.add_device(dev()), Ok(1));
         assert_eq!(root.add_device(dev()), Ok(2));
         assert_eq!(root.add_device(dev()), Ok(4));

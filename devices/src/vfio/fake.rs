@@ -254,6 +254,8 @@ pub struct FakeIrqs {
     pub asked: Vec<u16>,
     /// Whether to hand out an INTx line.
     pub intx: bool,
+    /// The pins INTx lines were asked for.
+    pub intx_pins: Vec<u8>,
 }
 
 impl Default for FakeIrqs {
@@ -262,6 +264,7 @@ impl Default for FakeIrqs {
             routes: RouteLog::default(),
             asked: Vec::new(),
             intx: true,
+            intx_pins: Vec::new(),
         }
     }
 }
@@ -286,14 +289,16 @@ impl InterruptAllocator for FakeIrqs {
         }))
     }
 
-    fn intx_line(&mut self) -> io::Result<Option<IntxLine>> {
+    /// Pin n gets GSI 15 + n (INTA# is 16), like slot 0 of the VMM's routing.
+    fn intx_line(&mut self, pin: u8) -> io::Result<Option<IntxLine>> {
+        self.intx_pins.push(pin);
         if !self.intx {
             return Ok(None);
         }
         Ok(Some(IntxLine {
             trigger: EventFd::new(libc::EFD_NONBLOCK)?,
             resample: EventFd::new(libc::EFD_NONBLOCK)?,
-            gsi: 10,
+            gsi: 15 + u32::from(pin),
         }))
     }
 }

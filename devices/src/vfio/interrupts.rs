@@ -19,8 +19,8 @@ use crate::pci::MsiVectors;
 pub struct IntxLine {
     pub trigger: EventFd,
     pub resample: EventFd,
-    /// The guest IRQ of the line; the device reports it in the Interrupt Line register
-    /// (0xff when above 254).
+    /// The guest IRQ (GSI) of the line; the device reports it in the Interrupt Line
+    /// register (0xff when above 254).
     pub gsi: u32,
 }
 
@@ -29,7 +29,9 @@ pub trait InterruptAllocator {
     /// `count` vectors, all detached (masked) until routed.
     fn msi_vectors(&mut self, count: u16) -> io::Result<Arc<dyn MsiVectors>>;
 
-    /// A level-triggered INTx line, or `None` when the VMM cannot route INTx (the device
-    /// then reports no interrupt pin, and the guest uses MSI or MSI-X).
-    fn intx_line(&mut self) -> io::Result<Option<IntxLine>>;
+    /// A level-triggered INTx line for the device's interrupt pin `pin` (1 = INTA# ..
+    /// 4 = INTD#, as in config space), on the guest IRQ the platform's routing gives that
+    /// pin of the device's slot; or `None` when the VMM cannot route INTx (the device then
+    /// reports no interrupt pin, and the guest uses MSI or MSI-X).
+    fn intx_line(&mut self, pin: u8) -> io::Result<Option<IntxLine>>;
 }

@@ -143,7 +143,7 @@ impl VfioPciDevice {
         let mut pin = [0u8];
         backend.config_read(INTERRUPT_PIN_OFFSET, &mut pin);
         let intx = if backend.irq_count(IrqKind::Intx) > 0 && (1..=4).contains(&pin[0]) {
-            irqs.intx_line()
+            irqs.intx_line(pin[0])
                 .map_err(|source| VfioPciError::Interrupts {
                     what: "an INTx line",
                     source,
@@ -202,6 +202,11 @@ impl VfioPciDevice {
             dev.mode = IrqMode::Intx;
         }
         Ok(dev)
+    }
+
+    /// The guest IRQ (GSI) of the device's INTx line, if it has one.
+    pub fn intx_gsi(&self) -> Option<u32> {
+        self.intx.as_ref().map(|l| l.gsi)
     }
 
     /// The emulated BARs `(index, bar)`, for the VMM to allocate guest addresses
@@ -614,8 +619,8 @@ mod tests {
         // The expansion ROM is hidden.
         write32(&mut dev, 0x30, 0xffff_ffff);
         assert_eq!(read32(&mut dev, 0x30), 0);
-        // INTA, routed to the VMM's GSI 10.
-        assert_eq!(read32(&mut dev, 0x3c) & 0xffff, 0x010a);
+        // INTA, routed to the GSI the VMM gives INTA of this slot (16 in the fake).
+        assert_eq!(read32(&mut dev, 0x3c) & 0xffff, 0x0110);
     }
 
     #[test]
@@ -952,5 +957,76 @@ mod tests {
         fake.state().irq_counts[0] = 0;
         let mut dev = device(&fake, &mut FakeIrqs::default());
         assert_eq!(read32(&mut dev, 0x3c), 0);
+    }
+
+    #[test]
+    fn intx_is_asked_for_the_devices_own_pin() {
+        let fake = FakeVfio::rich();
+        fake.state().config[0x3d] = 3; // INTC#
+        let mut irqs = FakeIrqs::default();
+        let mut dev = device(&fake, &mut irqs);
+        assert_eq!(irqs.intx_pins, vec![3]);
+        // Pin INTC#, line = the GSI the VMM gave (15 + 3 in the fake).
+        assert_eq!(read32(&mut dev, 0x3c) & 0xffff, 0x0312);
+        // The guest may scribble on the line; the pin stays.
+        write(&mut dev, 0x3c, &[0xff, 0x01]);
+        assert_eq!(read32(&mut dev, 0x3c) & 0xffff, 0x03ff);
+        // A pin outside 1-4 is no INTx: nothing asked, no pin shown.
+        let fake = FakeVfio::rich();
+        fake.state().config[0x3d] = 7;
+        let mut irqs = FakeIrqs::default();
+        let mut dev = device(&fake, &mut irqs);
+        assert!(irqs.intx_pins.is_empty());
+        assert_eq!(read32(&mut dev, 0x3c), 0);
+    }
+
+    #[test]
+    fn io_bar_is_trapped_and_forwarded_through_the_port_router() {
+        use crate::bus::BusDevice;
+        use crate::pci::{PciBarRouter, PciRoot, PciSpace};
+        use std::sync::Mutex;
+
+        let fake = FakeVfio::rich();
+        let mut dev = device(&fake, &mut FakeIrqs::default());
+        assert!(
+            dev.mmaps().iter().all(|m| m.bar != 1),
+            "I/O BARs are never mmapped"
+        );
+        dev.set_bar_address(1, 0xc040).unwrap();
+        let dev = Arc::new(Mutex::new(dev));
+        let mut root = PciRoot::new();
+        root.add_device(dev.clone()).unwrap();
+        let mut ports = PciBarRouter::new(Arc::new(Mutex::new(root)), 0x0d00, PciSpace::Io);
+        let port = |p: u64| p - 0x0d00;
+
+        // I/O decoding off: the port reads all-ones and writes go nowhere.
+        ports.write(port(0xc044), &[0xaa]);
+        let mut b = [0u8; 1];
+        ports.read(port(0xc044), &mut b);
+        assert_eq!(b, [0xff]);
+        assert!(fake.state().regions[1].1.iter().all(|&x| x == 0));
+
+        // On: byte, word and dword accesses land at the offset in VFIO region 1.
+        write(&mut dev.lock().unwrap(), 0x04, &0x0001u16.to_le_bytes());
+        ports.write(port(0xc044), &[0xaa]);
+        ports.write(port(0xc046), &0xbbccu16.to_le_bytes());
+        ports.write(port(0xc05c), &0x1122_3344u32.to_le_bytes());
+        {
+            let st = fake.state();
+            assert_eq!(st.regions[1].1[4..8], [0xaa, 0, 0xcc, 0xbb]);
+            assert_eq!(st.regions[1].1[0x1c..0x20], [0x44, 0x33, 0x22, 0x11]);
+        }
+        let mut d = [0u8; 4];
+        ports.read(port(0xc05c), &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0x1122_3344);
+        // Straddling the end of the 32-port BAR: refused, the region is untouched.
+        ports.write(port(0xc05e), &[9, 9, 9, 9]);
+        assert_eq!(fake.state().regions[1].1[0x1e..0x20], [0x22, 0x11]);
+        // The guest moves the BAR: the old ports stop decoding, the new ones work.
+        write32(&mut dev.lock().unwrap(), 0x14, 0xd001);
+        ports.read(port(0xc05c), &mut d);
+        assert_eq!(d, [0xff; 4]);
+        ports.read(port(0xd01c), &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0x1122_3344);
     }
 }

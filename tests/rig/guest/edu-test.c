@@ -1,11 +1,12 @@
 // edu-test: drives QEMU's `edu` PCI device (1234:11e8) from an aivmm guest's userspace, to
-// prove a VFIO passthrough works end to end: BAR access, DMA through the host IOMMU, and
-// MSI delivery. Built static by the rig (gcc -static), run as root inside L2.
+// prove a VFIO passthrough works end to end: BAR access, DMA through the host IOMMU, MSI
+// and INTx delivery. Built static by the rig (gcc -static), run as root inside L2.
 //
-//   edu-test [--reads N]
+//   edu-test [--reads N]          checks (i)-(iii)
+//   edu-test --intx [--deliver]   check (iv); needs uio_pci_generic loaded, runs after (iii)
 //
-// Prints `EDU-TEST <key>=<value>` lines for the rig to parse, then `EDU-TEST PASS` or
-// `EDU-TEST FAIL <reason>`; exit code 0 on pass.
+// Prints `EDU-TEST <key>=<value>` lines for the rig to parse, then `EDU-TEST PASS` (or
+// `EDU-TEST INTX PASS`) or `EDU-TEST FAIL <reason>`; exit code 0 on pass.
 //
 // (i)   BAR0 through /sys/bus/pci/devices/<dev>/resource0 (mmap): the identification register
 //       (0x00, low byte 0xed) and the liveness register (0x04 reads back inverted).
@@ -18,6 +19,16 @@
 //       no handler, and the kernel logs "No irq handler for vector" with that vector number.
 //       That line in /dev/kmsg proves the message travelled device -> host IOMMU interrupt
 //       remapping -> VFIO eventfd -> KVM irqfd + MSI route -> guest LAPIC.
+// (iv)  INTx routing: uio_pci_generic (bound here with new_id) requests the guest IRQ that
+//       the DSDT's _PRT gave the device's slot and pin; its /proc/interrupts line shows the
+//       IOAPIC pin and the flow (fasteoi = level-triggered), for the rig to compare with the
+//       GSI aivmm wired. With --deliver, INTx delivery too: with MSI off the edu raises its
+//       legacy interrupt; uio_pci_generic's handler masks INTx (PCI 2.3 INTx disable in the
+//       command register) and counts it, which a read of /dev/uioN returns; the test
+//       unmasks INTx again through config space (uio_pci_generic has no irqcontrol). Two
+//       rounds, exactly one interrupt each: a line left asserted after the guest's EOI (no
+//       resample) would fire again. The nested rig cannot run --deliver: its edu sits behind
+//       QEMU's pxb-pcie, whose INTx never reaches L1 (docs/passthrough.md).
 
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -25,6 +36,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <poll.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -59,6 +71,7 @@
 #define PCI_COMMAND 0x04
 #define PCI_COMMAND_MEMORY 0x2
 #define PCI_COMMAND_MASTER 0x4
+#define PCI_COMMAND_INTX_DISABLE 0x400
 #define PCI_STATUS 0x06
 #define PCI_STATUS_CAP_LIST 0x10
 #define PCI_CAP_PTR 0x34
@@ -333,17 +346,149 @@ static void check_msi(void) {
     printf("EDU-TEST msi=ok\n");
 }
 
+// The uio device file of the edu, binding it to uio_pci_generic first; opened read-write.
+static int open_uio(void) {
+    char p[400], link[400];
+    snprintf(p, sizeof(p), "%s/driver", dev_dir);
+    ssize_t n = readlink(p, link, sizeof(link) - 1);
+    if (n >= 0) {
+        link[n] = 0;
+        const char *name = strrchr(link, '/');
+        if (strcmp(name ? name + 1 : link, "uio_pci_generic") != 0)
+            fail("intx: the device is bound to %s, not uio_pci_generic", link);
+    } else {
+        write_file("/sys/bus/pci/drivers/uio_pci_generic/new_id", "1234 11e8");
+    }
+    double deadline = now_s() + 10;
+    for (;;) {
+        snprintf(p, sizeof(p), "%s/uio", dev_dir);
+        DIR *d = opendir(p);
+        struct dirent *e;
+        while (d && (e = readdir(d))) {
+            if (strncmp(e->d_name, "uio", 3) != 0)
+                continue;
+            char node[300];
+            snprintf(node, sizeof(node), "/dev/%s", e->d_name);
+            int fd = open(node, O_RDWR);
+            if (fd >= 0) {
+                printf("EDU-TEST intx_uio=%s\n", node);
+                closedir(d);
+                return fd;
+            }
+        }
+        if (d)
+            closedir(d);
+        if (now_s() > deadline)
+            fail("intx: no uio device for %s (uio_pci_generic did not bind or has no node)",
+                 dev_dir);
+        usleep(20000);
+    }
+}
+
+// The /proc/interrupts line of `irq`, runs of blanks squeezed to one; "" if there is none.
+static void interrupts_line(long irq, char *out, size_t len) {
+    out[0] = 0;
+    FILE *f = fopen("/proc/interrupts", "r");
+    if (!f)
+        return;
+    char line[1024];
+    while (fgets(line, sizeof(line), f)) {
+        char *s = line, *end;
+        while (*s == ' ')
+            s++;
+        long n = strtol(s, &end, 10);
+        if (end == s || *end != ':' || n != irq)
+            continue;
+        size_t o = 0;
+        for (char *c = s; *c && *c != '\n' && o + 1 < len; c++) {
+            if ((*c == ' ' || *c == '\t') && (o == 0 || out[o - 1] == ' '))
+                continue;
+            out[o++] = (*c == '\t') ? ' ' : *c;
+        }
+        out[o] = 0;
+        break;
+    }
+    fclose(f);
+}
+
+// (iv) INTx routing, and with `deliver` two rounds of delivery.
+static void check_intx(int deliver) {
+    int cap = find_msi_cap();
+    if (cap >= 0) {
+        uint16_t flags = cfg16(cap + 2);
+        if (flags & MSI_FLAGS_ENABLE)
+            cfg_w16(cap + 2, flags & ~MSI_FLAGS_ENABLE);
+    }
+    int fd = open_uio();
+    char p[400];
+    snprintf(p, sizeof(p), "%s/irq", dev_dir);
+    long irq = read_hex_file(p);
+    printf("EDU-TEST intx_irq=%ld\n", irq);
+    char line[512];
+    interrupts_line(irq, line, sizeof(line));
+    printf("EDU-TEST intx_line=%s\n", line);
+    if (!line[0])
+        fail("intx: guest IRQ %ld is not in /proc/interrupts (uio_pci_generic has no IRQ?)",
+             irq);
+    uint32_t last = 0;
+    for (int round = 0; deliver && round < 2; round++) {
+        cfg_w16(PCI_COMMAND, cfg16(PCI_COMMAND) & ~PCI_COMMAND_INTX_DISABLE);
+        wr32(REG_IRQ_RAISE, 0x100u << round);
+        struct pollfd pfd = {.fd = fd, .events = POLLIN};
+        int ready = poll(&pfd, 1, 30000);
+        uint32_t status = rd32(REG_IRQ_STATUS);
+        if (ready <= 0)
+            fail("intx: round %d: no interrupt on guest IRQ %ld within 30 s (edu status %#x)",
+                 round, irq, status);
+        uint32_t events;
+        if (read(fd, &events, sizeof(events)) != sizeof(events))
+            fail("intx: reading the uio event count: %s", strerror(errno));
+        // The handler masked INTx; give a stuck line a moment to show up as more events.
+        usleep(200000);
+        uint32_t more;
+        if (poll(&pfd, 1, 0) > 0 && read(fd, &more, sizeof(more)) == sizeof(more))
+            events = more;
+        int masked = (cfg16(PCI_COMMAND) & PCI_COMMAND_INTX_DISABLE) != 0;
+        printf("EDU-TEST intx_round=%d events=%u irq_status=%#x masked=%d\n", round, events,
+               status, masked);
+        if (events != last + 1)
+            fail("intx: round %d: the event count went from %u to %u, expected one interrupt",
+                 round, last, events);
+        last = events;
+        wr32(REG_IRQ_ACK, status);
+    }
+    close(fd);
+    if (deliver) {
+        interrupts_line(irq, line, sizeof(line));
+        printf("EDU-TEST intx_line_after=%s\n", line);
+        printf("EDU-TEST intx_delivery=ok\n");
+    }
+    printf("EDU-TEST intx=ok\n");
+}
+
 int main(int argc, char **argv) {
     long reads = 100000;
+    int intx = 0, deliver = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--reads") && i + 1 < argc)
             reads = strtol(argv[++i], NULL, 0);
+        else if (!strcmp(argv[i], "--intx"))
+            intx = 1;
+        else if (!strcmp(argv[i], "--deliver"))
+            deliver = 1;
         else
-            fail("usage: edu-test [--reads N]");
+            fail("usage: edu-test [--reads N] | edu-test --intx [--deliver]");
     }
+    if (deliver && !intx)
+        fail("--deliver goes with --intx");
     setvbuf(stdout, NULL, _IOLBF, 0);
     find_device();
     map_bar0();
+    if (intx) {
+        check_intx(deliver);
+        printf("EDU-TEST INTX PASS\n");
+        return 0;
+    }
     check_registers(reads);
     check_dma();
     check_msi();

@@ -1,6 +1,6 @@
 //! ACPI tables: RSDP → XSDT → FADT (hardware-reduced, with a sleep control register so a
-//! guest `poweroff` reaches the VMM) + DSDT (`_S5_`, COM1, the PCI host bridge), MADT (all
-//! vCPUs, the IOAPIC) and MCFG (ECAM of PCI bus 0).
+//! guest `poweroff` reaches the VMM) + DSDT (`_S5_`, COM1, the PCI host bridge with its
+//! windows and INTx routing), MADT (all vCPUs, the IOAPIC) and MCFG (ECAM of PCI bus 0).
 //!
 //! Every table is encoded field by field into a byte vector and checksummed; see the ACPI 6.x
 //! specification, chapter 5.2, for the layouts.
@@ -8,8 +8,8 @@
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::layout::{
-    pci_mmio64_start, IOAPIC_ADDR, LAPIC_ADDR, PCI_ECAM_SIZE, PCI_ECAM_START, PCI_MMIO32_SIZE,
-    PCI_MMIO32_START, PCI_MMIO64_SIZE,
+    pci_intx_gsi, Mmio64Window, IOAPIC_ADDR, LAPIC_ADDR, PCI_ECAM_SIZE, PCI_ECAM_START,
+    PCI_IO_WINDOW_LAST, PCI_IO_WINDOW_START, PCI_MMIO32_SIZE, PCI_MMIO32_START,
 };
 
 /// Where the tables go: the BIOS read-only area, which Linux scans for the RSDP and which
@@ -17,9 +17,11 @@ use super::layout::{
 pub const RSDP_ADDR: u64 = 0xe_0000;
 const XSDT_ADDR: u64 = 0xe_0040;
 const FADT_ADDR: u64 = 0xe_0080;
+/// The DSDT gets 7.5 KiB (about 2.5 KiB today, most of it the `_PRT`), the MADT 4 KiB
+/// (2.1 KiB for 255 vCPUs).
 const DSDT_ADDR: u64 = 0xe_0200;
-const MADT_ADDR: u64 = 0xe_0800;
-const MCFG_ADDR: u64 = 0xe_0f00;
+const MADT_ADDR: u64 = 0xe_2000;
+const MCFG_ADDR: u64 = 0xe_3000;
 /// The tables must end below the 1 MiB boundary.
 const ACPI_AREA_END: u64 = 0x10_0000;
 
@@ -31,6 +33,9 @@ pub const S5_SLP_TYP: u8 = 5;
 pub const SLP_EN: u8 = 1 << 5;
 /// The ACPI SCI: unused in hardware-reduced mode but kept off the timer's IRQ 0.
 const SCI_IRQ: u16 = 9;
+/// Device slots on PCI bus 0, each with INTA#-INTD# in the `_PRT`.
+const PCI_SLOTS: u8 = 32;
+const PCI_INTX_PINS: u8 = 4;
 
 const OEM_ID: &[u8; 6] = b"AIVMM ";
 const OEM_TABLE_ID: &[u8; 8] = b"AIVMMVM ";
@@ -171,7 +176,7 @@ fn fadt(dsdt: u64) -> Vec<u8> {
 /// its I/O range and IRQ 4. A hardware-reduced platform has no legacy PIC, so Linux maps
 /// ISA IRQs only for devices the namespace describes; without COM1 here the console's
 /// interrupt never reaches the guest and only polled kernel printk shows.
-fn dsdt(ram_end: u64) -> Vec<u8> {
+fn dsdt(mmio64: &Mmio64Window) -> Vec<u8> {
     let s5 = aml::name(
         b"_S5_",
         &aml::package(&[aml::byte(S5_SLP_TYP), aml::byte(S5_SLP_TYP)]),
@@ -197,29 +202,29 @@ fn dsdt(ram_end: u64) -> Vec<u8> {
     );
     let mut t = Sdt::new(b"DSDT", 2);
     t.bytes(&s5)
-        .bytes(&aml::scope(b"_SB_", &[com1, pci0(ram_end)].concat()));
+        .bytes(&aml::scope(b"_SB_", &[com1, pci0(mmio64)].concat()));
     t.finish()
 }
 
-/// `\_SB_.PCI0`: the PCI host bridge (bus 0), with the resources it decodes: the
+/// `\_SB_.PCI0`: the PCI host bridge (bus 0), with the resources it decodes (the
 /// config ports, all other I/O ports, the 32-bit MMIO window below the IOAPIC and the
-/// 64-bit window above RAM. Linux finds PCI root buses only through this on an ACPI
-/// system. Devices use MSI-X, so there is no `_PRT` for INTx.
-fn pci0(ram_end: u64) -> Vec<u8> {
-    let mmio64 = pci_mmio64_start(ram_end);
-    let crs = [
+/// 64-bit window above RAM, when there is room for one) and its INTx routing (`_PRT`).
+/// Linux finds PCI root buses only through this on an ACPI system.
+fn pci0(mmio64: &Mmio64Window) -> Vec<u8> {
+    let mut crs = vec![
         aml::word_bus_number(0, 0),
         aml::io_port(0xcf8, 8),
         aml::word_io(0x0000, 0x0cf7),
-        aml::word_io(0x0d00, 0xffff),
+        aml::word_io(PCI_IO_WINDOW_START, PCI_IO_WINDOW_LAST),
         aml::dword_memory(
             PCI_MMIO32_START as u32,
             (PCI_MMIO32_START + PCI_MMIO32_SIZE - 1) as u32,
         ),
-        aml::qword_memory(mmio64, mmio64 + PCI_MMIO64_SIZE - 1),
-        aml::END_TAG.to_vec(),
-    ]
-    .concat();
+    ];
+    if mmio64.size > 0 {
+        crs.push(aml::qword_memory(mmio64.start, mmio64.end() - 1));
+    }
+    crs.push(aml::END_TAG.to_vec());
     aml::device(
         b"PCI0",
         &[
@@ -228,10 +233,31 @@ fn pci0(ram_end: u64) -> Vec<u8> {
             aml::name(b"_SEG", &[aml::ZERO]),
             aml::name(b"_BBN", &[aml::ZERO]),
             aml::name(b"_ADR", &[aml::ZERO]),
-            aml::name(b"_CRS", &aml::buffer(&crs)),
+            aml::name(b"_CRS", &aml::buffer(&crs.concat())),
+            aml::name(b"_PRT", &prt()),
         ]
         .concat(),
     )
+}
+
+/// `_PRT`: for every slot and pin of bus 0, `Package { slot << 16 | 0xFFFF, pin, Zero,
+/// GSI }`, a GSI entry (no interrupt link device): Linux then programs the IOAPIC pin
+/// level-triggered, active-low, as PCI INTx is. The GSIs come from
+/// [`pci_intx_gsi`], which the VMM also uses to wire passthrough INTx.
+fn prt() -> Vec<u8> {
+    let entries: Vec<Vec<u8>> = (0..PCI_SLOTS)
+        .flat_map(|slot| {
+            (0..PCI_INTX_PINS).map(move |pin| {
+                aml::package(&[
+                    aml::integer((u64::from(slot) << 16) | 0xffff),
+                    aml::integer(pin.into()),
+                    vec![aml::ZERO],
+                    aml::integer(pci_intx_gsi(slot, pin).into()),
+                ])
+            })
+        })
+        .collect();
+    aml::package(&entries)
 }
 
 /// MCFG: one ECAM allocation, segment 0, buses 0-0.
@@ -282,13 +308,28 @@ mod aml {
         vec![0x0a, v]
     }
 
+    /// The shortest encoding of an integer constant: `Zero`, `One`, or a Byte-, Word-,
+    /// DWord- or QWordConst.
+    pub fn integer(v: u64) -> Vec<u8> {
+        match v {
+            0 => vec![0x00],
+            1 => vec![0x01],
+            2..=0xff => byte(v as u8),
+            0x100..=0xffff => [&[0x0b][..], &(v as u16).to_le_bytes()].concat(),
+            0x1_0000..=0xffff_ffff => [&[0x0c][..], &(v as u32).to_le_bytes()].concat(),
+            _ => [&[0x0e][..], &v.to_le_bytes()].concat(),
+        }
+    }
+
+    /// `Package` of up to 255 elements (NumElements is one byte; callers stay below it).
     pub fn package(elements: &[Vec<u8>]) -> Vec<u8> {
+        debug_assert!(elements.len() <= 255);
         let body = [&[elements.len() as u8][..], &elements.concat()].concat();
         with_pkg(&[0x12], &body)
     }
 
     pub fn buffer(data: &[u8]) -> Vec<u8> {
-        let body = [&byte(data.len() as u8)[..], data].concat();
+        let body = [&integer(data.len() as u64)[..], data].concat();
         with_pkg(&[0x11], &body)
     }
 
@@ -406,10 +447,14 @@ fn madt(vcpus: u8) -> Vec<u8> {
 
 /// Writes all tables; returns the RSDP address for the zero page.
 ///
-/// `ram_end` (the end of guest RAM) places the 64-bit PCI window.
-pub fn setup_acpi(mem: &GuestMemoryMmap, vcpus: u8, ram_end: u64) -> Result<u64, AcpiError> {
+/// `mmio64` is the PCI segment's 64-bit window, declared in the host bridge's `_CRS`.
+pub fn setup_acpi(
+    mem: &GuestMemoryMmap,
+    vcpus: u8,
+    mmio64: &Mmio64Window,
+) -> Result<u64, AcpiError> {
     let madt = madt(vcpus);
-    let dsdt = dsdt(ram_end);
+    let dsdt = dsdt(mmio64);
     if MADT_ADDR + madt.len() as u64 > MCFG_ADDR || DSDT_ADDR + dsdt.len() as u64 > MADT_ADDR {
         return Err(AcpiError::TooLarge { vcpus });
     }
@@ -432,10 +477,195 @@ pub fn setup_acpi(mem: &GuestMemoryMmap, vcpus: u8, ram_end: u64) -> Result<u64,
 
 #[cfg(test)]
 mod tests {
+    use super::super::layout::pci_mmio64_window;
     use super::*;
 
     fn sums_to_zero(b: &[u8]) -> bool {
         b.iter().fold(0u8, |a, x| a.wrapping_add(*x)) == 0
+    }
+
+    /// 1 GiB of RAM, 40 physical address bits: the window is 4 GiB - 512 GiB.
+    fn window() -> Mmio64Window {
+        pci_mmio64_window(1 << 30, 40)
+    }
+
+    /// A minimal AML reader for the tests: decodes what the DSDT builder emits, so the
+    /// tests check structure (lengths, nesting, element counts), not byte patterns.
+    struct Aml<'a> {
+        b: &'a [u8],
+        at: usize,
+    }
+
+    impl<'a> Aml<'a> {
+        fn new(b: &'a [u8]) -> Self {
+            Aml { b, at: 0 }
+        }
+
+        fn byte(&mut self) -> u8 {
+            let v = self.b[self.at];
+            self.at += 1;
+            v
+        }
+
+        fn le(&mut self, n: usize) -> u64 {
+            let v = self.b[self.at..self.at + n]
+                .iter()
+                .rev()
+                .fold(0u64, |a, &x| (a << 8) | u64::from(x));
+            self.at += n;
+            v
+        }
+
+        /// A PkgLength; returns the offset where the package ends.
+        fn pkg_end(&mut self) -> usize {
+            let start = self.at;
+            let lead = self.byte();
+            let follow = usize::from(lead >> 6);
+            let len = if follow == 0 {
+                usize::from(lead & 0x3f)
+            } else {
+                (0..follow).fold(usize::from(lead & 0x0f), |a, i| {
+                    a | (usize::from(self.byte()) << (4 + 8 * i))
+                })
+            };
+            start + len
+        }
+
+        /// An integer constant (`Zero`, `One`, Byte/Word/DWord/QWordConst).
+        fn integer(&mut self) -> u64 {
+            match self.byte() {
+                0x00 => 0,
+                0x01 => 1,
+                0x0a => self.le(1),
+                0x0b => self.le(2),
+                0x0c => self.le(4),
+                0x0e => self.le(8),
+                op => panic!("not an integer: opcode {op:#x} at {}", self.at - 1),
+            }
+        }
+
+        /// A `Package`: its elements, each decoded by `element`; checks that the
+        /// PkgLength covers exactly the NumElements elements.
+        fn package<T>(&mut self, mut element: impl FnMut(&mut Self) -> T) -> Vec<T> {
+            assert_eq!(self.byte(), 0x12, "PackageOp");
+            let end = self.pkg_end();
+            let n = self.byte();
+            let out: Vec<T> = (0..n).map(|_| element(self)).collect();
+            assert_eq!(self.at, end, "PkgLength of the package");
+            out
+        }
+
+        /// Moves to just after the NameString of the next `Name(<seg>, ...)`.
+        fn find_name(&mut self, seg: &[u8; 4]) {
+            let name = [&[0x08][..], seg].concat();
+            self.at += self.b[self.at..]
+                .windows(5)
+                .position(|w| w == name.as_slice())
+                .unwrap_or_else(|| panic!("no Name({})", String::from_utf8_lossy(seg)))
+                + 5;
+        }
+    }
+
+    #[test]
+    fn prt_routes_every_slot_and_pin_to_its_gsi() {
+        let d = dsdt(&window());
+        let mut aml = Aml::new(&d);
+        aml.at = d.windows(4).position(|w| w == b"PCI0").unwrap();
+        aml.find_name(b"_PRT");
+        let entries = aml.package(|a| {
+            let fields = a.package(|a| a.integer());
+            assert_eq!(fields.len(), 4, "_PRT entries have 4 fields");
+            (fields[0], fields[1], fields[2], fields[3])
+        });
+        assert_eq!(entries.len(), 32 * 4);
+        for slot in 0..32u8 {
+            for pin in 0..4u8 {
+                let address = (u64::from(slot) << 16) | 0xffff;
+                let matching: Vec<_> = entries
+                    .iter()
+                    .filter(|e| e.0 == address && e.1 == u64::from(pin))
+                    .collect();
+                assert_eq!(matching.len(), 1, "slot {slot} pin {pin}");
+                let (_, _, source, gsi) = *matching[0];
+                assert_eq!(source, 0, "a GSI entry has no link device");
+                assert_eq!(gsi, u64::from(pci_intx_gsi(slot, pin)));
+                assert!((16..24).contains(&gsi), "GSI {gsi} is not a PCI pin");
+            }
+        }
+    }
+
+    #[test]
+    fn dsdt_nesting_lengths_are_consistent() {
+        let d = dsdt(&window());
+        let mut aml = Aml::new(&d);
+        aml.at = 36;
+        aml.find_name(b"_S5_");
+        let s5 = aml.package(|a| a.integer());
+        assert_eq!(s5, vec![5, 5]);
+        // Scope (\_SB_) runs to the end of the table; PCI0, its last device, too.
+        assert_eq!(aml.byte(), 0x10, "ScopeOp");
+        assert_eq!(aml.pkg_end(), d.len());
+        let pci0 = d.windows(4).position(|w| w == b"PCI0").unwrap();
+        let device_op = (pci0 - 6..pci0)
+            .rev()
+            .find(|&i| d[i] == 0x5b && d[i + 1] == 0x82)
+            .expect("DeviceOp before PCI0");
+        let mut dev = Aml::new(&d);
+        dev.at = device_op + 2;
+        assert_eq!(dev.pkg_end(), d.len());
+        assert_eq!(dev.at, pci0, "PkgLength then the name");
+    }
+
+    /// The resource descriptors of PCI0's `_CRS`: (tag, bytes).
+    fn crs_descriptors(d: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let mut aml = Aml::new(d);
+        aml.at = d.windows(4).position(|w| w == b"PCI0").unwrap();
+        aml.find_name(b"_CRS");
+        assert_eq!(aml.byte(), 0x11, "BufferOp");
+        let end = aml.pkg_end();
+        let size = aml.integer() as usize;
+        assert_eq!(aml.at + size, end, "buffer size and PkgLength agree");
+        let mut out = Vec::new();
+        while aml.at < end {
+            let start = aml.at;
+            let tag = aml.byte();
+            let len = if tag & 0x80 != 0 {
+                3 + aml.le(2) as usize
+            } else {
+                1 + usize::from(tag & 7)
+            };
+            out.push((tag, d[start..start + len].to_vec()));
+            aml.at = start + len;
+            if tag == 0x79 {
+                break;
+            }
+        }
+        assert_eq!(aml.at, end, "the end tag closes the buffer");
+        out
+    }
+
+    #[test]
+    fn crs_declares_the_io_and_64_bit_windows() {
+        let w = window();
+        let descs = crs_descriptors(&dsdt(&w));
+        let io = aml::word_io(PCI_IO_WINDOW_START, PCI_IO_WINDOW_LAST);
+        assert!(descs.iter().any(|(_, b)| *b == io), "WordIO 0x0d00-0xffff");
+        let qwords: Vec<_> = descs.iter().filter(|(t, _)| *t == 0x8a).collect();
+        assert_eq!(qwords.len(), 1);
+        let q = &qwords[0].1;
+        assert_eq!(&q[14..22], &(4u64 << 30).to_le_bytes(), "min");
+        assert_eq!(&q[22..30], &((512u64 << 30) - 1).to_le_bytes(), "max");
+        // No room above RAM: no QWordMemory at all, the rest intact.
+        let none = pci_mmio64_window(40 << 30, 36);
+        let d = dsdt(&none);
+        assert!(sums_to_zero(&d));
+        let descs = crs_descriptors(&d);
+        assert!(descs.iter().all(|(t, _)| *t != 0x8a));
+        assert_eq!(
+            descs.len(),
+            6,
+            "bus, config ports, 2 WordIO, DWordMemory, end"
+        );
     }
 
     #[test]
@@ -449,7 +679,7 @@ mod tests {
         let r = rsdp(XSDT_ADDR);
         assert_eq!(r.len(), 36);
         assert!(sums_to_zero(&r[..20]) && sums_to_zero(&r));
-        assert!(sums_to_zero(&dsdt(1 << 30)));
+        assert!(sums_to_zero(&dsdt(&window())));
         let m = mcfg();
         assert_eq!(m.len(), 60);
         assert!(sums_to_zero(&m));
@@ -482,7 +712,7 @@ mod tests {
         let q = aml::qword_memory(1 << 32, (2 << 32) - 1);
         assert_eq!((q[0], q[1], q.len()), (0x8a, 43, 46));
         assert_eq!(&q[38..46], &(1u64 << 32).to_le_bytes(), "length");
-        let d = dsdt(1 << 30);
+        let d = dsdt(&window());
         assert!(sums_to_zero(&d));
         assert!(d.windows(4).any(|w| w == b"PCI0"));
         let body = &d[36..];
@@ -507,13 +737,13 @@ mod tests {
     #[test]
     fn tables_land_in_guest_memory_for_many_vcpus() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        assert_eq!(setup_acpi(&mem, 40, 1 << 30).unwrap(), RSDP_ADDR);
+        assert_eq!(setup_acpi(&mem, 40, &window()).unwrap(), RSDP_ADDR);
         let mut sig = [0u8; 8];
         mem.read_slice(&mut sig, GuestAddress(RSDP_ADDR)).unwrap();
         assert_eq!(&sig, b"RSD PTR ");
         let small = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x8_0000)]).unwrap();
         assert!(matches!(
-            setup_acpi(&small, 1, 1 << 30),
+            setup_acpi(&small, 1, &window()),
             Err(AcpiError::Write { .. })
         ));
     }

@@ -3,6 +3,8 @@
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 
+use super::layout::DEFAULT_PHYS_BITS;
+
 const HYPERVISOR_BIT: u32 = 1 << 31; // leaf 1 ECX
 const HTT_BIT: u32 = 1 << 28; // leaf 1 EDX
 
@@ -11,6 +13,18 @@ pub fn patch_cpuid(cpuid: &mut CpuId, cpu: u8, vcpus: u8) {
     for entry in cpuid.as_mut_slice() {
         patch_entry(entry, cpu, vcpus);
     }
+}
+
+/// The physical address width the guest is told about: CPUID 0x80000008 EAX[7:0] (KVM
+/// reports the host's, or less), or the architectural default when the leaf is absent.
+pub fn guest_phys_bits(cpuid: &CpuId) -> u8 {
+    cpuid
+        .as_slice()
+        .iter()
+        .find(|e| e.function == 0x8000_0008 && e.index == 0)
+        .map(|e| e.eax as u8)
+        .filter(|&bits| bits != 0)
+        .unwrap_or(DEFAULT_PHYS_BITS)
 }
 
 fn patch_entry(e: &mut kvm_cpuid_entry2, cpu: u8, vcpus: u8) {
@@ -97,6 +111,19 @@ mod tests {
         let mut l1_big = entry(0xb, 1);
         patch_entry(&mut l1_big, 0, 5);
         assert_eq!(l1_big.eax, 3); // 5 ids need 3 bits
+    }
+
+    #[test]
+    fn physical_address_width_comes_from_leaf_0x80000008() {
+        let mut leaf = entry(0x8000_0008, 0);
+        leaf.eax = 0x0000_3028; // 48 linear, 40 physical bits
+        let cpuid = CpuId::from_entries(&[entry(1, 0), leaf]).unwrap();
+        assert_eq!(guest_phys_bits(&cpuid), 40);
+        let without = CpuId::from_entries(&[entry(1, 0)]).unwrap();
+        assert_eq!(guest_phys_bits(&without), 36);
+        leaf.eax = 0x3000;
+        let zero = CpuId::from_entries(&[leaf]).unwrap();
+        assert_eq!(guest_phys_bits(&zero), 36);
     }
 
     #[test]
