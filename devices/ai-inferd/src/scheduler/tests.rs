@@ -1101,17 +1101,26 @@ fn percentile(values: &mut [Nanos], p: f64) -> Nanos {
     values[rank - 1]
 }
 
-/// Realtime tenant 1 sends a request every 50 ms; `flood` batch tenants saturate.
-/// Returns the realtime p99 latency (arrival to finish).
-fn realtime_p99(flood: u32) -> Nanos {
-    let mut core = SchedulerCore::new();
+/// Realtime tenant 1 sends a request every 50 ms; `flood` batch tenants saturate
+/// `executors` executors, of which the last `reserved` run only INTERACTIVE and
+/// higher. Returns the realtime p99 latency (arrival to finish).
+fn realtime_p99(flood: u32, executors: u32, reserved: u32) -> Nanos {
+    let ids: Vec<u32> = (0..executors).collect();
+    let config = SchedulerConfig {
+        reserved_executors: ids[(executors - reserved) as usize..]
+            .iter()
+            .map(|e| ExecutorId(*e))
+            .collect(),
+        ..SchedulerConfig::default()
+    };
+    let mut core = SchedulerCore::with_config(config);
     core.set_tenant(TenantId(1), tenant(1, PriorityClass::Realtime));
     for t in 2..2 + flood {
         core.set_tenant(TenantId(t), tenant(1, PriorityClass::Batch));
     }
-    core.set_model(1, model(8, MS, &[0]));
-    // Close to MiniLM on these cores: 20 ms alone, 8 requests in 60 ms.
-    let mut sim = Sim::new(core, &[0], |_, n| 14 * MS + 6 * MS * n as u64);
+    core.set_model(1, model(8, MS, &ids));
+    // Close to MiniLM on these cores: 20 ms alone, 8 requests in 62 ms.
+    let mut sim = Sim::new(core, &ids, |_, n| 14 * MS + 6 * MS * n as u64);
     for t in 2..2 + flood {
         sim.saturating
             .push(saturating(t, 1, PriorityClass::Batch, 16));
@@ -1133,7 +1142,65 @@ fn realtime_p99(flood: u32) -> Nanos {
         .map(|d| d.finish - d.meta.arrival)
         .collect();
     assert_eq!(latencies.len(), 400);
+    if flood > 0 {
+        let flood_done = sim.done.len() - 400;
+        assert!(
+            flood_done > 1000,
+            "the flood ran too ({flood_done} requests)"
+        );
+    }
     percentile(&mut latencies, 0.99)
+}
+
+#[test]
+fn a_reserved_executor_keeps_realtime_p99_within_1_5x_under_batch_floods() {
+    let alone = realtime_p99(0, 2, 1);
+    let flooded = realtime_p99(3, 2, 1);
+    assert!(
+        flooded as f64 <= 1.5 * alone as f64,
+        "realtime p99 {flooded} ns under floods vs {alone} ns alone"
+    );
+    // The check can fail: without the reservation both executors run flood batches.
+    let unreserved = realtime_p99(3, 2, 0);
+    assert!(
+        unreserved as f64 > 2.0 * alone as f64,
+        "without a reserved executor: {unreserved} ns vs {alone} ns"
+    );
+}
+
+#[test]
+fn reserved_executors_run_only_high_classes_unless_nothing_else_serves_the_model() {
+    let config = SchedulerConfig {
+        reserved_executors: vec![ExecutorId(1)],
+        ..SchedulerConfig::default()
+    };
+    let mut core = SchedulerCore::with_config(config);
+    core.set_tenant(TenantId(1), tenant(1, PriorityClass::Realtime));
+    core.set_model(1, model(4, 0, &[0, 1]));
+    core.set_model(2, model(4, 0, &[1]));
+    for id in 0..3 {
+        core.submit(0, meta(1, id, 1, PriorityClass::Normal, 0), id)
+            .unwrap();
+    }
+    assert!(
+        matches!(core.poll(0, ExecutorId(1)), Poll::Wait(None)),
+        "the reserved executor leaves normal work alone"
+    );
+    core.submit(0, meta(1, 10, 1, PriorityClass::Interactive, 0), 10)
+        .unwrap();
+    let batch = run_batch(core.poll(0, ExecutorId(1)));
+    assert_eq!(
+        batch.jobs.iter().map(|j| j.1).collect::<Vec<_>>(),
+        vec![10],
+        "it runs the interactive request alone, without normal ones"
+    );
+    let batch = run_batch(core.poll(0, ExecutorId(0)));
+    assert_eq!(batch.jobs.len(), 3, "the other executor runs the rest");
+    // Model 2 has only the reserved executor: the reservation does not apply.
+    core.submit(0, meta(1, 20, 2, PriorityClass::Batch, 0), 20)
+        .unwrap();
+    let batch = run_batch(core.poll(0, ExecutorId(1)));
+    assert_eq!(batch.jobs[0].1, 20);
 }
 
 /// Not a timing test: prints the scheduler's figures in the simulator (run with
@@ -1150,15 +1217,17 @@ fn simulated_figures() {
         s[0], s[1], s[2]
     );
 
-    let alone = realtime_p99(0);
-    let flooded = realtime_p99(3);
-    println!(
-        "isolation: realtime p99 alone {:.1} ms, under 3 batch floods {:.1} ms ({:.2}x; \
-         non-preemptive: bounded by one running batch)",
-        alone as f64 / 1e6,
-        flooded as f64 / 1e6,
-        flooded as f64 / alone as f64
-    );
+    for (executors, reserved) in [(1, 0), (2, 0), (2, 1)] {
+        let alone = realtime_p99(0, executors, reserved);
+        let flooded = realtime_p99(3, executors, reserved);
+        println!(
+            "isolation, {executors} executor(s), {reserved} reserved: realtime p99 alone \
+             {:.1} ms, under 3 batch floods {:.1} ms ({:.2}x)",
+            alone as f64 / 1e6,
+            flooded as f64 / 1e6,
+            flooded as f64 / alone as f64
+        );
+    }
 
     for noise in [0, 20] {
         let sim = deadline_sim(noise);
