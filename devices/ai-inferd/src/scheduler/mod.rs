@@ -26,6 +26,7 @@ mod batcher;
 pub mod deadline;
 pub mod fair_queue;
 mod id_map;
+pub mod overhead;
 pub mod priority;
 pub mod quota;
 pub mod stats;
@@ -1144,6 +1145,11 @@ impl<J> Scheduler<J> {
         let result = f(&mut self.lock());
         self.wake.notify_all();
         result
+    }
+
+    /// Runs `f` on the core under the lock, for reading (wakes nobody).
+    pub fn inspect<R>(&self, f: impl FnOnce(&SchedulerCore<J>) -> R) -> R {
+        f(&self.lock())
     }
 
     /// Submits a job (see [`SchedulerCore::submit`]) and wakes the executors.
