@@ -75,7 +75,10 @@ fn parse_line(line: &str) -> Option<(String, Labels, f64)> {
         Some((name, rest)) => (name, parse_labels(rest.strip_suffix('}')?)?),
         None => (series, Vec::new()),
     };
-    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
     {
         return None;
     }
@@ -94,7 +97,11 @@ impl Scrape {
                 line: index + 1,
                 text: line.chars().take(80).collect(),
             })?;
-            scrape.samples.entry(name).or_default().push((labels, value));
+            scrape
+                .samples
+                .entry(name)
+                .or_default()
+                .push((labels, value));
         }
         Ok(scrape)
     }
@@ -248,16 +255,27 @@ pub fn frame(now: &Scrape, before: Option<&Scrape>, window: Option<Duration>) ->
     let names = now.label_values("ai_inferd_tenant_weight", "tenant");
     let busy: Vec<f64> = names
         .iter()
-        .map(|t| counter("ai_inferd_tenant_accelerator_seconds_total", &[("tenant", t)]))
+        .map(|t| {
+            counter(
+                "ai_inferd_tenant_accelerator_seconds_total",
+                &[("tenant", t)],
+            )
+        })
         .collect();
     let total_busy: f64 = busy.iter().sum();
     let weights: Vec<f64> = names
         .iter()
-        .map(|t| now.get("ai_inferd_tenant_weight", &[("tenant", t)]).unwrap_or(1.0))
+        .map(|t| {
+            now.get("ai_inferd_tenant_weight", &[("tenant", t)])
+                .unwrap_or(1.0)
+        })
         .collect();
     let in_flight: Vec<f64> = names
         .iter()
-        .map(|t| now.get("ai_inferd_tenant_in_flight", &[("tenant", t)]).unwrap_or(0.0))
+        .map(|t| {
+            now.get("ai_inferd_tenant_in_flight", &[("tenant", t)])
+                .unwrap_or(0.0)
+        })
         .collect();
     let active: Vec<bool> = busy
         .iter()
@@ -419,8 +437,8 @@ pub fn render(frame: &Frame, source: &str, ansi: bool) -> String {
 mod tests {
     use super::*;
     use crate::scheduler::{
-        render_prometheus_named, ModelSnapshot, ModelStats, SchedulerStats, SeriesNames,
-        TenantId, TenantSnapshot, TenantStats,
+        render_prometheus_named, ModelSnapshot, ModelStats, SchedulerStats, SeriesNames, TenantId,
+        TenantSnapshot, TenantStats,
     };
     use ai_infer_protocol::PriorityClass;
 
@@ -470,9 +488,18 @@ mod tests {
 
     #[test]
     fn parses_the_daemons_text_with_escaped_labels() {
-        let s = scrape(vec![tenant(1, 1, 10, 5, 100), tenant(2, 3, 30, 5, 100)], &[2]);
-        assert_eq!(s.get("ai_inferd_tenant_weight", &[("tenant", "vm \"b\"")]), Some(3.0));
-        assert_eq!(s.label_values("ai_inferd_tenant_weight", "tenant"), vec!["vm-a", "vm \"b\""]);
+        let s = scrape(
+            vec![tenant(1, 1, 10, 5, 100), tenant(2, 3, 30, 5, 100)],
+            &[2],
+        );
+        assert_eq!(
+            s.get("ai_inferd_tenant_weight", &[("tenant", "vm \"b\"")]),
+            Some(3.0)
+        );
+        assert_eq!(
+            s.label_values("ai_inferd_tenant_weight", "tenant"),
+            vec!["vm-a", "vm \"b\""]
+        );
         assert_eq!(
             s.get(
                 "ai_inferd_tenant_rejected_total",
@@ -491,7 +518,10 @@ mod tests {
 
     #[test]
     fn shares_quantiles_and_batch_means_over_a_window() {
-        let before = scrape(vec![tenant(1, 1, 10, 4, 100), tenant(2, 3, 30, 4, 100)], &[2, 2]);
+        let before = scrape(
+            vec![tenant(1, 1, 10, 4, 100), tenant(2, 3, 30, 4, 100)],
+            &[2, 2],
+        );
         // In the window: a got 10 ms, b 30 ms; b's requests waited ~5 ms.
         let now = scrape(
             vec![tenant(1, 1, 20, 8, 100), tenant(2, 3, 60, 104, 5_000)],
@@ -523,7 +553,12 @@ mod tests {
 
     #[test]
     fn quantiles_pick_the_bucket_upper_bound() {
-        let b = [(0.001, 50.0), (0.002, 99.0), (0.004, 100.0), (f64::INFINITY, 100.0)];
+        let b = [
+            (0.001, 50.0),
+            (0.002, 99.0),
+            (0.004, 100.0),
+            (f64::INFINITY, 100.0),
+        ];
         assert_eq!(quantile(&b, 0.5), Some(0.001));
         assert_eq!(quantile(&b, 0.99), Some(0.002));
         assert_eq!(quantile(&b, 1.0), Some(0.004));
