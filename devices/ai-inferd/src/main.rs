@@ -306,8 +306,9 @@ fn main() -> ExitCode {
             no_memory,
             weights_mib,
         } => {
+            // VMMs (the load generator's frontends) come and go between phases.
             let _ = log::set_logger(&LOGGER);
-            log::set_max_level(LevelFilter::Warn);
+            log::set_max_level(LevelFilter::Error);
             run_bench(seconds, no_memory, weights_mib)
         }
         Command::BenchDaemon {
@@ -316,7 +317,7 @@ fn main() -> ExitCode {
             weights_mib,
         } => {
             let _ = log::set_logger(&LOGGER);
-            log::set_max_level(LevelFilter::Warn);
+            log::set_max_level(LevelFilter::Error);
             match bench::memory::serve_child(&dir, tenants, weights_mib) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

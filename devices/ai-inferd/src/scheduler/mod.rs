@@ -691,7 +691,21 @@ impl<J> SchedulerCore<J> {
                 running_left_ns: self.running_left(&model.policy.executors, now),
                 executors: executors_for_class(&self.config, &model.policy, meta.priority),
             };
-            if predicted_finish(now, backlog, &model.estimator).is_some_and(|f| f > deadline) {
+            // Joining the next batch makes it longer for everyone queued in it: the
+            // request is refused rather than push an admitted one past its deadline.
+            let joins_next = backlog.ahead < backlog.max_batch;
+            let limit = match self.models.get_mut(&meta.model) {
+                Some(m) if joins_next => m
+                    .queue
+                    .earliest_deadline()
+                    .map_or(deadline, |d| d.min(deadline)),
+                _ => deadline,
+            };
+            let estimator = self.models.get(&meta.model).map(|m| &m.estimator);
+            if estimator
+                .and_then(|e| predicted_finish(now, backlog, e))
+                .is_some_and(|f| f > limit)
+            {
                 return Err(Reject::Deadline);
             }
         }

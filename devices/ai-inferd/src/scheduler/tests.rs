@@ -1268,3 +1268,24 @@ fn simulated_figures() {
         );
     }
 }
+
+#[test]
+fn scratch_deadline_overload() {
+    let mut core = SchedulerCore::new();
+    for t in 1..=4 {
+        core.set_tenant(TenantId(t), tenant(1, PriorityClass::Interactive));
+    }
+    core.set_model(1, model(8, 0, &[0]));
+    let mut sim = Sim::new(core, &[0], |_, n| 4 * MS + MS * n as u64);
+    for t in 1..=4 {
+        let mut s = saturating(t, 1, PriorityClass::Normal, 16);
+        s.deadline_after = Some(10_500 * US);
+        sim.saturating.push(s);
+    }
+    sim.run_until(6 * S);
+    let stats = sim.core.stats();
+    let m = &stats.models[0].stats;
+    let met = sim.done.iter().filter(|d| d.finish <= d.meta.deadline.unwrap()).count();
+    println!("admitted {} ran {} met {met} dropped {:?} rejected {:?} missed {} mean batch {:.2}",
+        m.admitted, m.completed, m.dropped, m.rejected, m.deadline_missed, m.batch_sizes.sum as f64 / m.batch_sizes.count as f64);
+}
