@@ -590,6 +590,45 @@ mod tests {
     }
 
     #[test]
+    fn metrics_numa_and_reservation_settings_are_checked() {
+        let daemon =
+            |extra: &str| with_tenant("").replace("[daemon]\n", &format!("[daemon]\n{extra}\n"));
+        let c = Config::parse(&daemon(
+            "metrics_socket = \"tcp:127.0.0.1:9100\"\nexecutor_threads = 3\n\
+             reserved_executors = 2\nreserved_min_class = \"realtime\"\nnuma_node = 1",
+        ))
+        .unwrap();
+        assert_eq!(
+            c.daemon.metrics_socket,
+            Some(MetricsEndpoint::Tcp("127.0.0.1:9100".parse().unwrap()))
+        );
+        assert_eq!(c.daemon.reserved_min_class, PriorityName::Realtime);
+        assert_eq!(c.daemon.numa_node, Some(1));
+        let c = Config::parse(&daemon("metrics_socket = \"/run/m.sock\"")).unwrap();
+        assert_eq!(
+            c.daemon.metrics_socket,
+            Some(MetricsEndpoint::Unix("/run/m.sock".into()))
+        );
+        assert_eq!(c.daemon.reserved_executors, 0);
+        assert_eq!(c.daemon.reserved_min_class, PriorityName::Interactive);
+
+        let err = Config::parse(&daemon("metrics_socket = \"tcp:0.0.0.0:9100\"")).unwrap_err();
+        assert!(matches!(err, ConfigError::Parse { line: 2, .. }), "{err}");
+        assert!(err.to_string().contains("loopback"), "{err}");
+        assert!(matches!(
+            Config::parse(&daemon("numa_node = 0\nexecutor_numa_nodes = [1]")),
+            Err(ConfigError::NumaTwice)
+        ));
+        assert!(matches!(
+            Config::parse(&daemon("executor_threads = 2\nreserved_executors = 2")),
+            Err(ConfigError::ReservedExecutors {
+                reserved: 2,
+                threads: 2
+            })
+        ));
+    }
+
+    #[test]
     fn load_resolves_the_models_path_next_to_the_file() {
         let dir = std::env::temp_dir().join(format!("ai-inferd-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -597,6 +636,7 @@ mod tests {
         std::fs::write(&file, with_tenant("")).unwrap();
         let c = Config::load(&file).unwrap();
         assert_eq!(c.daemon.models, dir.join("m.toml"));
+        assert_eq!(c.source.as_deref(), Some(file.as_path()));
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(matches!(Config::load(&file), Err(ConfigError::Read { .. })));
     }

@@ -8,7 +8,7 @@
 //! guest memory in place ([`guest_io`]), pinned next to their device ([`numa`]).
 //! The operator watches it through [`metrics`] and [`top`] and changes tenant
 //! policies live ([`reload`]). [`test_frontend`] is a small vhost-user frontend and
-//! virtio driver for integration tests and load generation; [`bench`] measures the
+//! virtio driver for integration tests and load generation; [`mod@bench`] measures the
 //! scheduler's figures with it.
 
 pub mod backend;
