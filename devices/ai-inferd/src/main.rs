@@ -60,7 +60,7 @@ enum Command {
     /// decision time, memory) with synthetic tenants on a synthetic model.
     Bench {
         /// Length of each measured load, in seconds.
-        #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u64).range(2..=600))]
+        #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u64).range(3..=600))]
         seconds: u64,
         /// Skip the memory figure (which starts this program as a daemon process).
         #[arg(long)]

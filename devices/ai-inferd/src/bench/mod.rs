@@ -266,6 +266,9 @@ fn synthetic(id: u32, max_batch: usize, fixed_us: u64, per_request_us: u64) -> A
     ))
 }
 
+/// Loads compared for latency run in this many alternating turns.
+const ROUNDS: u32 = 3;
+
 fn ms(ns: u64) -> String {
     format!("{:.1} ms", ns as f64 / 1e6)
 }
@@ -379,8 +382,7 @@ fn isolation_run(o: &BenchOptions, reserved: u32) -> Result<(u64, u64, usize), B
         },
         deadline_us: 0,
     };
-    let alone = load::spawn(std::slice::from_ref(&realtime), o.phase)?.join()?;
-    let mut loads = vec![realtime];
+    let mut loads = vec![realtime.clone()];
     for i in 0..3 {
         loads.push(closed(
             d.socket(&format!("flood{i}")),
@@ -389,13 +391,22 @@ fn isolation_run(o: &BenchOptions, reserved: u32) -> Result<(u64, u64, usize), B
             16,
         ));
     }
-    let flooded = load::spawn(&loads, o.phase)?.join()?;
-    let p99 = |run: &LoadRun| {
-        let mut l = ok_latencies(run, o.warmup);
-        percentile(&mut l, 0.99).ok_or_else(|| BenchError::Check("no realtime request ran".into()))
+    // Alone and flooded take turns, so a noisy neighbour hits both alike.
+    let (slice, settle) = (o.phase / ROUNDS, o.warmup / 2);
+    let mut alone = Vec::new();
+    let mut flooded = Vec::new();
+    let mut flood_done = 0;
+    for _ in 0..ROUNDS {
+        let runs = load::spawn(std::slice::from_ref(&realtime), slice)?.join()?;
+        alone.extend(ok_latencies(&runs[0], Duration::ZERO));
+        let runs = load::spawn(&loads, slice)?.join()?;
+        flooded.extend(ok_latencies(&runs[0], settle));
+        flood_done += runs[1..].iter().map(|r| r.count(Status::Ok)).sum::<usize>();
+    }
+    let p99 = |l: &mut Vec<u64>| {
+        percentile(l, 0.99).ok_or_else(|| BenchError::Check("no realtime request ran".into()))
     };
-    let flood_done: usize = flooded[1..].iter().map(|r| r.count(Status::Ok)).sum();
-    Ok((p99(&alone[0])?, p99(&flooded[0])?, flood_done))
+    Ok((p99(&mut alone)?, p99(&mut flooded)?, flood_done))
 }
 
 /// Isolation: realtime p99 alone vs under 3 batch floods, with and without a
@@ -406,9 +417,11 @@ fn isolation(o: &BenchOptions, report: &mut Report) -> Result<(), BenchError> {
     report.details.push(format!(
         "isolation: synthetic model 7 ms + 3 ms/request (10 ms alone, 31 ms for 8), max batch 8, \
          2 executors; realtime tenant: 1 request / 20 ms; 3 batch-class tenants keep 16 in \
-         flight; {:.0} s per load; flood requests completed: {flood_done} (1 reserved), \
-         {flood_done0} (none reserved)",
-        o.phase.as_secs_f64()
+         flight; alone and flooded in {ROUNDS} alternating turns of {:.1} s each (flooded: \
+         the first {:.1} s of a turn not counted); flood requests completed: {flood_done} \
+         (1 reserved), {flood_done0} (none reserved)",
+        (o.phase / ROUNDS).as_secs_f64(),
+        (o.warmup / 2).as_secs_f64()
     ));
     let ratio = flooded as f64 / alone as f64;
     report.rows.push(Row {
@@ -548,45 +561,48 @@ fn batching(o: &BenchOptions, report: &mut Report) -> Result<(), BenchError> {
     let capacity = 1e6 / (fixed_us + per_us) as f64;
     let offered = 0.7 * capacity;
     let interval = Duration::from_secs_f64(tenants.len() as f64 / offered);
-    let mut p99 = Vec::new();
-    let mut batch_mean = 0.0;
-    for model in [B1, B8] {
-        let loads: Vec<Load> = tenants
-            .iter()
-            .enumerate()
-            .map(|(i, t)| Load {
-                socket: d.socket(&t.name),
-                model,
-                class: PriorityClass::Normal,
-                pattern: Pattern::Periodic {
-                    interval,
-                    offset: interval * i as u32 / tenants.len() as u32,
-                },
-                deadline_us: 0,
-            })
-            .collect();
-        let before = d.model_stats(model)?;
-        let runs = load::spawn(&loads, o.phase)?.join()?;
-        let after = d.model_stats(model)?;
-        if model == B8 {
-            let batches = diff(after.batch_sizes.count, before.batch_sizes.count);
-            let sizes = diff(after.batch_sizes.sum, before.batch_sizes.sum);
-            batch_mean = sizes as f64 / batches.max(1) as f64;
+    let mut latencies = [Vec::new(), Vec::new()];
+    let (mut batches, mut sizes) = (0, 0);
+    // Batch 1 and batch 8 take turns, so a noisy neighbour hits both alike.
+    for _ in 0..ROUNDS {
+        for (k, model) in [B1, B8].into_iter().enumerate() {
+            let loads: Vec<Load> = tenants
+                .iter()
+                .enumerate()
+                .map(|(i, t)| Load {
+                    socket: d.socket(&t.name),
+                    model,
+                    class: PriorityClass::Normal,
+                    pattern: Pattern::Periodic {
+                        interval,
+                        offset: interval * i as u32 / tenants.len() as u32,
+                    },
+                    deadline_us: 0,
+                })
+                .collect();
+            let before = d.model_stats(model)?;
+            let runs = load::spawn(&loads, o.phase / ROUNDS)?.join()?;
+            let after = d.model_stats(model)?;
+            if model == B8 {
+                batches += diff(after.batch_sizes.count, before.batch_sizes.count);
+                sizes += diff(after.batch_sizes.sum, before.batch_sizes.sum);
+            }
+            latencies[k].extend(runs.iter().flat_map(|r| ok_latencies(r, Duration::ZERO)));
         }
-        let mut all: Vec<u64> = runs
-            .iter()
-            .flat_map(|r| ok_latencies(r, o.warmup))
-            .collect();
+    }
+    let batch_mean = sizes as f64 / batches.max(1) as f64;
+    let mut p99 = Vec::new();
+    for l in &mut latencies {
         p99.push(
-            percentile(&mut all, 0.99)
+            percentile(l, 0.99)
                 .ok_or_else(|| BenchError::Check("no request ran at the offered load".into()))?,
         );
     }
     report.details.push(format!(
         "batching: synthetic model {} ms + {} ms/request (ideal: {:.0}/s at batch 1, {:.0}/s at \
          batch 8), 1 executor, no batching delay; saturated: 4 tenants keep 16 in flight; \
-         offered load: {offered:.0} requests/s from 4 tenants (one every {:.1} ms each); mean \
-         batch at that load {batch_mean:.2}",
+         offered load: {offered:.0} requests/s from 4 tenants (one every {:.1} ms each), \
+         batch 1 and 8 in {ROUNDS} alternating turns; mean batch at that load {batch_mean:.2}",
         fixed_us / 1000,
         per_us / 1000,
         capacity,
