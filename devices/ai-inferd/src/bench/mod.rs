@@ -690,9 +690,26 @@ fn memory_figure(o: &BenchOptions, exe: &Path, report: &mut Report) -> Result<()
     Ok(())
 }
 
+/// Busy and total jiffies of all CPUs, from the first line of `/proc/stat`.
+fn cpu_jiffies() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = text
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal …: idle and iowait are not busy.
+    let total: u64 = fields.iter().take(8).sum();
+    let idle = fields.get(3)? + fields.get(4).copied().unwrap_or(0);
+    Some((total - idle, total))
+}
+
 /// Runs every phase and returns the report.
 pub fn run(o: &BenchOptions) -> Result<Report, BenchError> {
     let mut report = Report::default();
+    let start = cpu_jiffies();
     fairness(o, &mut report)?;
     isolation(o, &mut report)?;
     deadlines(o, &mut report)?;
@@ -700,6 +717,15 @@ pub fn run(o: &BenchOptions) -> Result<Report, BenchError> {
     decision_time(&mut report)?;
     if let Some(exe) = &o.daemon_exe {
         memory_figure(o, exe, &mut report)?;
+    }
+    if let (Some((b0, t0)), Some((b1, t1))) = (start, cpu_jiffies()) {
+        let busy = (b1 - b0) as f64 / (t1 - t0).max(1) as f64;
+        report.details.push(format!(
+            "host: {} CPUs, {:.0}% busy during the run (this benchmark and everything \
+             else on the machine)",
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            busy * 100.0
+        ));
     }
     Ok(report)
 }
