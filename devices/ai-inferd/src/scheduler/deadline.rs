@@ -62,7 +62,16 @@ impl EstimatorConfig {
 struct Smoothed {
     mean: f64,
     dev: f64,
+    /// The fastest measurement so far.
+    fastest: f64,
+    /// Measurements so far (saturating).
+    samples: u32,
 }
+
+/// A measurement counts at most this many deviations above the mean …
+const STALL_DEVS: f64 = 4.0;
+/// … or this share of the mean above it, whichever is more.
+const STALL_SHARE: f64 = 0.25;
 
 /// Execution time estimates of one model, per batch size.
 #[derive(Clone, Debug, PartialEq)]
@@ -101,11 +110,27 @@ impl ExecTimeEstimator {
         *slot = Some(match *slot {
             // The first measurement is taken as exact (RFC 6298 starts the deviation
             // at half of it, which would double the first estimates).
-            None => Smoothed { mean: x, dev: 0.0 },
+            None => Smoothed {
+                mean: x,
+                dev: 0.0,
+                fastest: x,
+                samples: 1,
+            },
             Some(s) => {
-                let dev = s.dev + self.config.dev_alpha * ((x - s.mean).abs() - s.dev);
-                let mean = s.mean + self.config.alpha * (x - s.mean);
-                Smoothed { mean, dev }
+                // A stall (a descheduled thread, a page-fault storm) counts as a
+                // moderately slow batch: one outlier must not move the estimate far
+                // beyond every deadline. A real slowdown still raises the ceiling
+                // with each sample (through the deviation) and is followed in a few.
+                let ceiling = s.mean + (STALL_DEVS * s.dev).max(STALL_SHARE * s.mean);
+                let clipped = x.min(ceiling);
+                let dev = s.dev + self.config.dev_alpha * ((clipped - s.mean).abs() - s.dev);
+                let mean = s.mean + self.config.alpha * (clipped - s.mean);
+                Smoothed {
+                    mean,
+                    dev,
+                    fastest: s.fastest.min(x),
+                    samples: s.samples.saturating_add(1),
+                }
             }
         });
     }
@@ -156,16 +181,30 @@ impl ExecTimeEstimator {
     /// linearly (time per request does not grow with the batch). `None` when
     /// nothing is measured.
     pub fn lower_bound(&self, n: usize) -> Option<Nanos> {
+        self.bound_by(n, |s| Some(s.mean + self.config.dev_factor * s.dev))
+    }
+
+    /// The fastest a batch of `n` has been seen to run: its fastest measurement,
+    /// or bounded from other sizes' as in [`ExecTimeEstimator::lower_bound`]; `None`
+    /// until some size ran twice (a first batch is often a slow warm-up). What
+    /// "cannot make it even if started now" is judged by: only requests that even
+    /// the best case would make late are dropped unstarted.
+    pub fn fastest(&self, n: usize) -> Option<Nanos> {
+        self.bound_by(n, |s| (s.samples >= 2).then_some(s.fastest))
+    }
+
+    /// A bound for size `n` from `value` of the measured sizes (`None` = skip).
+    fn bound_by(&self, n: usize, value: impl Fn(&Smoothed) -> Option<f64>) -> Option<Nanos> {
         let n = n.clamp(1, self.sizes.len());
-        let value = |s: &Smoothed| s.mean + self.config.dev_factor * s.dev;
-        if let Some(s) = &self.sizes[n - 1] {
-            return Some(to_nanos(value(s)));
+        let measured = |s: &Option<Smoothed>| s.as_ref().and_then(&value);
+        if let Some(v) = measured(&self.sizes[n - 1]) {
+            return Some(to_nanos(v));
         }
-        let below = self.sizes[..n - 1].iter().rev().flatten().map(value).next();
+        let below = self.sizes[..n - 1].iter().rev().find_map(measured);
         let above = self.sizes[n..]
             .iter()
             .enumerate()
-            .find_map(|(i, s)| s.as_ref().map(|s| value(s) * n as f64 / (n + i + 1) as f64));
+            .find_map(|(i, s)| measured(s).map(|v| v * n as f64 / (n + i + 1) as f64));
         match (below, above) {
             (Some(a), Some(b)) => Some(to_nanos(a.max(b))),
             (a, b) => a.or(b).map(to_nanos),
@@ -270,6 +309,30 @@ mod tests {
         e.record(1, 5_000);
         e.record(4, 4_000);
         assert_eq!(e.estimate(2), Some(5_000));
+    }
+
+    #[test]
+    fn a_stall_moves_the_estimate_little_and_a_real_slowdown_is_followed() {
+        let mut e = ExecTimeEstimator::new(&EstimatorConfig::default(), 1);
+        for _ in 0..20 {
+            e.record(1, 5_000_000);
+        }
+        e.record(1, 50_000_000);
+        let after_stall = e.estimate(1).unwrap();
+        assert!(
+            after_stall < 7_000_000,
+            "estimate {after_stall} after one 50 ms stall"
+        );
+        assert_eq!(e.fastest(1), Some(5_000_000));
+        for _ in 0..12 {
+            e.record(1, 10_000_000);
+        }
+        let after_slowdown = e.estimate(1).unwrap();
+        assert!(
+            after_slowdown >= 9_500_000,
+            "estimate {after_slowdown} after 12 × 10 ms"
+        );
+        assert_eq!(e.fastest(1), Some(5_000_000), "the fastest stays");
     }
 
     #[test]

@@ -701,11 +701,17 @@ impl<J> SchedulerCore<J> {
                     .map_or(deadline, |d| d.min(deadline)),
                 _ => deadline,
             };
+            // On an idle model the request runs at once: its best case decides. That
+            // is its best chance, and it keeps the model measured — otherwise an
+            // estimate inflated by a slow first batch could refuse deadline work
+            // forever, since refused work is never measured.
+            let idle = backlog.ahead == 0 && backlog.running_left_ns == 0;
             let estimator = self.models.get(&meta.model).map(|m| &m.estimator);
-            if estimator
-                .and_then(|e| predicted_finish(now, backlog, e))
-                .is_some_and(|f| f > limit)
-            {
+            let finish = estimator.and_then(|e| match idle {
+                true => e.fastest(1).map(|t| now.saturating_add(t)),
+                false => predicted_finish(now, backlog, e),
+            });
+            if finish.is_some_and(|f| f > limit) {
                 return Err(Reject::Deadline);
             }
         }
@@ -806,7 +812,7 @@ impl<J> SchedulerCore<J> {
             let Some(model) = self.models.get_mut(id).filter(|m| !m.queue.is_empty()) else {
                 continue;
             };
-            let shortest = model.estimator.estimate(1).unwrap_or(0);
+            let shortest = model.estimator.fastest(1).unwrap_or(0);
             while let Some(q) = model.queue.pop_expired(now, shortest) {
                 note_dropped(
                     &mut self.tenants,
@@ -881,7 +887,8 @@ impl<J> SchedulerCore<J> {
             .estimator
             .estimate(target)
             .map_or(1, |e| (e / target as u64).max(1));
-        let alone_ns = model.estimator.estimate(1);
+        // Dropped unstarted only if even the fastest time seen would be late.
+        let alone_ns = model.estimator.fastest(1);
         let mut jobs = Vec::with_capacity(target);
         let mut charges = Vec::with_capacity(target);
         let mut batch_deadline: Option<Nanos> = None;
@@ -920,7 +927,9 @@ impl<J> SchedulerCore<J> {
                 (a, b) => a.or(b),
             };
             let exec = model.estimator.estimate(jobs.len() + 1);
-            if let (Some(d), Some(exec)) = (tightest, exec) {
+            // The batch grows only while every member still makes it by the
+            // estimate; its first request runs alone unless dropped just above.
+            if let (false, Some(d), Some(exec)) = (jobs.is_empty(), tightest, exec) {
                 if now.saturating_add(exec) > d {
                     break;
                 }

@@ -1308,3 +1308,37 @@ fn deadline_admission_recovers_from_large_first_batches_and_keeps_its_promises()
         .count() as u64;
     assert_eq!(late, after.deadline_missed, "every late finish is counted");
 }
+
+#[test]
+fn a_slow_first_batch_does_not_lock_deadline_work_out() {
+    let mut core = SchedulerCore::new();
+    core.set_tenant(TenantId(1), tenant(1, PriorityClass::Interactive));
+    core.set_model(1, model(1, 0, &[0]));
+    // A warm-up batch ten times slower than the ones after it.
+    core.submit(0, meta(1, 1, 1, PriorityClass::Normal, 0), 1)
+        .unwrap();
+    let batch = run_batch(core.poll(0, EXEC));
+    core.complete(50 * MS, EXEC, 1, &tenants_of(&batch), 50 * MS);
+    assert_eq!(core.estimate(1, 1), Some(50 * MS));
+    // Then only requests with a 10 ms deadline, one at a time, that take 5 ms: by
+    // the estimate none can make it, so none would ever be measured.
+    let mut now = S;
+    let mut ran = 0;
+    for id in 2..40 {
+        let m = with_deadline(meta(1, id, 1, PriorityClass::Normal, now), now + 10 * MS);
+        if core.submit(now, m, id).is_ok() {
+            let batch = run_batch(core.poll(now, EXEC));
+            now += 5 * MS;
+            core.complete(now, EXEC, 1, &tenants_of(&batch), 5 * MS);
+            ran += 1;
+        }
+        now += MS;
+    }
+    assert_eq!(ran, 38, "each was admitted on the idle model and ran");
+    let estimate = core.estimate(1, 1).unwrap();
+    assert!(
+        estimate < 10 * MS,
+        "the estimate came down to {estimate} ns"
+    );
+    assert_eq!(core.stats().tenants[0].stats.deadline_missed, 0);
+}
