@@ -318,7 +318,8 @@ fn fairness(o: &BenchOptions, report: &mut Report) -> Result<(), BenchError> {
     let runs = running.join()?;
     let busy: Vec<f64> = (0..weights.len() as u32)
         .map(|i| {
-            (busy_by_tenant(&after, TenantId(i)) - busy_by_tenant(&before, TenantId(i))) as f64
+            busy_by_tenant(&after, TenantId(i)).saturating_sub(busy_by_tenant(&before, TenantId(i)))
+                as f64
         })
         .collect();
     let total: f64 = busy.iter().sum();
