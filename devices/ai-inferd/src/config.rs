@@ -3,13 +3,16 @@
 //!
 //! A tenant is bound to the unix socket its VMM connects to; everything the daemon
 //! grants a VM (weight, priority ceiling, models, quotas) comes from that entry, never
-//! from the guest. The file is parsed and validated once, at start-up.
+//! from the guest. The file is parsed and validated as a whole, at start-up and at
+//! each reload (SIGHUP); see `reload` for what a reload may change.
 //!
 //! ```toml
 //! [daemon]
 //! models = "/etc/aivmm/models.toml"
+//! metrics_socket = "/run/ai-inferd/metrics.sock"
 //! executor_threads = 2
-//! executor_cpus = [2, 3]
+//! numa_node = 0
+//! reserved_executors = 1
 //!
 //! [[tenant]]
 //! name = "vm-a"
@@ -29,6 +32,7 @@ use ai_infer_protocol::{PriorityClass, MAX_REQUEST_QUEUES};
 use serde::Deserialize;
 use thiserror::Error;
 
+use crate::metrics::MetricsEndpoint;
 use crate::scheduler::TenantPolicy;
 
 /// Why the configuration cannot be used.
@@ -88,6 +92,17 @@ pub enum ConfigError {
     /// `executor_cpus` lists a CPU number the kernel cannot address.
     #[error("daemon.executor_cpus contains {0}, beyond the highest CPU number {max}", max = libc::CPU_SETSIZE - 1)]
     ExecutorCpu(u32),
+    /// Both `numa_node` and `executor_numa_nodes` are set.
+    #[error("daemon.numa_node and daemon.executor_numa_nodes are both set; use one")]
+    NumaTwice,
+    /// `reserved_executors` leaves no executor for the lower classes.
+    #[error("daemon.reserved_executors = {reserved} must be below executor_threads = {threads}")]
+    ReservedExecutors {
+        /// Reserved executors asked for.
+        reserved: u32,
+        /// Executor threads.
+        threads: u32,
+    },
 }
 
 /// The whole file.
@@ -99,6 +114,9 @@ pub struct Config {
     /// One entry per VM that may connect.
     #[serde(rename = "tenant", default)]
     pub tenants: Vec<TenantConfig>,
+    /// The file this was loaded from ([`Config::load`]); a reload reads it again.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 /// `[daemon]`.
@@ -108,21 +126,43 @@ pub struct DaemonSection {
     /// The models manifest (read by `models::load_models`). Relative paths are
     /// relative to the config file.
     pub models: PathBuf,
-    /// Reserved for the metrics endpoint (not served yet); accepted so that configs
-    /// can already name it.
+    /// Where the Prometheus metrics are served: a unix socket path, or
+    /// `tcp:127.0.0.1:PORT` / `tcp:[::1]:PORT` (loopback only). Default: not served.
     #[serde(default)]
-    pub metrics_socket: Option<PathBuf>,
+    pub metrics_socket: Option<MetricsEndpoint>,
     /// Executor threads (each runs one batch at a time). Default 1.
     #[serde(default = "default_executor_threads")]
     pub executor_threads: u32,
     /// CPUs to pin executors to: executor `i` runs on `executor_cpus[i % len]`.
-    /// Default: empty, no pinning.
+    /// Overrides the NUMA settings. Default: empty.
     #[serde(default)]
     pub executor_cpus: Vec<u32>,
+    /// The NUMA node of the accelerator (or of the memory the CPU backend uses):
+    /// every executor is pinned to that node's CPUs. Default: none.
+    #[serde(default)]
+    pub numa_node: Option<u32>,
+    /// Per executor NUMA node: executor `i` is pinned to the CPUs of node
+    /// `executor_numa_nodes[i % len]` (executors of devices on different nodes).
+    /// Default: empty.
+    #[serde(default)]
+    pub executor_numa_nodes: Vec<u32>,
+    /// Executors (the last ones) that run only requests of class
+    /// `reserved_min_class` or higher, so those never wait behind a lower-class
+    /// batch while a reserved executor is free. Must leave at least one executor
+    /// unreserved. Default 0.
+    #[serde(default)]
+    pub reserved_executors: u32,
+    /// Lowest class the reserved executors run. Default `"interactive"`.
+    #[serde(default = "default_reserved_min_class")]
+    pub reserved_min_class: PriorityName,
     /// Longest a request waits for a batch to fill, in microseconds. Default 0 (run
     /// whatever is queued as soon as an executor is free).
     #[serde(default)]
     pub max_batch_delay_us: u64,
+}
+
+fn default_reserved_min_class() -> PriorityName {
+    PriorityName::Interactive
 }
 
 fn default_executor_threads() -> u32 {
@@ -342,6 +382,7 @@ impl Config {
             source,
         })?;
         let mut config = Self::parse(&text)?;
+        config.source = Some(path.to_owned());
         if config.daemon.models.is_relative() {
             if let Some(dir) = path.parent() {
                 config.daemon.models = dir.join(&config.daemon.models);
@@ -361,6 +402,15 @@ impl Config {
             .find(|c| **c as usize >= libc::CPU_SETSIZE as usize)
         {
             return Err(ConfigError::ExecutorCpu(*cpu));
+        }
+        if d.numa_node.is_some() && !d.executor_numa_nodes.is_empty() {
+            return Err(ConfigError::NumaTwice);
+        }
+        if d.reserved_executors >= d.executor_threads {
+            return Err(ConfigError::ReservedExecutors {
+                reserved: d.reserved_executors,
+                threads: d.executor_threads,
+            });
         }
         if self.tenants.is_empty() {
             return Err(ConfigError::NoTenants);
@@ -540,6 +590,45 @@ mod tests {
     }
 
     #[test]
+    fn metrics_numa_and_reservation_settings_are_checked() {
+        let daemon =
+            |extra: &str| with_tenant("").replace("[daemon]\n", &format!("[daemon]\n{extra}\n"));
+        let c = Config::parse(&daemon(
+            "metrics_socket = \"tcp:127.0.0.1:9100\"\nexecutor_threads = 3\n\
+             reserved_executors = 2\nreserved_min_class = \"realtime\"\nnuma_node = 1",
+        ))
+        .unwrap();
+        assert_eq!(
+            c.daemon.metrics_socket,
+            Some(MetricsEndpoint::Tcp("127.0.0.1:9100".parse().unwrap()))
+        );
+        assert_eq!(c.daemon.reserved_min_class, PriorityName::Realtime);
+        assert_eq!(c.daemon.numa_node, Some(1));
+        let c = Config::parse(&daemon("metrics_socket = \"/run/m.sock\"")).unwrap();
+        assert_eq!(
+            c.daemon.metrics_socket,
+            Some(MetricsEndpoint::Unix("/run/m.sock".into()))
+        );
+        assert_eq!(c.daemon.reserved_executors, 0);
+        assert_eq!(c.daemon.reserved_min_class, PriorityName::Interactive);
+
+        let err = Config::parse(&daemon("metrics_socket = \"tcp:0.0.0.0:9100\"")).unwrap_err();
+        assert!(matches!(err, ConfigError::Parse { line: 2, .. }), "{err}");
+        assert!(err.to_string().contains("loopback"), "{err}");
+        assert!(matches!(
+            Config::parse(&daemon("numa_node = 0\nexecutor_numa_nodes = [1]")),
+            Err(ConfigError::NumaTwice)
+        ));
+        assert!(matches!(
+            Config::parse(&daemon("executor_threads = 2\nreserved_executors = 2")),
+            Err(ConfigError::ReservedExecutors {
+                reserved: 2,
+                threads: 2
+            })
+        ));
+    }
+
+    #[test]
     fn load_resolves_the_models_path_next_to_the_file() {
         let dir = std::env::temp_dir().join(format!("ai-inferd-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -547,6 +636,7 @@ mod tests {
         std::fs::write(&file, with_tenant("")).unwrap();
         let c = Config::load(&file).unwrap();
         assert_eq!(c.daemon.models, dir.join("m.toml"));
+        assert_eq!(c.source.as_deref(), Some(file.as_path()));
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(matches!(Config::load(&file), Err(ConfigError::Read { .. })));
     }

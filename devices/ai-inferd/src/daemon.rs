@@ -1,18 +1,18 @@
-//! Wiring: the model registry, the scheduler, one listener thread per tenant socket
-//! and the executor threads; and an orderly shutdown.
+//! Wiring: the model registry, the scheduler, one listener thread per tenant socket,
+//! the executor threads and the metrics endpoint; reloads; an orderly shutdown.
 //!
 //! Each listener thread accepts one VMM connection at a time on its tenant's socket
 //! and serves it with a `VhostUserDaemon`. When the VMM disconnects, the tenant's
 //! queued work is dropped, running work is waited for (its results discarded), the
 //! guest memory mapping goes with the last reference, and the socket listens again.
 
+use std::fmt::Write as _;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use ai_infer_protocol::DeviceConfig;
 use log::{error, info, warn};
 use thiserror::Error;
 use vhost::vhost_user::Listener;
@@ -24,8 +24,14 @@ use crate::config::Config;
 use crate::device::TenantDevice;
 use crate::executor;
 use crate::job::Job;
+use crate::metrics::{MetricsEndpoint, MetricsError, MetricsServer, MetricsSource};
+use crate::numa::{self, NumaError};
 use crate::registry::{ModelRegistry, RegistryError};
-use crate::scheduler::{ExecutorId, ModelPolicy, Scheduler, TenantId};
+use crate::reload::{self, ReloadError};
+use crate::scheduler::{
+    render_prometheus_named, ExecutorId, ModelPolicy, Scheduler, SchedulerConfig, SeriesNames,
+    TenantId,
+};
 use crate::tenant::{Tenant, TenantSpec};
 
 /// Why the daemon could not start.
@@ -34,6 +40,9 @@ pub enum DaemonError {
     /// The models do not fit together or with the tenants' allowed lists.
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    /// The executors' NUMA placement cannot be resolved.
+    #[error(transparent)]
+    Numa(#[from] NumaError),
     /// A tenant socket could not be created.
     #[error("cannot listen on {path}: {source}")]
     Listen {
@@ -42,6 +51,9 @@ pub enum DaemonError {
         /// The error.
         source: vhost::vhost_user::Error,
     },
+    /// The metrics endpoint could not be started.
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
     /// A thread could not be started.
     #[error("cannot start thread {name}: {source}")]
     Spawn {
@@ -58,6 +70,125 @@ pub struct Shared {
     pub scheduler: Scheduler<Job>,
     /// The loaded models.
     pub registry: ModelRegistry,
+    /// Every configured tenant; index = tenant id.
+    pub tenants: Vec<Arc<Tenant>>,
+    /// The configuration in effect; its lock also serialises reloads.
+    running: Mutex<Config>,
+    /// Reloads applied and refused.
+    reloads: [AtomicU64; 2],
+}
+
+impl Shared {
+    /// Applies `new` if the running configuration may become it (see [`reload`]),
+    /// and logs one line either way. Returns the summary of the changes.
+    pub fn reload(&self, new: Config) -> Result<String, ReloadError> {
+        let result = self.apply(new);
+        match &result {
+            Ok(summary) => {
+                self.reloads[0].fetch_add(1, Ordering::Relaxed);
+                info!("reload: applied: {summary}");
+            }
+            Err(e) => {
+                self.reloads[1].fetch_add(1, Ordering::Relaxed);
+                error!("reload refused, the running configuration stays: {e}");
+            }
+        }
+        result
+    }
+
+    /// Reads the running configuration's file again and applies it ([`Shared::reload`]).
+    pub fn reload_from_source(&self) -> Result<String, ReloadError> {
+        let source = lock(&self.running).source.clone();
+        let loaded = match source {
+            Some(path) => Config::load(&path).map_err(ReloadError::from),
+            None => Err(ReloadError::NoSource),
+        };
+        match loaded {
+            Ok(config) => self.reload(config),
+            Err(e) => {
+                self.reloads[1].fetch_add(1, Ordering::Relaxed);
+                error!("reload refused, the running configuration stays: {e}");
+                Err(e)
+            }
+        }
+    }
+
+    fn apply(&self, new: Config) -> Result<String, ReloadError> {
+        let mut running = lock(&self.running);
+        let plan = reload::plan(&running, new, &self.registry)?;
+        let daemon = &plan.config.daemon;
+        let delay_ns = daemon.max_batch_delay_us.saturating_mul(1000);
+        // Grants change under the scheduler lock, as connections read them to
+        // register: a tenant is never registered with a stale policy.
+        self.scheduler.with_core(|core| {
+            core.set_config(reload::scheduler_config(core.config(), daemon));
+            for backend in self.registry.iter() {
+                let id = backend.info().id;
+                if let Some(mut policy) = core.model_policy(id).cloned() {
+                    policy.max_queue_delay_ns = delay_ns;
+                    core.set_model(id, policy);
+                }
+            }
+            for (index, grant) in &plan.grants {
+                if let Some(tenant) = self.tenants.get(*index) {
+                    tenant.set_grant(grant.clone());
+                    core.update_tenant(tenant.spec.id, grant.policy.clone());
+                }
+            }
+        });
+        let summary = plan.summary();
+        *running = plan.config;
+        Ok(summary)
+    }
+
+    /// The Prometheus text: the scheduler's series labelled with tenant and model
+    /// names, plus the daemon's own (connections, reloads).
+    pub fn render_metrics(&self) -> String {
+        let mut names = SeriesNames::default();
+        for t in &self.tenants {
+            names.tenants.insert(t.spec.id, t.spec.name.clone());
+        }
+        for b in self.registry.iter() {
+            names.models.insert(b.info().id, b.info().name.clone());
+        }
+        let mut out = render_prometheus_named(&self.scheduler.stats(), &names);
+        let _ = writeln!(
+            out,
+            "# HELP ai_inferd_tenant_connected Whether the tenant's VMM is connected.\n\
+             # TYPE ai_inferd_tenant_connected gauge"
+        );
+        for t in &self.tenants {
+            let _ = writeln!(
+                out,
+                "ai_inferd_tenant_connected{{tenant=\"{}\"}} {}",
+                t.spec.name,
+                u8::from(t.is_connected())
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP ai_inferd_reloads_total Configuration reloads, by result.\n\
+             # TYPE ai_inferd_reloads_total counter\n\
+             ai_inferd_reloads_total{{result=\"applied\"}} {}\n\
+             ai_inferd_reloads_total{{result=\"refused\"}} {}",
+            self.reloads[0].load(Ordering::Relaxed),
+            self.reloads[1].load(Ordering::Relaxed)
+        );
+        out
+    }
+}
+
+/// The metrics endpoint's view of the daemon.
+struct DaemonMetrics(Arc<Shared>);
+
+impl MetricsSource for DaemonMetrics {
+    fn render(&self) -> String {
+        self.0.render_metrics()
+    }
+
+    fn reload(&self) -> Result<String, String> {
+        self.0.reload_from_source().map_err(|e| e.to_string())
+    }
 }
 
 /// One tenant's listener: its socket and the connection being served, if any.
@@ -73,32 +204,40 @@ pub struct Daemon {
     slots: Vec<Arc<TenantSlot>>,
     listeners: Vec<JoinHandle<()>>,
     executors: Vec<JoinHandle<()>>,
+    metrics: Option<MetricsServer>,
 }
 
 impl Daemon {
-    /// Loads the tenants and models and starts serving every tenant socket.
+    /// Loads the tenants and models and starts serving every tenant socket, with
+    /// the executors placed as the config says (NUMA nodes read from sysfs).
     pub fn start(config: &Config, backends: Vec<Arc<dyn Backend>>) -> Result<Daemon, DaemonError> {
+        Self::start_with(config, backends, Path::new(numa::NODE_ROOT))
+    }
+
+    /// [`Daemon::start`] with the NUMA nodes listed under `node_root`.
+    pub fn start_with(
+        config: &Config,
+        backends: Vec<Arc<dyn Backend>>,
+        node_root: &Path,
+    ) -> Result<Daemon, DaemonError> {
         let registry = ModelRegistry::new(backends)?;
-        let mut specs = Vec::new();
+        let mut tenants = Vec::new();
         for (index, t) in config.tenants.iter().enumerate() {
-            let allowed_ids = registry.allowed_ids(&t.name, &t.allowed())?;
-            specs.push(TenantSpec {
+            let spec = TenantSpec {
                 // Fits: a config with more than 2^32 tenants cannot be loaded.
                 id: TenantId(index as u32),
                 name: t.name.clone(),
-                policy: t.policy(),
-                allowed_ids,
-                device_config: DeviceConfig {
-                    num_request_queues: t.num_request_queues,
-                    max_in_flight: t.max_in_flight,
-                    ..DeviceConfig::default()
-                },
-            });
+            };
+            tenants.push(Arc::new(Tenant::new(spec, reload::grant(t, &registry)?)));
         }
+        let placement = numa::executor_placement(&config.daemon, node_root)?;
         let executor_ids: Vec<ExecutorId> = (0..config.daemon.executor_threads)
             .map(ExecutorId)
             .collect();
-        let scheduler = Scheduler::new();
+        let scheduler = Scheduler::with_config(reload::scheduler_config(
+            &SchedulerConfig::default(),
+            &config.daemon,
+        ));
         scheduler.with_core(|core| {
             for backend in registry.iter() {
                 core.set_model(
@@ -112,10 +251,6 @@ impl Daemon {
                 );
             }
         });
-        let shared = Arc::new(Shared {
-            scheduler,
-            registry,
-        });
 
         // Bind every socket before starting anything, so a bad path fails start-up.
         let mut listeners = Vec::new();
@@ -127,6 +262,13 @@ impl Daemon {
                 })?;
             listeners.push(listener);
         }
+        let shared = Arc::new(Shared {
+            scheduler,
+            registry,
+            tenants,
+            running: Mutex::new(config.clone()),
+            reloads: Default::default(),
+        });
 
         let stop = Arc::new(AtomicBool::new(false));
         let mut daemon = Daemon {
@@ -135,17 +277,14 @@ impl Daemon {
             slots: Vec::new(),
             listeners: Vec::new(),
             executors: Vec::new(),
+            metrics: None,
         };
-        for (id, cpu) in executor_ids.iter().map(|id| {
-            let cpus = &config.daemon.executor_cpus;
-            let cpu = (!cpus.is_empty()).then(|| cpus[id.0 as usize % cpus.len()]);
-            (*id, cpu)
-        }) {
-            let (shared, stop) = (Arc::clone(&shared), Arc::clone(&stop));
+        for (id, cpus) in executor_ids.iter().zip(placement) {
+            let (shared, stop, id) = (Arc::clone(&shared), Arc::clone(&stop), *id);
             let name = format!("executor-{}", id.0);
             let handle = std::thread::Builder::new()
                 .name(name.clone())
-                .spawn(move || executor::run(&shared, id, cpu, &stop))
+                .spawn(move || executor::run(&shared, id, cpus.as_deref(), &stop))
                 .map_err(|source| DaemonError::Spawn { name, source });
             match handle {
                 Ok(h) => daemon.executors.push(h),
@@ -155,12 +294,12 @@ impl Daemon {
                 }
             }
         }
-        for (spec, listener) in specs.into_iter().zip(listeners) {
+        for (tenant, listener) in shared.tenants.iter().zip(listeners) {
             let slot = Arc::new(TenantSlot {
-                socket: listener_path(config, spec.id),
+                socket: listener_path(config, tenant.spec.id),
                 connection: Mutex::new(None),
             });
-            let tenant = Arc::new(Tenant::new(spec));
+            let tenant = Arc::clone(tenant);
             let (shared, stop, slot2) = (Arc::clone(&shared), Arc::clone(&stop), Arc::clone(&slot));
             let name = format!("tenant-{}", tenant.spec.name);
             let handle = std::thread::Builder::new()
@@ -176,13 +315,47 @@ impl Daemon {
                 }
             }
         }
+        if let Some(endpoint) = &config.daemon.metrics_socket {
+            let source = Arc::new(DaemonMetrics(Arc::clone(&shared)));
+            match MetricsServer::start(endpoint, source) {
+                Ok(server) => {
+                    info!("metrics on {}", server.endpoint());
+                    daemon.metrics = Some(server);
+                }
+                Err(e) => {
+                    daemon.stop_threads();
+                    return Err(e.into());
+                }
+            }
+        }
         info!(
-            "serving {} tenant(s) with {} model(s) on {} executor(s)",
+            "serving {} tenant(s) with {} model(s) on {} executor(s), {} reserved",
             daemon.slots.len(),
             daemon.shared.registry.iter().count(),
-            daemon.executors.len()
+            daemon.executors.len(),
+            config.daemon.reserved_executors
         );
         Ok(daemon)
+    }
+
+    /// What the daemon's threads share (scheduler statistics, tenants).
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Where metrics are served (with the port chosen for `tcp:…:0`), if anywhere.
+    pub fn metrics_endpoint(&self) -> Option<&MetricsEndpoint> {
+        self.metrics.as_ref().map(MetricsServer::endpoint)
+    }
+
+    /// Applies `config` live if allowed (see [`crate::reload`]); logs one line.
+    pub fn reload(&self, config: Config) -> Result<String, ReloadError> {
+        self.shared.reload(config)
+    }
+
+    /// Reads the config file again and applies it (SIGHUP); logs one line.
+    pub fn reload_from_source(&self) -> Result<String, ReloadError> {
+        self.shared.reload_from_source()
     }
 
     /// Stops serving: disconnects every VMM, lets running batches finish, joins all
@@ -193,6 +366,9 @@ impl Daemon {
     }
 
     fn stop_threads(&mut self) {
+        if let Some(metrics) = self.metrics.take() {
+            metrics.stop();
+        }
         self.stop.store(true, Ordering::SeqCst);
         for slot in &self.slots {
             if let Some(conn) = lock(&slot.connection).as_ref() {
@@ -244,15 +420,18 @@ fn serve_tenant(
         };
         // Counters start when the connection is accepted; no chain can arrive before.
         tenant.begin_connection(shared.scheduler.now());
+        // The grant is read under the scheduler lock, which a reload holds while it
+        // replaces grants.
         shared
             .scheduler
-            .with_core(|core| core.set_tenant(tenant.spec.id, tenant.spec.policy.clone()));
+            .with_core(|core| core.set_tenant(tenant.spec.id, tenant.grant().policy.clone()));
         if let Err(e) = daemon.start(&mut listener) {
             error!("{name}: cannot accept a connection: {e}");
             end_connection(shared, tenant, &device, daemon);
             continue;
         }
         *lock(&slot.connection) = daemon.shutdown_handle();
+        tenant.set_connected(true);
         if stop.load(Ordering::SeqCst) {
             daemon.request_shutdown();
         } else {
@@ -262,6 +441,7 @@ fn serve_tenant(
             warn!("{name}: connection ended with an error: {e}");
         }
         *lock(&slot.connection) = None;
+        tenant.set_connected(false);
         end_connection(shared, tenant, &device, daemon);
         if !stop.load(Ordering::SeqCst) {
             info!("{name}: VMM disconnected; listening again");

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use ai_infer_protocol::{DEVICE_FEATURES, QUEUE_SIZE_MAX};
+use ai_infer_protocol::{DeviceConfig, DEVICE_FEATURES, QUEUE_SIZE_MAX};
 use log::{debug, error, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringT};
@@ -37,6 +37,8 @@ pub const RESET_WAIT: Duration = Duration::from_secs(60);
 pub struct TenantDevice {
     shared: Arc<Shared>,
     tenant: Arc<Tenant>,
+    /// The tenant's limits when the connection started (its config space).
+    limits: DeviceConfig,
     mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
     event_idx: AtomicBool,
     /// Queues that showed ring-level corruption; not served until reset.
@@ -46,10 +48,12 @@ pub struct TenantDevice {
 impl TenantDevice {
     /// A device for a new connection of `tenant`.
     pub fn new(shared: Arc<Shared>, tenant: Arc<Tenant>) -> Self {
-        let queues = usize::from(tenant.spec.device_config.num_request_queues);
+        let limits = tenant.grant().device_config;
+        let queues = usize::from(limits.num_request_queues);
         TenantDevice {
             shared,
             tenant,
+            limits,
             mem: RwLock::new(None),
             event_idx: AtomicBool::new(false),
             broken: (0..queues).map(|_| AtomicBool::new(false)).collect(),
@@ -188,7 +192,7 @@ impl TenantDevice {
             return false;
         }
         let arrival = self.shared.scheduler.now();
-        let max_descriptors = self.tenant.spec.device_config.max_chain_descriptors;
+        let max_descriptors = self.limits.max_chain_descriptors;
         let walked = chain::walk(&*mem, GuestAddress(desc_table), size, head, max_descriptors);
         let ticket = |writable, writable_len| ChainTicket {
             tenant: Arc::clone(&self.tenant),
@@ -204,7 +208,7 @@ impl TenantDevice {
         match walked {
             Ok(walked) => {
                 let t = ticket(walked.writable.clone(), walked.writable_len);
-                intake::handle_chain(&self.shared, walked, t);
+                intake::handle_chain(&self.shared, walked, t, &self.limits);
             }
             Err(e) => {
                 debug!(
@@ -223,7 +227,7 @@ impl VhostUserBackend for TenantDevice {
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
-        usize::from(self.tenant.spec.device_config.num_request_queues)
+        usize::from(self.limits.num_request_queues)
     }
 
     fn max_queue_size(&self) -> usize {
@@ -247,7 +251,7 @@ impl VhostUserBackend for TenantDevice {
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let mut space = [0u8; ai_infer_protocol::CONFIG_SPACE_LEN];
-        if self.tenant.spec.device_config.encode(&mut space).is_err() {
+        if self.limits.encode(&mut space).is_err() {
             return Vec::new();
         }
         let start = offset as usize;

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use ai_infer_protocol::{ProtocolError, ResponseHeader, Status, TensorDesc};
-use log::{error, warn};
+use log::{debug, error, warn};
 
 use crate::backend::{
     Backend, BackendError, InputTensor, OutputBuffer, RequestOutcome, RequestTensors,
@@ -18,36 +18,19 @@ use crate::daemon::Shared;
 use crate::guest_io::{tensor_slice, BounceBuffer, GuestIoError, TensorPlace};
 use crate::intake::complete_rejected;
 use crate::job::Job;
+use crate::numa;
 use crate::scheduler::{Batch, ExecutorId, Nanos, Poll, Reject};
 use crate::tenant::Record;
 
 /// How often an idle executor checks the stop flag.
 const IDLE_POLL: Duration = Duration::from_millis(50);
 
-/// Pins the calling thread to `cpu`.
-fn pin_to_cpu(cpu: u32) -> std::io::Result<()> {
-    let cpu = cpu as usize;
-    // SAFETY: cpu_set_t is a plain bit array for which all-zero is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // The config rejected CPU numbers at or above CPU_SETSIZE.
-    if cpu >= libc::CPU_SETSIZE as usize {
-        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
-    }
-    // SAFETY: `cpu` is below CPU_SETSIZE, so the bit is inside `set`.
-    unsafe { libc::CPU_SET(cpu, &mut set) };
-    // SAFETY: pid 0 is the calling thread; the pointer and size describe `set`.
-    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// An executor's loop, until `stop` is set.
-pub fn run(shared: &Shared, id: ExecutorId, cpu: Option<u32>, stop: &AtomicBool) {
-    if let Some(cpu) = cpu {
-        if let Err(e) = pin_to_cpu(cpu) {
-            warn!("executor {}: cannot pin to CPU {cpu}: {e}", id.0);
+pub fn run(shared: &Shared, id: ExecutorId, cpus: Option<&[u32]>, stop: &AtomicBool) {
+    if let Some(cpus) = cpus {
+        match numa::pin_current_thread(cpus) {
+            Ok(()) => debug!("executor {}: pinned to CPUs {cpus:?}", id.0),
+            Err(e) => warn!("executor {}: cannot pin to CPUs {cpus:?}: {e}", id.0),
         }
     }
     while !stop.load(Ordering::SeqCst) {

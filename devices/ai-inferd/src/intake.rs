@@ -8,8 +8,9 @@
 use std::sync::Arc;
 
 use ai_infer_protocol::{
-    CancelOutcome, ChainLayout, ModelList, Opcode, ProtocolError, Request, RequestHeader,
-    ResponseHeader, Status, TraceCounters, MAX_TENSORS, REQUEST_HEADER_LEN, TENSOR_DESC_LEN,
+    CancelOutcome, ChainLayout, DeviceConfig, ModelList, Opcode, ProtocolError, Request,
+    RequestHeader, ResponseHeader, Status, TraceCounters, MAX_TENSORS, REQUEST_HEADER_LEN,
+    TENSOR_DESC_LEN,
 };
 use log::debug;
 
@@ -44,8 +45,13 @@ fn infer_record(request_id: u64, header: &ResponseHeader, admitted: bool) -> Rec
     }
 }
 
-/// Processes one walked chain; `ticket` completes it.
-pub fn handle_chain(shared: &Shared, walked: WalkedChain, ticket: ChainTicket) {
+/// Processes one walked chain within the connection's `limits`; `ticket` completes it.
+pub fn handle_chain(
+    shared: &Shared,
+    walked: WalkedChain,
+    ticket: ChainTicket,
+    limits: &DeviceConfig,
+) {
     let overlap = walked.has_writable_overlap();
     let WalkedChain {
         readable,
@@ -74,7 +80,7 @@ pub fn handle_chain(shared: &Shared, walked: WalkedChain, ticket: ChainTicket) {
         };
         ticket.respond(&h, record);
     };
-    let req = match Request::parse(&prefix, &ticket.tenant.spec.device_config) {
+    let req = match Request::parse(&prefix, limits) {
         Ok(req) => req,
         Err(e) => return fail(&e, false),
     };
@@ -109,7 +115,7 @@ pub fn handle_chain(shared: &Shared, walked: WalkedChain, ticket: ChainTicket) {
 
 fn models(shared: &Shared, ticket: &ChainTicket, layout: &ChainLayout, request_id: u64) {
     let list = ModelList {
-        models: shared.registry.infos(&ticket.tenant.spec.allowed_ids),
+        models: shared.registry.infos(&ticket.tenant.grant().allowed_ids),
     };
     let needed = list.encoded_len() as u64;
     let mut header = ResponseHeader::new(Status::Ok, request_id);
@@ -139,7 +145,13 @@ fn trace(shared: &Shared, ticket: &ChainTicket, layout: &ChainLayout, request_id
         ticket.respond(&never_ran(shared, ticket, header), Record::Other);
         return;
     }
-    let counters = ticket.tenant.trace(shared.scheduler.now());
+    let id = ticket.tenant.spec.id;
+    let mut counters = ticket.tenant.trace(shared.scheduler.now());
+    // The scheduler clamps priorities, so its count is the one source of truth.
+    counters.priority_clamped = shared
+        .scheduler
+        .inspect(|core| core.tenant_snapshot(id))
+        .map_or(0, |s| s.stats.priority_clamped);
     let mut payload = [0u8; TraceCounters::LEN];
     if counters.encode(&mut payload).is_err() {
         header.status = Status::BackendError;
@@ -226,7 +238,7 @@ fn infer(
     };
     if !ticket
         .tenant
-        .spec
+        .grant()
         .allowed_ids
         .contains(&req.header.model_id)
     {
@@ -259,7 +271,6 @@ fn infer(
         deadline,
         arrival: ticket.arrival,
     };
-    let clamped = req.header.priority > tenant.spec.policy.priority_ceiling;
     let queue = ticket.queue;
     let generation = ticket.generation;
     let job = Job {
@@ -282,7 +293,7 @@ fn infer(
         } else {
             match shared.scheduler.submit(meta, job) {
                 Ok(()) => {
-                    st.add_in_flight(request_id, queue, clamped);
+                    st.add_in_flight(request_id, queue);
                     None
                 }
                 Err((reject, job)) => Some((job, ResponseHeader::new(reject.status(), request_id))),

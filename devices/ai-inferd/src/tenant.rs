@@ -1,26 +1,35 @@
-//! One tenant (one VM socket): its policy from the config, and the state of its
-//! current connection — TRACE counters, in-flight INFER ids, and a generation per
-//! queue that makes results of abandoned work (reset, disconnect) be discarded.
+//! One tenant (one VM socket): its identity, what the operator grants it (changed by
+//! a reload), and the state of its current connection — TRACE counters, in-flight
+//! INFER ids, and a generation per queue that makes results of abandoned work
+//! (reset, disconnect) be discarded.
 
 use std::collections::HashMap;
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use ai_infer_protocol::{DeviceConfig, Status, TraceCounters, MAX_REQUEST_QUEUES};
 
 use crate::scheduler::{Nanos, TenantId, TenantPolicy};
 
-/// A tenant's fixed description, from the config and the model registry.
+/// A tenant's fixed identity, from the config.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TenantSpec {
     /// Scheduler id.
     pub id: TenantId,
-    /// Name from the config (for logs).
+    /// Name from the config (for logs and metrics).
     pub name: String,
-    /// Scheduler policy.
+}
+
+/// What the operator grants a tenant; a reload replaces it as a whole.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Grant {
+    /// Scheduler policy (applied to the scheduler while connected).
     pub policy: TenantPolicy,
     /// Model ids this tenant may use (ascending).
     pub allowed_ids: Vec<u32>,
-    /// The limits this device enforces for this tenant (its config space).
+    /// The limits the device enforces (its config space), fixed for a connection
+    /// when it starts; `max_in_flight` is also enforced live through `policy`.
     pub device_config: DeviceConfig,
 }
 
@@ -115,7 +124,7 @@ impl TenantState {
     }
 
     /// Registers an admitted INFER.
-    pub fn add_in_flight(&mut self, request_id: u64, queue: u16, clamped: bool) {
+    pub fn add_in_flight(&mut self, request_id: u64, queue: u16) {
         self.conn.in_flight.insert(
             request_id,
             InFlight {
@@ -125,25 +134,27 @@ impl TenantState {
         );
         let c = &mut self.conn.counters;
         c.in_flight_max = c.in_flight_max.max(self.conn.in_flight.len() as u64);
-        if clamped {
-            c.priority_clamped = c.priority_clamped.wrapping_add(1);
-        }
     }
 }
 
-/// A tenant: its spec and its locked state.
+/// A tenant: its identity, its grant and its locked state.
 pub struct Tenant {
-    /// Fixed description.
+    /// Fixed identity.
     pub spec: TenantSpec,
+    /// Read often, replaced only by a reload; never held while taking another lock.
+    grant: RwLock<Arc<Grant>>,
+    connected: AtomicBool,
     state: Mutex<TenantState>,
     idle: Condvar,
 }
 
 impl Tenant {
     /// A tenant with no connection yet.
-    pub fn new(spec: TenantSpec) -> Self {
+    pub fn new(spec: TenantSpec, grant: Grant) -> Self {
         Tenant {
             spec,
+            grant: RwLock::new(Arc::new(grant)),
+            connected: AtomicBool::new(false),
             state: Mutex::new(TenantState {
                 generations: [0; MAX_REQUEST_QUEUES],
                 running: [0; MAX_REQUEST_QUEUES],
@@ -151,6 +162,26 @@ impl Tenant {
             }),
             idle: Condvar::new(),
         }
+    }
+
+    /// What the tenant is granted now.
+    pub fn grant(&self) -> Arc<Grant> {
+        Arc::clone(&self.grant.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Replaces the grant (reload). Work already admitted keeps what it was given.
+    pub fn set_grant(&self, grant: Grant) {
+        *self.grant.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(grant);
+    }
+
+    /// Whether a VMM is connected (for metrics).
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    /// Records that a VMM connected or left.
+    pub fn set_connected(&self, connected: bool) {
+        self.connected.store(connected, Ordering::Relaxed);
     }
 
     /// Locks the state (a panicked holder leaves consistent counters behind).
@@ -242,7 +273,8 @@ impl Tenant {
         }
     }
 
-    /// The TRACE payload now.
+    /// The TRACE payload now, from the device-side counters. `priority_clamped` is
+    /// the scheduler's to fill in (it clamps, so it counts).
     pub fn trace(&self, now: Nanos) -> TraceCounters {
         let st = self.lock();
         let mut c = st.conn.counters;
@@ -258,16 +290,20 @@ mod tests {
     use ai_infer_protocol::PriorityClass;
 
     fn tenant() -> Tenant {
-        Tenant::new(TenantSpec {
-            id: TenantId(0),
-            name: "t".into(),
-            policy: TenantPolicy {
-                priority_ceiling: PriorityClass::Normal,
-                ..TenantPolicy::default()
+        Tenant::new(
+            TenantSpec {
+                id: TenantId(0),
+                name: "t".into(),
             },
-            allowed_ids: vec![1],
-            device_config: DeviceConfig::default(),
-        })
+            Grant {
+                policy: TenantPolicy {
+                    priority_ceiling: PriorityClass::Normal,
+                    ..TenantPolicy::default()
+                },
+                allowed_ids: vec![1],
+                device_config: DeviceConfig::default(),
+            },
+        )
     }
 
     #[test]
@@ -275,9 +311,9 @@ mod tests {
         let t = tenant();
         {
             let mut st = t.lock();
-            st.add_in_flight(1, 0, false);
-            st.add_in_flight(2, 0, true);
-            st.add_in_flight(3, 1, false);
+            st.add_in_flight(1, 0);
+            st.add_in_flight(2, 0);
+            st.add_in_flight(3, 1);
         }
         assert!(t.start_running(2, 0, 0));
         let queued = t.abandon(|q| q == 0);
@@ -285,12 +321,24 @@ mod tests {
         let st = t.lock();
         assert_eq!((st.generation(0), st.generation(1)), (1, 0));
         assert_eq!(st.conn.in_flight.len(), 1);
-        assert_eq!(st.conn.counters.priority_clamped, 1);
         assert_eq!(st.conn.counters.in_flight_max, 3);
         drop(st);
         // Work of the old generation is not started.
         assert!(!t.start_running(1, 0, 0));
         assert!(t.start_running(3, 1, 0));
+    }
+
+    #[test]
+    fn a_new_grant_replaces_the_old_one_for_later_readers() {
+        let t = tenant();
+        let before = t.grant();
+        let mut g = (*before).clone();
+        g.policy.weight = 7;
+        g.allowed_ids = vec![1, 2];
+        t.set_grant(g);
+        assert_eq!(before.policy.weight, 1, "a reader keeps what it read");
+        assert_eq!(t.grant().policy.weight, 7);
+        assert_eq!(t.grant().allowed_ids, vec![1, 2]);
     }
 
     #[test]
@@ -313,7 +361,7 @@ mod tests {
         let t = tenant();
         t.begin_connection(100);
         let mut st = t.lock();
-        st.add_in_flight(5, 0, false);
+        st.add_in_flight(5, 0);
         st.record(Record::Infer {
             request_id: 5,
             admitted: true,

@@ -88,3 +88,4 @@ pub trait Backend: Send + Sync {
     /// of one request must not fail the others.
     fn run(&self, batch: &mut [RequestTensors<'_>]) -> Vec<RequestOutcome>;
 }
+pub mod synthetic;

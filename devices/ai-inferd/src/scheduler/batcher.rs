@@ -170,26 +170,33 @@ impl<J> ModelQueue<J> {
         self.remove_at(lane, class as usize, pos)
     }
 
-    /// When the queue is ready to run a batch: `None` when empty, a time ≤ `now`
-    /// when ready, otherwise the time it becomes ready (batch delay or deadline
-    /// pressure). `estimate(n)` is the predicted time of a batch of `n`.
+    /// When the requests of class `min_class` or higher are ready to run a batch:
+    /// `None` when there are none, a time ≤ `now` when ready, otherwise the time
+    /// they become ready (batch delay or deadline pressure). `estimate(n)` is the
+    /// predicted time of a batch of `n`.
     pub fn ready_at(
         &mut self,
         now: Nanos,
         policy: &ModelPolicy,
+        min_class: PriorityClass,
         estimate: impl Fn(usize) -> Option<Nanos>,
     ) -> Option<Nanos> {
-        if self.len == 0 {
+        let eligible = self.len_at_or_above(min_class);
+        if eligible == 0 {
             return None;
         }
         let max_batch = policy.max_batch.max(1) as usize;
-        if self.len >= max_batch {
+        if eligible >= max_batch {
             return Some(now);
         }
         let oldest = self
             .lanes
             .iter()
-            .flat_map(|l| l.fifos.iter().filter_map(|f| f.front()))
+            .flat_map(|l| {
+                l.fifos[min_class as usize..]
+                    .iter()
+                    .filter_map(|f| f.front())
+            })
             .map(|q| q.meta.arrival)
             .min()?;
         let mut ready = oldest.saturating_add(policy.max_queue_delay_ns);
@@ -199,11 +206,13 @@ impl<J> ModelQueue<J> {
         Some(ready)
     }
 
-    /// The best queued request at `now` by `classes` and the tenants' counters.
+    /// The best queued request of class `min_class` or higher at `now`, by
+    /// `classes` and the tenants' counters.
     pub fn best_head(
         &self,
         now: Nanos,
         classes: &ClassPolicy,
+        min_class: PriorityClass,
         vt_of: impl Fn(TenantId) -> VirtualTime,
     ) -> Option<(HeadRef, Rank)> {
         let mut best: Option<(HeadRef, Rank)> = None;
@@ -213,6 +222,9 @@ impl<J> ModelQueue<J> {
             }
             let vt = vt_of(lane.tenant);
             for (class_index, class) in PriorityClass::ALL.iter().enumerate() {
+                if *class < min_class {
+                    continue;
+                }
                 let Some(head) = lane.fifos[class_index].front() else {
                     continue;
                 };
@@ -307,12 +319,20 @@ mod tests {
     fn ready_when_full_or_after_the_delay() {
         let mut q = ModelQueue::default();
         let p = policy(3, 100);
-        assert_eq!(q.ready_at(0, &p, |_| None), None);
+        assert_eq!(q.ready_at(0, &p, PriorityClass::Batch, |_| None), None);
         q.push(job(1, 1, PriorityClass::Normal, 10, None));
         q.push(job(2, 2, PriorityClass::Normal, 20, None));
-        assert_eq!(q.ready_at(30, &p, |_| None), Some(110), "oldest + delay");
+        assert_eq!(
+            q.ready_at(30, &p, PriorityClass::Batch, |_| None),
+            Some(110),
+            "oldest + delay"
+        );
         q.push(job(3, 1, PriorityClass::Normal, 30, None));
-        assert_eq!(q.ready_at(30, &p, |_| None), Some(30), "full");
+        assert_eq!(
+            q.ready_at(30, &p, PriorityClass::Batch, |_| None),
+            Some(30),
+            "full"
+        );
     }
 
     #[test]
@@ -320,7 +340,10 @@ mod tests {
         let mut q = ModelQueue::default();
         let p = policy(8, 1_000);
         q.push(job(1, 1, PriorityClass::Normal, 0, Some(500)));
-        assert_eq!(q.ready_at(0, &p, |_| Some(200)), Some(300));
+        assert_eq!(
+            q.ready_at(0, &p, PriorityClass::Batch, |_| Some(200)),
+            Some(300)
+        );
     }
 
     #[test]
@@ -344,7 +367,9 @@ mod tests {
         let mut q = ModelQueue::default();
         for seq in 0..10_000 {
             q.push(job(seq, 1, PriorityClass::Normal, 0, Some(1 << 40)));
-            let (at, _) = q.best_head(0, &ClassPolicy::default(), |_| 0).unwrap();
+            let (at, _) = q
+                .best_head(0, &ClassPolicy::default(), PriorityClass::Batch, |_| 0)
+                .unwrap();
             assert!(q.pop(at).is_some());
         }
         assert!(
@@ -362,12 +387,12 @@ mod tests {
         q.push(job(3, 3, PriorityClass::Batch, 0, None));
         let classes = ClassPolicy::default();
         let vt = |t: TenantId| if t == TenantId(1) { 50 } else { 10 };
-        let (at, _) = q.best_head(0, &classes, vt).unwrap();
+        let (at, _) = q.best_head(0, &classes, PriorityClass::Batch, vt).unwrap();
         assert_eq!(q.pop(at).unwrap().seq, 2);
-        let (at, _) = q.best_head(0, &classes, vt).unwrap();
+        let (at, _) = q.best_head(0, &classes, PriorityClass::Batch, vt).unwrap();
         assert_eq!(q.pop(at).unwrap().seq, 1);
         q.push(job(4, 3, PriorityClass::Realtime, 0, None));
-        let (at, _) = q.best_head(0, &classes, vt).unwrap();
+        let (at, _) = q.best_head(0, &classes, PriorityClass::Batch, vt).unwrap();
         assert_eq!(q.pop(at).unwrap().seq, 4);
     }
 

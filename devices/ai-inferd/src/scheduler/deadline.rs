@@ -11,9 +11,9 @@
 //! The estimate for batch size `n` is a smoothed mean plus `dev_factor` smoothed mean
 //! deviations of the measured times (the retransmission-timeout estimator of
 //! Jacobson/Karels, RFC 6298), so it is a high percentile rather than the mean when
-//! times vary, and exact when they do not. Sizes not measured yet borrow from the
-//! nearest larger measured size (batch time does not shrink with more requests) or
-//! scale the nearest smaller one linearly; a model never measured has no estimate and
+//! times vary, and exact when they do not. Sizes not measured yet are interpolated
+//! between measured ones, or scaled linearly from the nearest one
+//! ([`ExecTimeEstimator::estimate`]); a model never measured has no estimate and
 //! admission trusts the request.
 
 use super::Nanos;
@@ -62,7 +62,16 @@ impl EstimatorConfig {
 struct Smoothed {
     mean: f64,
     dev: f64,
+    /// The fastest measurement so far.
+    fastest: f64,
+    /// Measurements so far (saturating).
+    samples: u32,
 }
+
+/// A measurement counts at most this many deviations above the mean …
+const STALL_DEVS: f64 = 4.0;
+/// … or this share of the mean above it, whichever is more.
+const STALL_SHARE: f64 = 0.25;
 
 /// Execution time estimates of one model, per batch size.
 #[derive(Clone, Debug, PartialEq)]
@@ -101,29 +110,68 @@ impl ExecTimeEstimator {
         *slot = Some(match *slot {
             // The first measurement is taken as exact (RFC 6298 starts the deviation
             // at half of it, which would double the first estimates).
-            None => Smoothed { mean: x, dev: 0.0 },
+            None => Smoothed {
+                mean: x,
+                dev: 0.0,
+                fastest: x,
+                samples: 1,
+            },
             Some(s) => {
-                let dev = s.dev + self.config.dev_alpha * ((x - s.mean).abs() - s.dev);
-                let mean = s.mean + self.config.alpha * (x - s.mean);
-                Smoothed { mean, dev }
+                // A stall (a descheduled thread, a page-fault storm) counts as a
+                // moderately slow batch: one outlier must not move the estimate far
+                // beyond every deadline. A real slowdown still raises the ceiling
+                // with each sample (through the deviation) and is followed in a few.
+                let ceiling = s.mean + (STALL_DEVS * s.dev).max(STALL_SHARE * s.mean);
+                let clipped = x.min(ceiling);
+                let dev = s.dev + self.config.dev_alpha * ((clipped - s.mean).abs() - s.dev);
+                let mean = s.mean + self.config.alpha * (clipped - s.mean);
+                Smoothed {
+                    mean,
+                    dev,
+                    fastest: s.fastest.min(x),
+                    samples: s.samples.saturating_add(1),
+                }
             }
         });
     }
 
     /// Predicted execution time of a batch of `n` requests; `None` when no size has
     /// been measured.
+    ///
+    /// A size not measured yet is interpolated linearly between the nearest
+    /// measured sizes around it (batch time is close to affine in the size); above
+    /// the largest measured size the time per request is kept (an upper bound when
+    /// batching amortises a fixed cost); below the smallest one it is scaled down
+    /// linearly (a lower bound). The last case is optimistic on purpose: borrowing
+    /// the larger size's time instead would make a model whose first batches were
+    /// large refuse every small batch with a deadline forever, since a size nobody
+    /// runs is never measured. An optimistic guess costs a few late (and counted)
+    /// requests until that size is measured.
     pub fn estimate(&self, n: usize) -> Option<Nanos> {
         let n = n.clamp(1, self.sizes.len());
         let value = |s: &Smoothed| s.mean + self.config.dev_factor * s.dev;
-        if let Some(v) = self.sizes[n - 1..].iter().flatten().map(value).next() {
-            return Some(to_nanos(v));
+        if let Some(s) = &self.sizes[n - 1] {
+            return Some(to_nanos(value(s)));
         }
-        let (k, v) = self.sizes[..n - 1]
+        let below = self.sizes[..n - 1]
             .iter()
             .enumerate()
             .rev()
-            .find_map(|(i, s)| s.as_ref().map(|s| (i + 1, value(s))))?;
-        Some(to_nanos(v * n as f64 / k as f64))
+            .find_map(|(i, s)| s.as_ref().map(|s| (i + 1, value(s))));
+        let above = self.sizes[n..]
+            .iter()
+            .enumerate()
+            .find_map(|(i, s)| s.as_ref().map(|s| (n + i + 1, value(s))));
+        let v = match (below, above) {
+            (Some((k1, v1)), Some((k2, v2))) => {
+                let slope = (v2 - v1) / (k2 - k1) as f64;
+                v1 + slope.max(0.0) * (n - k1) as f64
+            }
+            (Some((k, v)), None) => v * n as f64 / k as f64,
+            (None, Some((k, v))) => v * n as f64 / k as f64,
+            (None, None) => return None,
+        };
+        Some(to_nanos(v))
     }
 
     /// A lower bound of the execution time of a batch of `n`, for limits that must
@@ -133,16 +181,30 @@ impl ExecTimeEstimator {
     /// linearly (time per request does not grow with the batch). `None` when
     /// nothing is measured.
     pub fn lower_bound(&self, n: usize) -> Option<Nanos> {
+        self.bound_by(n, |s| Some(s.mean + self.config.dev_factor * s.dev))
+    }
+
+    /// The fastest a batch of `n` has been seen to run: its fastest measurement,
+    /// or bounded from other sizes' as in [`ExecTimeEstimator::lower_bound`]; `None`
+    /// until some size ran twice (a first batch is often a slow warm-up). What
+    /// "cannot make it even if started now" is judged by: only requests that even
+    /// the best case would make late are dropped unstarted.
+    pub fn fastest(&self, n: usize) -> Option<Nanos> {
+        self.bound_by(n, |s| (s.samples >= 2).then_some(s.fastest))
+    }
+
+    /// A bound for size `n` from `value` of the measured sizes (`None` = skip).
+    fn bound_by(&self, n: usize, value: impl Fn(&Smoothed) -> Option<f64>) -> Option<Nanos> {
         let n = n.clamp(1, self.sizes.len());
-        let value = |s: &Smoothed| s.mean + self.config.dev_factor * s.dev;
-        if let Some(s) = &self.sizes[n - 1] {
-            return Some(to_nanos(value(s)));
+        let measured = |s: &Option<Smoothed>| s.as_ref().and_then(&value);
+        if let Some(v) = measured(&self.sizes[n - 1]) {
+            return Some(to_nanos(v));
         }
-        let below = self.sizes[..n - 1].iter().rev().flatten().map(value).next();
+        let below = self.sizes[..n - 1].iter().rev().find_map(measured);
         let above = self.sizes[n..]
             .iter()
             .enumerate()
-            .find_map(|(i, s)| s.as_ref().map(|s| value(s) * n as f64 / (n + i + 1) as f64));
+            .find_map(|(i, s)| measured(s).map(|v| v * n as f64 / (n + i + 1) as f64));
         match (below, above) {
             (Some(a), Some(b)) => Some(to_nanos(a.max(b))),
             (a, b) => a.or(b).map(to_nanos),
@@ -233,14 +295,44 @@ mod tests {
     }
 
     #[test]
-    fn unmeasured_sizes_borrow_from_larger_or_scale_smaller() {
+    fn unmeasured_sizes_are_interpolated_or_scaled() {
         let mut e = ExecTimeEstimator::new(&EstimatorConfig::default(), 8);
         e.record(2, 2_000);
         e.record(6, 4_000);
-        assert_eq!(e.estimate(1), Some(2_000), "from size 2");
-        assert_eq!(e.estimate(3), Some(4_000), "from size 6");
-        assert_eq!(e.estimate(8), Some(4_000 * 8 / 6 + 1), "scaled from 6");
+        assert_eq!(e.estimate(1), Some(1_000), "scaled down from size 2");
+        assert_eq!(e.estimate(3), Some(2_500), "between sizes 2 and 6");
+        assert_eq!(e.estimate(5), Some(3_500));
+        assert_eq!(e.estimate(8), Some(4_000 * 8 / 6 + 1), "scaled up from 6");
         assert_eq!(e.estimate(100), e.estimate(8), "clamped to max batch");
+        // A noisy smaller size measured above a larger one: never decreasing.
+        let mut e = ExecTimeEstimator::new(&EstimatorConfig::default(), 8);
+        e.record(1, 5_000);
+        e.record(4, 4_000);
+        assert_eq!(e.estimate(2), Some(5_000));
+    }
+
+    #[test]
+    fn a_stall_moves_the_estimate_little_and_a_real_slowdown_is_followed() {
+        let mut e = ExecTimeEstimator::new(&EstimatorConfig::default(), 1);
+        for _ in 0..20 {
+            e.record(1, 5_000_000);
+        }
+        e.record(1, 50_000_000);
+        let after_stall = e.estimate(1).unwrap();
+        assert!(
+            after_stall < 7_000_000,
+            "estimate {after_stall} after one 50 ms stall"
+        );
+        assert_eq!(e.fastest(1), Some(5_000_000));
+        for _ in 0..12 {
+            e.record(1, 10_000_000);
+        }
+        let after_slowdown = e.estimate(1).unwrap();
+        assert!(
+            after_slowdown >= 9_500_000,
+            "estimate {after_slowdown} after 12 × 10 ms"
+        );
+        assert_eq!(e.fastest(1), Some(5_000_000), "the fastest stays");
     }
 
     #[test]
@@ -253,11 +345,7 @@ mod tests {
             Some(1_000),
             "8 µs for 8: at least 1 µs for 1"
         );
-        assert_eq!(
-            e.estimate(1),
-            Some(8_000),
-            "while the estimate is pessimistic"
-        );
+        assert_eq!(e.estimate(1), Some(1_000), "so is the estimate below it");
         e.record(2, 3_000);
         assert_eq!(
             e.lower_bound(4),

@@ -26,6 +26,7 @@ mod batcher;
 pub mod deadline;
 pub mod fair_queue;
 mod id_map;
+pub mod overhead;
 pub mod priority;
 pub mod quota;
 pub mod stats;
@@ -47,8 +48,8 @@ pub use deadline::EstimatorConfig;
 pub use priority::ClassPolicy;
 pub use quota::TokenBucket;
 pub use stats::{
-    jain_index, render_prometheus, Histogram, ModelSnapshot, ModelStats, SchedulerStats,
-    TenantSnapshot, TenantStats,
+    jain_index, render_prometheus, render_prometheus_named, BatchSizeHistogram, Histogram,
+    ModelSnapshot, ModelStats, SchedulerStats, SeriesNames, TenantSnapshot, TenantStats,
 };
 
 /// Nanoseconds on the scheduler's monotonic clock.
@@ -241,6 +242,14 @@ pub struct SchedulerConfig {
     /// within this factor of that request running alone (default 1.5; values below
     /// 1 count as 1, i.e. realtime requests are batched only when that is free).
     pub realtime_stretch: f64,
+    /// Executors kept free for high-class work (default none): they only run
+    /// requests of class `reserved_min_class` or higher, so such a request never
+    /// waits behind a lower-class batch while a reserved executor is idle. A model
+    /// served only by reserved executors ignores the reservation (its lower classes
+    /// would never run).
+    pub reserved_executors: Vec<ExecutorId>,
+    /// Lowest class the reserved executors run (default INTERACTIVE).
+    pub reserved_min_class: PriorityClass,
 }
 
 impl Default for SchedulerConfig {
@@ -250,6 +259,8 @@ impl Default for SchedulerConfig {
             idle_credit_ns: 0,
             estimator: EstimatorConfig::default(),
             realtime_stretch: 1.5,
+            reserved_executors: Vec::new(),
+            reserved_min_class: PriorityClass::Interactive,
         }
     }
 }
@@ -398,6 +409,20 @@ struct TenantState {
     stats: TenantStats,
 }
 
+impl TenantState {
+    fn snapshot(&self, tenant: TenantId) -> TenantSnapshot {
+        TenantSnapshot {
+            tenant,
+            weight: self.clock.weight(),
+            priority_ceiling: self.policy.priority_ceiling,
+            max_in_flight: self.policy.max_in_flight,
+            queued: u64::from(self.queued),
+            in_flight: u64::from(self.in_flight),
+            stats: self.stats.clone(),
+        }
+    }
+}
+
 struct ModelState<J> {
     policy: ModelPolicy,
     queue: ModelQueue<J>,
@@ -422,6 +447,34 @@ struct DispatchedJob {
 
 fn bump(counter: &mut u64, by: u64) {
     *counter = counter.wrapping_add(by);
+}
+
+/// Lowest class `executor` runs for a model with `policy`: the reservation's class
+/// on a reserved executor, unless every executor of the model is reserved.
+fn min_class_for(
+    config: &SchedulerConfig,
+    executor: ExecutorId,
+    policy: &ModelPolicy,
+) -> PriorityClass {
+    let reserved = &config.reserved_executors;
+    if reserved.contains(&executor) && policy.executors.iter().any(|e| !reserved.contains(e)) {
+        config.reserved_min_class
+    } else {
+        PriorityClass::Batch
+    }
+}
+
+/// Executors of a model with `policy` that may run a request of `class`.
+fn executors_for_class(
+    config: &SchedulerConfig,
+    policy: &ModelPolicy,
+    class: PriorityClass,
+) -> usize {
+    policy
+        .executors
+        .iter()
+        .filter(|e| class >= min_class_for(config, **e, policy))
+        .count()
 }
 
 fn vt_of(tenants: &IdMap<TenantId, TenantState>, tenant: TenantId) -> VirtualTime {
@@ -517,6 +570,26 @@ impl<J> SchedulerCore<J> {
                 self.tenants.insert(tenant, state);
             }
         }
+    }
+
+    /// Replaces the policy of a registered tenant, like [`SchedulerCore::set_tenant`];
+    /// false (and nothing added) when the tenant is not registered.
+    pub fn update_tenant(&mut self, tenant: TenantId, policy: TenantPolicy) -> bool {
+        if !self.tenants.contains_key(&tenant) {
+            return false;
+        }
+        self.set_tenant(tenant, policy);
+        true
+    }
+
+    /// The policy of a registered tenant.
+    pub fn tenant_policy(&self, tenant: TenantId) -> Option<&TenantPolicy> {
+        self.tenants.get(&tenant).map(|t| &t.policy)
+    }
+
+    /// The policy of a model.
+    pub fn model_policy(&self, model: ModelId) -> Option<&ModelPolicy> {
+        self.models.get(&model).map(|m| &m.policy)
     }
 
     /// Removes a tenant (VM disconnect) and returns its queued jobs, which complete as
@@ -616,9 +689,29 @@ impl<J> SchedulerCore<J> {
                 ahead: model.queue.len_at_or_above(meta.priority),
                 max_batch: model.policy.batch_limit(),
                 running_left_ns: self.running_left(&model.policy.executors, now),
-                executors: model.policy.executors.len(),
+                executors: executors_for_class(&self.config, &model.policy, meta.priority),
             };
-            if predicted_finish(now, backlog, &model.estimator).is_some_and(|f| f > deadline) {
+            // Joining the next batch makes it longer for everyone queued in it: the
+            // request is refused rather than push an admitted one past its deadline.
+            let joins_next = backlog.ahead < backlog.max_batch;
+            let limit = match self.models.get_mut(&meta.model) {
+                Some(m) if joins_next => m
+                    .queue
+                    .earliest_deadline()
+                    .map_or(deadline, |d| d.min(deadline)),
+                _ => deadline,
+            };
+            // On an idle model the request runs at once: its best case decides. That
+            // is its best chance, and it keeps the model measured — otherwise an
+            // estimate inflated by a slow first batch could refuse deadline work
+            // forever, since refused work is never measured.
+            let idle = backlog.ahead == 0 && backlog.running_left_ns == 0;
+            let estimator = self.models.get(&meta.model).map(|m| &m.estimator);
+            let finish = estimator.and_then(|e| match idle {
+                true => e.fastest(1).map(|t| now.saturating_add(t)),
+                false => predicted_finish(now, backlog, e),
+            });
+            if finish.is_some_and(|f| f > limit) {
                 return Err(Reject::Deadline);
             }
         }
@@ -719,7 +812,7 @@ impl<J> SchedulerCore<J> {
             let Some(model) = self.models.get_mut(id).filter(|m| !m.queue.is_empty()) else {
                 continue;
             };
-            let shortest = model.estimator.estimate(1).unwrap_or(0);
+            let shortest = model.estimator.fastest(1).unwrap_or(0);
             while let Some(q) = model.queue.pop_expired(now, shortest) {
                 note_dropped(
                     &mut self.tenants,
@@ -747,22 +840,24 @@ impl<J> SchedulerCore<J> {
                 estimator,
                 ..
             } = model;
-            match queue.ready_at(now, policy, |n| estimator.estimate(n)) {
+            let min_class = min_class_for(&self.config, executor, policy);
+            match queue.ready_at(now, policy, min_class, |n| estimator.estimate(n)) {
                 None => {}
                 Some(at) if at > now => wake = Some(wake.map_or(at, |w| w.min(at))),
                 Some(_) => {
-                    let head =
-                        queue.best_head(now, &self.config.classes, |t| vt_of(&self.tenants, t));
+                    let head = queue.best_head(now, &self.config.classes, min_class, |t| {
+                        vt_of(&self.tenants, t)
+                    });
                     if let Some((_, rank)) = head {
-                        if best.is_none_or(|(r, _)| rank < r) {
-                            best = Some((rank, *id));
+                        if best.is_none_or(|(r, _, _)| rank < r) {
+                            best = Some((rank, *id, min_class));
                         }
                     }
                 }
             }
         }
         match best {
-            Some((_, model)) => self.form_batch(now, executor, model),
+            Some((_, model, min_class)) => self.form_batch(now, executor, model, min_class),
             None => Poll::Wait(wake),
         }
     }
@@ -773,20 +868,27 @@ impl<J> SchedulerCore<J> {
     /// still finishes before every member's deadline by the estimate, and, when a
     /// realtime request leads it, while it takes at most `realtime_stretch` times
     /// that request's time alone. A request that cannot finish in time even alone
-    /// is dropped instead.
-    fn form_batch(&mut self, now: Nanos, executor: ExecutorId, model_id: ModelId) -> Poll<J> {
+    /// is dropped instead. Only requests of `min_class` or higher are taken.
+    fn form_batch(
+        &mut self,
+        now: Nanos,
+        executor: ExecutorId,
+        model_id: ModelId,
+        min_class: PriorityClass,
+    ) -> Poll<J> {
         let Some(model) = self.models.get_mut(&model_id) else {
             return Poll::Wait(None);
         };
         let max_batch = model.policy.batch_limit();
-        let target = model.queue.len().clamp(1, max_batch);
+        let target = model.queue.len_at_or_above(min_class).clamp(1, max_batch);
         // Charged at dispatch so that concurrent executors see the tenant as served;
         // at least 1 ns so that requests interleave by weight before any estimate.
         let per_job_ns = model
             .estimator
             .estimate(target)
             .map_or(1, |e| (e / target as u64).max(1));
-        let alone_ns = model.estimator.estimate(1);
+        // Dropped unstarted only if even the fastest time seen would be late.
+        let alone_ns = model.estimator.fastest(1);
         let mut jobs = Vec::with_capacity(target);
         let mut charges = Vec::with_capacity(target);
         let mut batch_deadline: Option<Nanos> = None;
@@ -797,7 +899,7 @@ impl<J> SchedulerCore<J> {
             let tenants = &self.tenants;
             let Some((at, _)) = model
                 .queue
-                .best_head(now, &self.config.classes, |t| vt_of(tenants, t))
+                .best_head(now, &self.config.classes, min_class, |t| vt_of(tenants, t))
             else {
                 break;
             };
@@ -825,7 +927,9 @@ impl<J> SchedulerCore<J> {
                 (a, b) => a.or(b),
             };
             let exec = model.estimator.estimate(jobs.len() + 1);
-            if let (Some(d), Some(exec)) = (tightest, exec) {
+            // The batch grows only while every member still makes it by the
+            // estimate; its first request runs alone unless dropped just above.
+            if let (false, Some(d), Some(exec)) = (jobs.is_empty(), tightest, exec) {
                 if now.saturating_add(exec) > d {
                     break;
                 }
@@ -984,6 +1088,7 @@ impl<J> SchedulerCore<J> {
                 t.clock.charge(share);
                 t.quota.charge_accel(now, share);
                 bump(&mut t.stats.completed, 1);
+                t.stats.batch_sizes.record(count);
                 t.stats.compute.record(compute_ns);
                 bump(&mut t.stats.busy_ns, share);
             }
@@ -1001,19 +1106,14 @@ impl<J> SchedulerCore<J> {
         self.tenants.get(&tenant).map(|t| t.in_flight)
     }
 
+    /// A snapshot of one registered tenant.
+    pub fn tenant_snapshot(&self, tenant: TenantId) -> Option<TenantSnapshot> {
+        self.tenants.get(&tenant).map(|t| t.snapshot(tenant))
+    }
+
     /// A snapshot of every counter, tenants and models sorted by id.
     pub fn stats(&self) -> SchedulerStats {
-        let mut tenants: Vec<_> = self
-            .tenants
-            .iter()
-            .map(|(id, t)| TenantSnapshot {
-                tenant: *id,
-                weight: t.clock.weight(),
-                queued: u64::from(t.queued),
-                in_flight: u64::from(t.in_flight),
-                stats: t.stats.clone(),
-            })
-            .collect();
+        let mut tenants: Vec<_> = self.tenants.iter().map(|(id, t)| t.snapshot(*id)).collect();
         tenants.sort_unstable_by_key(|t| t.tenant);
         let mut models: Vec<_> = self
             .models
@@ -1068,6 +1168,11 @@ impl<J> Scheduler<J> {
         let result = f(&mut self.lock());
         self.wake.notify_all();
         result
+    }
+
+    /// Runs `f` on the core under the lock, for reading (wakes nobody).
+    pub fn inspect<R>(&self, f: impl FnOnce(&SchedulerCore<J>) -> R) -> R {
+        f(&self.lock())
     }
 
     /// Submits a job (see [`SchedulerCore::submit`]) and wakes the executors.

@@ -4,9 +4,10 @@
 //! microseconds, [`latency_bucket`]), so what a guest reads through TRACE and what the
 //! operator scrapes can be compared bucket for bucket.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use ai_infer_protocol::{latency_bucket, latency_bucket_bounds_ns, LATENCY_BUCKETS};
+use ai_infer_protocol::{latency_bucket, latency_bucket_bounds_ns, PriorityClass, LATENCY_BUCKETS};
 
 use super::{ModelId, Nanos, Reject, TenantId};
 
@@ -109,6 +110,8 @@ pub struct TenantStats {
     pub queue: Histogram,
     /// Compute time of the batch each request ran in.
     pub compute: Histogram,
+    /// Size of the batch each request ran in (one sample per request).
+    pub batch_sizes: BatchSizeHistogram,
     /// Accelerator time charged to the tenant (its share of each batch), ns.
     pub busy_ns: u64,
 }
@@ -147,6 +150,10 @@ pub struct TenantSnapshot {
     pub tenant: TenantId,
     /// Its weight.
     pub weight: u32,
+    /// Its priority ceiling.
+    pub priority_ceiling: PriorityClass,
+    /// Its `max_in_flight`.
+    pub max_in_flight: u32,
     /// Requests queued now.
     pub queued: u64,
     /// Requests queued or running now.
@@ -288,13 +295,59 @@ fn write_by_reason<T>(
     }
 }
 
-/// The Prometheus text exposition (format 0.0.4) of `stats`.
+/// Names to label series with instead of numeric ids (tenant names from the
+/// config, model names from the manifest). Ids without a name keep the number.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SeriesNames {
+    /// Tenant names.
+    pub tenants: BTreeMap<TenantId, String>,
+    /// Model names.
+    pub models: BTreeMap<ModelId, String>,
+}
+
+/// A label value with `\`, `"` and newlines escaped as the text format requires.
+fn escape_label(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The Prometheus text exposition (format 0.0.4) of `stats`, labelled by id.
 pub fn render_prometheus(stats: &SchedulerStats) -> String {
+    render_prometheus_named(stats, &SeriesNames::default())
+}
+
+/// The Prometheus text exposition (format 0.0.4) of `stats`, with `tenant` and
+/// `model` labels taken from `names` where known.
+pub fn render_prometheus_named(stats: &SchedulerStats, names: &SeriesNames) -> String {
     let mut out = String::new();
     let t = &stats.tenants[..];
-    let tl = |s: &TenantSnapshot| format!("tenant=\"{}\"", s.tenant.0);
+    let tenant_labels: BTreeMap<TenantId, String> = t
+        .iter()
+        .map(|s| {
+            let name = names.tenants.get(&s.tenant).cloned();
+            let value = name.unwrap_or_else(|| s.tenant.0.to_string());
+            (s.tenant, format!("tenant=\"{}\"", escape_label(&value)))
+        })
+        .collect();
+    let tl = |s: &TenantSnapshot| tenant_labels.get(&s.tenant).cloned().unwrap_or_default();
     let m = &stats.models[..];
-    let ml = |s: &ModelSnapshot| format!("model=\"{}\"", s.model);
+    let model_labels: BTreeMap<ModelId, String> = m
+        .iter()
+        .map(|s| {
+            let name = names.models.get(&s.model).cloned();
+            let value = name.unwrap_or_else(|| s.model.to_string());
+            (s.model, format!("model=\"{}\"", escape_label(&value)))
+        })
+        .collect();
+    let ml = |s: &ModelSnapshot| model_labels.get(&s.model).cloned().unwrap_or_default();
     let fam = |name, kind, help| Family { name, kind, help };
 
     write_family(
@@ -307,6 +360,28 @@ pub fn render_prometheus(stats: &SchedulerStats) -> String {
         t,
         tl,
         |s| s.weight.to_string(),
+    );
+    write_family(
+        &mut out,
+        fam(
+            "ai_inferd_tenant_priority_ceiling",
+            "gauge",
+            "Highest priority class of the tenant (0 batch, 1 normal, 2 interactive, 3 realtime).",
+        ),
+        t,
+        tl,
+        |s| (s.priority_ceiling as u8).to_string(),
+    );
+    write_family(
+        &mut out,
+        fam(
+            "ai_inferd_tenant_max_in_flight",
+            "gauge",
+            "INFER requests the tenant may have queued or running at once.",
+        ),
+        t,
+        tl,
+        |s| s.max_in_flight.to_string(),
     );
     write_family(
         &mut out,
@@ -446,6 +521,20 @@ pub fn render_prometheus(stats: &SchedulerStats) -> String {
             &s.stats.compute,
         );
     }
+    fam(
+        "ai_inferd_tenant_batch_size",
+        "histogram",
+        "Size of the batch each request ran in.",
+    )
+    .header(&mut out);
+    for s in t {
+        write_batch_histogram(
+            &mut out,
+            "ai_inferd_tenant_batch_size",
+            &tl(s),
+            &s.stats.batch_sizes,
+        );
+    }
 
     write_family(
         &mut out,
@@ -523,6 +612,21 @@ pub fn render_prometheus(stats: &SchedulerStats) -> String {
         m,
         ml,
         |s| s.stats.deadline_missed.to_string(),
+    );
+    let measured: Vec<&ModelSnapshot> = m
+        .iter()
+        .filter(|s| s.estimate_batch1_ns.is_some())
+        .collect();
+    write_family(
+        &mut out,
+        fam(
+            "ai_inferd_model_estimate_batch1_seconds",
+            "gauge",
+            "Predicted compute time of a batch of one (models measured so far).",
+        ),
+        &measured,
+        |s| ml(s),
+        |s| seconds(s.estimate_batch1_ns.unwrap_or(0)).to_string(),
     );
     write_family(
         &mut out,
@@ -619,6 +723,8 @@ mod tests {
             tenants: vec![TenantSnapshot {
                 tenant: TenantId(4),
                 weight: 2,
+                priority_ceiling: PriorityClass::Normal,
+                max_in_flight: 8,
                 queued: 1,
                 in_flight: 3,
                 stats,

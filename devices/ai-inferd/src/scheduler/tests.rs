@@ -1101,17 +1101,26 @@ fn percentile(values: &mut [Nanos], p: f64) -> Nanos {
     values[rank - 1]
 }
 
-/// Realtime tenant 1 sends a request every 50 ms; `flood` batch tenants saturate.
-/// Returns the realtime p99 latency (arrival to finish).
-fn realtime_p99(flood: u32) -> Nanos {
-    let mut core = SchedulerCore::new();
+/// Realtime tenant 1 sends a request every 50 ms; `flood` batch tenants saturate
+/// `executors` executors, of which the last `reserved` run only INTERACTIVE and
+/// higher. Returns the realtime p99 latency (arrival to finish).
+fn realtime_p99(flood: u32, executors: u32, reserved: u32) -> Nanos {
+    let ids: Vec<u32> = (0..executors).collect();
+    let config = SchedulerConfig {
+        reserved_executors: ids[(executors - reserved) as usize..]
+            .iter()
+            .map(|e| ExecutorId(*e))
+            .collect(),
+        ..SchedulerConfig::default()
+    };
+    let mut core = SchedulerCore::with_config(config);
     core.set_tenant(TenantId(1), tenant(1, PriorityClass::Realtime));
     for t in 2..2 + flood {
         core.set_tenant(TenantId(t), tenant(1, PriorityClass::Batch));
     }
-    core.set_model(1, model(8, MS, &[0]));
-    // Close to MiniLM on these cores: 20 ms alone, 8 requests in 60 ms.
-    let mut sim = Sim::new(core, &[0], |_, n| 14 * MS + 6 * MS * n as u64);
+    core.set_model(1, model(8, MS, &ids));
+    // Close to MiniLM on these cores: 20 ms alone, 8 requests in 62 ms.
+    let mut sim = Sim::new(core, &ids, |_, n| 14 * MS + 6 * MS * n as u64);
     for t in 2..2 + flood {
         sim.saturating
             .push(saturating(t, 1, PriorityClass::Batch, 16));
@@ -1133,7 +1142,65 @@ fn realtime_p99(flood: u32) -> Nanos {
         .map(|d| d.finish - d.meta.arrival)
         .collect();
     assert_eq!(latencies.len(), 400);
+    if flood > 0 {
+        let flood_done = sim.done.len() - 400;
+        assert!(
+            flood_done > 1000,
+            "the flood ran too ({flood_done} requests)"
+        );
+    }
     percentile(&mut latencies, 0.99)
+}
+
+#[test]
+fn a_reserved_executor_keeps_realtime_p99_within_1_5x_under_batch_floods() {
+    let alone = realtime_p99(0, 2, 1);
+    let flooded = realtime_p99(3, 2, 1);
+    assert!(
+        flooded as f64 <= 1.5 * alone as f64,
+        "realtime p99 {flooded} ns under floods vs {alone} ns alone"
+    );
+    // The check can fail: without the reservation both executors run flood batches.
+    let unreserved = realtime_p99(3, 2, 0);
+    assert!(
+        unreserved as f64 > 2.0 * alone as f64,
+        "without a reserved executor: {unreserved} ns vs {alone} ns"
+    );
+}
+
+#[test]
+fn reserved_executors_run_only_high_classes_unless_nothing_else_serves_the_model() {
+    let config = SchedulerConfig {
+        reserved_executors: vec![ExecutorId(1)],
+        ..SchedulerConfig::default()
+    };
+    let mut core = SchedulerCore::with_config(config);
+    core.set_tenant(TenantId(1), tenant(1, PriorityClass::Realtime));
+    core.set_model(1, model(4, 0, &[0, 1]));
+    core.set_model(2, model(4, 0, &[1]));
+    for id in 0..3 {
+        core.submit(0, meta(1, id, 1, PriorityClass::Normal, 0), id)
+            .unwrap();
+    }
+    assert!(
+        matches!(core.poll(0, ExecutorId(1)), Poll::Wait(None)),
+        "the reserved executor leaves normal work alone"
+    );
+    core.submit(0, meta(1, 10, 1, PriorityClass::Interactive, 0), 10)
+        .unwrap();
+    let batch = run_batch(core.poll(0, ExecutorId(1)));
+    assert_eq!(
+        batch.jobs.iter().map(|j| j.1).collect::<Vec<_>>(),
+        vec![10],
+        "it runs the interactive request alone, without normal ones"
+    );
+    let batch = run_batch(core.poll(0, ExecutorId(0)));
+    assert_eq!(batch.jobs.len(), 3, "the other executor runs the rest");
+    // Model 2 has only the reserved executor: the reservation does not apply.
+    core.submit(0, meta(1, 20, 2, PriorityClass::Batch, 0), 20)
+        .unwrap();
+    let batch = run_batch(core.poll(0, ExecutorId(1)));
+    assert_eq!(batch.jobs[0].1, 20);
 }
 
 /// Not a timing test: prints the scheduler's figures in the simulator (run with
@@ -1150,15 +1217,17 @@ fn simulated_figures() {
         s[0], s[1], s[2]
     );
 
-    let alone = realtime_p99(0);
-    let flooded = realtime_p99(3);
-    println!(
-        "isolation: realtime p99 alone {:.1} ms, under 3 batch floods {:.1} ms ({:.2}x; \
-         non-preemptive: bounded by one running batch)",
-        alone as f64 / 1e6,
-        flooded as f64 / 1e6,
-        flooded as f64 / alone as f64
-    );
+    for (executors, reserved) in [(1, 0), (2, 0), (2, 1)] {
+        let alone = realtime_p99(0, executors, reserved);
+        let flooded = realtime_p99(3, executors, reserved);
+        println!(
+            "isolation, {executors} executor(s), {reserved} reserved: realtime p99 alone \
+             {:.1} ms, under 3 batch floods {:.1} ms ({:.2}x)",
+            alone as f64 / 1e6,
+            flooded as f64 / 1e6,
+            flooded as f64 / alone as f64
+        );
+    }
 
     for noise in [0, 20] {
         let sim = deadline_sim(noise);
@@ -1198,4 +1267,78 @@ fn simulated_figures() {
             sim.done.len() as f64 / 10.0
         );
     }
+}
+
+/// Four tenants keep 16 requests with a 10.5 ms deadline in flight on a model of
+/// 4 ms + 1 ms per request (8 run in 12 ms, too long for any deadline); rejected
+/// requests are retried every millisecond.
+#[test]
+fn deadline_admission_recovers_from_large_first_batches_and_keeps_its_promises() {
+    let mut core = SchedulerCore::new();
+    for t in 1..=4 {
+        core.set_tenant(TenantId(t), tenant(1, PriorityClass::Interactive));
+    }
+    core.set_model(1, model(8, 0, &[0]));
+    let mut sim = Sim::new(core, &[0], |_, n| 4 * MS + MS * n as u64);
+    for t in 1..=4 {
+        let mut s = saturating(t, 1, PriorityClass::Normal, 16);
+        s.deadline_after = Some(10_500 * US);
+        sim.saturating.push(s);
+    }
+    // Unmeasured, the model admits everything: the first batch of 8 takes 12 ms.
+    sim.run_until(S);
+    let before = sim.core.stats().models[0].stats.clone();
+    sim.run_until(6 * S);
+    let after = sim.core.stats().models[0].stats.clone();
+    let admitted = after.admitted - before.admitted;
+    let missed = after.deadline_missed - before.deadline_missed;
+    let dropped =
+        after.dropped[Reject::Deadline.index()] - before.dropped[Reject::Deadline.index()];
+    // Estimating small batches from that one would refuse every deadline forever.
+    assert!(admitted > 1000, "admitted {admitted} in 5 s");
+    let met = (admitted - missed - dropped) as f64 / admitted as f64;
+    assert!(
+        met >= 0.99,
+        "{missed} late and {dropped} dropped of {admitted} admitted"
+    );
+    let late = sim
+        .done
+        .iter()
+        .filter(|d| d.finish > d.meta.deadline.unwrap())
+        .count() as u64;
+    assert_eq!(late, after.deadline_missed, "every late finish is counted");
+}
+
+#[test]
+fn a_slow_first_batch_does_not_lock_deadline_work_out() {
+    let mut core = SchedulerCore::new();
+    core.set_tenant(TenantId(1), tenant(1, PriorityClass::Interactive));
+    core.set_model(1, model(1, 0, &[0]));
+    // A warm-up batch ten times slower than the ones after it.
+    core.submit(0, meta(1, 1, 1, PriorityClass::Normal, 0), 1)
+        .unwrap();
+    let batch = run_batch(core.poll(0, EXEC));
+    core.complete(50 * MS, EXEC, 1, &tenants_of(&batch), 50 * MS);
+    assert_eq!(core.estimate(1, 1), Some(50 * MS));
+    // Then only requests with a 10 ms deadline, one at a time, that take 5 ms: by
+    // the estimate none can make it, so none would ever be measured.
+    let mut now = S;
+    let mut ran = 0;
+    for id in 2..40 {
+        let m = with_deadline(meta(1, id, 1, PriorityClass::Normal, now), now + 10 * MS);
+        if core.submit(now, m, id).is_ok() {
+            let batch = run_batch(core.poll(now, EXEC));
+            now += 5 * MS;
+            core.complete(now, EXEC, 1, &tenants_of(&batch), 5 * MS);
+            ran += 1;
+        }
+        now += MS;
+    }
+    assert_eq!(ran, 38, "each was admitted on the idle model and ran");
+    let estimate = core.estimate(1, 1).unwrap();
+    assert!(
+        estimate < 10 * MS,
+        "the estimate came down to {estimate} ns"
+    );
+    assert_eq!(core.stats().tenants[0].stats.deadline_missed, 0);
 }

@@ -70,10 +70,12 @@ fn f32_spec(name: &str) -> TensorSpec {
     }
 }
 
-/// y = x + 1 on F32 tensors of shape [1..8, 1..1024]; optionally waits on a gate.
+/// y = x + 1 on F32 tensors of shape [1..8, 1..1024]; optionally waits on a gate,
+/// and optionally logs the first input value of every request it runs, in order.
 pub struct AddOne {
     info: ModelInfo,
     gate: Option<Arc<Gate>>,
+    log: Option<Arc<Mutex<Vec<f32>>>>,
 }
 
 impl AddOne {
@@ -87,7 +89,14 @@ impl AddOne {
                 outputs: vec![f32_spec("y")],
             },
             gate,
+            log: None,
         }
+    }
+
+    /// Logs the first input value of each request it runs into `log`.
+    pub fn logging(mut self, log: Arc<Mutex<Vec<f32>>>) -> Self {
+        self.log = Some(log);
+        self
     }
 
     fn run_one(req: &mut RequestTensors<'_>) -> RequestOutcome {
@@ -126,6 +135,14 @@ impl Backend for AddOne {
         if let Some(gate) = &self.gate {
             gate.pass(batch.len());
         }
+        if let Some(log) = &self.log {
+            let mut log = log.lock().unwrap();
+            for req in batch.iter() {
+                let mut first = [0u8; 4];
+                req.inputs[0].data.read_slice(&mut first, 0).unwrap();
+                log.push(f32::from_le_bytes(first));
+            }
+        }
         batch.iter_mut().map(Self::run_one).collect()
     }
 }
@@ -149,23 +166,52 @@ impl TenantOpts {
     }
 }
 
-/// A running daemon with add-one (7), gated add-one (8) and secret add-one (9).
+/// A running daemon with add-one (7), gated add-one (8) and secret add-one (9), or
+/// with the models and tenants a test gives ([`Harness::custom`]).
 pub struct Harness {
     pub daemon: Option<Daemon>,
     pub dir: PathBuf,
     pub gate: Arc<Gate>,
+    /// The config text the daemon was started with (`{dir}` replaced).
+    pub text: String,
+}
+
+/// A fresh temporary directory for one daemon.
+pub fn test_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "ai-inferd-it-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 impl Harness {
+    /// A daemon from `text` (a whole config; `{dir}` stands for the test's
+    /// directory, where sockets go) serving `backends`.
+    pub fn custom(text: &str, backends: Vec<Arc<dyn Backend>>) -> Harness {
+        let dir = test_dir();
+        let text = text.replace("{dir}", &dir.display().to_string());
+        let config = Config::parse(&text).unwrap();
+        let daemon = Daemon::start(&config, backends).unwrap();
+        Harness {
+            daemon: Some(daemon),
+            dir,
+            gate: Arc::new(Gate::default()),
+            text,
+        }
+    }
+
+    /// The running daemon.
+    pub fn daemon(&self) -> &Daemon {
+        self.daemon.as_ref().unwrap()
+    }
+
     pub fn start(executors: u32, tenants: &[TenantOpts]) -> Harness {
-        let dir = std::env::temp_dir().join(format!(
-            "ai-inferd-it-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::SeqCst)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = test_dir();
         let mut text =
             format!("[daemon]\nmodels = \"unused.toml\"\nexecutor_threads = {executors}\n");
         for t in tenants {
@@ -190,6 +236,7 @@ impl Harness {
             daemon: Some(daemon),
             dir,
             gate,
+            text,
         }
     }
 

@@ -1,0 +1,120 @@
+//! A synthetic model for benchmarks and tests — not an inference backend.
+//!
+//! A batch of `n` requests takes `fixed + per_request × n` of wall time, spent
+//! sleeping: a cost model with a fixed part that batching amortises, like an
+//! accelerator's kernel launches and weight reads, that uses no CPU, so several
+//! executors on a small machine do not slow each other down and the scheduler's
+//! decisions are what is measured. Each request's output is its input (`y = x`,
+//! F32 `[1, 1..=1024]`), so results can be checked per request.
+//!
+//! [`SyntheticModel::with_weights`] makes it hold that many bytes of written
+//! memory, standing in for a model's weights when a benchmark measures how much
+//! host memory one shared instance needs.
+
+use std::time::{Duration, Instant};
+
+use ai_infer_protocol::{DType, DimRange, ModelInfo, TensorSpec};
+
+use super::{Backend, BackendError, RequestOutcome, RequestTensors};
+
+/// Largest element count per request.
+pub const MAX_ELEMENTS: u64 = 1024;
+
+/// A model of cost `fixed + per_request × n` per batch of `n`.
+pub struct SyntheticModel {
+    info: ModelInfo,
+    max_batch: usize,
+    fixed: Duration,
+    per_request: Duration,
+    weights: Vec<u8>,
+}
+
+impl SyntheticModel {
+    /// Model `id` called `name`, running batches of up to `max_batch` (≥ 1).
+    pub fn new(
+        id: u32,
+        name: &str,
+        max_batch: usize,
+        fixed: Duration,
+        per_request: Duration,
+    ) -> Self {
+        let spec = |name: &str| TensorSpec {
+            name: name.into(),
+            dtype: DType::F32,
+            dims: vec![DimRange::new(1, 1), DimRange::new(1, MAX_ELEMENTS)],
+        };
+        let max_batch = max_batch.max(1);
+        SyntheticModel {
+            info: ModelInfo {
+                id,
+                name: name.into(),
+                max_batch: u32::try_from(max_batch).unwrap_or(u32::MAX),
+                inputs: vec![spec("x")],
+                outputs: vec![spec("y")],
+            },
+            max_batch,
+            fixed,
+            per_request,
+            weights: Vec::new(),
+        }
+    }
+
+    /// Holds `bytes` of memory, every page written once (resident, not shared).
+    pub fn with_weights(mut self, bytes: usize) -> Self {
+        let mut weights = vec![0u8; bytes];
+        for (i, page) in weights.chunks_mut(4096).enumerate() {
+            page[0] = i as u8 | 1;
+        }
+        self.weights = weights;
+        self
+    }
+
+    /// The time a batch of `n` takes.
+    pub fn cost(&self, n: usize) -> Duration {
+        self.fixed + self.per_request * u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
+    fn copy_one(req: &mut RequestTensors<'_>) -> RequestOutcome {
+        let (Some(input), Some(output)) = (req.inputs.first(), req.outputs.first()) else {
+            return Err(BackendError::Runtime("request without tensors".into()));
+        };
+        let shape = input.desc.shape;
+        let len = input.data.len();
+        if output.buf.len() < len {
+            return Err(BackendError::OutputTooSmall {
+                index: 0,
+                needed: len as u64,
+                shapes: vec![shape],
+            });
+        }
+        let mut bytes = vec![0u8; len];
+        input.data.copy_to(&mut bytes[..]);
+        output.buf.copy_from(&bytes[..]);
+        Ok(vec![shape])
+    }
+}
+
+impl Backend for SyntheticModel {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
+    fn run(&self, batch: &mut [RequestTensors<'_>]) -> Vec<RequestOutcome> {
+        let until = Instant::now() + self.cost(batch.len());
+        let outcomes = batch.iter_mut().map(Self::copy_one).collect();
+        // Keeps the weights alive and resident (the optimiser cannot drop them).
+        std::hint::black_box(self.weights.first());
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            std::thread::sleep(left);
+        }
+        outcomes
+    }
+}

@@ -1,0 +1,569 @@
+//! The scheduler inside a running daemon: several test frontends (real vhost-user
+//! connections) against an in-process `Daemon`, with the test backends of `common`
+//! and the synthetic model (a batch of n sleeps a + b·n).
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ai_infer_protocol::{CancelOutcome, PriorityClass, Status};
+use ai_inferd::backend::synthetic::SyntheticModel;
+use ai_inferd::backend::Backend;
+use ai_inferd::bench::load::{self, Load, Pattern};
+use ai_inferd::config::Config;
+use ai_inferd::metrics::{self, MetricsEndpoint};
+use ai_inferd::reload::ReloadError;
+use ai_inferd::scheduler::{Reject, SchedulerStats, TenantId};
+use ai_inferd::top::Scrape;
+use common::*;
+
+const WAIT: Duration = Duration::from_secs(10);
+const SYNTH: u32 = 50;
+
+fn synthetic(max_batch: usize, fixed_ms: u64, per_request_us: u64) -> Arc<dyn Backend> {
+    Arc::new(SyntheticModel::new(
+        SYNTH,
+        "synthetic",
+        max_batch,
+        Duration::from_millis(fixed_ms),
+        Duration::from_micros(per_request_us),
+    ))
+}
+
+fn tenant(name: &str, extra: &str) -> String {
+    format!(
+        "[[tenant]]\nname = \"{name}\"\nsocket = \"{{dir}}/{name}.sock\"\n\
+         allowed_models = [\"*\"]\n{extra}\n"
+    )
+}
+
+fn closed(h: &Harness, name: &str, class: PriorityClass, depth: u32) -> Load {
+    Load {
+        socket: h.socket(name),
+        model: SYNTH,
+        class,
+        pattern: Pattern::Closed { depth },
+        deadline_us: 0,
+    }
+}
+
+fn busy(stats: &SchedulerStats, id: u32) -> f64 {
+    stats
+        .tenants
+        .iter()
+        .find(|t| t.tenant == TenantId(id))
+        .map_or(0.0, |t| t.stats.busy_ns as f64)
+}
+
+/// Shares of accelerator time of tenants 0..n between two snapshots.
+fn shares(before: &SchedulerStats, after: &SchedulerStats, n: u32) -> Vec<f64> {
+    let used: Vec<f64> = (0..n).map(|i| busy(after, i) - busy(before, i)).collect();
+    let total: f64 = used.iter().sum();
+    used.iter().map(|u| u / total).collect()
+}
+
+fn assert_shares(got: &[f64], weights: &[f64], tolerance: f64) {
+    let total: f64 = weights.iter().sum();
+    for (i, (g, w)) in got.iter().zip(weights).enumerate() {
+        let want = w / total;
+        assert!(
+            (g - want).abs() <= tolerance * want,
+            "tenant {i}: share {g:.3}, weight share {want:.3} (all {got:?})"
+        );
+    }
+}
+
+#[test]
+fn saturating_tenants_get_accelerator_time_by_weight() {
+    let text = format!(
+        "[daemon]\nmodels = \"m\"\nexecutor_threads = 1\n{}{}{}",
+        tenant("w1", "weight = 1"),
+        tenant("w2", "weight = 2"),
+        tenant("w4", "weight = 4")
+    );
+    let h = Harness::custom(&text, vec![synthetic(1, 2, 500)]);
+    let loads: Vec<Load> = ["w1", "w2", "w4"]
+        .iter()
+        .map(|n| closed(&h, n, PriorityClass::Normal, 12))
+        .collect();
+    let running = load::spawn(&loads, Duration::from_secs(4)).unwrap();
+    running.sleep_until(Duration::from_millis(500));
+    let before = h.daemon().shared().scheduler.stats();
+    running.sleep_until(Duration::from_millis(3_500));
+    let after = h.daemon().shared().scheduler.stats();
+    let runs = running.join().unwrap();
+    for run in &runs {
+        assert_eq!(run.count(Status::Ok), run.outcomes.len(), "all OK");
+    }
+    // 3 s of 2.5 ms requests: about 1200 requests; the scheduler's split is exact,
+    // the tolerance covers clients that fall behind on a loaded machine.
+    assert_shares(&shares(&before, &after, 3), &[1.0, 2.0, 4.0], 0.10);
+}
+
+#[test]
+fn realtime_overtakes_queued_batch_work_and_the_ceiling_applies() {
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let gate = Arc::new(Gate::default());
+    let text = format!(
+        "[daemon]\nmodels = \"m\"\nexecutor_threads = 1\n{}{}",
+        tenant("rt", "priority_ceiling = \"realtime\""),
+        tenant("bulk", "priority_ceiling = \"batch\"")
+    );
+    let backends: Vec<Arc<dyn Backend>> = vec![
+        Arc::new(AddOne::new(ADD_ONE, "add-one", None).logging(order.clone())),
+        Arc::new(AddOne::new(GATED, "gated", Some(gate.clone()))),
+    ];
+    let h = Harness::custom(&text, backends);
+    let mut rt = h.connect("rt");
+    let mut bulk = h.connect("bulk");
+    gate.close();
+    let held = bulk
+        .submit(0, &add_one_request(1, GATED, 1), &[&f32_bytes(&[0.0])], 0)
+        .unwrap();
+    gate.wait_entered(1);
+    // Eight requests queue behind the held executor; bulk asks for realtime and
+    // is lowered to its batch ceiling.
+    let mut queued = Vec::new();
+    for i in 0..8u64 {
+        let req = add_one_request(10 + i, ADD_ONE, 1).with_priority(PriorityClass::Realtime);
+        queued.push(
+            bulk.submit(0, &req, &[&f32_bytes(&[100.0 + i as f32])], 0)
+                .unwrap(),
+        );
+    }
+    let req = add_one_request(99, ADD_ONE, 1).with_priority(PriorityClass::Realtime);
+    let urgent = rt.submit(0, &req, &[&f32_bytes(&[999.0])], 0).unwrap();
+    // Everything is queued before the executor is free again.
+    let deadline = Instant::now() + WAIT;
+    while h
+        .daemon()
+        .shared()
+        .scheduler
+        .stats()
+        .models
+        .iter()
+        .map(|m| m.queued)
+        .sum::<u64>()
+        < 9
+    {
+        assert!(Instant::now() < deadline, "requests never queued");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    gate.open();
+    let used = rt.wait_for(0, urgent.head, WAIT).unwrap();
+    assert_eq!(
+        rt.finish(urgent, used).unwrap().header().unwrap().status,
+        Status::Ok
+    );
+    for p in queued.into_iter().chain([held]) {
+        let used = bulk.wait_for(0, p.head, WAIT).unwrap();
+        assert_eq!(
+            bulk.finish(p, used).unwrap().header().unwrap().status,
+            Status::Ok
+        );
+    }
+    let order = order.lock().unwrap().clone();
+    assert_eq!(order.len(), 9);
+    assert_eq!(order[0], 999.0, "the realtime request ran first: {order:?}");
+    assert_eq!(
+        &order[1..],
+        &(0..8).map(|i| 100.0 + i as f32).collect::<Vec<_>>()[..],
+        "then the batch class, in order"
+    );
+    // The eight, and the held request (normal, above the batch ceiling too).
+    assert_eq!(bulk.trace().unwrap().priority_clamped, 9);
+    assert_eq!(rt.trace().unwrap().priority_clamped, 0);
+}
+
+/// Submits one request and returns its status and how long it took to come back.
+fn timed(
+    fe: &mut ai_inferd::test_frontend::TestFrontend,
+    req: &ai_infer_protocol::Request,
+) -> (Status, Duration) {
+    let start = Instant::now();
+    let done = fe.call(0, req, &[&f32_bytes(&[1.0])], 0).unwrap();
+    (done.header().unwrap().status, start.elapsed())
+}
+
+#[test]
+fn throttled_queue_full_and_deadline_come_back_at_once() {
+    let text = format!(
+        "[daemon]\nmodels = \"m\"\nexecutor_threads = 1\n{}{}{}",
+        tenant("slow", "max_in_flight = 1"),
+        tenant("limited", "rate_rps = 0.5\nburst = 1"),
+        tenant("hurried", "")
+    );
+    // 300 ms per request: "at once" is far below that.
+    let h = Harness::custom(&text, vec![synthetic(1, 300, 0)]);
+    let req = |id| add_one_request(id, SYNTH, 1);
+    let mut slow = h.connect("slow");
+    let mut limited = h.connect("limited");
+    let mut hurried = h.connect("hurried");
+    // Measure the model once, so deadline admission has an estimate.
+    assert_eq!(timed(&mut hurried, &req(1)).0, Status::Ok);
+
+    let running = slow.submit(0, &req(2), &[&f32_bytes(&[1.0])], 0).unwrap();
+    let (status, took) = timed(&mut slow, &req(3));
+    assert_eq!(status, Status::QueueFull);
+    assert!(
+        took < Duration::from_millis(150),
+        "QUEUE_FULL took {took:?}"
+    );
+
+    // The executor is busy for ~300 ms: a 100 ms deadline cannot be met.
+    let (status, took) = timed(&mut hurried, &req(4).with_deadline_us(100_000));
+    assert_eq!(status, Status::Deadline);
+    assert!(took < Duration::from_millis(150), "DEADLINE took {took:?}");
+
+    // One token: the first request is admitted (it queues), the second is not.
+    let first = limited
+        .submit(0, &req(5), &[&f32_bytes(&[1.0])], 0)
+        .unwrap();
+    let (status, took) = timed(&mut limited, &req(6));
+    assert_eq!(status, Status::Throttled);
+    assert!(took < Duration::from_millis(150), "THROTTLED took {took:?}");
+
+    for (fe, p) in [(&mut slow, running), (&mut limited, first)] {
+        let used = fe.wait_for(0, p.head, WAIT).unwrap();
+        assert_eq!(
+            fe.finish(p, used).unwrap().header().unwrap().status,
+            Status::Ok
+        );
+    }
+    let stats = h.daemon().shared().scheduler.stats();
+    let rejected = |id: u32, r: Reject| stats.tenants[id as usize].stats.rejected[r.index()];
+    assert_eq!(rejected(0, Reject::QueueFull), 1);
+    assert_eq!(rejected(1, Reject::Throttled), 1);
+    assert_eq!(rejected(2, Reject::Deadline), 1);
+}
+
+fn queued_now(h: &Harness) -> u64 {
+    h.daemon()
+        .shared()
+        .scheduler
+        .stats()
+        .models
+        .iter()
+        .map(|m| m.queued)
+        .sum()
+}
+
+#[test]
+fn cancel_and_disconnect_remove_queued_work_at_once() {
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let gate = Arc::new(Gate::default());
+    let text = format!(
+        "[daemon]\nmodels = \"m\"\nexecutor_threads = 1\n{}{}",
+        tenant("a", ""),
+        tenant("b", "")
+    );
+    let backends: Vec<Arc<dyn Backend>> = vec![
+        Arc::new(AddOne::new(ADD_ONE, "add-one", None).logging(order.clone())),
+        Arc::new(AddOne::new(GATED, "gated", Some(gate.clone()))),
+    ];
+    let h = Harness::custom(&text, backends);
+    let mut a = h.connect("a");
+    let mut b = h.connect("b");
+    gate.close();
+    let held = b
+        .submit(0, &add_one_request(1, GATED, 1), &[&f32_bytes(&[0.0])], 0)
+        .unwrap();
+    gate.wait_entered(1);
+    let mut mine = Vec::new();
+    for i in 0..3u64 {
+        let req = add_one_request(10 + i, ADD_ONE, 1);
+        mine.push(
+            a.submit(0, &req, &[&f32_bytes(&[10.0 + i as f32])], 0)
+                .unwrap(),
+        );
+    }
+    let theirs = b
+        .submit(
+            0,
+            &add_one_request(2, ADD_ONE, 1),
+            &[&f32_bytes(&[20.0])],
+            0,
+        )
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    while queued_now(&h) < 4 {
+        assert!(Instant::now() < deadline, "requests never queued");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+
+    // CANCEL removes one queued request, completed CANCELLED before the CANCEL.
+    assert_eq!(a.cancel(0, 100, 11).unwrap(), CancelOutcome::Cancelled);
+    assert_eq!(queued_now(&h), 3);
+    let cancelled = mine.remove(1);
+    let used = a.poll_used(0).unwrap().expect("the target completes first");
+    let done = a.finish(cancelled, used).unwrap();
+    assert_eq!(done.header().unwrap().status, Status::Cancelled);
+
+    // A disconnect removes the tenant's other queued requests, while the
+    // executor is still held: they can never run.
+    drop(mine);
+    drop(a);
+    let deadline = Instant::now() + WAIT;
+    while queued_now(&h) > 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the disconnected tenant's work stayed queued"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    gate.open();
+    for p in [held, theirs] {
+        let used = b.wait_for(0, p.head, WAIT).unwrap();
+        assert_eq!(
+            b.finish(p, used).unwrap().header().unwrap().status,
+            Status::Ok
+        );
+    }
+    assert_eq!(
+        *order.lock().unwrap(),
+        vec![20.0],
+        "only b's queued request ran"
+    );
+}
+
+#[test]
+fn a_reload_changes_weights_live_and_a_bad_one_changes_nothing() {
+    let text = format!(
+        "[daemon]\nmodels = \"m\"\nexecutor_threads = 1\n{}{}",
+        tenant("x", "weight = 1"),
+        tenant("y", "weight = 1")
+    );
+    let h = Harness::custom(&text, vec![synthetic(1, 2, 500)]);
+    let loads = vec![
+        closed(&h, "x", PriorityClass::Normal, 12),
+        closed(&h, "y", PriorityClass::Normal, 12),
+    ];
+    let stats = || h.daemon().shared().scheduler.stats();
+    // One load for the whole test: the same two connections before and after.
+    let running = load::spawn(&loads, Duration::from_secs(6)).unwrap();
+    running.sleep_until(Duration::from_millis(500));
+    let s0 = stats();
+    running.sleep_until(Duration::from_millis(2_500));
+    let s1 = stats();
+    assert_shares(&shares(&s0, &s1, 2), &[1.0, 1.0], 0.10);
+
+    // Refused: a new tenant, and a changed socket. Nothing changes.
+    let added = format!("{}{}", h.text, tenant("z", ""));
+    let err = h
+        .daemon()
+        .reload(Config::parse(&added).unwrap())
+        .unwrap_err();
+    assert!(matches!(err, ReloadError::Tenants { .. }), "{err}");
+    let moved = h.text.replace("x.sock", "x2.sock");
+    let err = h
+        .daemon()
+        .reload(Config::parse(&moved).unwrap())
+        .unwrap_err();
+    assert!(matches!(err, ReloadError::Fixed { .. }), "{err}");
+
+    let heavier =
+        h.text
+            .replacen("weight = 1", "weight = 3", 2)
+            .replacen("weight = 3", "weight = 1", 1);
+    let summary = h.daemon().reload(Config::parse(&heavier).unwrap()).unwrap();
+    assert_eq!(summary, "y: weight 1 -> 3");
+    running.sleep_until(Duration::from_millis(3_000));
+    let s2 = stats();
+    running.sleep_until(Duration::from_millis(5_500));
+    let s3 = stats();
+    let runs = running.join().unwrap();
+    assert_shares(&shares(&s2, &s3, 2), &[1.0, 3.0], 0.10);
+    // The connections were never dropped: every request of the load came back OK
+    // and the tenants' counters kept counting from the start.
+    for run in &runs {
+        assert_eq!(run.count(Status::Ok), run.outcomes.len());
+    }
+    let y = s3.tenants.iter().find(|t| t.tenant == TenantId(1)).unwrap();
+    assert_eq!(y.weight, 3);
+    assert!(y.stats.completed > s0.tenants[1].stats.completed);
+}
+
+#[test]
+fn the_metrics_endpoint_serves_parseable_text_with_every_series() {
+    let dir = test_dir();
+    let socket = dir.join("metrics.sock");
+    let text = format!(
+        "[daemon]\nmodels = \"m\"\nexecutor_threads = 1\nmetrics_socket = \"{}\"\n{}{}",
+        socket.display(),
+        tenant("vm-a", "weight = 2\nrate_rps = 1000.0\nburst = 3"),
+        tenant("vm-b", "")
+    );
+    let h = Harness::custom(&text, vec![synthetic(4, 1, 100)]);
+    let endpoint = MetricsEndpoint::Unix(socket.clone());
+    assert_eq!(h.daemon().metrics_endpoint(), Some(&endpoint));
+    let mut a = h.connect("vm-a");
+    for id in 0..5 {
+        a.call(
+            0,
+            &add_one_request(id, SYNTH, 2),
+            &[&f32_bytes(&[1.0, 2.0])],
+            0,
+        )
+        .unwrap();
+    }
+    // More than the burst of 3 at once: some THROTTLED.
+    let pending: Vec<_> = (10..20)
+        .map(|id| {
+            a.submit(0, &add_one_request(id, SYNTH, 1), &[&f32_bytes(&[1.0])], 0)
+                .unwrap()
+        })
+        .collect();
+    let mut throttled = 0;
+    for p in pending {
+        let used = a.wait_for(0, p.head, WAIT).unwrap();
+        if a.finish(p, used).unwrap().header().unwrap().status == Status::Throttled {
+            throttled += 1;
+        }
+    }
+    assert!(throttled > 0);
+
+    let raw = metrics::fetch(&endpoint, "", WAIT).unwrap();
+    let s = Scrape::parse(&raw).unwrap();
+    let a_ = [("tenant", "vm-a")];
+    assert_eq!(s.get("ai_inferd_tenant_requests_total", &a_), Some(15.0));
+    assert_eq!(
+        s.get(
+            "ai_inferd_tenant_rejected_total",
+            &[("tenant", "vm-a"), ("reason", "throttled")]
+        ),
+        Some(throttled as f64)
+    );
+    assert_eq!(s.get("ai_inferd_tenant_weight", &a_), Some(2.0));
+    assert_eq!(s.get("ai_inferd_tenant_connected", &a_), Some(1.0));
+    assert_eq!(
+        s.get("ai_inferd_tenant_connected", &[("tenant", "vm-b")]),
+        Some(0.0)
+    );
+    let completed = 15.0 - throttled as f64;
+    assert_eq!(
+        s.get("ai_inferd_tenant_completed_total", &a_),
+        Some(completed)
+    );
+    assert_eq!(
+        s.get("ai_inferd_tenant_queue_seconds_count", &a_),
+        Some(completed)
+    );
+    assert_eq!(
+        s.get(
+            "ai_inferd_tenant_queue_seconds_bucket",
+            &[("tenant", "vm-a"), ("le", "+Inf")]
+        ),
+        Some(completed)
+    );
+    assert!(
+        s.get("ai_inferd_tenant_accelerator_seconds_total", &a_)
+            .unwrap()
+            > 0.0
+    );
+    assert!(s.get("ai_inferd_tenant_batch_size_count", &a_).unwrap() > 0.0);
+    let m = [("model", "synthetic")];
+    assert_eq!(
+        s.get("ai_inferd_model_completed_total", &m),
+        Some(completed)
+    );
+    assert!(s.get("ai_inferd_model_batch_size_count", &m).unwrap() >= 1.0);
+    assert!(s.get("ai_inferd_model_busy_seconds_total", &m).unwrap() > 0.0);
+    assert!(
+        s.get("ai_inferd_model_estimate_batch1_seconds", &m)
+            .unwrap()
+            > 0.0
+    );
+    assert_eq!(
+        s.get("ai_inferd_reloads_total", &[("result", "applied")]),
+        Some(0.0)
+    );
+
+    let http = metrics::fetch(&endpoint, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", WAIT).unwrap();
+    let (head, body) = http.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.0 200 OK"), "{head}");
+    assert!(Scrape::parse(body)
+        .unwrap()
+        .get("ai_inferd_tenant_requests_total", &a_)
+        .is_some());
+
+    // `top --once` against the same socket.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ai-inferd"))
+        .args(["top", "--once", "--metrics"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let frame = String::from_utf8(out.stdout).unwrap();
+    assert!(!frame.contains('\x1b'), "no ANSI with --once");
+    let line = frame.lines().find(|l| l.starts_with("vm-a")).unwrap();
+    assert!(line.contains("yes") && line.contains("100.0%"), "{frame}");
+    assert!(frame.lines().any(|l| l.starts_with("synthetic")), "{frame}");
+
+    // The reload command: no file behind this config, so it is refused.
+    let answer = metrics::fetch(&endpoint, "reload\n", WAIT).unwrap();
+    assert!(
+        answer.starts_with("error: the running configuration was not loaded"),
+        "{answer}"
+    );
+    let s = Scrape::parse(&metrics::fetch(&endpoint, "", WAIT).unwrap()).unwrap();
+    assert_eq!(
+        s.get("ai_inferd_reloads_total", &[("result", "refused")]),
+        Some(1.0)
+    );
+    drop(a);
+    drop(h);
+    assert!(
+        !socket.exists(),
+        "the metrics socket is removed at shutdown"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_reload_from_the_file_applies_allowed_models_and_limits() {
+    let dir = test_dir();
+    let file = dir.join("d.toml");
+    let text = |extra: &str| {
+        format!(
+            "[daemon]\nmodels = \"m\"\n[[tenant]]\nname = \"a\"\nsocket = \"{}\"\n{extra}\n",
+            dir.join("a.sock").display()
+        )
+    };
+    std::fs::write(&file, text("allowed_models = [\"add-one\"]")).unwrap();
+    let config = Config::load(&file).unwrap();
+    let backends: Vec<Arc<dyn Backend>> = vec![
+        Arc::new(AddOne::new(ADD_ONE, "add-one", None)),
+        Arc::new(AddOne::new(SECRET, "secret", None)),
+    ];
+    let daemon = ai_inferd::daemon::Daemon::start(&config, backends).unwrap();
+    let mut fe =
+        ai_inferd::test_frontend::TestFrontend::connect(&dir.join("a.sock"), Default::default())
+            .unwrap();
+    let status = |fe: &mut ai_inferd::test_frontend::TestFrontend, id| {
+        let done = fe
+            .call(0, &add_one_request(id, SECRET, 1), &[&f32_bytes(&[1.0])], 0)
+            .unwrap();
+        done.header().unwrap().status
+    };
+    assert_eq!(status(&mut fe, 1), Status::ModelNotAllowed);
+    std::fs::write(&file, text("allowed_models = [\"*\"]\nmax_in_flight = 7")).unwrap();
+    let summary = daemon.reload_from_source().unwrap();
+    assert!(summary.contains("max_in_flight 64 -> 7"), "{summary}");
+    assert_eq!(status(&mut fe, 2), Status::Ok, "same connection, new grant");
+    assert_eq!(fe.models().unwrap().models.len(), 2);
+    // An invalid file keeps what runs.
+    std::fs::write(&file, text("weight = 0")).unwrap();
+    assert!(matches!(
+        daemon.reload_from_source(),
+        Err(ReloadError::Config(_))
+    ));
+    assert_eq!(status(&mut fe, 3), Status::Ok);
+    drop(fe);
+    daemon.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+}
