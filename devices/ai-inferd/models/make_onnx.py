@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Writes the test MLP for ai-inferd: mlp.onnx and mlp_ref.json.
+"""Writes the test ONNX models of ai-inferd: mlp.onnx, mlp_ref.json and fixed.onnx.
 
 Model: input "x" f32 [N, 16] (N dynamic) -> Gemm(16x32) -> Relu -> Gemm(32x4) -> "y" f32 [N, 4].
 
@@ -8,6 +8,8 @@ Every weight and bias is a multiple of 1/4 in [-2, 2]. For inputs that are multi
 magnitude, so it fits in f32's 24-bit significand: the result is exact whatever the
 summation order, the kernel (FMA or not) or the batch a row is computed in. Tests and
 the end-to-end rig rely on this to compare outputs bit for bit.
+
+fixed.onnx: input "x" f32 [2, 3] (no dynamic dim, so not batchable) -> "y" = 2 * x.
 
 mlp_ref.json holds the weights (so tests can recompute independently), a sample input
 and its output computed here in float64 (exact, hence equal to the f32 result).
@@ -80,7 +82,23 @@ def main():
         "output": y.tolist(),
     }
     (out / "mlp_ref.json").write_text(json.dumps(ref) + "\n")
-    print(f"wrote {out / 'mlp.onnx'} and {out / 'mlp_ref.json'}")
+
+    two = numpy_helper.from_array(np.array(2.0, dtype=np.float32), "two")
+    fixed = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Mul", ["x", "two"], ["y"], name="double")],
+            "aivmm_test_fixed",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+            [two],
+        ),
+        producer_name="aivmm make_onnx.py",
+        opset_imports=[helper.make_opsetid("", 13)],
+    )
+    fixed.ir_version = 7
+    onnx.checker.check_model(fixed)
+    onnx.save(fixed, str(out / "fixed.onnx"))
+    print(f"wrote mlp.onnx, mlp_ref.json and fixed.onnx in {out}")
 
 
 if __name__ == "__main__":

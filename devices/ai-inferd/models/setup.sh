@@ -7,6 +7,7 @@
 #   minilm_ref.json  reference embeddings computed by make_minilm_ref.py (numpy, float64)
 #   mlp.onnx         the exact-arithmetic test MLP from make_onnx.py
 #   mlp_ref.json     its weights and a reference input/output
+#   fixed.onnx       a model without dynamic dims (not batchable)
 #
 # The Python tools (onnx, numpy, tokenizers, safetensors) go into a private virtualenv
 # under the models dir. Idempotent: each artefact has a stamp recording what produced
@@ -61,8 +62,8 @@ if ! stamp_ok minilm_ref "$ref_key" || [[ ! -f "$models_dir/minilm_ref.json" ]];
 fi
 
 mlp_key="$tools_key $(sha256sum "$here/make_onnx.py" | cut -d' ' -f1)"
-if ! stamp_ok mlp "$mlp_key" || [[ ! -f "$models_dir/mlp.onnx" || ! -f "$models_dir/mlp_ref.json" ]]; then
-    echo "setup: test MLP -> $models_dir/mlp.onnx"
+if ! stamp_ok mlp "$mlp_key" || [[ ! -f "$models_dir/mlp.onnx" || ! -f "$models_dir/mlp_ref.json" || ! -f "$models_dir/fixed.onnx" ]]; then
+    echo "setup: test ONNX models -> $models_dir"
     "$venv/bin/python" "$here/make_onnx.py" "$models_dir"
     stamp_write mlp "$mlp_key"
 fi

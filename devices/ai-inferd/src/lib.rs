@@ -6,4 +6,7 @@
 //! [`backend`], reading inputs from and writing outputs to guest memory in place.
 
 pub mod backend;
+pub mod models;
 pub mod scheduler;
+#[cfg(test)]
+mod test_models;
