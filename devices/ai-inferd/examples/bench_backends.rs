@@ -60,7 +60,10 @@ fn main() {
     let one = time_batch(&bert, &text, 1, 20);
     let eight = time_batch(&bert, &text, 8, 10);
     println!("MiniLM, {} bytes of text:", SENTENCE.len());
-    println!("  batch 1: {one:.2} ms per sequence ({:.1} seq/s)", 1e3 / one);
+    println!(
+        "  batch 1: {one:.2} ms per sequence ({:.1} seq/s)",
+        1e3 / one
+    );
     println!(
         "  batch 8: {:.2} ms per sequence ({:.1} seq/s, {:.2} ms per batch)",
         eight / 8.0,

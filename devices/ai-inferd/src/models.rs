@@ -123,7 +123,9 @@ pub enum ModelsError {
         device: String,
     },
     /// A CUDA device was asked for but the daemon was built without the `cuda` feature.
-    #[error("model {model:?}: device cuda:{ordinal} needs ai-inferd built with the `cuda` feature")]
+    #[error(
+        "model {model:?}: device cuda:{ordinal} needs ai-inferd built with the `cuda` feature"
+    )]
     CudaNotBuilt {
         /// The model.
         model: String,
@@ -146,7 +148,7 @@ pub enum ModelsError {
         /// The model.
         model: String,
         /// Why.
-        source: OnnxError,
+        source: Box<OnnxError>,
     },
     /// The bert backend could not load the model.
     #[error("model {model:?}: {source}")]
@@ -154,7 +156,7 @@ pub enum ModelsError {
         /// The model.
         model: String,
         /// Why.
-        source: BertError,
+        source: Box<BertError>,
     },
     /// The CUDA device could not be opened.
     #[cfg(feature = "cuda")]
@@ -163,7 +165,7 @@ pub enum ModelsError {
         /// The model.
         model: String,
         /// Why.
-        source: crate::backend::cuda::CudaError,
+        source: Box<crate::backend::cuda::CudaError>,
     },
 }
 
@@ -254,7 +256,13 @@ pub struct Manifest {
     pub models: Vec<ModelEntry>,
 }
 
-fn check_range(model: &str, field: &'static str, value: u64, min: u64, max: u64) -> Result<(), ModelsError> {
+fn check_range(
+    model: &str,
+    field: &'static str,
+    value: u64,
+    min: u64,
+    max: u64,
+) -> Result<(), ModelsError> {
     if value < min || value > max {
         return Err(ModelsError::OutOfRange {
             model: model.to_owned(),
@@ -318,9 +326,21 @@ impl ModelFileEntry {
             runtime,
         };
         let max_batch = self.max_batch.unwrap_or(1);
-        check_range(&name, "max_batch", max_batch.into(), 1, MAX_BATCH_LIMIT.into())?;
+        check_range(
+            &name,
+            "max_batch",
+            max_batch.into(),
+            1,
+            MAX_BATCH_LIMIT.into(),
+        )?;
         let instances = self.instances.unwrap_or(1);
-        check_range(&name, "instances", instances.into(), 1, MAX_INSTANCES.into())?;
+        check_range(
+            &name,
+            "instances",
+            instances.into(),
+            1,
+            MAX_INSTANCES.into(),
+        )?;
         if runtime != Runtime::Onnx && self.max_dynamic_dim.is_some() {
             return Err(not_for("max_dynamic_dim"));
         }
@@ -378,7 +398,10 @@ impl Manifest {
 
     /// [`Manifest::read`] with an explicit `models_dir` override instead of the
     /// environment.
-    pub fn read_with_models_dir(path: &Path, models_dir: Option<&Path>) -> Result<Self, ModelsError> {
+    pub fn read_with_models_dir(
+        path: &Path,
+        models_dir: Option<&Path>,
+    ) -> Result<Self, ModelsError> {
         let text = std::fs::read_to_string(path).map_err(|source| ModelsError::Read {
             path: path.to_owned(),
             source,
@@ -439,8 +462,12 @@ pub fn load_backend(entry: &ModelEntry) -> Result<Arc<dyn Backend>, ModelsError>
                 max_dynamic_dim: entry.max_dynamic_dim,
             };
             Arc::new(
-                OnnxBackend::load(&entry.path, entry.id, &entry.name, &opts)
-                    .map_err(|source| ModelsError::Onnx { model: model(), source })?,
+                OnnxBackend::load(&entry.path, entry.id, &entry.name, &opts).map_err(|source| {
+                    ModelsError::Onnx {
+                        model: model(),
+                        source: Box::new(source),
+                    }
+                })?,
             )
         }
         Runtime::Bert => {
@@ -449,8 +476,12 @@ pub fn load_backend(entry: &ModelEntry) -> Result<Arc<dyn Backend>, ModelsError>
                 device: candle_device(entry)?,
             };
             Arc::new(
-                BertBackend::load(&entry.path, entry.id, &entry.name, &opts)
-                    .map_err(|source| ModelsError::Bert { model: model(), source })?,
+                BertBackend::load(&entry.path, entry.id, &entry.name, &opts).map_err(|source| {
+                    ModelsError::Bert {
+                        model: model(),
+                        source: Box::new(source),
+                    }
+                })?,
             )
         }
     })
@@ -460,12 +491,12 @@ fn candle_device(entry: &ModelEntry) -> Result<candle_core::Device, ModelsError>
     match entry.device {
         ComputeDevice::Cpu => Ok(candle_core::Device::Cpu),
         #[cfg(feature = "cuda")]
-        ComputeDevice::Cuda(ordinal) => crate::backend::cuda::cuda_device(ordinal).map_err(|source| {
-            ModelsError::Cuda {
+        ComputeDevice::Cuda(ordinal) => {
+            crate::backend::cuda::cuda_device(ordinal).map_err(|source| ModelsError::Cuda {
                 model: entry.name.clone(),
-                source,
-            }
-        }),
+                source: Box::new(source),
+            })
+        }
         #[cfg(not(feature = "cuda"))]
         ComputeDevice::Cuda(ordinal) => Err(ModelsError::CudaNotBuilt {
             model: entry.name.clone(),
@@ -569,7 +600,10 @@ mod tests {
         let text = TWO.replace("models_dir = \"m\"", "models_dir = \"nowhere\"");
         let m = Manifest::parse(&text, &s.0.join("x.toml"), &s.0, Some(&s.0.join("m"))).unwrap();
         assert_eq!(m.models[1].path, s.0.join("m/bert"));
-        assert!(matches!(s.parse(&text), Err(ModelsError::MissingFile { .. })));
+        assert!(matches!(
+            s.parse(&text),
+            Err(ModelsError::MissingFile { .. })
+        ));
     }
 
     #[test]
@@ -582,28 +616,57 @@ mod tests {
             format!("models_dir = \"m\"\n[[model]]\nname = \"b\"\nruntime = \"bert\"\npath = \"bert\"\n{extra}\n")
         };
 
-        let e = s.parse(&entry("").replace("\"onnx\"", "\"tensorflow\"")).unwrap_err();
-        assert!(matches!(&e, ModelsError::UnknownRuntime { runtime, .. } if runtime == "tensorflow"), "{e}");
+        let e = s
+            .parse(&entry("").replace("\"onnx\"", "\"tensorflow\""))
+            .unwrap_err();
+        assert!(
+            matches!(&e, ModelsError::UnknownRuntime { runtime, .. } if runtime == "tensorflow"),
+            "{e}"
+        );
         assert_eq!(
             e.to_string(),
             "model \"x\": unknown runtime \"tensorflow\" (expected \"onnx\" or \"bert\")"
         );
 
-        let dup = format!("{}{}", entry(""), entry("").replace("models_dir = \"m\"\n", ""));
+        let dup = format!(
+            "{}{}",
+            entry(""),
+            entry("").replace("models_dir = \"m\"\n", "")
+        );
         assert!(matches!(s.parse(&dup), Err(ModelsError::DuplicateName(n)) if n == "x"));
 
-        let e = s.parse(&entry("").replace("a.onnx", "missing.onnx")).unwrap_err();
-        assert!(matches!(&e, ModelsError::MissingFile { path, expected: "file", .. } if path.ends_with("m/missing.onnx")), "{e}");
+        let e = s
+            .parse(&entry("").replace("a.onnx", "missing.onnx"))
+            .unwrap_err();
+        assert!(
+            matches!(&e, ModelsError::MissingFile { path, expected: "file", .. } if path.ends_with("m/missing.onnx")),
+            "{e}"
+        );
         // A directory is not an ONNX file, a file is not a bert model directory.
-        assert!(matches!(s.parse(&entry("").replace("a.onnx", "bert")), Err(ModelsError::MissingFile { .. })));
+        assert!(matches!(
+            s.parse(&entry("").replace("a.onnx", "bert")),
+            Err(ModelsError::MissingFile { .. })
+        ));
         assert!(matches!(
             s.parse(&bert("").replace("path = \"bert\"", "path = \"a.onnx\"")),
-            Err(ModelsError::MissingFile { expected: "directory", .. })
+            Err(ModelsError::MissingFile {
+                expected: "directory",
+                ..
+            })
         ));
 
-        assert!(matches!(s.parse(&entry("colour = \"blue\"")), Err(ModelsError::Parse { .. })));
-        assert!(matches!(s.parse(&entry("max_batch = -1")), Err(ModelsError::Parse { .. })));
-        assert!(matches!(s.parse("models_dir = \"m\"\n"), Err(ModelsError::ModelCount { count: 0, .. })));
+        assert!(matches!(
+            s.parse(&entry("colour = \"blue\"")),
+            Err(ModelsError::Parse { .. })
+        ));
+        assert!(matches!(
+            s.parse(&entry("max_batch = -1")),
+            Err(ModelsError::Parse { .. })
+        ));
+        assert!(matches!(
+            s.parse("models_dir = \"m\"\n"),
+            Err(ModelsError::ModelCount { count: 0, .. })
+        ));
 
         for (extra, field) in [
             ("max_batch = 0", "max_batch"),
@@ -620,11 +683,24 @@ mod tests {
 
         assert!(matches!(
             s.parse(&bert("max_dynamic_dim = 8")),
-            Err(ModelsError::NotForRuntime { field: "max_dynamic_dim", runtime: Runtime::Bert, .. })
+            Err(ModelsError::NotForRuntime {
+                field: "max_dynamic_dim",
+                runtime: Runtime::Bert,
+                ..
+            })
         ));
-        assert!(matches!(s.parse(&bert("device = \"gpu\"")), Err(ModelsError::InvalidDevice { .. })));
-        assert!(matches!(s.parse(&bert("device = \"cuda:\"")), Err(ModelsError::InvalidDevice { .. })));
-        assert!(matches!(s.parse(&bert("device = \"cuda:+1\"")), Err(ModelsError::InvalidDevice { .. })));
+        assert!(matches!(
+            s.parse(&bert("device = \"gpu\"")),
+            Err(ModelsError::InvalidDevice { .. })
+        ));
+        assert!(matches!(
+            s.parse(&bert("device = \"cuda:\"")),
+            Err(ModelsError::InvalidDevice { .. })
+        ));
+        assert!(matches!(
+            s.parse(&bert("device = \"cuda:+1\"")),
+            Err(ModelsError::InvalidDevice { .. })
+        ));
         #[cfg(not(feature = "cuda"))]
         assert!(matches!(
             s.parse(&bert("device = \"cuda:1\"")),
@@ -633,17 +709,27 @@ mod tests {
         #[cfg(feature = "cuda")]
         assert!(matches!(
             s.parse(&entry("device = \"cuda:0\"")),
-            Err(ModelsError::NotForRuntime { runtime: Runtime::Onnx, .. })
+            Err(ModelsError::NotForRuntime {
+                runtime: Runtime::Onnx,
+                ..
+            })
         ));
 
         let long = "n".repeat(MAX_MODEL_NAME_LEN + 1);
-        assert!(matches!(s.parse(&entry("").replace("\"x\"", &format!("\"{long}\""))), Err(ModelsError::InvalidName { .. })));
-        assert!(matches!(s.parse(&entry("").replace("\"x\"", "\"\"")), Err(ModelsError::InvalidName { .. })));
+        assert!(matches!(
+            s.parse(&entry("").replace("\"x\"", &format!("\"{long}\""))),
+            Err(ModelsError::InvalidName { .. })
+        ));
+        assert!(matches!(
+            s.parse(&entry("").replace("\"x\"", "\"\"")),
+            Err(ModelsError::InvalidName { .. })
+        ));
     }
 
     #[test]
     fn reading_a_missing_manifest_says_which() {
-        let e = Manifest::read_with_models_dir(Path::new("/nonexistent/models.toml"), None).unwrap_err();
+        let e = Manifest::read_with_models_dir(Path::new("/nonexistent/models.toml"), None)
+            .unwrap_err();
         assert!(matches!(e, ModelsError::Read { .. }));
         assert!(e.to_string().contains("/nonexistent/models.toml"), "{e}");
     }
@@ -656,7 +742,10 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/models.toml");
         let manifest = Manifest::read_with_models_dir(&path, Some(&models_dir())).unwrap();
         let backends = manifest.load_backends().unwrap();
-        let names: Vec<(u32, &str)> = backends.iter().map(|b| (b.info().id, b.info().name.as_str())).collect();
+        let names: Vec<(u32, &str)> = backends
+            .iter()
+            .map(|b| (b.info().id, b.info().name.as_str()))
+            .collect();
         assert_eq!(names, vec![(1, "mlp"), (2, "all-MiniLM-L6-v2")]);
         for (backend, entry) in backends.iter().zip(&manifest.models) {
             assert_eq!(backend.max_batch(), entry.max_batch as usize);

@@ -147,7 +147,8 @@ impl BertBackend {
             path: tok_path.clone(),
             reason,
         };
-        let mut tokenizer = Tokenizer::from_bytes(read(&tok_path)?).map_err(|e| tok_err(e.to_string()))?;
+        let mut tokenizer =
+            Tokenizer::from_bytes(read(&tok_path)?).map_err(|e| tok_err(e.to_string()))?;
         let pad_id = tokenizer.get_padding().map_or(0, |p| p.pad_id);
         // Token ids index the embedding table: every id the tokenizer can produce must fit.
         let vocab = tokenizer.get_vocab_size(true);
@@ -166,12 +167,13 @@ impl BertBackend {
             .map_err(|e| tok_err(e.to_string()))?;
 
         let weights_path = dir.join("model.safetensors");
-        let model = VarBuilder::from_buffered_safetensors(read(&weights_path)?, DTYPE, &opts.device)
-            .and_then(|vb| BertModel::load(vb, &config))
-            .map_err(|e| BertError::Weights {
-                path: weights_path,
-                reason: e.to_string(),
-            })?;
+        let model =
+            VarBuilder::from_buffered_safetensors(read(&weights_path)?, DTYPE, &opts.device)
+                .and_then(|vb| BertModel::load(vb, &config))
+                .map_err(|e| BertError::Weights {
+                    path: weights_path,
+                    reason: e.to_string(),
+                })?;
 
         let hidden = config.hidden_size;
         let info = ModelInfo {
@@ -208,9 +210,12 @@ impl BertBackend {
 
     /// Checks one request and copies its text out of guest memory.
     fn read_text(&self, req: &RequestTensors<'_>) -> Result<String, BackendError> {
-        let (Some(input), Some(out), 1, 1) =
-            (req.inputs.first(), req.outputs.first(), req.inputs.len(), req.outputs.len())
-        else {
+        let (Some(input), Some(out), 1, 1) = (
+            req.inputs.first(),
+            req.outputs.first(),
+            req.inputs.len(),
+            req.outputs.len(),
+        ) else {
             return Err(BackendError::BadInput {
                 index: 0,
                 reason: format!(
@@ -224,15 +229,23 @@ impl BertBackend {
             index,
             reason: e.to_string(),
         };
-        input.desc.validate_against(&self.info.inputs[0]).map_err(|e| bad(0, e))?;
-        out.desc.validate_output_against(&self.info.outputs[0]).map_err(|e| bad(1, e))?;
+        input
+            .desc
+            .validate_against(&self.info.inputs[0])
+            .map_err(|e| bad(0, e))?;
+        out.desc
+            .validate_output_against(&self.info.outputs[0])
+            .map_err(|e| bad(1, e))?;
         check_input_len(0, input)?;
         let mut bytes = vec![0u8; input.data.len()];
         // The one input copy: the tokenizer needs the text in host memory.
         input.data.copy_to(&mut bytes);
         String::from_utf8(bytes).map_err(|e| BackendError::BadInput {
             index: 0,
-            reason: format!("text is not UTF-8 (invalid byte at offset {})", e.utf8_error().valid_up_to()),
+            reason: format!(
+                "text is not UTF-8 (invalid byte at offset {})",
+                e.utf8_error().valid_up_to()
+            ),
         })
     }
 
@@ -246,7 +259,10 @@ impl BertBackend {
         // Pad to the longest sequence of this batch only.
         let len = encodings.iter().map(|e| e.len()).max().unwrap_or(0).max(1);
         if len > self.max_seq_len {
-            return Err(format!("tokenizer produced {len} tokens, above {}", self.max_seq_len));
+            return Err(format!(
+                "tokenizer produced {len} tokens, above {}",
+                self.max_seq_len
+            ));
         }
         let batch = encodings.len();
         let mut ids = vec![self.pad_id; batch * len];
@@ -273,22 +289,30 @@ impl BertBackend {
             let hidden = self.model.forward(&ids, &types, Some(&mask))?; // (batch, len, hidden)
             let maskf = mask.to_dtype(CandleDType::F32)?.unsqueeze(2)?; // (batch, len, 1)
             let summed = hidden.broadcast_mul(&maskf)?.sum(1)?; // (batch, hidden)
-            // As sentence-transformers: token counts clamped at 1e-9, norms at 1e-12.
+                                                                // As sentence-transformers: token counts clamped at 1e-9, norms at 1e-12.
             let counts = maskf.sum(1)?.clamp(1e-9f32, f32::MAX)?; // (batch, 1)
             let mean = summed.broadcast_div(&counts)?;
-            let norms = mean.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12f32, f32::MAX)?;
+            let norms = mean
+                .sqr()?
+                .sum_keepdim(1)?
+                .sqrt()?
+                .clamp(1e-12f32, f32::MAX)?;
             mean.broadcast_div(&norms)?.to_vec2::<f32>()
         };
         let vectors = forward().map_err(|e| format!("candle: {e}"))?;
         if vectors.len() != batch || vectors.iter().any(|v| v.len() != self.hidden) {
-            return Err(format!("candle produced {} vectors for {batch} texts", vectors.len()));
+            return Err(format!(
+                "candle produced {} vectors for {batch} texts",
+                vectors.len()
+            ));
         }
         Ok(vectors)
     }
 
     /// Writes one embedding into the request's output buffer.
     fn write(&self, req: &RequestTensors<'_>, vector: &[f32]) -> RequestOutcome {
-        let shape = Shape::new(&[vector.len() as u64]).map_err(|e| BackendError::Runtime(e.to_string()))?;
+        let shape =
+            Shape::new(&[vector.len() as u64]).map_err(|e| BackendError::Runtime(e.to_string()))?;
         check_produced(&req.outputs, &[shape])?;
         let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
         let out = req
@@ -313,7 +337,8 @@ impl Backend for BertBackend {
     }
 
     fn run(&self, batch: &mut [RequestTensors<'_>]) -> Vec<RequestOutcome> {
-        let texts: Vec<Result<String, BackendError>> = batch.iter().map(|r| self.read_text(r)).collect();
+        let texts: Vec<Result<String, BackendError>> =
+            batch.iter().map(|r| self.read_text(r)).collect();
         let valid: Vec<&str> = texts.iter().filter_map(|t| t.as_deref().ok()).collect();
         let vectors = if valid.is_empty() {
             Ok(Vec::new())
@@ -326,7 +351,9 @@ impl Backend for BertBackend {
             .zip(texts)
             .map(|(req, text)| {
                 text?;
-                let vectors = vectors.as_ref().map_err(|msg| BackendError::Runtime(msg.clone()))?;
+                let vectors = vectors
+                    .as_ref()
+                    .map_err(|msg| BackendError::Runtime(msg.clone()))?;
                 let vector = vectors
                     .get(next)
                     .ok_or_else(|| BackendError::Runtime("missing embedding".into()))?;
@@ -375,13 +402,18 @@ mod tests {
 
     fn text_request(text: &[u8]) -> LocalRequest {
         LocalRequest {
-            inputs: vec![(TensorDesc::input(DType::U8, &[text.len() as u64]).unwrap(), text.to_vec())],
+            inputs: vec![(
+                TensorDesc::input(DType::U8, &[text.len() as u64]).unwrap(),
+                text.to_vec(),
+            )],
             outputs: vec![TensorDesc::output(DType::F32, &[384], 384 * 4).unwrap()],
         }
     }
 
     fn floats(data: &[u8]) -> Vec<f32> {
-        data.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+        data.chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
     }
 
     fn embed_one(model: &BertBackend, text: &str) -> Vec<f32> {
@@ -391,7 +423,11 @@ mod tests {
     }
 
     fn cosine(a: &[f32], b: &[f32]) -> f64 {
-        let dot: f64 = a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
+        let dot: f64 = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| f64::from(*x) * f64::from(*y))
+            .sum();
         let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
         dot / (norm(a) * norm(b))
     }
@@ -400,7 +436,10 @@ mod tests {
     fn signature() {
         let Some(model) = minilm(8) else { return };
         let info = model.info();
-        assert_eq!((info.id, info.name.as_str(), info.max_batch), (2, "all-MiniLM-L6-v2", 8));
+        assert_eq!(
+            (info.id, info.name.as_str(), info.max_batch),
+            (2, "all-MiniLM-L6-v2", 8)
+        );
         assert_eq!(info.inputs[0].name, "text");
         assert_eq!(info.inputs[0].dtype, DType::U8);
         assert_eq!(info.inputs[0].dims, vec![DimRange::new(1, 16384)]);
@@ -412,12 +451,18 @@ mod tests {
 
     #[test]
     fn embeddings_match_the_independent_reference() {
-        let (Some(model), Some(reference)) = (minilm(8), reference()) else { return };
+        let (Some(model), Some(reference)) = (minilm(8), reference()) else {
+            return;
+        };
         for s in &reference.sentences {
             let got = embed_one(&model, &s.text);
             let want: Vec<f32> = s.embedding.iter().map(|v| *v as f32).collect();
             let cos = cosine(&got, &want);
-            let max_diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let max_diff = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
             assert!(cos >= 0.99999, "{:?}: cosine {cos}", s.text);
             assert!(max_diff <= 1e-4, "{:?}: max diff {max_diff}", s.text);
         }
@@ -428,7 +473,10 @@ mod tests {
         let Some(model) = minilm(8) else { return };
         let cat = embed_one(&model, "The cat sits on the mat.");
         let kitten = embed_one(&model, "A kitten is resting on a rug.");
-        let money = embed_one(&model, "Quarterly revenue rose by four percent compared to last year.");
+        let money = embed_one(
+            &model,
+            "Quarterly revenue rose by four percent compared to last year.",
+        );
         for v in [&cat, &kitten, &money] {
             let norm = v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
             assert!((norm - 1.0).abs() < 1e-5, "norm {norm}");
@@ -440,9 +488,18 @@ mod tests {
 
     #[test]
     fn a_batch_matches_single_runs() {
-        let (Some(model), Some(reference)) = (minilm(8), reference()) else { return };
-        let texts: Vec<&str> = reference.sentences.iter().map(|s| s.text.as_str()).collect();
-        let batched = run_local_batch(&model, texts.iter().map(|t| text_request(t.as_bytes())).collect());
+        let (Some(model), Some(reference)) = (minilm(8), reference()) else {
+            return;
+        };
+        let texts: Vec<&str> = reference
+            .sentences
+            .iter()
+            .map(|s| s.text.as_str())
+            .collect();
+        let batched = run_local_batch(
+            &model,
+            texts.iter().map(|t| text_request(t.as_bytes())).collect(),
+        );
         assert_eq!(batched.len(), texts.len());
         for (text, got) in texts.iter().zip(batched) {
             let got = floats(&got.unwrap()[0].data);
@@ -456,7 +513,11 @@ mod tests {
         let Some(model) = minilm(8) else { return };
         let results = run_local_batch(
             &model,
-            vec![text_request(b"fine"), text_request(b"bad \xff\xfe"), text_request(b"also fine")],
+            vec![
+                text_request(b"fine"),
+                text_request(b"bad \xff\xfe"),
+                text_request(b"also fine"),
+            ],
         );
         let fine = floats(&results[0].as_ref().unwrap()[0].data);
         assert!(cosine(&fine, &embed_one(&model, "fine")) >= 0.9999);
@@ -475,7 +536,11 @@ mod tests {
         let mut req = text_request(b"hello");
         req.outputs = vec![TensorDesc::output(DType::F32, &[], 100).unwrap()];
         match run_local(&model, req) {
-            Err(LocalRunError::Backend(BackendError::OutputTooSmall { index: 0, needed, shapes })) => {
+            Err(LocalRunError::Backend(BackendError::OutputTooSmall {
+                index: 0,
+                needed,
+                shapes,
+            })) => {
                 assert_eq!(needed, 1536);
                 assert_eq!(shapes, vec![Shape::new(&[384]).unwrap()]);
             }
@@ -511,6 +576,10 @@ mod tests {
             }],
         }];
         let outcomes = model.run(&mut batch);
-        assert!(matches!(outcomes[0], Err(BackendError::BadInput { index: 0, .. })), "{:?}", outcomes[0]);
+        assert!(
+            matches!(outcomes[0], Err(BackendError::BadInput { index: 0, .. })),
+            "{:?}",
+            outcomes[0]
+        );
     }
 }

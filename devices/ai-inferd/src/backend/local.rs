@@ -106,7 +106,11 @@ fn run_chunk(
         .zip(&checks)
         .map(|(r, ok)| match ok {
             // Capacities are within the device's output limit (checked above).
-            Ok(()) => r.outputs.iter().map(|d| vec![0u8; d.data_len as usize]).collect(),
+            Ok(()) => r
+                .outputs
+                .iter()
+                .map(|d| vec![0u8; d.data_len as usize])
+                .collect(),
             Err(_) => Vec::new(),
         })
         .collect();
@@ -147,9 +151,11 @@ fn run_chunk(
     let mut results = Vec::with_capacity(checks.len());
     for (i, ok) in checks.into_iter().enumerate() {
         results.push(ok.and_then(|()| {
-            let shapes = outcomes
-                .next()
-                .unwrap_or_else(|| Err(BackendError::Runtime("backend returned too few outcomes".into())))?;
+            let shapes = outcomes.next().unwrap_or_else(|| {
+                Err(BackendError::Runtime(
+                    "backend returned too few outcomes".into(),
+                ))
+            })?;
             let desc_of = |k: usize| chunk[i].outputs[k].dtype;
             shapes
                 .iter()
@@ -158,7 +164,10 @@ fn run_chunk(
                 .map(|(k, (shape, mut data))| {
                     let len = shape.byte_len(desc_of(k))?;
                     data.truncate(usize::try_from(len).unwrap_or(usize::MAX));
-                    Ok(LocalOutput { shape: *shape, data })
+                    Ok(LocalOutput {
+                        shape: *shape,
+                        data,
+                    })
                 })
                 .collect()
         }));

@@ -104,7 +104,10 @@ pub trait Backend: Send + Sync {
 /// Checks the produced shape of every output against its descriptor and its buffer, in
 /// output order. The first problem fails the request, carrying every produced shape so
 /// the driver can resize and resubmit.
-pub fn check_produced(outputs: &[OutputBuffer<'_>], produced: &[Shape]) -> Result<(), BackendError> {
+pub fn check_produced(
+    outputs: &[OutputBuffer<'_>],
+    produced: &[Shape],
+) -> Result<(), BackendError> {
     if outputs.len() != produced.len() {
         return Err(BackendError::Runtime(format!(
             "the model produced {} outputs for {} output buffers",

@@ -45,7 +45,9 @@ pub enum OnnxError {
         reason: String,
     },
     /// A tensor's element type has no ai_infer dtype.
-    #[error("ONNX model {path}: tensor {tensor} has element type {dtype}, which ai_infer cannot carry")]
+    #[error(
+        "ONNX model {path}: tensor {tensor} has element type {dtype}, which ai_infer cannot carry"
+    )]
     UnsupportedDType {
         /// The model file.
         path: PathBuf,
@@ -84,6 +86,9 @@ pub struct OnnxOptions {
     /// Upper bound of every symbolic dim in the signature.
     pub max_dynamic_dim: u64,
 }
+
+/// One result tensor of a run: its bytes and its shape.
+type OutputView<'r> = (&'r [u8], &'r [usize]);
 
 /// A loaded, optimised ONNX model.
 pub struct OnnxBackend {
@@ -157,7 +162,12 @@ impl OnnxBackend {
 
         let mut inputs = Vec::new();
         let mut input_types = Vec::new();
-        for (i, outlet) in typed.input_outlets().map_err(|e| load_err(&e))?.iter().enumerate() {
+        for (i, outlet) in typed
+            .input_outlets()
+            .map_err(|e| load_err(&e))?
+            .iter()
+            .enumerate()
+        {
             let fact = typed.input_fact(i).map_err(|e| load_err(&e))?;
             let tensor = typed.node(outlet.node).name.clone();
             let dtype = Self::dtype(path, &tensor, fact.datum_type)?;
@@ -187,7 +197,12 @@ impl OnnxBackend {
 
         let mut outputs = Vec::new();
         let mut output_types = Vec::new();
-        for (k, outlet) in typed.output_outlets().map_err(|e| load_err(&e))?.iter().enumerate() {
+        for (k, outlet) in typed
+            .output_outlets()
+            .map_err(|e| load_err(&e))?
+            .iter()
+            .enumerate()
+        {
             let fact = typed.output_fact(k).map_err(|e| load_err(&e))?;
             let tensor = typed
                 .outlet_label(*outlet)
@@ -264,7 +279,9 @@ impl OnnxBackend {
     /// the backend safe on its own) and, for batchable models, that every input has
     /// the same dim 0.
     fn check_request(&self, req: &RequestTensors<'_>) -> Result<(), BackendError> {
-        if req.inputs.len() != self.info.inputs.len() || req.outputs.len() != self.info.outputs.len() {
+        if req.inputs.len() != self.info.inputs.len()
+            || req.outputs.len() != self.info.outputs.len()
+        {
             return Err(BackendError::BadInput {
                 index: 0,
                 reason: format!(
@@ -277,22 +294,31 @@ impl OnnxBackend {
             });
         }
         for (index, (input, spec)) in req.inputs.iter().zip(&self.info.inputs).enumerate() {
-            input.desc.validate_against(spec).map_err(|e| BackendError::BadInput {
-                index,
-                reason: e.to_string(),
-            })?;
+            input
+                .desc
+                .validate_against(spec)
+                .map_err(|e| BackendError::BadInput {
+                    index,
+                    reason: e.to_string(),
+                })?;
             check_input_len(index, input)?;
         }
         let first_output = req.inputs.len();
         for (k, (out, spec)) in req.outputs.iter().zip(&self.info.outputs).enumerate() {
-            out.desc.validate_output_against(spec).map_err(|e| BackendError::BadInput {
-                index: first_output + k,
-                reason: e.to_string(),
-            })?;
+            out.desc
+                .validate_output_against(spec)
+                .map_err(|e| BackendError::BadInput {
+                    index: first_output + k,
+                    reason: e.to_string(),
+                })?;
         }
         if self.batchable {
             let rows = Self::rows(req);
-            if let Some(index) = req.inputs.iter().position(|t| t.desc.shape.dims().first() != Some(&rows)) {
+            if let Some(index) = req
+                .inputs
+                .iter()
+                .position(|t| t.desc.shape.dims().first() != Some(&rows))
+            {
                 return Err(BackendError::BadInput {
                     index,
                     reason: format!("dim 0 differs from input 0's {rows} (the batch dim)"),
@@ -312,8 +338,15 @@ impl OnnxBackend {
 
     /// Builds tract's inputs for `members`: one tensor per model input, every member's
     /// bytes copied once from guest memory into its rows.
-    fn gather(&self, batch: &[RequestTensors<'_>], members: &[usize]) -> Result<TVec<TValue>, String> {
-        let first = members.first().and_then(|m| batch.get(*m)).ok_or("empty group")?;
+    fn gather(
+        &self,
+        batch: &[RequestTensors<'_>],
+        members: &[usize],
+    ) -> Result<TVec<TValue>, String> {
+        let first = members
+            .first()
+            .and_then(|m| batch.get(*m))
+            .ok_or("empty group")?;
         let mut values = TVec::new();
         for (j, dt) in self.input_types.iter().enumerate() {
             let proto = first.inputs.get(j).ok_or("missing input")?;
@@ -336,7 +369,9 @@ impl OnnxBackend {
             }
             let mut tensor = Tensor::zero_dt(*dt, &dims).map_err(|e| format!("{e:#}"))?;
             {
-                let mut view = tensor.try_as_plain_ram_mut().map_err(|e| format!("{e:#}"))?;
+                let mut view = tensor
+                    .try_as_plain_ram_mut()
+                    .map_err(|e| format!("{e:#}"))?;
                 let bytes = view.as_bytes_mut();
                 let mut off = 0usize;
                 for m in members {
@@ -350,7 +385,10 @@ impl OnnxBackend {
                     off = end;
                 }
                 if off != bytes.len() {
-                    return Err(format!("input {j}: {off} bytes for a {}-byte tensor", bytes.len()));
+                    return Err(format!(
+                        "input {j}: {off} bytes for a {}-byte tensor",
+                        bytes.len()
+                    ));
                 }
                 if *dt == DatumType::Bool {
                     // The guest may send any byte; only 0 and 1 are valid Rust bools.
@@ -371,7 +409,9 @@ impl OnnxBackend {
                 .collect()
         };
         let results = match self.gather(batch, members).and_then(|inputs| {
-            guard_runtime("tract", || self.plan.run(inputs).map_err(|e| format!("{e:#}")))
+            guard_runtime("tract", || {
+                self.plan.run(inputs).map_err(|e| format!("{e:#}"))
+            })
         }) {
             Ok(r) => r,
             Err(msg) => return fail(msg),
@@ -401,9 +441,13 @@ impl OnnxBackend {
         results: &'r TVec<TValue>,
         members: &[usize],
         batch: &[RequestTensors<'_>],
-    ) -> Result<Vec<(&'r [u8], &'r [usize])>, String> {
+    ) -> Result<Vec<OutputView<'r>>, String> {
         if results.len() != self.output_types.len() {
-            return Err(format!("tract produced {} outputs, the model has {}", results.len(), self.output_types.len()));
+            return Err(format!(
+                "tract produced {} outputs, the model has {}",
+                results.len(),
+                self.output_types.len()
+            ));
         }
         let total_rows: u64 = members.iter().map(|m| Self::rows(&batch[*m])).sum();
         results
@@ -412,15 +456,28 @@ impl OnnxBackend {
             .enumerate()
             .map(|(k, (t, dt))| {
                 if t.datum_type() != *dt {
-                    return Err(format!("output {k} is {:?}, the signature says {dt:?}", t.datum_type()));
+                    return Err(format!(
+                        "output {k} is {:?}, the signature says {dt:?}",
+                        t.datum_type()
+                    ));
                 }
-                let bytes = t.try_as_plain_ram().map_err(|e| format!("{e:#}"))?.as_bytes();
+                let bytes = t
+                    .try_as_plain_ram()
+                    .map_err(|e| format!("{e:#}"))?
+                    .as_bytes();
                 let expected = t.len().checked_mul(dt.size_of());
                 if expected != Some(bytes.len()) {
-                    return Err(format!("output {k}: {} bytes for {} elements", bytes.len(), t.len()));
+                    return Err(format!(
+                        "output {k}: {} bytes for {} elements",
+                        bytes.len(),
+                        t.len()
+                    ));
                 }
                 if self.batchable && t.shape().first().map(|d| *d as u64) != Some(total_rows) {
-                    return Err(format!("output {k} has shape {:?} for {total_rows} input rows", t.shape()));
+                    return Err(format!(
+                        "output {k} has shape {:?} for {total_rows} input rows",
+                        t.shape()
+                    ));
                 }
                 Ok((bytes, t.shape()))
             })
@@ -432,7 +489,7 @@ impl OnnxBackend {
     fn split_one(
         &self,
         req: &RequestTensors<'_>,
-        outputs: &[(&[u8], &[usize])],
+        outputs: &[OutputView<'_>],
         row: usize,
         rows: usize,
     ) -> RequestOutcome {
@@ -543,13 +600,19 @@ mod tests {
                 .flat_map(|row| {
                     let h: Vec<f64> = (0..self.b1.len())
                         .map(|j| {
-                            let s = (0..16).map(|i| f64::from(row[i]) * self.w1[i][j]).sum::<f64>();
+                            let s = (0..16)
+                                .map(|i| f64::from(row[i]) * self.w1[i][j])
+                                .sum::<f64>();
                             (s + self.b1[j]).max(0.0)
                         })
                         .collect();
                     (0..self.b2.len())
                         .map(|k| {
-                            let s = h.iter().enumerate().map(|(j, v)| v * self.w2[j][k]).sum::<f64>();
+                            let s = h
+                                .iter()
+                                .enumerate()
+                                .map(|(j, v)| v * self.w2[j][k])
+                                .sum::<f64>();
                             (s + self.b2[k]) as f32
                         })
                         .collect::<Vec<_>>()
@@ -569,7 +632,10 @@ mod tests {
         let path = require("mlp.onnx")?;
         let reference = require("mlp_ref.json")?;
         let reference: MlpRef = serde_json::from_slice(&std::fs::read(reference).unwrap()).unwrap();
-        Some((OnnxBackend::load(&path, 3, "mlp", &opts(max_batch)).unwrap(), reference))
+        Some((
+            OnnxBackend::load(&path, 3, "mlp", &opts(max_batch)).unwrap(),
+            reference,
+        ))
     }
 
     fn bytes(values: &[f32]) -> Vec<u8> {
@@ -578,10 +644,14 @@ mod tests {
 
     /// `rows` rows of multiples of 1/16 in [-8, 8] from a fixed-seed generator.
     fn dyadic_rows(rows: usize, seed: u64) -> Vec<f32> {
-        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (0..rows * 16)
             .map(|_| {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 let k = ((state >> 33) % 257) as i32 - 128;
                 k as f32 / 16.0
             })
@@ -591,7 +661,10 @@ mod tests {
     fn request(x: &[f32], out: TensorDesc) -> LocalRequest {
         let rows = (x.len() / 16) as u64;
         LocalRequest {
-            inputs: vec![(TensorDesc::input(DType::F32, &[rows, 16]).unwrap(), bytes(x))],
+            inputs: vec![(
+                TensorDesc::input(DType::F32, &[rows, 16]).unwrap(),
+                bytes(x),
+            )],
             outputs: vec![out],
         }
     }
@@ -608,18 +681,36 @@ mod tests {
         assert_eq!(info.inputs.len(), 1);
         assert_eq!(info.inputs[0].name, "x");
         assert_eq!(info.inputs[0].dtype, DType::F32);
-        assert_eq!(info.inputs[0].dims, vec![DimRange::dynamic(64), DimRange::fixed(16)]);
+        assert_eq!(
+            info.inputs[0].dims,
+            vec![DimRange::dynamic(64), DimRange::fixed(16)]
+        );
         assert_eq!(info.outputs[0].name, "y");
-        assert_eq!(info.outputs[0].dims, vec![DimRange::dynamic(64), DimRange::fixed(4)]);
+        assert_eq!(
+            info.outputs[0].dims,
+            vec![DimRange::dynamic(64), DimRange::fixed(4)]
+        );
         assert!(mlp.is_batchable());
         assert_eq!(mlp.max_batch(), 8);
     }
 
     #[test]
     fn matches_the_reference_output_exactly() {
-        let Some((mlp, reference)) = mlp(8) else { return };
-        let x: Vec<f32> = reference.input.iter().flatten().map(|v| *v as f32).collect();
-        let want: Vec<f32> = reference.output.iter().flatten().map(|v| *v as f32).collect();
+        let Some((mlp, reference)) = mlp(8) else {
+            return;
+        };
+        let x: Vec<f32> = reference
+            .input
+            .iter()
+            .flatten()
+            .map(|v| *v as f32)
+            .collect();
+        let want: Vec<f32> = reference
+            .output
+            .iter()
+            .flatten()
+            .map(|v| *v as f32)
+            .collect();
         let rows = reference.input.len() as u64;
         let out = run_local(&mlp, request(&x, any_output(rows))).unwrap();
         assert_eq!(out.len(), 1);
@@ -631,7 +722,9 @@ mod tests {
 
     #[test]
     fn matches_an_independent_computation_bit_for_bit() {
-        let Some((mlp, reference)) = mlp(8) else { return };
+        let Some((mlp, reference)) = mlp(8) else {
+            return;
+        };
         for (rows, seed) in [(1, 1), (7, 2), (64, 3)] {
             let x = dyadic_rows(rows, seed);
             let out = run_local(&mlp, request(&x, any_output(rows as u64))).unwrap();
@@ -641,7 +734,9 @@ mod tests {
 
     #[test]
     fn a_batch_gives_the_same_bytes_as_single_runs() {
-        let Some((mlp, reference)) = mlp(8) else { return };
+        let Some((mlp, reference)) = mlp(8) else {
+            return;
+        };
         let rows = [1usize, 3, 2, 5, 1, 4, 64, 2];
         let requests: Vec<LocalRequest> = rows
             .iter()
@@ -670,7 +765,11 @@ mod tests {
         // Any shape, 8-byte buffer: the produced [3, 4] needs 48 bytes.
         let small = TensorDesc::output(DType::F32, &[], 8).unwrap();
         match run_local(&mlp, request(&x, small)) {
-            Err(LocalRunError::Backend(BackendError::OutputTooSmall { index, needed, shapes })) => {
+            Err(LocalRunError::Backend(BackendError::OutputTooSmall {
+                index,
+                needed,
+                shapes,
+            })) => {
                 assert_eq!((index, needed), (0, 48));
                 assert_eq!(shapes, vec![Shape::new(&[3, 4]).unwrap()]);
             }
@@ -679,7 +778,9 @@ mod tests {
         // The driver expected 2 rows, the model produced 3.
         let wrong = TensorDesc::output(DType::F32, &[2, 4], 64).unwrap();
         match run_local(&mlp, request(&x, wrong)) {
-            Err(LocalRunError::Backend(BackendError::ShapeMismatch { index, produced, .. })) => {
+            Err(LocalRunError::Backend(BackendError::ShapeMismatch {
+                index, produced, ..
+            })) => {
                 assert_eq!(index, 0);
                 assert_eq!(produced, Shape::new(&[3, 4]).unwrap());
             }
@@ -689,26 +790,43 @@ mod tests {
 
     #[test]
     fn one_bad_request_does_not_fail_its_batch() {
-        let Some((mlp, reference)) = mlp(8) else { return };
+        let Some((mlp, reference)) = mlp(8) else {
+            return;
+        };
         let (a, b) = (dyadic_rows(2, 11), dyadic_rows(5, 12));
         let small = TensorDesc::output(DType::F32, &[], 4).unwrap();
         let results = run_local_batch(
             &mlp,
-            vec![request(&a, any_output(2)), request(&a, small), request(&b, any_output(5))],
+            vec![
+                request(&a, any_output(2)),
+                request(&a, small),
+                request(&b, any_output(5)),
+            ],
         );
-        assert_eq!(results[0].as_ref().unwrap()[0].data, bytes(&reference.forward(&a)));
+        assert_eq!(
+            results[0].as_ref().unwrap()[0].data,
+            bytes(&reference.forward(&a))
+        );
         assert!(matches!(
             results[1],
-            Err(LocalRunError::Backend(BackendError::OutputTooSmall { needed: 32, .. }))
+            Err(LocalRunError::Backend(BackendError::OutputTooSmall {
+                needed: 32,
+                ..
+            }))
         ));
-        assert_eq!(results[2].as_ref().unwrap()[0].data, bytes(&reference.forward(&b)));
+        assert_eq!(
+            results[2].as_ref().unwrap()[0].data,
+            bytes(&reference.forward(&b))
+        );
     }
 
     /// Calls `run` directly with descriptors the daemon would never pass, to check the
     /// backend's own defences.
     #[test]
     fn the_backend_rechecks_what_it_is_given() {
-        let Some((mlp, reference)) = mlp(8) else { return };
+        let Some((mlp, reference)) = mlp(8) else {
+            return;
+        };
         let good_x = dyadic_rows(2, 21);
         let mut good_data = bytes(&good_x);
         let good_desc = TensorDesc::input(DType::F32, &[2, 16]).unwrap();
@@ -752,20 +870,39 @@ mod tests {
         ];
         let outcomes = mlp.run(&mut batch);
         drop(batch);
-        assert!(matches!(outcomes[0], Err(BackendError::BadInput { index: 0, .. })), "{:?}", outcomes[0]);
-        assert!(matches!(outcomes[1], Err(BackendError::BadInput { index: 0, .. })), "{:?}", outcomes[1]);
-        assert_eq!(outcomes[2].as_ref().unwrap(), &vec![Shape::new(&[2, 4]).unwrap()]);
+        assert!(
+            matches!(outcomes[0], Err(BackendError::BadInput { index: 0, .. })),
+            "{:?}",
+            outcomes[0]
+        );
+        assert!(
+            matches!(outcomes[1], Err(BackendError::BadInput { index: 0, .. })),
+            "{:?}",
+            outcomes[1]
+        );
+        assert_eq!(
+            outcomes[2].as_ref().unwrap(),
+            &vec![Shape::new(&[2, 4]).unwrap()]
+        );
         assert_eq!(outs[2], bytes(&reference.forward(&good_x)));
-        assert!(outs[0].iter().chain(&outs[1]).all(|b| *b == 0), "nothing written for failed requests");
+        assert!(
+            outs[0].iter().chain(&outs[1]).all(|b| *b == 0),
+            "nothing written for failed requests"
+        );
     }
 
     #[test]
     fn a_model_without_a_batch_dim_runs_one_request_per_call() {
-        let Some(path) = require("fixed.onnx") else { return };
+        let Some(path) = require("fixed.onnx") else {
+            return;
+        };
         let fixed = OnnxBackend::load(&path, 1, "fixed", &opts(8)).unwrap();
         assert!(!fixed.is_batchable());
         assert_eq!(fixed.max_batch(), 1);
-        assert_eq!(fixed.info().inputs[0].dims, vec![DimRange::fixed(2), DimRange::fixed(3)]);
+        assert_eq!(
+            fixed.info().inputs[0].dims,
+            vec![DimRange::fixed(2), DimRange::fixed(3)]
+        );
         let requests: Vec<LocalRequest> = (0..3)
             .map(|i| {
                 let x: Vec<f32> = (0..6).map(|j| (i * 6 + j) as f32 - 4.5).collect();
@@ -793,10 +930,15 @@ mod tests {
 
     #[test]
     fn loading_a_file_that_is_not_onnx_fails_cleanly() {
-        let path = std::env::temp_dir().join(format!("ai-inferd-not-onnx-{}.onnx", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("ai-inferd-not-onnx-{}.onnx", std::process::id()));
         std::fs::write(&path, b"this is not a protobuf").unwrap();
         let result = OnnxBackend::load(&path, 1, "bad", &opts(1));
         std::fs::remove_file(&path).unwrap();
-        assert!(matches!(result, Err(OnnxError::Load { .. })), "{:?}", result.err());
+        assert!(
+            matches!(result, Err(OnnxError::Load { .. })),
+            "{:?}",
+            result.err()
+        );
     }
 }
