@@ -230,11 +230,14 @@ pub struct ModelEntry {
     pub runtime: Runtime,
     /// Model file (onnx) or directory (bert), resolved.
     pub path: PathBuf,
-    /// Largest batch of requests per backend call (default 1).
+    /// Largest batch of requests per backend call (default 1). A backend may run
+    /// fewer ([`Backend::max_batch`]: 1 for an ONNX model without a batch dim); the
+    /// scheduler's policy should take the smaller of the two.
     pub max_batch: u32,
     /// Longest a request waits for its batch to fill, in µs (default 0).
     pub max_queue_delay_us: u64,
-    /// Executors running this model concurrently (default 1).
+    /// Executors running this model concurrently (default 1); they share the one
+    /// loaded backend.
     pub instances: u32,
     /// Upper bound of symbolic ONNX dims (default 64; onnx only).
     pub max_dynamic_dim: u64,

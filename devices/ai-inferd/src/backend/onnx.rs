@@ -449,7 +449,9 @@ impl OnnxBackend {
                 self.output_types.len()
             ));
         }
-        let total_rows: u64 = members.iter().map(|m| Self::rows(&batch[*m])).sum();
+        let total_rows = members
+            .iter()
+            .fold(0u64, |acc, m| acc.saturating_add(Self::rows(&batch[*m])));
         results
             .iter()
             .zip(&self.output_types)
