@@ -32,7 +32,16 @@ stamp_write() { printf '%s' "$2" >"$models_dir/.$1.stamp"; }
 tools_key="${PY_TOOLS[*]}"
 if ! stamp_ok tools "$tools_key" || [[ ! -x "$venv/bin/python" ]]; then
     echo "setup: python tools (${PY_TOOLS[*]}) -> $venv"
-    python3 -m venv "$venv"
+    if ! python3 -m venv --clear "$venv" >/dev/null 2>&1; then
+        # Debian's python3 needs the python3-venv package for `python3 -m venv`.
+        if command -v apt-get >/dev/null && [[ $(id -u) == 0 ]]; then
+            apt-get install -y --no-install-recommends python3-venv >/dev/null
+            python3 -m venv --clear "$venv"
+        else
+            echo "setup: python3 -m venv failed; install python3-venv" >&2
+            exit 1
+        fi
+    fi
     "$venv/bin/pip" install --quiet --disable-pip-version-check "${PY_TOOLS[@]}"
     stamp_write tools "$tools_key"
 fi
