@@ -1,6 +1,7 @@
 # aivmm: the two entry points of the README, and setup.
-#   make setup  install host packages (QEMU, busybox-static, cpio), fetch the guest kernel, build
-#   make demo   build everything and boot one tenant microVM, showing its console
+#   make setup  install host packages (QEMU, busybox-static, cpio), fetch the guest kernel and
+#               the models (PyPI), build
+#   make demo   build everything, start ai-inferd and two tenant microVMs that run inference
 #   make test   the whole test suite (unit, /dev/kvm and end-to-end rig tests) with a summary
 
 .PHONY: all setup demo test
@@ -9,6 +10,7 @@ all: test
 
 setup:
 	tests/rig/deps.sh
+	devices/ai-inferd/models/setup.sh
 	cargo build --workspace --all-targets
 
 demo:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make test`: the whole test suite, as CI runs it.
-#   1. host dependencies and the guest kernel (tests/rig/deps.sh)
+#   1. host dependencies, the guest kernel and the models (tests/rig/deps.sh,
+#      devices/ai-inferd/models/setup.sh)
 #   2. cargo build --workspace --all-targets (the e2e rig then reuses the same aivmm build)
 #   3. cargo test --workspace (unit tests, real-/dev/kvm tests, and the e2e tests: one rig
 #      run, nested under QEMU TCG on hosts whose KVM cannot boot Linux)
@@ -18,8 +19,9 @@ step() {
     if [ -t 1 ]; then printf '\n\033[1m== %s\033[0m\n' "$*"; else printf '\n== %s\n' "$*"; fi
 }
 
-step "dependencies (tests/rig/deps.sh)"
+step "dependencies (tests/rig/deps.sh, devices/ai-inferd/models/setup.sh)"
 tests/rig/deps.sh
+devices/ai-inferd/models/setup.sh
 
 step "cargo build --workspace --all-targets"
 cargo build --workspace --all-targets

@@ -9,6 +9,9 @@ use aivmm_tests::{rig, Rig, RigMode, ScenarioRun};
 /// Passthrough of L1's `edu` device: checks on the same rig run.
 mod passthrough;
 
+/// The ai_infer device: two tenants, one ai-inferd, outputs checked against the host.
+mod ai_infer;
+
 /// The boot and sigterm configs' zone: 256 MiB of 2 MiB pages.
 const ZONE_HUGEPAGES: i64 = 256 / 2;
 

@@ -14,6 +14,8 @@
 #   /mods/              KVM and VFIO modules, /mods/load-order
 #   /configs/           tests/rig/configs/*.toml
 #   /rig/scenario.sh    SCENARIO_SCRIPT
+#   /bin/ai-inferd      AI_INFERD_BIN, when set (the ai_infer scenario's daemon)
+#   /models/            AI_MODELS_DIR's mlp.onnx and minilm/ with configs/models.toml, when set
 # Extra --add / --bin arguments go to the L1 initramfs as they are.
 # AIVMM_KERNEL_DIR: where fetch-kernel.sh keeps the kernel (default <repo>/target/guest-kernel).
 set -euo pipefail
@@ -36,6 +38,18 @@ shift 3
 . "$here/l2-image.sh"
 prepare_l2 "$out"
 
+ai_args=()
+if [ -n "${AI_INFERD_BIN:-}" ]; then
+    ai_args+=(--bin "$AI_INFERD_BIN:/bin/ai-inferd")
+fi
+if [ -n "${AI_MODELS_DIR:-}" ]; then
+    for m in mlp.onnx minilm; do
+        [ -e "$AI_MODELS_DIR/$m" ] || { echo "$0: no $AI_MODELS_DIR/$m (run devices/ai-inferd/models/setup.sh)" >&2; exit 1; }
+        ai_args+=(--add "$AI_MODELS_DIR/$m:/models/$m")
+    done
+    ai_args+=(--add "$root/configs/models.toml:/models/models.toml")
+fi
+
 "$root/guest-kernel/build-initramfs.sh" "$out/l1-initrd.cpio" \
     --init "$here/l1-init" \
     --bin "$aivmm:/bin/aivmm" \
@@ -44,6 +58,6 @@ prepare_l2 "$out"
     --add "$kdir/modules:/mods" \
     --add "$here/configs:/configs" \
     --add "$scenario:/rig/scenario.sh" \
-    "$@" >/dev/null
+    "${ai_args[@]}" "$@" >/dev/null
 cp "$kdir/vmlinuz" "$out/l1-vmlinuz"
 echo "L1: $out/l1-vmlinuz $out/l1-initrd.cpio ($(($(stat -c %s "$out/l1-initrd.cpio") / 1024)) KiB)"

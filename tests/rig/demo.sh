@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# `make demo`: build everything and boot one tenant microVM, showing its console.
+# `make demo`: build everything, start ai-inferd and two tenant microVMs that run inference
+# through their ai_infer devices, and show what the guests got.
 #
-# The microVM is configs/tenant-demo.toml (tests/rig/configs/demo.toml when that is missing).
-# Where this host's KVM boots Linux (tests/rig/host-can-boot-linux.sh), aivmm runs here;
-# elsewhere (the development and CI machines) inside the nested rig's L1, whose console is
-# shown around it.
-# Either way the guest runs tests/rig/guest/demo.sh (uname, vCPUs, memory) and powers off.
-# Exit code: aivmm's.
+# Where this host's KVM boots Linux (tests/rig/host-can-boot-linux.sh), aivmm and ai-inferd
+# run here; elsewhere (the development and CI machines) inside the nested rig's L1.
+# The daemon is tests/rig/configs/ai-inferd.toml, the tenants tests/rig/configs/ai-tenant-{a,b}
+# .toml (each guest runs tests/rig/guest/ai-infer.sh: models, an MLP and a MiniLM inference,
+# then tenant A streams requests while tenant B tries malformed ones).
+# AIVMM_DEMO=boot boots configs/tenant-demo.toml alone instead (no inference).
+# Exit code: 0 when the daemon and both VMs exited 0.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -18,18 +20,19 @@ say() {
     if [ -t 1 ]; then printf '\n\033[1m== %s\033[0m\n' "$*"; else printf '\n== %s\n' "$*"; fi
 }
 
-say "installing dependencies and the guest kernel"
+say "installing dependencies, the guest kernel and the models"
 "$here/deps.sh"
+"$root/devices/ai-inferd/models/setup.sh"
 
-if [ -n "${AIVMM_BIN:-}" ]; then
-    aivmm=$AIVMM_BIN
-else
-    say "building aivmm"
-    cargo build -p vmm --bin aivmm
-    target=${CARGO_TARGET_DIR:-$root/target}
-    case $target in /*) ;; *) target=$root/$target ;; esac
-    aivmm=$target/debug/aivmm
-fi
+say "building aivmm, ai-inferd and ai-agent"
+cargo build -p vmm --bin aivmm -p ai-inferd --bin ai-inferd -p guest-agent --bin ai-agent
+target=${CARGO_TARGET_DIR:-$root/target}
+case $target in /*) ;; *) target=$root/$target ;; esac
+aivmm=${AIVMM_BIN:-$target/debug/aivmm}
+export AIVMM_AGENT=$target/debug/ai-agent
+
+scenario=ai_infer
+[ "${AIVMM_DEMO:-}" = boot ] && scenario=demo
 
 out=$root/target/rig/demo
 mkdir -p "$out"
@@ -38,30 +41,43 @@ reason=$("$here/host-can-boot-linux.sh")
 direct=$?
 set -e
 say "$reason"
-# The tenant config of the README; both modes override its kernel, initrd and (to run the
-# demo script) command line with the rig's.
 tenant=$root/configs/tenant-demo.toml
 
 set +e
 if [ "$direct" -eq 0 ]; then
-    say "aivmm on this host (guest console below)"
+    say "aivmm and ai-inferd on this host"
     [ -f "$tenant" ] && export RIG_DEMO_CONFIG=$tenant
-    "$here/run-direct.sh" "$out" "$aivmm" demo
+    AI_INFERD=$target/debug/ai-inferd AI_MODELS=$root/target/models \
+        AI_MANIFEST=$root/configs/models.toml \
+        "$here/run-direct.sh" "$out" "$aivmm" "$scenario"
     log=$out/direct-console.log
 else
-    say "building the nested rig's L1 (aivmm, the guest kernel and initramfs inside)"
+    say "building the nested rig's L1 (aivmm, ai-inferd, the models, the guest image)"
     extra=()
     [ -f "$tenant" ] && extra=(--add "$tenant:/configs/tenant-demo.toml")
-    "$here/build-l1.sh" "$out" "$aivmm" "$here/scenarios.sh" "${extra[@]}" || exit 1
-    say "booting L1 under QEMU TCG; it runs aivmm, whose guest console follows"
-    RIG_SCENARIOS=demo "$here/run-l1.sh" "$out" "${AIVMM_DEMO_TIMEOUT:-900}"
+    AI_INFERD_BIN=$target/debug/ai-inferd AI_MODELS_DIR=$root/target/models \
+        "$here/build-l1.sh" "$out" "$aivmm" "$here/scenarios.sh" "${extra[@]}" || exit 1
+    say "booting L1 under QEMU TCG; it starts ai-inferd and the tenant VMs"
+    RIG_SCENARIOS=$scenario "$here/run-l1.sh" "$out" "${AIVMM_DEMO_TIMEOUT:-1200}"
     log=$out/l1-console.log
 fi
 set -e
-rc=$(tr -d '\r' <"$log" | sed -n 's/.*RIG-END demo rc=\([0-9-]*\).*/\1/p' | tail -n 1)
-if [ -z "$rc" ]; then
-    echo "demo: the microVM run did not finish (log: $log)" >&2
-    exit 1
+
+rc_of() { tr -d '\r' <"$log" | sed -n "s/.*RIG-END $1 rc=\([0-9-]*\).*/\1/p" | tail -n 1; }
+if [ "$scenario" = demo ]; then
+    rc=$(rc_of demo)
+    [ -n "$rc" ] || { echo "demo: the microVM run did not finish (log: $log)" >&2; exit 1; }
+    say "aivmm exited with code $rc (log: $log)"
+    exit "$rc"
 fi
-say "aivmm exited with code $rc (log: $log)"
-exit "$rc"
+
+say "what the tenants got (full log: $log)"
+tr -d '\r' <"$log" | grep -E 'RIG-BEGIN ai_|GUEST-AI |GARBAGE|^ *[0-9]+ +[^ ]+ +(onnx|bert)|status|RIG-FACT ai_daemon (ready_ms|VmRSS)' |
+    sed -E 's/(hex=.{48}).*/\1.../' || true
+status=0
+for run in ai_daemon ai_a ai_b; do
+    rc=$(rc_of "$run")
+    echo "$run: exit code ${rc:-none (did not finish)}"
+    [ "${rc:-1}" = 0 ] || status=1
+done
+exit "$status"

@@ -20,6 +20,9 @@
 #   RIG_TMP      scratch directory for logs              (/tmp/rig)
 #   RIG_VM_TIMEOUT  seconds an aivmm run may take before the rig kills it (300)
 #   RIG_DEMO_CONFIG the config of the demo scenario      (see scenario_demo)
+#   AI_INFERD    the ai-inferd binary                    (/bin/ai-inferd)
+#   AI_MODELS    the models directory                    (/models)
+#   AI_MANIFEST  the models manifest                     ($AI_MODELS/models.toml)
 set -u
 
 AIVMM=${AIVMM:-/bin/aivmm}
@@ -28,6 +31,9 @@ L2_INITRD=${L2_INITRD:-/l2/initrd.gz}
 RIG_CONFIGS=${RIG_CONFIGS:-/configs}
 RIG_TMP=${RIG_TMP:-/tmp/rig}
 RIG_VM_TIMEOUT=${RIG_VM_TIMEOUT:-300}
+AI_INFERD=${AI_INFERD:-/bin/ai-inferd}
+AI_MODELS=${AI_MODELS:-/models}
+AI_MANIFEST=${AI_MANIFEST:-$AI_MODELS/models.toml}
 mkdir -p "$RIG_TMP"
 
 fact() { echo "RIG-FACT $1 $2=$3"; }
@@ -455,12 +461,72 @@ scenario_demo() {
     echo "RIG-END demo rc=$VM_RC"
 }
 
-[ $# -gt 0 ] || set -- boot badconfig sigterm passthrough badpassthrough
+# A tenant config for the ai_infer scenario with its socket in this run's scratch directory.
+ai_config() {
+    sed "s|\"/tmp/rig/|\"$RIG_TMP/|" "$(config "$1")" >"$RIG_TMP/run-$1"
+    echo "$RIG_TMP/run-$1"
+}
+
+# Two tenant VMs share one ai-inferd: each runs the models through its guest agent (outputs
+# printed for the host to check), tenant A keeps inferring while tenant B sends garbage.
+# Runs: ai_daemon (the daemon: readiness, RSS, its log, exit code after SIGTERM), ai_a, ai_b.
+scenario_ai_infer() {
+    echo "RIG-BEGIN ai_daemon"
+    if [ ! -x "$AI_INFERD" ] || [ ! -f "$AI_MANIFEST" ]; then
+        fact ai_daemon missing "$AI_INFERD or $AI_MANIFEST"
+        echo "RIG-END ai_daemon rc=127"
+        return
+    fi
+    sed -e "s|@RIG_TMP@|$RIG_TMP|g" -e "s|@MANIFEST@|$AI_MANIFEST|g" \
+        "$RIG_CONFIGS/ai-inferd.toml" >"$RIG_TMP/ai-inferd.toml"
+    rm -f "$RIG_TMP/ai-a.sock" "$RIG_TMP/ai-b.sock"
+    t0=$(now_ms)
+    AIVMM_MODELS_DIR=$AI_MODELS "$AI_INFERD" serve --config "$RIG_TMP/ai-inferd.toml" \
+        >"$RIG_TMP/ai_daemon.log" 2>&1 &
+    dpid=$!
+    deadline=$((t0 + RIG_VM_TIMEOUT * 1000))
+    while alive "$dpid" && [ "$(now_ms)" -lt "$deadline" ] &&
+        ! { [ -S "$RIG_TMP/ai-a.sock" ] && [ -S "$RIG_TMP/ai-b.sock" ]; }; do
+        sleep 0.2
+    done
+    fact ai_daemon ready_ms $(($(now_ms) - t0))
+    memory_facts ai_daemon_idle "$dpid"
+    # shellcheck disable=SC2046
+    vm_start ai_a "$(ai_config ai-tenant-a.toml)" $(guest_args)
+    apid=$VM_PID
+    # shellcheck disable=SC2046
+    vm_start ai_b "$(ai_config ai-tenant-b.toml)" $(guest_args)
+    bpid=$VM_PID
+    vm_wait ai_a "$apid" "$RIG_VM_TIMEOUT"
+    arc=$VM_RC
+    vm_wait ai_b "$bpid" "$RIG_VM_TIMEOUT"
+    brc=$VM_RC
+    memory_facts ai_daemon "$dpid"
+    if alive "$dpid"; then
+        kill -TERM "$dpid"
+        vm_wait ai_daemon "$dpid" 30
+    else
+        wait "$dpid"
+        VM_RC=$?
+        fact ai_daemon died_early 1
+    fi
+    cat "$RIG_TMP/ai_daemon.log"
+    echo "RIG-END ai_daemon rc=$VM_RC"
+    for run in ai_a:$arc ai_b:$brc; do
+        name=${run%%:*}
+        echo "RIG-BEGIN $name"
+        stderr_facts "$name" "$name"
+        vm_output "$name"
+        echo "RIG-END $name rc=${run#*:}"
+    done
+}
+
+[ $# -gt 0 ] || set -- boot badconfig sigterm passthrough badpassthrough ai_infer
 fact rig mode "${RIG_MODE:-unknown}"
 fact rig aivmm "$AIVMM"
 for s in "$@"; do
     case $s in
-    boot | badconfig | sigterm | demo | passthrough | badpassthrough | ptbench) "scenario_$s" ;;
+    boot | badconfig | sigterm | demo | passthrough | badpassthrough | ptbench | ai_infer) "scenario_$s" ;;
     *) echo "scenarios.sh: unknown scenario: $s" >&2 ;;
     esac
 done

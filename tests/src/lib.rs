@@ -4,9 +4,11 @@
 //! this crate runs it once per test binary and hands the parsed [`RigReport`] to the tests.
 //!
 //! * [`report`]: the log format and its parser (no I/O, unit-tested).
+//! * [`reference`]: the host-side runs of the models the e2e tests compare guests with.
 //! * [`rig`]: locating the workspace, installing dependencies, building aivmm, choosing
 //!   nested or direct mode, running the rig, and failure messages with log excerpts.
 
+pub mod reference;
 pub mod report;
 pub mod rig;
 

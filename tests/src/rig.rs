@@ -110,24 +110,39 @@ fn run_step(what: &str, cmd: &mut Command) -> Result<String, String> {
     ))
 }
 
-/// Build aivmm in the test profile and return the binary's path, as cargo reports it
-/// (so `--target-dir` and `CARGO_TARGET_DIR` are honoured).
-fn build_aivmm(root: &Path) -> Result<PathBuf, String> {
+/// The binaries the rig runs, built in the test profile.
+struct Binaries {
+    aivmm: PathBuf,
+    ai_inferd: PathBuf,
+    ai_agent: PathBuf,
+}
+
+/// Builds aivmm, ai-inferd and ai-agent in one cargo call and returns their paths, as
+/// cargo reports them (so `--target-dir` and `CARGO_TARGET_DIR` are honoured).
+fn build_binaries(root: &Path) -> Result<Binaries, String> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let stdout = run_step(
-        "building aivmm",
+        "building aivmm, ai-inferd and ai-agent",
         Command::new(cargo).current_dir(root).args([
             "build",
             "-p",
             "vmm",
             "--bin",
             "aivmm",
+            "-p",
+            "ai-inferd",
+            "--bin",
+            "ai-inferd",
+            "-p",
+            "guest-agent",
+            "--bin",
+            "ai-agent",
             "--message-format=json-render-diagnostics",
         ]),
     )?;
-    // Each artifact is a JSON line; the binary's has `"executable":"<path>"`. A full JSON
+    // Each artifact is a JSON line; a binary's has `"executable":"<path>"`. A full JSON
     // parser would be a dependency for one field; paths here have no quotes or escapes.
-    stdout
+    let executables: Vec<PathBuf> = stdout
         .lines()
         .filter(|l| l.contains("\"reason\":\"compiler-artifact\""))
         .filter_map(|l| {
@@ -135,8 +150,19 @@ fn build_aivmm(root: &Path) -> Result<PathBuf, String> {
             let len = l[start..].find('"')?;
             Some(PathBuf::from(&l[start..start + len]))
         })
-        .find(|p| p.file_name().is_some_and(|n| n == "aivmm"))
-        .ok_or_else(|| "cargo built the vmm package but reported no `aivmm` executable".to_string())
+        .collect();
+    let find = |name: &str| {
+        executables
+            .iter()
+            .find(|p| p.file_name().is_some_and(|n| n == name))
+            .cloned()
+            .ok_or_else(|| format!("cargo reported no `{name}` executable"))
+    };
+    Ok(Binaries {
+        aivmm: find("aivmm")?,
+        ai_inferd: find("ai-inferd")?,
+        ai_agent: find("ai-agent")?,
+    })
 }
 
 impl Rig {
@@ -169,13 +195,18 @@ impl Rig {
         };
         progress(&format!("mode: {mode_reason}"));
 
-        let aivmm = match std::env::var_os("AIVMM_BIN") {
-            Some(p) => PathBuf::from(p),
-            None => {
-                progress("building aivmm (cargo build -p vmm --bin aivmm)");
-                build_aivmm(&root)?
-            }
-        };
+        progress("building aivmm, ai-inferd and ai-agent");
+        let mut bins = build_binaries(&root)?;
+        if let Some(p) = std::env::var_os("AIVMM_BIN") {
+            bins.aivmm = PathBuf::from(p);
+        }
+        let aivmm = bins.aivmm.clone();
+        progress("models (devices/ai-inferd/models/setup.sh)");
+        let models_dir = root.join("target/models");
+        run_step(
+            "devices/ai-inferd/models/setup.sh",
+            &mut Command::new(root.join("devices/ai-inferd/models/setup.sh")),
+        )?;
         if !aivmm.is_file() {
             return Err(format!("no aivmm binary at {}", aivmm.display()));
         }
@@ -192,6 +223,9 @@ impl Rig {
                 run_step(
                     "tests/rig/build-l1.sh",
                     Command::new(rig_dir.join("build-l1.sh"))
+                        .env("AIVMM_AGENT", &bins.ai_agent)
+                        .env("AI_INFERD_BIN", &bins.ai_inferd)
+                        .env("AI_MODELS_DIR", &models_dir)
                         .arg(&out_dir)
                         .arg(&aivmm)
                         .arg(rig_dir.join("scenarios.sh")),
@@ -218,6 +252,10 @@ impl Rig {
                     log.display()
                 ));
                 let status = Command::new(rig_dir.join("run-direct.sh"))
+                    .env("AIVMM_AGENT", &bins.ai_agent)
+                    .env("AI_INFERD", &bins.ai_inferd)
+                    .env("AI_MODELS", &models_dir)
+                    .env("AI_MANIFEST", root.join("configs/models.toml"))
                     .arg(&out_dir)
                     .arg(&aivmm)
                     .stdin(Stdio::null())

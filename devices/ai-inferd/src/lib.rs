@@ -22,11 +22,14 @@ pub mod guest_io;
 pub mod intake;
 pub mod job;
 pub mod metrics;
+pub mod models;
 pub mod numa;
 pub mod registry;
 pub mod reload;
 pub mod scheduler;
 pub mod tenant;
 pub mod test_frontend;
+#[cfg(test)]
+mod test_models;
 pub mod ticket;
 pub mod top;

@@ -113,19 +113,9 @@ impl log::Log for StderrLogger {
 
 static LOGGER: StderrLogger = StderrLogger;
 
-/// Loads the models manifest with the manifest loader (`models::load_models`).
-#[cfg(has_model_loader)]
+/// Loads the models manifest (`models::load_models`).
 fn load_models(manifest: &Path) -> Result<Vec<Arc<dyn Backend>>, String> {
     ai_inferd::models::load_models(manifest).map_err(|e| e.to_string())
-}
-
-/// This build has no manifest loader (`src/models.rs`), so no model can be served.
-#[cfg(not(has_model_loader))]
-fn load_models(manifest: &Path) -> Result<Vec<Arc<dyn Backend>>, String> {
-    Err(format!(
-        "cannot load {}: this build has no model manifest loader (src/models.rs)",
-        manifest.display()
-    ))
 }
 
 /// SIGTERM, SIGINT and SIGHUP, blocked in every thread so that only `sigwait` sees

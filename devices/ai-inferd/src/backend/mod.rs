@@ -4,8 +4,21 @@
 //! memory and outputs are written straight into guest buffers ([`VolatileSlice`]s,
 //! because the guest can change that memory at any time); the only copies are the
 //! ones a runtime's API forces, which each backend documents.
+//!
+//! Backends: [`onnx`] (tract, any ONNX model), [`bert`] (candle, sentence embeddings),
+//! [`cuda`] (device selection for candle, behind the `cuda` feature); [`local`] runs a
+//! backend on host buffers as the reference for tests and tools.
 
-use ai_infer_protocol::{ModelInfo, Shape, TensorDesc};
+pub mod bert;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod local;
+pub mod onnx;
+pub mod synthetic;
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use ai_infer_protocol::{ModelInfo, ProtocolError, Shape, TensorDesc};
 use thiserror::Error;
 use vm_memory::VolatileSlice;
 
@@ -88,4 +101,81 @@ pub trait Backend: Send + Sync {
     /// of one request must not fail the others.
     fn run(&self, batch: &mut [RequestTensors<'_>]) -> Vec<RequestOutcome>;
 }
-pub mod synthetic;
+
+/// Checks the produced shape of every output against its descriptor and its buffer, in
+/// output order. The first problem fails the request, carrying every produced shape so
+/// the driver can resize and resubmit.
+pub fn check_produced(
+    outputs: &[OutputBuffer<'_>],
+    produced: &[Shape],
+) -> Result<(), BackendError> {
+    if outputs.len() != produced.len() {
+        return Err(BackendError::Runtime(format!(
+            "the model produced {} outputs for {} output buffers",
+            produced.len(),
+            outputs.len()
+        )));
+    }
+    for (index, (out, shape)) in outputs.iter().zip(produced).enumerate() {
+        let shapes = || produced.to_vec();
+        match out.desc.check_produced(shape) {
+            Ok(entry) => {
+                // The buffer is never shorter than its descriptor says, but do not rely on it.
+                if entry.data_len > out.buf.len() as u64 {
+                    return Err(BackendError::OutputTooSmall {
+                        index,
+                        needed: entry.data_len,
+                        shapes: shapes(),
+                    });
+                }
+            }
+            Err(ProtocolError::ProducedShapeMismatch { .. }) => {
+                return Err(BackendError::ShapeMismatch {
+                    index,
+                    produced: *shape,
+                    shapes: shapes(),
+                })
+            }
+            Err(ProtocolError::OutputTooLarge { needed, .. }) => {
+                return Err(BackendError::OutputTooSmall {
+                    index,
+                    needed,
+                    shapes: shapes(),
+                })
+            }
+            Err(e) => {
+                return Err(BackendError::Runtime(format!(
+                    "output {index} has an unrepresentable shape {shape}: {e}"
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks that an input's bytes in guest memory are exactly as long as its descriptor
+/// says (the daemon guarantees it; a backend does not read past either).
+pub fn check_input_len(index: usize, input: &InputTensor<'_>) -> Result<(), BackendError> {
+    if input.data.len() as u64 != input.desc.data_len {
+        return Err(BackendError::BadInput {
+            index,
+            reason: format!(
+                "{} bytes of data for a descriptor of {} bytes",
+                input.data.len(),
+                input.desc.data_len
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Runs a runtime call, turning a panic inside the runtime (a bug there, possibly
+/// triggered by guest data) into an error for this batch instead of taking the daemon
+/// and every tenant down with it. Errors come back as `"{what}: {reason}"`.
+pub fn guard_runtime<T>(what: &str, f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(format!("{what}: {e}")),
+        Err(_) => Err(format!("{what}: the runtime panicked")),
+    }
+}

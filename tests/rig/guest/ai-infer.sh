@@ -1,0 +1,44 @@
+#!/bin/sh
+# L2 guest script of the `ai_infer` scenario. Both tenants list their models and run the MLP
+# (ONNX) and MiniLM (safetensors) models once, printing the outputs as hex for the host to
+# compare with its own run of the same models. Then:
+#   ai.role=a  runs a stream of MLP requests that must all succeed (tenant B meanwhile sends
+#              garbage);
+#   ai.role=b  stops the guest's agent daemon and plays a hostile driver (ai-agent garbage):
+#              every malformed chain must get its error, and the device must still serve it.
+role=a
+for arg in $(cat /proc/cmdline); do
+    case $arg in ai.role=*) role=${arg#ai.role=} ;; esac
+done
+hexout() { od -An -v -tx1 "$1" | tr -d ' \n'; }
+
+echo "GUEST-AI role=$role"
+ai-agent models
+echo "GUEST-AI models_rc=$?"
+ai-agent infer --model mlp --input /scripts/mlp-input.bin --dtype f32 --shape 2,16 --output /tmp/mlp.out
+echo "GUEST-AI infer_mlp_rc=$?"
+echo "GUEST-AI-OUT model=mlp hex=$(hexout /tmp/mlp.out)"
+ai-agent infer --model all-MiniLM-L6-v2 --input /scripts/sentence.txt --output /tmp/minilm.out
+echo "GUEST-AI infer_minilm_rc=$?"
+echo "GUEST-AI-OUT model=minilm hex=$(hexout /tmp/minilm.out)"
+
+if [ "$role" = b ]; then
+    killall ai-agent 2>/dev/null
+    sleep 1
+    ai-agent --direct garbage
+    echo "GUEST-AI garbage_rc=$?"
+else
+    ok=0
+    n=0
+    while [ "$n" -lt "${AI_LOOP:-30}" ]; do
+        if ai-agent infer --model mlp --input /scripts/mlp-input.bin --dtype f32 --shape 2,16 \
+            --output /tmp/loop.out >/dev/null; then
+            cmp -s /tmp/loop.out /tmp/mlp.out && ok=$((ok + 1))
+        fi
+        n=$((n + 1))
+    done
+    echo "GUEST-AI loop_ok=$ok loop_n=$n"
+fi
+ai-agent trace
+echo "GUEST-AI trace_rc=$?"
+exit 0
