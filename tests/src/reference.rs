@@ -74,7 +74,7 @@ impl Models {
 
 /// Bytes from a hex string (two digits per byte, no separators).
 pub fn from_hex(hex: &str) -> Result<Vec<u8>, String> {
-    if hex.len() % 2 != 0 {
+    if !hex.len().is_multiple_of(2) {
         return Err(format!("odd number of hex digits ({})", hex.len()));
     }
     (0..hex.len())
