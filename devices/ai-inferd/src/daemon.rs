@@ -437,8 +437,13 @@ fn serve_tenant(
         } else {
             info!("{name}: VMM connected");
         }
-        if let Err(e) = daemon.wait() {
-            warn!("{name}: connection ended with an error: {e}");
+        match daemon.wait() {
+            // A VMM that exits (or is killed) just closes the socket: routine.
+            Err(e) if e.to_string().contains("disconnected") => {
+                info!("{name}: VMM disconnected")
+            }
+            Err(e) => warn!("{name}: connection ended with an error: {e}"),
+            Ok(()) => info!("{name}: VMM disconnected"),
         }
         *lock(&slot.connection) = None;
         tenant.set_connected(false);
