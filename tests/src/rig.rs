@@ -202,7 +202,10 @@ impl Rig {
         }
         let aivmm = bins.aivmm.clone();
         progress("models (devices/ai-inferd/models/setup.sh)");
-        let models_dir = root.join("target/models");
+        // Where setup.sh puts the models (it honours AIVMM_MODELS_DIR too).
+        let models_dir = std::env::var_os("AIVMM_MODELS_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target/models"));
         run_step(
             "devices/ai-inferd/models/setup.sh",
             &mut Command::new(root.join("devices/ai-inferd/models/setup.sh")),
