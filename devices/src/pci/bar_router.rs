@@ -54,7 +54,7 @@ impl PciBarRouter {
         let root = self.root.lock().unwrap_or_else(|p| p.into_inner());
         for device in root.functions() {
             let mut dev = device.lock().unwrap_or_else(|p| p.into_inner());
-            let hit = dev.bars().into_iter().find(|bar| {
+            let hit = dev.bars().into_iter().flatten().find(|bar| {
                 self.space.decodes(bar.kind) && addr >= bar.addr && addr - bar.addr < bar.size
             });
             if let Some(bar) = hit {
@@ -98,6 +98,7 @@ impl BusDevice for PciBarRouter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pci::config_space::NUM_BARS;
     use crate::pci::{PciBarRange, PciConfiguration, PciDevice, PciHeader};
 
     struct Dev {
@@ -112,7 +113,7 @@ mod tests {
         fn config_write(&mut self, reg_idx: usize, offset: u64, data: &[u8]) {
             self.config.write_reg(reg_idx, offset, data);
         }
-        fn bars(&self) -> Vec<PciBarRange> {
+        fn bars(&self) -> [Option<PciBarRange>; NUM_BARS] {
             self.config.decoded_bars()
         }
         fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {

@@ -458,28 +458,27 @@ impl PciConfiguration {
         self.bars.get(index).copied().flatten().map(|bar| bar.kind)
     }
 
-    /// The BARs the function decodes right now: memory BARs while memory decoding is on,
-    /// I/O BARs while I/O decoding is on, skipping any at address zero or mid-sizing
-    /// (an address that would run past the end of its space).
-    pub fn decoded_bars(&self) -> Vec<PciBarRange> {
-        (0..NUM_BARS)
-            .filter_map(|index| {
-                let bar = self.bars[index]?;
-                let addr = self.bar_address(index)?;
-                let (enabled, limit) = match bar.kind {
-                    BarKind::Io => (self.io_enabled(), 1u64 << 16),
-                    BarKind::Mmio32 => (self.memory_enabled(), 1u64 << 32),
-                    BarKind::Mmio64 => (self.memory_enabled(), u64::MAX),
-                };
-                let fits = addr != 0 && addr.checked_add(bar.size).is_some_and(|end| end <= limit);
-                (enabled && fits).then_some(PciBarRange {
-                    index,
-                    addr,
-                    size: bar.size,
-                    kind: bar.kind,
-                })
+    /// The BARs the function decodes right now, by BAR index: memory BARs while memory
+    /// decoding is on, I/O BARs while I/O decoding is on, skipping any at address zero or
+    /// mid-sizing (an address that would run past the end of its space). A fixed array:
+    /// the BAR router asks on every trapped access, which must not allocate.
+    pub fn decoded_bars(&self) -> [Option<PciBarRange>; NUM_BARS] {
+        std::array::from_fn(|index| {
+            let bar = self.bars[index]?;
+            let addr = self.bar_address(index)?;
+            let (enabled, limit) = match bar.kind {
+                BarKind::Io => (self.io_enabled(), 1u64 << 16),
+                BarKind::Mmio32 => (self.memory_enabled(), 1u64 << 32),
+                BarKind::Mmio64 => (self.memory_enabled(), u64::MAX),
+            };
+            let fits = addr != 0 && addr.checked_add(bar.size).is_some_and(|end| end <= limit);
+            (enabled && fits).then_some(PciBarRange {
+                index,
+                addr,
+                size: bar.size,
+                kind: bar.kind,
             })
-            .collect()
+        })
     }
 
     /// Appends a capability to the capability list and returns its offset.

@@ -332,13 +332,7 @@ impl VirtualConfig {
     /// Where each BAR decodes now (`None`: not decoded), see
     /// [`PciConfiguration::decoded_bars`].
     pub fn decoded_addresses(&self) -> [Option<u64>; NUM_BARS] {
-        let mut out = [None; NUM_BARS];
-        for bar in self.shadow.decoded_bars() {
-            if let Some(slot) = out.get_mut(bar.index) {
-                *slot = Some(bar.addr);
-            }
-        }
-        out
+        self.shadow.decoded_bars().map(|bar| bar.map(|b| b.addr))
     }
 
     /// Guest read of register `reg_idx`.
