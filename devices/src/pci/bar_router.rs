@@ -124,6 +124,17 @@ mod tests {
         }
     }
 
+    /// A bus 0 with `config`'s function on it: the function, and the root for routers.
+    fn on_bus(config: PciConfiguration) -> (Arc<Mutex<Dev>>, Arc<Mutex<PciRoot>>) {
+        let dev = Arc::new(Mutex::new(Dev {
+            config,
+            last_write: None,
+        }));
+        let mut root = PciRoot::new();
+        root.add_device(dev.clone()).unwrap();
+        (dev, Arc::new(Mutex::new(root)))
+    }
+
     #[test]
     fn accesses_follow_the_bar_and_the_command_register() {
         let mut config = PciConfiguration::new(PciHeader::default(), false);
@@ -131,13 +142,7 @@ mod tests {
         config.add_bar(2, 0x100, BarKind::Mmio32, false).unwrap();
         config.set_bar_address(0, 0x1_0000_0000).unwrap();
         config.set_bar_address(2, 0xc000_0000).unwrap();
-        let dev = Arc::new(Mutex::new(Dev {
-            config,
-            last_write: None,
-        }));
-        let mut root = PciRoot::new();
-        root.add_device(dev.clone()).unwrap();
-        let root = Arc::new(Mutex::new(root));
+        let (dev, root) = on_bus(config);
         let mut low = PciBarRouter::new(root.clone(), 0xc000_0000, PciSpace::Memory);
         let mut high = PciBarRouter::new(root, 0x1_0000_0000, PciSpace::Memory);
 
@@ -173,13 +178,7 @@ mod tests {
         config.set_bar_address(0, 0xc040).unwrap();
         // A memory BAR at the same number as a port must not answer port accesses.
         config.set_bar_address(1, 0xd000).unwrap();
-        let dev = Arc::new(Mutex::new(Dev {
-            config,
-            last_write: None,
-        }));
-        let mut root = PciRoot::new();
-        root.add_device(dev.clone()).unwrap();
-        let root = Arc::new(Mutex::new(root));
+        let (dev, root) = on_bus(config);
         let mut ports = PciBarRouter::new(root.clone(), 0x0d00, PciSpace::Io);
         let mut mmio = PciBarRouter::new(root, 0xc000, PciSpace::Memory);
 
