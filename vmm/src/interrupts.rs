@@ -46,6 +46,16 @@ struct RoutingTable {
     msi: BTreeMap<u32, MsiMessage>,
 }
 
+impl RoutingTable {
+    /// Sets (`Some`) or removes (`None`) the MSI route of `gsi`; returns the old one.
+    fn put(&mut self, gsi: u32, message: Option<MsiMessage>) -> Option<MsiMessage> {
+        match message {
+            Some(m) => self.msi.insert(gsi, m),
+            None => self.msi.remove(&gsi),
+        }
+    }
+}
+
 impl MsiRouter {
     /// A router with only the default irqchip routes.
     pub fn new(vm: Arc<VmFd>) -> Self {
@@ -86,17 +96,24 @@ impl MsiRouter {
         })
     }
 
-    /// Sets (or removes) the MSI route of `gsi` and pushes the whole table to KVM.
+    /// Sets (or removes) the MSI route of `gsi` and, if that changed the table, pushes
+    /// the whole table to KVM. A guest unmasking a vector (or toggling the MSI-X function
+    /// mask) re-routes it with the message it already has: that costs no
+    /// `KVM_SET_GSI_ROUTING` (an SRCU synchronisation in the kernel). If KVM refuses the
+    /// table, the old route is kept so that the next update tries again.
     fn set_route(&self, gsi: u32, message: Option<MsiMessage>) -> io::Result<()> {
         let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
-        match message {
-            Some(m) => t.msi.insert(gsi, m),
-            None => t.msi.remove(&gsi),
-        };
-        let entries = routing_entries(&t.msi);
-        let routing = KvmIrqRouting::from_entries(&entries)
-            .map_err(|e| io::Error::other(format!("GSI routing table: {e:?}")))?;
-        self.vm.set_gsi_routing(&routing).map_err(io::Error::from)
+        let previous = t.put(gsi, message);
+        if previous == message {
+            return Ok(());
+        }
+        let pushed = KvmIrqRouting::from_entries(&routing_entries(&t.msi))
+            .map_err(|e| io::Error::other(format!("GSI routing table: {e:?}")))
+            .and_then(|routing| self.vm.set_gsi_routing(&routing).map_err(io::Error::from));
+        if pushed.is_err() {
+            t.put(gsi, previous);
+        }
+        pushed
     }
 }
 
@@ -224,5 +241,40 @@ mod tests {
             2,
             "GSI 9 goes to the slave PIC and the IOAPIC"
         );
+    }
+
+    #[test]
+    fn only_a_changed_route_reaches_kvm_and_a_refused_one_is_not_kept() {
+        let vm = match kvm_ioctls::Kvm::new().and_then(|k| k.create_vm()) {
+            Ok(vm) => Arc::new(vm),
+            Err(e) => {
+                eprintln!("SKIP: no usable /dev/kvm ({e})");
+                return;
+            }
+        };
+        // Without an in-kernel irqchip KVM refuses every routing table: each push fails,
+        // so a call that returns Ok made none.
+        let router = MsiRouter::new(vm);
+        let m = MsiMessage {
+            addr: 0xfee0_0000,
+            data: 0x41,
+        };
+        assert!(router.set_route(30, None).is_ok(), "no route to remove");
+        assert!(router.set_route(30, Some(m)).is_err());
+        let table = |r: &MsiRouter| r.table.lock().unwrap().msi.clone();
+        assert!(
+            table(&router).is_empty(),
+            "the refused route is rolled back"
+        );
+        assert!(
+            router.set_route(30, Some(m)).is_err(),
+            "so the same route is pushed again"
+        );
+        // A route already in the table is not pushed again.
+        router.table.lock().unwrap().put(30, Some(m));
+        assert!(router.set_route(30, Some(m)).is_ok());
+        assert!(router.set_route(31, None).is_ok());
+        assert!(router.set_route(30, None).is_err(), "a removal is pushed");
+        assert_eq!(table(&router).get(&30), Some(&m));
     }
 }

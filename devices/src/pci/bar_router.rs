@@ -54,7 +54,7 @@ impl PciBarRouter {
         let root = self.root.lock().unwrap_or_else(|p| p.into_inner());
         for device in root.functions() {
             let mut dev = device.lock().unwrap_or_else(|p| p.into_inner());
-            let hit = dev.bars().into_iter().find(|bar| {
+            let hit = dev.bars().into_iter().flatten().find(|bar| {
                 self.space.decodes(bar.kind) && addr >= bar.addr && addr - bar.addr < bar.size
             });
             if let Some(bar) = hit {
@@ -98,6 +98,7 @@ impl BusDevice for PciBarRouter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pci::config_space::NUM_BARS;
     use crate::pci::{PciBarRange, PciConfiguration, PciDevice, PciHeader};
 
     struct Dev {
@@ -112,7 +113,7 @@ mod tests {
         fn config_write(&mut self, reg_idx: usize, offset: u64, data: &[u8]) {
             self.config.write_reg(reg_idx, offset, data);
         }
-        fn bars(&self) -> Vec<PciBarRange> {
+        fn bars(&self) -> [Option<PciBarRange>; NUM_BARS] {
             self.config.decoded_bars()
         }
         fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
@@ -123,6 +124,17 @@ mod tests {
         }
     }
 
+    /// A bus 0 with `config`'s function on it: the function, and the root for routers.
+    fn on_bus(config: PciConfiguration) -> (Arc<Mutex<Dev>>, Arc<Mutex<PciRoot>>) {
+        let dev = Arc::new(Mutex::new(Dev {
+            config,
+            last_write: None,
+        }));
+        let mut root = PciRoot::new();
+        root.add_device(dev.clone()).unwrap();
+        (dev, Arc::new(Mutex::new(root)))
+    }
+
     #[test]
     fn accesses_follow_the_bar_and_the_command_register() {
         let mut config = PciConfiguration::new(PciHeader::default(), false);
@@ -130,13 +142,7 @@ mod tests {
         config.add_bar(2, 0x100, BarKind::Mmio32, false).unwrap();
         config.set_bar_address(0, 0x1_0000_0000).unwrap();
         config.set_bar_address(2, 0xc000_0000).unwrap();
-        let dev = Arc::new(Mutex::new(Dev {
-            config,
-            last_write: None,
-        }));
-        let mut root = PciRoot::new();
-        root.add_device(dev.clone()).unwrap();
-        let root = Arc::new(Mutex::new(root));
+        let (dev, root) = on_bus(config);
         let mut low = PciBarRouter::new(root.clone(), 0xc000_0000, PciSpace::Memory);
         let mut high = PciBarRouter::new(root, 0x1_0000_0000, PciSpace::Memory);
 
@@ -172,13 +178,7 @@ mod tests {
         config.set_bar_address(0, 0xc040).unwrap();
         // A memory BAR at the same number as a port must not answer port accesses.
         config.set_bar_address(1, 0xd000).unwrap();
-        let dev = Arc::new(Mutex::new(Dev {
-            config,
-            last_write: None,
-        }));
-        let mut root = PciRoot::new();
-        root.add_device(dev.clone()).unwrap();
-        let root = Arc::new(Mutex::new(root));
+        let (dev, root) = on_bus(config);
         let mut ports = PciBarRouter::new(root.clone(), 0x0d00, PciSpace::Io);
         let mut mmio = PciBarRouter::new(root, 0xc000, PciSpace::Memory);
 

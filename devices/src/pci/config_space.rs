@@ -22,19 +22,19 @@ pub const NUM_EXTENDED_CONFIGURATION_REGISTERS: usize = 1024;
 pub const NUM_BARS: usize = 6;
 
 const VENDOR_DEVICE_REG: usize = 0;
-const COMMAND_STATUS_REG: usize = 1;
+pub(crate) const COMMAND_STATUS_REG: usize = 1;
 const CLASS_REG: usize = 2;
 const BIST_HEADER_REG: usize = 3;
-const BAR0_REG: usize = 4;
+pub(crate) const BAR0_REG: usize = 4;
 const SUBSYSTEM_REG: usize = 11;
 const CAPABILITY_POINTER_REG: usize = 13;
-const INTERRUPT_REG: usize = 15;
+pub(crate) const INTERRUPT_REG: usize = 15;
 
 /// Command bits the guest may change: I/O space, memory space, bus master, parity error
 /// response, SERR# enable and interrupt disable.
 const COMMAND_WRITABLE: u32 = 0x0547;
 /// Status bit: the capability list pointer is valid.
-const STATUS_CAPABILITY_LIST: u16 = 1 << 4;
+pub(crate) const STATUS_CAPABILITY_LIST: u16 = 1 << 4;
 /// Status error bits, write-1-to-clear: master data parity error, signaled and received
 /// target abort, received master abort, signaled system error, detected parity error.
 pub const STATUS_W1C_BITS: u16 = 0xf900;
@@ -58,10 +58,10 @@ const BAR_IO_SPACE: u32 = 0x1;
 const BAR_MEM_64BIT: u32 = 0x4;
 const BAR_MEM_PREFETCHABLE: u32 = 0x8;
 /// Smallest memory BAR the spec allows.
-const MIN_MEM_BAR_SIZE: u64 = 16;
+pub(crate) const MIN_MEM_BAR_SIZE: u64 = 16;
 /// Smallest and largest I/O BARs the spec allows.
-const MIN_IO_BAR_SIZE: u64 = 4;
-const MAX_IO_BAR_SIZE: u64 = 256;
+pub(crate) const MIN_IO_BAR_SIZE: u64 = 4;
+pub(crate) const MAX_IO_BAR_SIZE: u64 = 256;
 
 /// What a BAR decodes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -458,28 +458,27 @@ impl PciConfiguration {
         self.bars.get(index).copied().flatten().map(|bar| bar.kind)
     }
 
-    /// The BARs the function decodes right now: memory BARs while memory decoding is on,
-    /// I/O BARs while I/O decoding is on, skipping any at address zero or mid-sizing
-    /// (an address that would run past the end of its space).
-    pub fn decoded_bars(&self) -> Vec<PciBarRange> {
-        (0..NUM_BARS)
-            .filter_map(|index| {
-                let bar = self.bars[index]?;
-                let addr = self.bar_address(index)?;
-                let (enabled, limit) = match bar.kind {
-                    BarKind::Io => (self.io_enabled(), 1u64 << 16),
-                    BarKind::Mmio32 => (self.memory_enabled(), 1u64 << 32),
-                    BarKind::Mmio64 => (self.memory_enabled(), u64::MAX),
-                };
-                let fits = addr != 0 && addr.checked_add(bar.size).is_some_and(|end| end <= limit);
-                (enabled && fits).then_some(PciBarRange {
-                    index,
-                    addr,
-                    size: bar.size,
-                    kind: bar.kind,
-                })
+    /// The BARs the function decodes right now, by BAR index: memory BARs while memory
+    /// decoding is on, I/O BARs while I/O decoding is on, skipping any at address zero or
+    /// mid-sizing (an address that would run past the end of its space). A fixed array:
+    /// the BAR router asks on every trapped access, which must not allocate.
+    pub fn decoded_bars(&self) -> [Option<PciBarRange>; NUM_BARS] {
+        std::array::from_fn(|index| {
+            let bar = self.bars[index]?;
+            let addr = self.bar_address(index)?;
+            let (enabled, limit) = match bar.kind {
+                BarKind::Io => (self.io_enabled(), 1u64 << 16),
+                BarKind::Mmio32 => (self.memory_enabled(), 1u64 << 32),
+                BarKind::Mmio64 => (self.memory_enabled(), u64::MAX),
+            };
+            let fits = addr != 0 && addr.checked_add(bar.size).is_some_and(|end| end <= limit);
+            (enabled && fits).then_some(PciBarRange {
+                index,
+                addr,
+                size: bar.size,
+                kind: bar.kind,
             })
-            .collect()
+        })
     }
 
     /// Appends a capability to the capability list and returns its offset.

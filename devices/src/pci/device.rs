@@ -1,6 +1,6 @@
 //! The interface every PCI function implements, and the host bridge at 00:00.0.
 
-use super::config_space::{PciBarRange, PciConfiguration, PciHeader};
+use super::config_space::{PciBarRange, PciConfiguration, PciHeader, NUM_BARS};
 
 /// A PCI function as the [`PciRoot`](super::PciRoot) and the VMM see it.
 ///
@@ -16,11 +16,12 @@ pub trait PciDevice: Send {
     /// Malformed or out-of-range writes are ignored.
     fn config_write(&mut self, reg_idx: usize, offset: u64, data: &[u8]);
 
-    /// The BARs the function decodes now (see [`PciConfiguration::decoded_bars`]); the
-    /// VMM routes MMIO and port accesses inside them to [`Self::bar_read`] /
-    /// [`Self::bar_write`]. A function without BARs returns none.
-    fn bars(&self) -> Vec<PciBarRange> {
-        Vec::new()
+    /// The BARs the function decodes now, by index (see
+    /// [`PciConfiguration::decoded_bars`]); the VMM routes MMIO and port accesses inside
+    /// them to [`Self::bar_read`] / [`Self::bar_write`]. A function without BARs
+    /// returns none.
+    fn bars(&self) -> [Option<PciBarRange>; NUM_BARS] {
+        [None; NUM_BARS]
     }
 
     /// Reads `data.len()` bytes at `offset` in BAR `bar`. By default a function has no

@@ -2,6 +2,7 @@
 //! comes from hardware (through the host kernel) and is walked with bounds and a loop
 //! guard, so a broken device cannot hang or crash the VMM.
 
+use crate::pci::config_space::STATUS_CAPABILITY_LIST;
 use crate::pci::msix::{MsixLayout, MSIX_TABLE_ENTRY_SIZE};
 
 /// Capability IDs we look at (PCI Local Bus spec, "Capability IDs").
@@ -16,8 +17,6 @@ pub const CONFIG_SPACE_LEN: usize = 256;
 const FIRST_CAP_OFFSET: usize = 0x40;
 /// Offset of the capabilities pointer in the header.
 const CAP_POINTER_OFFSET: usize = 0x34;
-/// Status register bit: the capability list is valid.
-const STATUS_CAP_LIST: u16 = 1 << 4;
 /// More entries than fit in 192 bytes at 4 bytes each means a loop.
 const MAX_CAPS: usize = (CONFIG_SPACE_LEN - FIRST_CAP_OFFSET) / 4;
 
@@ -33,7 +32,7 @@ pub struct DeviceCapability {
 /// [`MAX_CAPS`] entries.
 pub fn walk(config: &[u8; CONFIG_SPACE_LEN]) -> Vec<DeviceCapability> {
     let status = u16::from_le_bytes([config[6], config[7]]);
-    if status & STATUS_CAP_LIST == 0 {
+    if status & STATUS_CAPABILITY_LIST == 0 {
         return Vec::new();
     }
     let mut out: Vec<DeviceCapability> = Vec::new();
@@ -182,7 +181,7 @@ mod tests {
 
     fn config_with(caps: &[(usize, u8, u8)]) -> [u8; CONFIG_SPACE_LEN] {
         let mut c = [0u8; CONFIG_SPACE_LEN];
-        c[6] = STATUS_CAP_LIST as u8;
+        c[6] = STATUS_CAPABILITY_LIST as u8;
         if let Some(&(first, _, _)) = caps.first() {
             c[CAP_POINTER_OFFSET] = first as u8;
         }

@@ -13,7 +13,10 @@
 //!   read live from the device and read-only except Device Control. Other capabilities
 //!   (power management, vendor specific, ...) and all extended capabilities are hidden.
 
-use crate::pci::config_space::NUM_BARS;
+use crate::pci::config_space::{
+    BAR0_REG, COMMAND_STATUS_REG, INTERRUPT_REG, MAX_IO_BAR_SIZE, MIN_IO_BAR_SIZE,
+    MIN_MEM_BAR_SIZE, NUM_BARS, STATUS_CAPABILITY_LIST, STATUS_W1C_BITS,
+};
 use crate::pci::msix::MSIX_CAP_LEN;
 use crate::pci::{
     is_dword_access, BarKind, Msix, MsixLayout, PciConfigError, PciConfiguration, PciHeader,
@@ -25,21 +28,10 @@ use super::caps::{
     MSI_CTRL_ENABLE, MSI_CTRL_MME_MASK,
 };
 
-const COMMAND_STATUS_REG: usize = 1;
-const BAR0_REG: usize = 4;
-const INTERRUPT_REG: usize = 15;
 const STATUS_OFFSET: u64 = 6;
 const COMMAND_OFFSET: u64 = 4;
-/// Status bit: the capability list is valid (ours, not the device's).
-const STATUS_CAP_LIST: u16 = 1 << 4;
-/// Status error bits, write-1-to-clear, forwarded to the device.
-const STATUS_W1C: u16 = 0xf900;
 /// Offset of Device Control inside the PCI Express capability.
 const PCIE_DEVCTL: usize = 0x8;
-/// Memory BARs are at least 16 bytes, I/O BARs 4 to 256 bytes.
-const MIN_MEM_BAR: u64 = 16;
-const MIN_IO_BAR: u64 = 4;
-const MAX_IO_BAR: u64 = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VirtualConfigError {
@@ -228,12 +220,12 @@ impl VirtualConfig {
                 continue;
             }
             let size = match kind {
-                BarKind::Io => size.max(MIN_IO_BAR),
-                _ => size.max(MIN_MEM_BAR),
+                BarKind::Io => size.max(MIN_IO_BAR_SIZE),
+                _ => size.max(MIN_MEM_BAR_SIZE),
             }
             .checked_next_power_of_two()
             .unwrap_or(u64::MAX);
-            if kind == BarKind::Io && size > MAX_IO_BAR {
+            if kind == BarKind::Io && size > MAX_IO_BAR_SIZE {
                 log::warn!("VFIO device I/O BAR {index} of {size:#x} bytes is too large; hidden");
                 index += 1;
                 continue;
@@ -332,13 +324,7 @@ impl VirtualConfig {
     /// Where each BAR decodes now (`None`: not decoded), see
     /// [`PciConfiguration::decoded_bars`].
     pub fn decoded_addresses(&self) -> [Option<u64>; NUM_BARS] {
-        let mut out = [None; NUM_BARS];
-        for bar in self.shadow.decoded_bars() {
-            if let Some(slot) = out.get_mut(bar.index) {
-                *slot = Some(bar.addr);
-            }
-        }
-        out
+        self.shadow.decoded_bars().map(|bar| bar.map(|b| b.addr))
     }
 
     /// Guest read of register `reg_idx`.
@@ -346,8 +332,9 @@ impl VirtualConfig {
         if reg_idx == COMMAND_STATUS_REG {
             let mut status = [0u8; 2];
             backend.config_read(STATUS_OFFSET, &mut status);
-            let device = u16::from_le_bytes(status) & !STATUS_CAP_LIST;
-            let ours = self.shadow.status() & STATUS_CAP_LIST;
+            // The capability list bit is ours (the list is rebuilt), the rest the device's.
+            let device = u16::from_le_bytes(status) & !STATUS_CAPABILITY_LIST;
+            let ours = self.shadow.status() & STATUS_CAPABILITY_LIST;
             return u32::from(self.shadow.command()) | (u32::from(device | ours) << 16);
         }
         if let Some(p) = self.pcie {
@@ -422,7 +409,8 @@ impl VirtualConfig {
             let mut bytes = [0u8; 4];
             bytes[start - 4..end - 4].copy_from_slice(data);
             let written = u16::from_le_bytes([bytes[2], bytes[3]]);
-            let clear = written & STATUS_W1C;
+            // The error bits are write-1-to-clear on the device.
+            let clear = written & STATUS_W1C_BITS;
             if clear != 0 {
                 backend.config_write(STATUS_OFFSET, &clear.to_le_bytes());
             }

@@ -491,7 +491,7 @@ impl PciDevice for VfioPciDevice {
         }
     }
 
-    fn bars(&self) -> Vec<PciBarRange> {
+    fn bars(&self) -> [Option<PciBarRange>; NUM_BARS] {
         self.config.shadow().decoded_bars()
     }
 
@@ -667,14 +667,18 @@ mod tests {
         dev.set_bar_address(2, 0x80_0000_0000).unwrap();
         dev.attach_mapper(Box::new(mapper));
         assert!(guest_maps(&log).is_empty(), "decoding is off");
-        assert!(dev.bars().is_empty());
+        assert!(dev.bars().iter().all(Option::is_none));
         write(&mut dev, 0x04, &0x0006u16.to_le_bytes());
         // BAR0 whole; BAR2 only past the MSI-X table and PBA pages.
         assert_eq!(
             guest_maps(&log),
             vec![(0xc000_0000, 1 << 20), (0x80_0000_2000, 0x2000)]
         );
-        assert_eq!(dev.bars().len(), 2, "the router sees both memory BARs");
+        assert_eq!(
+            dev.bars().iter().flatten().count(),
+            2,
+            "the router sees both memory BARs"
+        );
         assert!(dev.mmaps().iter().all(BarMmap::in_guest));
         // The guest moves BAR0.
         write32(&mut dev, 0x10, 0xd000_0000);

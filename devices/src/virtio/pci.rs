@@ -20,7 +20,7 @@ use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{status, ActivateParams, QueueConfig, VirtioDevice, VIRTIO_F_VERSION_1};
-use crate::pci::config_space::NUM_CONFIGURATION_REGISTERS;
+use crate::pci::config_space::{NUM_BARS, NUM_CONFIGURATION_REGISTERS};
 use crate::pci::{
     BarKind, MsiVectors, Msix, MsixLayout, PciBarRange, PciConfigError, PciConfiguration,
     PciDevice, PciHeader,
@@ -521,7 +521,7 @@ impl PciDevice for VirtioPciDevice {
         }
     }
 
-    fn bars(&self) -> Vec<PciBarRange> {
+    fn bars(&self) -> [Option<PciBarRange>; NUM_BARS] {
         self.config.decoded_bars()
     }
 

@@ -61,22 +61,37 @@ pub struct VhostUserDeviceConfig {
 struct Connection {
     frontend: Frontend,
     features: u64,
-    protocol: VhostUserProtocolFeatures,
     config: Vec<u8>,
     /// Bumped on every new connection: the watcher of an old one must not touch a new one.
     generation: u64,
+}
+
+impl Connection {
+    /// Whether the backend offers VHOST_USER_F_PROTOCOL_FEATURES: then its rings start
+    /// disabled and are switched with SET_VRING_ENABLE.
+    fn has_protocol_features(&self) -> bool {
+        self.features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
+    }
 }
 
 #[derive(Default)]
 struct Shared {
     connection: Option<Connection>,
     generation: u64,
-    /// Set at DRIVER_OK, cleared at reset.
-    active: bool,
-    /// The connection dropped while active: the driver must reset the device.
-    lost: bool,
-    /// Raised when the connection is lost while active (the config vector).
+    /// Generation of the connection the device was started on (DRIVER_OK); `None` after
+    /// reset. Once that connection is gone the device is lost (see [`Shared::lost`]).
+    started_on: Option<u64>,
+    /// Raised when the connection the device runs on is lost (the config vector).
     config_irq: Option<EventFd>,
+}
+
+impl Shared {
+    /// Started, and the connection it was started on is gone (a new one does not count:
+    /// the backend lost the rings): the driver must reset the device.
+    fn lost(&self) -> bool {
+        self.started_on.is_some()
+            && self.started_on != self.connection.as_ref().map(|c| c.generation)
+    }
 }
 
 struct State {
@@ -213,9 +228,11 @@ impl VhostUserDevice {
             .connection
             .as_mut()
             .ok_or_else(|| VhostUserDeviceError::NotConnected(self.cfg.socket.clone()))?;
+        let protocol_features = conn.has_protocol_features();
+        let generation = conn.generation;
         let f = &mut conn.frontend;
         let mut features = params.features;
-        if conn.features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
+        if protocol_features {
             features |= VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         }
         f.set_features(features).map_err(req("SET_FEATURES"))?;
@@ -232,15 +249,14 @@ impl VhostUserDevice {
             f.set_vring_kick(index, &params.kicks[index])
                 .map_err(req("SET_VRING_KICK"))?;
         }
-        if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
+        if protocol_features {
             for (index, _) in &rings {
                 f.set_vring_enable(*index, true)
                     .map_err(req("SET_VRING_ENABLE"))?;
             }
         }
         self.enabled_queues = rings.iter().map(|(i, _)| *i).collect();
-        shared.active = true;
-        shared.lost = false;
+        shared.started_on = Some(generation);
         Ok(())
     }
 
@@ -316,8 +332,7 @@ fn connector_loop(cfg: &VhostUserDeviceConfig, state: &State) {
                 let mut s = state.lock();
                 if s.connection.as_ref().map(|c| c.generation) == Some(generation) {
                     s.connection = None;
-                    if s.active {
-                        s.lost = true;
+                    if s.started_on == Some(generation) {
                         if let Some(irq) = &s.config_irq {
                             let _ = irq.write(1);
                         }
@@ -413,7 +428,6 @@ fn handshake(cfg: &VhostUserDeviceConfig) -> Result<Connection, VhostUserDeviceE
     Ok(Connection {
         frontend,
         features,
-        protocol,
         config,
         generation: 0,
     })
@@ -453,7 +467,7 @@ impl VirtioDevice for VhostUserDevice {
 
     fn ready(&self) -> bool {
         let s = self.state.lock();
-        s.connection.is_some() && !s.lost
+        s.connection.is_some() && !s.lost()
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -486,20 +500,23 @@ impl VirtioDevice for VhostUserDevice {
 
     fn reset(&mut self) {
         let mut s = self.state.lock();
-        s.active = false;
-        s.lost = false;
+        let started_on = s.started_on.take();
         s.config_irq = None;
         let queues = std::mem::take(&mut self.enabled_queues);
-        let Some(conn) = s.connection.as_mut() else {
+        // Only the connection the rings were started on has them to stop: a backend that
+        // went away took its rings along, and a new connection never had them.
+        let Some(conn) = s
+            .connection
+            .as_mut()
+            .filter(|c| Some(c.generation) == started_on)
+        else {
             return;
         };
         // GET_VRING_BASE stops each ring in the backend: from its reply on, the backend
         // no longer touches the guest's rings or buffers.
         let mut failed = false;
         for q in queues {
-            if conn.protocol.contains(VhostUserProtocolFeatures::REPLY_ACK)
-                || conn.features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
-            {
+            if conn.has_protocol_features() {
                 let _ = conn.frontend.set_vring_enable(q, false);
             }
             if let Err(e) = conn.frontend.get_vring_base(q) {
@@ -515,7 +532,7 @@ impl VirtioDevice for VhostUserDevice {
     }
 
     fn needs_reset(&self) -> bool {
-        self.state.lock().lost
+        self.state.lock().lost()
     }
 }
 
@@ -525,5 +542,38 @@ impl Drop for VhostUserDevice {
         if let Some(handle) = self.connector.take() {
             let _ = handle.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    fn connection(generation: u64) -> Connection {
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        Connection {
+            frontend: Frontend::from_stream(ours, 1),
+            features: 0,
+            config: Vec::new(),
+            generation,
+        }
+    }
+
+    #[test]
+    fn a_started_device_is_lost_from_its_connections_end_until_reset() {
+        let mut s = Shared {
+            connection: Some(connection(1)),
+            ..Shared::default()
+        };
+        assert!(!s.lost(), "not started");
+        s.started_on = Some(1);
+        assert!(!s.lost(), "running on its connection");
+        s.connection = None;
+        assert!(s.lost(), "the backend went away");
+        s.connection = Some(connection(2));
+        assert!(s.lost(), "a new backend does not have the rings");
+        s.started_on = None;
+        assert!(!s.lost(), "reset");
     }
 }
