@@ -235,7 +235,7 @@ mod tests {
     use super::*;
     use crate::device::DeviceOptions;
     use crate::testing::{FakeDeviceBehaviour, FakeVirtioPci};
-    use crate::transport::status;
+    use ai_infer_protocol::virtio_pci::status;
     use std::sync::Arc;
     use std::time::Duration;
 
