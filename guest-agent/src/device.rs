@@ -358,11 +358,13 @@ impl AiInferDevice {
     /// Makes a chain available on queue `index` and notifies the device if it wants
     /// it. Returns the chain's head.
     pub fn submit(&mut self, index: u16, chain: &[ChainBuffer]) -> Result<u16, DeviceError> {
-        let transport = self.transport.clone();
-        let q = self.queue(index)?;
+        let q = self
+            .queues
+            .get_mut(usize::from(index))
+            .ok_or(DeviceError::NoSuchQueue(index))?;
         let head = q.ring.add_chain(chain)?;
         if q.ring.needs_notify()? {
-            transport.notify(q.notify_address, index)?;
+            self.transport.notify(q.notify_address, index)?;
         }
         Ok(head)
     }
