@@ -8,6 +8,7 @@
 
 use std::time::{Duration, Instant};
 
+use ai_infer_protocol::virtio_pci::{status, VIRTIO_MSI_NO_VECTOR};
 use ai_infer_protocol::{
     config_offset, DeviceConfig, ProtocolError, CONFIG_SPACE_LEN, QUEUE_SIZE_MAX,
     VIRTIO_F_VERSION_1,
@@ -15,7 +16,7 @@ use ai_infer_protocol::{
 use thiserror::Error;
 
 use crate::dma::DmaPool;
-use crate::transport::{status, TransportError, VirtioPciTransport, VIRTIO_MSI_NO_VECTOR};
+use crate::transport::{TransportError, VirtioPciTransport};
 use crate::virtqueue::{ChainBuffer, SplitQueue, UsedChain, VirtqueueError};
 
 /// How often to re-read a configuration that changed while being read.
@@ -357,11 +358,13 @@ impl AiInferDevice {
     /// Makes a chain available on queue `index` and notifies the device if it wants
     /// it. Returns the chain's head.
     pub fn submit(&mut self, index: u16, chain: &[ChainBuffer]) -> Result<u16, DeviceError> {
-        let transport = self.transport.clone();
-        let q = self.queue(index)?;
+        let q = self
+            .queues
+            .get_mut(usize::from(index))
+            .ok_or(DeviceError::NoSuchQueue(index))?;
         let head = q.ring.add_chain(chain)?;
         if q.ring.needs_notify()? {
-            transport.notify(q.notify_address, index)?;
+            self.transport.notify(q.notify_address, index)?;
         }
         Ok(head)
     }

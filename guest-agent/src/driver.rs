@@ -234,8 +234,9 @@ impl Driver {
 mod tests {
     use super::*;
     use crate::device::DeviceOptions;
+    use crate::dma::DmaBuffer;
     use crate::testing::{FakeDeviceBehaviour, FakeVirtioPci};
-    use crate::transport::status;
+    use ai_infer_protocol::virtio_pci::status;
     use std::sync::Arc;
     use std::time::Duration;
 
@@ -248,22 +249,25 @@ mod tests {
         }
     }
 
-    fn driver(fake: &FakeVirtioPci, queue_size: u16) -> Driver {
+    /// A fake that completes only what the test tells it to, a driver with one queue
+    /// of `queue_size`, and a chain (8 bytes readable, 64 writable) in `buf`.
+    fn manual(queue_size: u16) -> (FakeVirtioPci, Driver, DmaBuffer, Vec<ChainBuffer>) {
+        let fake = FakeVirtioPci::new(FakeDeviceBehaviour {
+            auto_complete: false,
+            ..Default::default()
+        });
         let opts = DeviceOptions {
             queues: 1,
             queue_size,
             connect_timeout: Duration::from_millis(100),
         };
-        Driver::new(
+        let drv = Driver::new(
             AiInferDevice::new(fake.transport(), fake.pool(), opts).unwrap(),
             quick(),
-        )
-    }
-
-    fn chain(fake: &FakeVirtioPci, buf: &crate::dma::DmaBuffer) -> Vec<ChainBuffer> {
-        let _ = fake;
+        );
+        let buf = fake.pool().alloc(128).unwrap();
         let a = buf.device_addr().unwrap();
-        vec![
+        let chain = vec![
             ChainBuffer {
                 addr: a,
                 len: 8,
@@ -274,18 +278,13 @@ mod tests {
                 len: 64,
                 writable: true,
             },
-        ]
+        ];
+        (fake, drv, buf, chain)
     }
 
     #[test]
     fn completions_reach_the_right_waiter_out_of_order() {
-        let fake = FakeVirtioPci::new(FakeDeviceBehaviour {
-            auto_complete: false,
-            ..Default::default()
-        });
-        let drv = driver(&fake, 8);
-        let buf = fake.pool().alloc(128).unwrap();
-        let c = chain(&fake, &buf);
+        let (fake, drv, _buf, c) = manual(8);
         let t1 = drv.submit(0, &c).unwrap();
         let t2 = drv.submit(0, &c).unwrap();
         fake.complete_raw(0, 2, 11); // heads: t1 = 0, t2 = 2
@@ -296,13 +295,7 @@ mod tests {
 
     #[test]
     fn a_head_reused_before_its_first_result_is_collected_keeps_results_apart() {
-        let fake = FakeVirtioPci::new(FakeDeviceBehaviour {
-            auto_complete: false,
-            ..Default::default()
-        });
-        let drv = driver(&fake, 8);
-        let buf = fake.pool().alloc(128).unwrap();
-        let c = chain(&fake, &buf);
+        let (fake, drv, _buf, c) = manual(8);
         let a = drv.submit(0, &c).unwrap(); // head 0
         let b = drv.submit(0, &c).unwrap(); // head 2
         fake.complete_raw(0, 0, 11);
@@ -318,12 +311,8 @@ mod tests {
 
     #[test]
     fn threads_share_the_device() {
-        let fake = FakeVirtioPci::new(FakeDeviceBehaviour {
-            auto_complete: false,
-            ..Default::default()
-        });
-        let drv = Arc::new(driver(&fake, 4));
-        let buf = Arc::new(fake.pool().alloc(128).unwrap());
+        let (fake, drv, _buf, c) = manual(4);
+        let drv = Arc::new(drv);
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         // A device thread completing whatever is available, newest first.
         let dev = {
@@ -350,11 +339,10 @@ mod tests {
         let workers: Vec<_> = (0..8)
             .map(|_| {
                 let drv = drv.clone();
-                let buf = buf.clone();
-                let fake = fake.clone();
+                let c = c.clone();
                 std::thread::spawn(move || {
                     for _ in 0..50 {
-                        assert_eq!(drv.call(0, &chain(&fake, &buf)).unwrap(), 64);
+                        assert_eq!(drv.call(0, &c).unwrap(), 64);
                     }
                 })
             })
@@ -369,31 +357,21 @@ mod tests {
 
     #[test]
     fn broken_ring_resets_and_loses_requests_in_flight() {
-        let fake = FakeVirtioPci::new(FakeDeviceBehaviour {
-            auto_complete: false,
-            ..Default::default()
-        });
-        let drv = driver(&fake, 8);
-        let buf = fake.pool().alloc(128).unwrap();
-        let t = drv.submit(0, &chain(&fake, &buf)).unwrap();
+        let (fake, drv, _buf, c) = manual(8);
+        let t = drv.submit(0, &c).unwrap();
         fake.complete_raw(0, 7, 64); // head 7 is not in flight
         assert!(matches!(drv.wait(t), Err(DriverError::Lost(why)) if why.contains("descriptor 7")));
         assert_eq!(drv.stats().snapshot().device_resets, 1);
         // The device works again afterwards.
-        let t = drv.submit(0, &chain(&fake, &buf)).unwrap();
+        let t = drv.submit(0, &c).unwrap();
         fake.complete_raw(0, 0, 64);
         assert_eq!(drv.wait(t).unwrap(), 64);
     }
 
     #[test]
     fn bad_used_len_fails_only_that_request() {
-        let fake = FakeVirtioPci::new(FakeDeviceBehaviour {
-            auto_complete: false,
-            ..Default::default()
-        });
-        let drv = driver(&fake, 8);
-        let buf = fake.pool().alloc(128).unwrap();
-        let t = drv.submit(0, &chain(&fake, &buf)).unwrap();
+        let (fake, drv, _buf, c) = manual(8);
+        let t = drv.submit(0, &c).unwrap();
         fake.complete_raw(0, 0, 65);
         assert!(matches!(drv.wait(t), Err(DriverError::BadCompletion(_))));
         assert_eq!(drv.stats().snapshot().device_resets, 0);
@@ -401,13 +379,8 @@ mod tests {
 
     #[test]
     fn needs_reset_is_noticed_while_waiting() {
-        let fake = FakeVirtioPci::new(FakeDeviceBehaviour {
-            auto_complete: false,
-            ..Default::default()
-        });
-        let drv = driver(&fake, 8);
-        let buf = fake.pool().alloc(128).unwrap();
-        let t = drv.submit(0, &chain(&fake, &buf)).unwrap();
+        let (fake, drv, _buf, c) = manual(8);
+        let t = drv.submit(0, &c).unwrap();
         fake.state().status |= status::DEVICE_NEEDS_RESET;
         assert!(matches!(drv.wait(t), Err(DriverError::Lost(why)) if why.contains("NEEDS_RESET")));
         assert!(!drv.with_device(|d| d.needs_reset().unwrap()));

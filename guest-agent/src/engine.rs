@@ -259,11 +259,35 @@ impl Engine {
         u16::from(u8::from(priority)).min(self.num_queues.saturating_sub(1))
     }
 
-    fn call(&self, queue: u16, prepared: &PreparedChain) -> Result<u32, EngineError> {
-        self.driver.call(queue, &prepared.buffers).map_err(|e| {
+    /// Submits `prepared` on `queue`, waits, and checks the response with `finish`;
+    /// a failure of either counts as a driver error.
+    fn run<T>(
+        &self,
+        queue: u16,
+        prepared: &PreparedChain,
+        finish: impl FnOnce(&PreparedChain, u32) -> Result<T, ChainError>,
+    ) -> Result<T, EngineError> {
+        let result = match self.driver.call(queue, &prepared.buffers) {
+            Ok(used) => finish(prepared, used).map_err(EngineError::from),
+            Err(e) => Err(e.into()),
+        };
+        if result.is_err() {
             self.driver.stats().driver_error();
-            e.into()
-        })
+        }
+        result
+    }
+
+    /// A MODELS, TRACE or CANCEL request with `payload_len` bytes of payload area.
+    fn control<T>(
+        &self,
+        queue: u16,
+        request: Request,
+        payload_len: usize,
+        finish: impl FnOnce(&PreparedChain, u32) -> Result<T, ChainError>,
+    ) -> Result<T, EngineError> {
+        let prepared =
+            chain::prepare_control(&self.pool, request, payload_len, self.max_descriptors)?;
+        self.run(queue, &prepared, finish)
     }
 
     /// Submits `chain` exactly as given and returns the used length the device reported.
@@ -313,8 +337,7 @@ impl Engine {
         let stats = self.driver.stats();
         stats.submitted();
         let start = Instant::now();
-        let used = self.call(queue, &prepared)?;
-        let outcome = chain::finish_infer(&prepared, used).inspect_err(|_| stats.driver_error())?;
+        let outcome = self.run(queue, &prepared, chain::finish_infer)?;
         let bytes_in = inputs.iter().map(|t| t.desc.data_len).sum();
         stats.completed(
             outcome.status,
@@ -330,12 +353,9 @@ impl Engine {
         let mut payload = MODELS_FIRST_PAYLOAD;
         for _ in 0..3 {
             let request = Request::models(self.next_request_id());
-            let prepared =
-                chain::prepare_control(&self.pool, request, payload, self.max_descriptors)?;
-            let used = self.call(0, &prepared)?;
-            match chain::finish_models(&prepared, used)? {
+            match self.control(0, request, payload, chain::finish_models)? {
                 PayloadOutcome::Done(models) => return Ok(models),
-                PayloadOutcome::NeedBytes(n) if n as usize <= MODELS_MAX_PAYLOAD => {
+                PayloadOutcome::NeedBytes(n) if n <= MODELS_MAX_PAYLOAD as u64 => {
                     payload = n as usize
                 }
                 PayloadOutcome::NeedBytes(n) => {
@@ -358,14 +378,7 @@ impl Engine {
     /// This tenant's device-side counters.
     pub fn device_trace(&self) -> Result<TraceCounters, EngineError> {
         let request = Request::trace(self.next_request_id());
-        let prepared = chain::prepare_control(
-            &self.pool,
-            request,
-            TraceCounters::LEN,
-            self.max_descriptors,
-        )?;
-        let used = self.call(0, &prepared)?;
-        match chain::finish_trace(&prepared, used)? {
+        match self.control(0, request, TraceCounters::LEN, chain::finish_trace)? {
             PayloadOutcome::Done(t) => Ok(t),
             PayloadOutcome::NeedBytes(n) => Err(ChainError::BadResponse(format!(
                 "TRACE asks for {n} bytes, the protocol fixes {}",
@@ -390,12 +403,11 @@ impl Engine {
             .copied()
             .unwrap_or(0);
         let request = Request::cancel(self.next_request_id(), request_id);
-        let prepared = chain::prepare_control(&self.pool, request, 0, self.max_descriptors)?;
-        let used = self.call(queue, &prepared)?;
-        chain::finish_cancel(&prepared, used)?.map_err(|status| EngineError::Status {
-            what: "CANCEL",
-            status,
-        })
+        self.control(queue, request, 0, chain::finish_cancel)?
+            .map_err(|status| EngineError::Status {
+                what: "CANCEL",
+                status,
+            })
     }
 }
 
@@ -437,6 +449,24 @@ pub(crate) mod tests {
         (buf, TensorRef { desc, ranges })
     }
 
+    /// The fake's models take one f32 input of shape [1, 4]...
+    fn f32_input(engine: &Engine, data: &[u8]) -> (crate::dma::DmaBuffer, TensorRef) {
+        tensor(
+            engine,
+            TensorDesc::input(DType::F32, &[1, 4]).unwrap(),
+            data,
+        )
+    }
+
+    /// ...and produce an f32 output of shape [1, n].
+    fn f32_output(engine: &Engine, capacity: u64) -> (crate::dma::DmaBuffer, TensorRef) {
+        tensor(
+            engine,
+            TensorDesc::output(DType::F32, &[1, 0], capacity).unwrap(),
+            &[],
+        )
+    }
+
     fn f32s(v: &[f32]) -> Vec<u8> {
         v.iter().flat_map(|x| x.to_le_bytes()).collect()
     }
@@ -444,16 +474,8 @@ pub(crate) mod tests {
     #[test]
     fn infer_runs_in_place_end_to_end() {
         let (fake, engine) = fake_engine(FakeDeviceBehaviour::default());
-        let (_i, input) = tensor(
-            &engine,
-            TensorDesc::input(DType::F32, &[1, 4]).unwrap(),
-            &f32s(&[1.0, 2.0, 3.0, 4.0]),
-        );
-        let (out_buf, output) = tensor(
-            &engine,
-            TensorDesc::output(DType::F32, &[1, 0], 64).unwrap(),
-            &[],
-        );
+        let (_i, input) = f32_input(&engine, &f32s(&[1.0, 2.0, 3.0, 4.0]));
+        let (out_buf, output) = f32_output(&engine, 64);
         let opts = InferOptions {
             priority: PriorityClass::Interactive,
             deadline_us: 5000,
@@ -482,16 +504,8 @@ pub(crate) mod tests {
     #[test]
     fn statuses_come_back_as_outcomes_not_errors() {
         let (_fake, engine) = fake_engine(FakeDeviceBehaviour::default());
-        let (_i, input) = tensor(
-            &engine,
-            TensorDesc::input(DType::F32, &[1, 4]).unwrap(),
-            &[0; 16],
-        );
-        let (_o, small) = tensor(
-            &engine,
-            TensorDesc::output(DType::F32, &[1, 0], 8).unwrap(),
-            &[],
-        );
+        let (_i, input) = f32_input(&engine, &[0; 16]);
+        let (_o, small) = f32_output(&engine, 8);
         let (_, out) = engine
             .infer(
                 1,
@@ -502,11 +516,7 @@ pub(crate) mod tests {
             .unwrap();
         assert_eq!(out.status, Status::BufferTooSmall);
         assert_eq!(out.outputs[0].data_len, 16);
-        let (_o, output) = tensor(
-            &engine,
-            TensorDesc::output(DType::F32, &[1, 0], 64).unwrap(),
-            &[],
-        );
+        let (_o, output) = f32_output(&engine, 64);
         let (_, out) = engine
             .infer(
                 9,
@@ -525,11 +535,7 @@ pub(crate) mod tests {
     #[test]
     fn invalid_requests_are_refused_before_sending() {
         let (fake, engine) = fake_engine(FakeDeviceBehaviour::default());
-        let (_i, input) = tensor(
-            &engine,
-            TensorDesc::input(DType::F32, &[1, 4]).unwrap(),
-            &[0; 16],
-        );
+        let (_i, input) = f32_input(&engine, &[0; 16]);
         let err = engine
             .infer(1, &[input], &[], &InferOptions::default())
             .unwrap_err();
@@ -543,16 +549,8 @@ pub(crate) mod tests {
     #[test]
     fn corrupt_responses_fail_only_their_request() {
         let (fake, engine) = fake_engine(FakeDeviceBehaviour::default());
-        let (_i, input) = tensor(
-            &engine,
-            TensorDesc::input(DType::F32, &[1, 4]).unwrap(),
-            &[0; 16],
-        );
-        let (_o, output) = tensor(
-            &engine,
-            TensorDesc::output(DType::F32, &[1, 0], 64).unwrap(),
-            &[],
-        );
+        let (_i, input) = f32_input(&engine, &[0; 16]);
+        let (_o, output) = f32_output(&engine, 64);
         for c in [
             Corruption::WrongRequestId,
             Corruption::ShortUsedLen,

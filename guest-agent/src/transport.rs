@@ -5,51 +5,11 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use ai_infer_protocol::virtio_pci::common;
 use thiserror::Error;
 
 use crate::mmio::{MmioError, RegisterWindow, Registers};
 use crate::pci::{CapRegion, VirtioCaps};
-
-/// Device status bits (virtio 1.2 §2.1).
-pub mod status {
-    /// The guest noticed the device.
-    pub const ACKNOWLEDGE: u8 = 1;
-    /// The guest has a driver for it.
-    pub const DRIVER: u8 = 2;
-    /// The driver is set up and ready.
-    pub const DRIVER_OK: u8 = 4;
-    /// Feature negotiation is complete.
-    pub const FEATURES_OK: u8 = 8;
-    /// The device hit an error it cannot recover from without a reset.
-    pub const DEVICE_NEEDS_RESET: u8 = 64;
-    /// The driver gave up on the device.
-    pub const FAILED: u8 = 128;
-}
-
-/// "No MSI-X vector" for a queue or the configuration: a polling driver uses it.
-pub const VIRTIO_MSI_NO_VECTOR: u16 = 0xffff;
-
-/// Offsets in the common configuration structure.
-mod common {
-    pub const DEVICE_FEATURE_SELECT: u64 = 0x00;
-    pub const DEVICE_FEATURE: u64 = 0x04;
-    pub const DRIVER_FEATURE_SELECT: u64 = 0x08;
-    pub const DRIVER_FEATURE: u64 = 0x0c;
-    pub const CONFIG_MSIX_VECTOR: u64 = 0x10;
-    pub const NUM_QUEUES: u64 = 0x12;
-    pub const DEVICE_STATUS: u64 = 0x14;
-    pub const CONFIG_GENERATION: u64 = 0x15;
-    pub const QUEUE_SELECT: u64 = 0x16;
-    pub const QUEUE_SIZE: u64 = 0x18;
-    pub const QUEUE_MSIX_VECTOR: u64 = 0x1a;
-    pub const QUEUE_ENABLE: u64 = 0x1c;
-    pub const QUEUE_NOTIFY_OFF: u64 = 0x1e;
-    pub const QUEUE_DESC: u64 = 0x20;
-    pub const QUEUE_DRIVER: u64 = 0x28;
-    pub const QUEUE_DEVICE: u64 = 0x30;
-    /// Length of the structure up to `queue_device` (virtio 1.0 layout).
-    pub const LEN: u64 = 0x38;
-}
 
 /// Errors of the transport.
 #[derive(Debug, Error)]
@@ -226,9 +186,9 @@ impl VirtioPciTransport {
         driver: u64,
         device: u64,
     ) -> Result<(), TransportError> {
-        self.common.write64_split(common::QUEUE_DESC, desc)?;
-        self.common.write64_split(common::QUEUE_DRIVER, driver)?;
-        self.common.write64_split(common::QUEUE_DEVICE, device)?;
+        self.common.write64_split(common::QUEUE_DESC_LO, desc)?;
+        self.common.write64_split(common::QUEUE_DRIVER_LO, driver)?;
+        self.common.write64_split(common::QUEUE_DEVICE_LO, device)?;
         Ok(())
     }
 

@@ -146,7 +146,8 @@ impl RingLayout {
 }
 
 struct InFlight {
-    descs: Vec<u16>,
+    /// Descriptors in the chain (followed through `SplitQueue::next` from the head).
+    count: u16,
     writable_len: u64,
 }
 
@@ -155,6 +156,9 @@ pub struct SplitQueue {
     mem: DmaBuffer,
     layout: RingLayout,
     free: Vec<u16>,
+    /// The driver's own copy of each descriptor's `next`, so freeing a chain neither
+    /// trusts the table in shared memory nor needs a list per chain.
+    next: Vec<u16>,
     in_flight: Vec<Option<InFlight>>,
     num_in_flight: usize,
     next_avail: u16,
@@ -186,6 +190,7 @@ impl SplitQueue {
             layout,
             // Popped from the end: hand out 0, 1, 2, ... first.
             free: (0..size).rev().collect(),
+            next: vec![0; usize::from(size)],
             in_flight: (0..size).map(|_| None).collect(),
             num_in_flight: 0,
             next_avail: 0,
@@ -249,24 +254,29 @@ impl SplitQueue {
                 return Err(VirtqueueError::ReadableAfterWritable(index));
             }
         }
+        // The chain takes the last free descriptors, the last one first (so a fresh
+        // queue hands out 0, 1, 2, ...); they leave the free list once written.
         let start = self.free.len() - buffers.len();
-        let descs: Vec<u16> = self.free.drain(start..).rev().collect();
-        for (i, (b, &idx)) in buffers.iter().zip(&descs).enumerate() {
+        let chain = &self.free[start..];
+        for (i, b) in buffers.iter().enumerate() {
+            let idx = chain[chain.len() - 1 - i];
             let at = self.layout.desc + usize::from(idx) * DESC_LEN;
             let mut flags = if b.writable { VIRTQ_DESC_F_WRITE } else { 0 };
-            let next = match descs.get(i + 1) {
-                Some(&n) => {
+            let next = match (chain.len() - 1 - i).checked_sub(1) {
+                Some(n) => {
                     flags |= VIRTQ_DESC_F_NEXT;
-                    n
+                    chain[n]
                 }
                 None => 0,
             };
+            self.next[usize::from(idx)] = next;
             self.mem.write_volatile::<u64>(at, b.addr)?;
             self.mem.write_volatile::<u32>(at + 8, b.len)?;
             self.mem.write_volatile::<u16>(at + 12, flags)?;
             self.mem.write_volatile::<u16>(at + 14, next)?;
         }
-        let head = descs[0];
+        let head = chain[chain.len() - 1];
+        self.free.truncate(start);
         let slot = usize::from(self.next_avail % self.layout.size);
         self.mem
             .write_volatile::<u16>(self.layout.avail + 4 + 2 * slot, head)?;
@@ -275,7 +285,8 @@ impl SplitQueue {
         self.mem
             .store_release_u16(self.layout.avail + 2, self.next_avail)?;
         self.in_flight[usize::from(head)] = Some(InFlight {
-            descs,
+            // At most `free.len()` <= size <= 32768 buffers.
+            count: buffers.len() as u16,
             writable_len,
         });
         self.num_in_flight += 1;
@@ -318,7 +329,16 @@ impl SplitQueue {
         // id < size <= 32768: fits in u16.
         let head = id as u16;
         self.num_in_flight -= 1;
-        self.free.extend(entry.descs.iter().rev());
+        // Back on the free list in the order add_chain took them (the list never
+        // holds more than `size` entries, so this does not allocate).
+        let base = self.free.len();
+        let count = usize::from(entry.count);
+        self.free.resize(base + count, 0);
+        let mut desc = head;
+        for i in 0..count {
+            self.free[base + count - 1 - i] = desc;
+            desc = self.next[usize::from(desc)];
+        }
         if u64::from(len) > entry.writable_len {
             return Err(VirtqueueError::BadUsedLen {
                 head,

@@ -54,6 +54,7 @@ mod spec;
 mod status;
 mod tensor;
 mod trace;
+pub mod virtio_pci;
 mod wire;
 
 pub use config::{negotiate_features, DeviceConfig};

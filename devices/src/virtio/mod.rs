@@ -15,21 +15,8 @@ use vmm_sys_util::eventfd::EventFd;
 pub use pci::{VirtioPciDevice, VirtioPciError, VIRTIO_PCI_BAR_SIZE};
 pub use vhost_user::{VhostUserDevice, VhostUserDeviceConfig};
 
-/// Device status bits (virtio 1.2 §2.1).
-pub mod status {
-    /// The guest found the device.
-    pub const ACKNOWLEDGE: u8 = 1;
-    /// The guest knows how to drive it.
-    pub const DRIVER: u8 = 2;
-    /// The driver is ready; queues may be used.
-    pub const DRIVER_OK: u8 = 4;
-    /// Feature negotiation is complete.
-    pub const FEATURES_OK: u8 = 8;
-    /// The device hit an error it cannot recover from without a reset.
-    pub const DEVICE_NEEDS_RESET: u8 = 64;
-    /// The driver gave up on the device.
-    pub const FAILED: u8 = 128;
-}
+/// Device status bits (virtio 1.2 §2.1), shared with the guest agent.
+pub use ai_infer_protocol::virtio_pci::status;
 
 /// The feature bit every modern device offers and every driver must accept.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;

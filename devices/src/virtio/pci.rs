@@ -16,6 +16,10 @@
 
 use std::sync::Arc;
 
+use ai_infer_protocol::virtio_pci::{
+    cfg_type, common, PCI_CAP_ID_VNDR, VIRTIO_MSI_NO_VECTOR, VIRTIO_PCI_CAP_EXT_LEN,
+    VIRTIO_PCI_CAP_LEN,
+};
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -29,7 +33,7 @@ use crate::pci::{
 /// Size of BAR 0.
 pub const VIRTIO_PCI_BAR_SIZE: u64 = 0x8000;
 const COMMON_CFG_OFFSET: u64 = 0x0000;
-const COMMON_CFG_LEN: u64 = 0x38;
+const COMMON_CFG_LEN: u64 = common::LEN;
 const ISR_OFFSET: u64 = 0x1000;
 const ISR_LEN: u64 = 1;
 const DEVICE_CFG_OFFSET: u64 = 0x2000;
@@ -42,40 +46,6 @@ const MSIX_TABLE_OFFSET: u32 = 0x4000;
 const MSIX_PBA_OFFSET: u32 = 0x5000;
 /// Most queues: the notify area and the MSI-X table (one vector per queue + config) fit.
 pub const MAX_QUEUES: usize = 255;
-
-/// "No vector" in config_msix_vector / queue_msix_vector.
-pub const VIRTIO_MSI_NO_VECTOR: u16 = 0xffff;
-
-/// Virtio PCI capability types.
-const CAP_COMMON_CFG: u8 = 1;
-const CAP_NOTIFY_CFG: u8 = 2;
-const CAP_ISR_CFG: u8 = 3;
-const CAP_DEVICE_CFG: u8 = 4;
-const CAP_PCI_CFG: u8 = 5;
-const PCI_CAP_ID_VNDR: u8 = 0x09;
-
-/// Common configuration register offsets (virtio 1.2 §4.1.4.3).
-mod common {
-    pub const DEVICE_FEATURE_SELECT: u64 = 0x00;
-    pub const DEVICE_FEATURE: u64 = 0x04;
-    pub const DRIVER_FEATURE_SELECT: u64 = 0x08;
-    pub const DRIVER_FEATURE: u64 = 0x0c;
-    pub const CONFIG_MSIX_VECTOR: u64 = 0x10;
-    pub const NUM_QUEUES: u64 = 0x12;
-    pub const DEVICE_STATUS: u64 = 0x14;
-    pub const CONFIG_GENERATION: u64 = 0x15;
-    pub const QUEUE_SELECT: u64 = 0x16;
-    pub const QUEUE_SIZE: u64 = 0x18;
-    pub const QUEUE_MSIX_VECTOR: u64 = 0x1a;
-    pub const QUEUE_ENABLE: u64 = 0x1c;
-    pub const QUEUE_NOTIFY_OFF: u64 = 0x1e;
-    pub const QUEUE_DESC_LO: u64 = 0x20;
-    pub const QUEUE_DESC_HI: u64 = 0x24;
-    pub const QUEUE_DRIVER_LO: u64 = 0x28;
-    pub const QUEUE_DRIVER_HI: u64 = 0x2c;
-    pub const QUEUE_DEVICE_LO: u64 = 0x30;
-    pub const QUEUE_DEVICE_HI: u64 = 0x34;
-}
 
 /// Errors from building the transport.
 #[derive(Debug, Error)]
@@ -171,19 +141,24 @@ impl VirtioPciDevice {
         let msix_cap = config.add_capability(&msix.capability())?;
         config.set_write_mask(msix_cap / 4, Msix::CONTROL_WRITE_MASK);
 
-        for (cfg_type, offset, len) in [
-            (CAP_COMMON_CFG, COMMON_CFG_OFFSET, COMMON_CFG_LEN),
-            (CAP_ISR_CFG, ISR_OFFSET, ISR_LEN),
-            (CAP_DEVICE_CFG, DEVICE_CFG_OFFSET, DEVICE_CFG_LEN),
+        for (kind, offset, len) in [
+            (cfg_type::COMMON, COMMON_CFG_OFFSET, COMMON_CFG_LEN),
+            (cfg_type::ISR, ISR_OFFSET, ISR_LEN),
+            (cfg_type::DEVICE, DEVICE_CFG_OFFSET, DEVICE_CFG_LEN),
         ] {
-            config.add_capability(&virtio_cap(cfg_type, offset, len, 16))?;
+            config.add_capability(&virtio_cap(kind, offset, len, VIRTIO_PCI_CAP_LEN))?;
         }
-        let mut notify = virtio_cap(CAP_NOTIFY_CFG, NOTIFY_OFFSET, NOTIFY_LEN, 20);
+        let mut notify = virtio_cap(
+            cfg_type::NOTIFY,
+            NOTIFY_OFFSET,
+            NOTIFY_LEN,
+            VIRTIO_PCI_CAP_EXT_LEN,
+        );
         notify.extend_from_slice(&NOTIFY_OFF_MULTIPLIER.to_le_bytes());
         config.add_capability(&notify)?;
         // The PCI configuration access capability: bar, offset, length and the data
         // window are guest-writable; accesses to the window reach the BAR.
-        let mut pci_cfg = virtio_cap(CAP_PCI_CFG, 0, 0, 20);
+        let mut pci_cfg = virtio_cap(cfg_type::PCI, 0, 0, VIRTIO_PCI_CAP_EXT_LEN);
         pci_cfg.extend_from_slice(&[0; 4]);
         let pci_cfg_cap = config.add_capability(&pci_cfg)?;
         let reg = pci_cfg_cap / 4;
@@ -491,8 +466,8 @@ fn set_hi(old: u64, value: u64) -> u64 {
 }
 
 /// A `struct virtio_pci_cap` of `cap_len` bytes (16, or 20 with one extra dword).
-fn virtio_cap(cfg_type: u8, offset: u64, len: u64, cap_len: u8) -> Vec<u8> {
-    let mut cap = vec![PCI_CAP_ID_VNDR, 0, cap_len, cfg_type, 0, 0, 0, 0];
+fn virtio_cap(kind: u8, offset: u64, len: u64, cap_len: usize) -> Vec<u8> {
+    let mut cap = vec![PCI_CAP_ID_VNDR, 0, cap_len as u8, kind, 0, 0, 0, 0];
     cap.extend_from_slice(&(offset as u32).to_le_bytes());
     cap.extend_from_slice(&(len as u32).to_le_bytes());
     cap
@@ -675,11 +650,11 @@ mod tests {
         assert_eq!(
             caps,
             vec![
-                (CAP_COMMON_CFG, 0),
-                (CAP_ISR_CFG, 0x1000),
-                (CAP_DEVICE_CFG, 0x2000),
-                (CAP_NOTIFY_CFG, 0x3000),
-                (CAP_PCI_CFG, 0)
+                (cfg_type::COMMON, 0),
+                (cfg_type::ISR, 0x1000),
+                (cfg_type::DEVICE, 0x2000),
+                (cfg_type::NOTIFY, 0x3000),
+                (cfg_type::PCI, 0)
             ]
         );
         assert_eq!(t.config_read(0), 0x107c_1af4);

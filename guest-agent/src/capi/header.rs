@@ -14,7 +14,7 @@ use ai_infer_protocol::{
     MAX_TENSORS, MAX_TENSOR_NAME_LEN, STATUS_SLOTS,
 };
 
-use super::ERROR_CODES;
+use super::{ERROR_CODES, MODES};
 use crate::api::AI_ALLOC_ZERO;
 
 const PREAMBLE: &str = r#"/* ai_agent.h: C API of the aivmm guest agent (libguest_agent.so).
@@ -220,9 +220,9 @@ pub fn c_header() -> String {
         );
     }
     h.push_str("\n/* ai_open_options.mode */\n");
-    define(&mut h, "AI_MODE_AUTO", "0u");
-    define(&mut h, "AI_MODE_DIRECT", "1u");
-    define(&mut h, "AI_MODE_DAEMON", "2u");
+    for (v, name, _) in MODES {
+        define(&mut h, name, format!("{v}u"));
+    }
     h.push_str(DECLARATIONS);
     h
 }

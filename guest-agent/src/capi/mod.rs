@@ -56,6 +56,13 @@ pub const ERROR_CODES: [(i32, &str); 8] = [
     (AI_E_STATUS, "AI_E_STATUS"),
 ];
 
+/// `ai_open_options.mode` values with their names, for the header and `ai_open`.
+pub const MODES: [(u32, &str, Mode); 3] = [
+    (0, "AI_MODE_AUTO", Mode::Auto),
+    (1, "AI_MODE_DIRECT", Mode::Direct),
+    (2, "AI_MODE_DAEMON", Mode::Daemon),
+];
+
 /// Opaque: the agent handle (`ai_agent`).
 pub struct AiAgent {
     agent: Agent,
@@ -186,12 +193,11 @@ pub unsafe extern "C" fn ai_open(options: *const AiOpenOptions, out: *mut *mut A
         if !options.is_null() {
             // SAFETY: non-NULL, valid per the contract.
             let c = unsafe { *options };
-            o.mode = match c.mode {
-                0 => Mode::Auto,
-                1 => Mode::Direct,
-                2 => Mode::Daemon,
-                m => return Err(invalid(format!("unknown mode {m}"))),
-            };
+            o.mode = MODES
+                .iter()
+                .find(|m| m.0 == c.mode)
+                .map(|m| m.2)
+                .ok_or_else(|| invalid(format!("unknown mode {}", c.mode)))?;
             if c.session_mb != 0 {
                 o.session_bytes = (c.session_mb as usize) << 20;
             }

@@ -226,6 +226,25 @@ fn null_and_stale_handles_are_refused() {
 fn inference_through_the_c_abi() {
     let (_fake, agent) = handle();
     let desc = |d: TensorDesc| AiTensorDesc::from_desc(&d);
+    let infer = |model: u32,
+                 ins: &[AiInput],
+                 outs: &[AiOutput],
+                 opts: *const AiInferOptions,
+                 r: &mut AiInferResult| {
+        // SAFETY: both arrays are live for the call and passed with their lengths.
+        unsafe {
+            ai_infer(
+                agent,
+                model,
+                ins.as_ptr(),
+                ins.len(),
+                outs.as_ptr(),
+                outs.len(),
+                opts,
+                r,
+            )
+        }
+    };
     // SAFETY: every pointer passed is live and sized as the header requires.
     unsafe {
         let (mut input, mut output) = (std::ptr::null_mut(), std::ptr::null_mut());
@@ -249,10 +268,7 @@ fn inference_through_the_c_abi() {
             ..Default::default()
         };
         let mut r = AiInferResult::default();
-        assert_eq!(
-            ai_infer(agent, 1, ins.as_ptr(), 1, outs.as_ptr(), 1, &opts, &mut r),
-            AI_OK
-        );
+        assert_eq!(infer(1, &ins, &outs, &opts, &mut r), AI_OK);
         assert_eq!((r.status, r.request_id, r.num_outputs), (0, 99, 1));
         assert_eq!(
             (
@@ -266,19 +282,7 @@ fn inference_through_the_c_abi() {
         assert_eq!(out[12..16], 8.0f32.to_le_bytes());
 
         // A device status is a completed call: UNKNOWN_MODEL in the result.
-        assert_eq!(
-            ai_infer(
-                agent,
-                42,
-                ins.as_ptr(),
-                1,
-                outs.as_ptr(),
-                1,
-                std::ptr::null(),
-                &mut r
-            ),
-            AI_OK
-        );
+        assert_eq!(infer(42, &ins, &outs, std::ptr::null(), &mut r), AI_OK);
         assert_eq!(r.status, Status::UnknownModel as u32);
         // Output aliasing an input, bad priority, bad dtype: refused before the device.
         let alias = [AiOutput {
@@ -286,63 +290,24 @@ fn inference_through_the_c_abi() {
             buffer: input,
         }];
         assert_eq!(
-            ai_infer(
-                agent,
-                1,
-                ins.as_ptr(),
-                1,
-                alias.as_ptr(),
-                1,
-                std::ptr::null(),
-                &mut r
-            ),
+            infer(1, &ins, &alias, std::ptr::null(), &mut r),
             AI_E_INVALID
         );
         let bad_prio = AiInferOptions {
             priority: 9,
             ..Default::default()
         };
-        assert_eq!(
-            ai_infer(
-                agent,
-                1,
-                ins.as_ptr(),
-                1,
-                outs.as_ptr(),
-                1,
-                &bad_prio,
-                &mut r
-            ),
-            AI_E_INVALID
-        );
+        assert_eq!(infer(1, &ins, &outs, &bad_prio, &mut r), AI_E_INVALID);
         let mut bad = ins;
         bad[0].desc.dtype = 0;
         assert_eq!(
-            ai_infer(
-                agent,
-                1,
-                bad.as_ptr(),
-                1,
-                outs.as_ptr(),
-                1,
-                std::ptr::null(),
-                &mut r
-            ),
+            infer(1, &bad, &outs, std::ptr::null(), &mut r),
             AI_E_INVALID
         );
         bad[0].desc.dtype = 1;
         bad[0].desc.rank = 9;
         assert_eq!(
-            ai_infer(
-                agent,
-                1,
-                bad.as_ptr(),
-                1,
-                outs.as_ptr(),
-                1,
-                std::ptr::null(),
-                &mut r
-            ),
+            infer(1, &bad, &outs, std::ptr::null(), &mut r),
             AI_E_INVALID
         );
 

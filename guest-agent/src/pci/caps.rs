@@ -5,6 +5,9 @@
 //! the header ends it with an error), every capability must fit in the bytes read, and
 //! nothing assumes which BAR or offset a structure lives at.
 
+use ai_infer_protocol::virtio_pci::{
+    cfg_type, PCI_CAP_ID_VNDR, VIRTIO_PCI_CAP_EXT_LEN, VIRTIO_PCI_CAP_LEN,
+};
 use thiserror::Error;
 
 /// PCI status register bit: the function has a capability list.
@@ -15,12 +18,6 @@ const STATUS_OFFSET: usize = 0x06;
 const CAP_POINTER_OFFSET: usize = 0x34;
 /// Capabilities live after the 64-byte standard header.
 const FIRST_CAP_OFFSET: usize = 0x40;
-/// Capability id of vendor-specific capabilities (all virtio ones).
-const CAP_ID_VENDOR: u8 = 0x09;
-/// Length of `struct virtio_pci_cap`.
-const VIRTIO_CAP_LEN: usize = 16;
-/// Length of `struct virtio_pci_notify_cap` (the cap plus `notify_off_multiplier`).
-const VIRTIO_NOTIFY_CAP_LEN: usize = 20;
 /// A 256-byte space holds at most (256 - 64) / 4 capabilities: more means a loop.
 const MAX_CAPS: usize = 48;
 /// BAR indices of a type-0 header.
@@ -28,27 +25,28 @@ const MAX_BAR: u8 = 5;
 
 /// `cfg_type` values of virtio capabilities.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
 pub enum VirtioCapType {
     /// Common configuration (`VIRTIO_PCI_CAP_COMMON_CFG`).
-    Common = 1,
+    Common = cfg_type::COMMON,
     /// Notifications (`VIRTIO_PCI_CAP_NOTIFY_CFG`).
-    Notify = 2,
+    Notify = cfg_type::NOTIFY,
     /// ISR status (`VIRTIO_PCI_CAP_ISR_CFG`).
-    Isr = 3,
+    Isr = cfg_type::ISR,
     /// Device-specific configuration (`VIRTIO_PCI_CAP_DEVICE_CFG`).
-    Device = 4,
+    Device = cfg_type::DEVICE,
     /// Configuration access window (`VIRTIO_PCI_CAP_PCI_CFG`); not used by this driver.
-    PciCfg = 5,
+    PciCfg = cfg_type::PCI,
 }
 
 impl VirtioCapType {
     fn from_raw(raw: u8) -> Option<Self> {
         match raw {
-            1 => Some(Self::Common),
-            2 => Some(Self::Notify),
-            3 => Some(Self::Isr),
-            4 => Some(Self::Device),
-            5 => Some(Self::PciCfg),
+            cfg_type::COMMON => Some(Self::Common),
+            cfg_type::NOTIFY => Some(Self::Notify),
+            cfg_type::ISR => Some(Self::Isr),
+            cfg_type::DEVICE => Some(Self::Device),
+            cfg_type::PCI => Some(Self::PciCfg),
             _ => None,
         }
     }
@@ -177,7 +175,7 @@ pub fn parse_virtio_caps(cfg: &[u8]) -> Result<VirtioCaps, CapsError> {
     let mut device = None;
     let limit = cfg.len().min(256);
     for at in capability_offsets(cfg)? {
-        if byte(cfg, at)? != CAP_ID_VENDOR {
+        if byte(cfg, at)? != PCI_CAP_ID_VNDR {
             continue;
         }
         let cap_len = usize::from(byte(cfg, at + 2)?);
@@ -185,9 +183,9 @@ pub fn parse_virtio_caps(cfg: &[u8]) -> Result<VirtioCaps, CapsError> {
             continue;
         };
         let needed = if kind == VirtioCapType::Notify {
-            VIRTIO_NOTIFY_CAP_LEN
+            VIRTIO_PCI_CAP_EXT_LEN
         } else {
-            VIRTIO_CAP_LEN
+            VIRTIO_PCI_CAP_LEN
         };
         if cap_len < needed || at + needed > limit {
             return Err(CapsError::BadLength {
@@ -257,7 +255,7 @@ mod tests {
     }
 
     fn vcap(kind: u8, bar: u8, offset: u32, length: u32) -> Vec<u8> {
-        let mut c = vec![CAP_ID_VENDOR, 0, 16, kind, bar, 0, 0, 0];
+        let mut c = vec![PCI_CAP_ID_VNDR, 0, 16, kind, bar, 0, 0, 0];
         c.extend(offset.to_le_bytes());
         c.extend(length.to_le_bytes());
         c
@@ -336,7 +334,7 @@ mod tests {
     #[test]
     fn rejects_missing_structures() {
         let mut caps = standard();
-        caps.retain(|(_, c)| c[3] != 4 || c[0] != CAP_ID_VENDOR);
+        caps.retain(|(_, c)| c[3] != 4 || c[0] != PCI_CAP_ID_VNDR);
         assert_eq!(
             parse_virtio_caps(&config_with(&caps)),
             Err(CapsError::Missing(VirtioCapType::Device))
@@ -397,7 +395,7 @@ mod tests {
             })
         );
         let mut cfg = config_with(&standard());
-        cfg[0xfc] = CAP_ID_VENDOR;
+        cfg[0xfc] = PCI_CAP_ID_VNDR;
         cfg[0xfd] = 0;
         cfg[0xfe] = 16;
         cfg[0xff] = 1;

@@ -5,6 +5,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use ai_infer_protocol::virtio_pci::{common, status};
 use ai_infer_protocol::{
     CancelOutcome, ChainLayout, DType, DeviceConfig, DimRange, ModelInfo, ModelList, Opcode,
     ProtocolError, Request, Response, ResponseHeader, Shape, Status, TensorDesc, TensorSpec,
@@ -451,7 +452,7 @@ impl Registers for FakeVirtioPci {
         } else {
             let sel = usize::from(st.queue_select);
             match offset - COMMON {
-                0x04 => {
+                common::DEVICE_FEATURE => {
                     let f = if st.connected() {
                         st.behaviour.features
                     } else {
@@ -459,9 +460,9 @@ impl Registers for FakeVirtioPci {
                     };
                     (f >> (32 * st.device_feature_select.min(1))) as u32
                 }
-                0x12 => u32::from(NUM_QUEUES),
-                0x14 => u32::from(st.status),
-                0x15 => {
+                common::NUM_QUEUES => u32::from(NUM_QUEUES),
+                common::DEVICE_STATUS => u32::from(st.status),
+                common::CONFIG_GENERATION => {
                     let g = st.generation;
                     if st.behaviour.generation_bumps > 0 {
                         st.behaviour.generation_bumps -= 1;
@@ -469,16 +470,16 @@ impl Registers for FakeVirtioPci {
                     }
                     u32::from(g)
                 }
-                0x18 => st.queues.get(sel).map_or(0, |q| {
+                common::QUEUE_SIZE => st.queues.get(sel).map_or(0, |q| {
                     u32::from(if q.size == 0 {
                         st.behaviour.max_queue_size
                     } else {
                         q.size
                     })
                 }),
-                0x1a => st.queues.get(sel).map_or(0, |q| u32::from(q.vector)),
-                0x1c => st.queues.get(sel).map_or(0, |q| u32::from(q.enabled)),
-                0x1e => u32::from(st.queue_select),
+                common::QUEUE_MSIX_VECTOR => st.queues.get(sel).map_or(0, |q| u32::from(q.vector)),
+                common::QUEUE_ENABLE => st.queues.get(sel).map_or(0, |q| u32::from(q.enabled)),
+                common::QUEUE_NOTIFY_OFF => u32::from(st.queue_select),
                 _ => 0,
             }
         };
@@ -506,41 +507,41 @@ impl Registers for FakeVirtioPci {
             }
         };
         match offset - COMMON {
-            0x00 => st.device_feature_select = value,
-            0x08 => st.driver_feature_select = value,
-            0x0c => {
+            common::DEVICE_FEATURE_SELECT => st.device_feature_select = value,
+            common::DRIVER_FEATURE_SELECT => st.driver_feature_select = value,
+            common::DRIVER_FEATURE => {
                 let shift = 32 * st.driver_feature_select.min(1);
                 st.driver_features =
                     (st.driver_features & !(0xffff_ffffu64 << shift)) | (u64::from(value) << shift);
             }
-            0x14 => {
+            common::DEVICE_STATUS => {
                 let mut s = value as u8;
                 st.status_writes.push(s);
                 if s == 0 {
                     st.resets += 1;
                     st.queues = vec![FakeQueue::default(); usize::from(NUM_QUEUES)];
                     st.rings = (0..NUM_QUEUES).map(|_| None).collect();
-                } else if s & 8 != 0
+                } else if s & status::FEATURES_OK != 0
                     && (!st.connected()
                         || st.behaviour.refuse_features
                         || st.driver_features & !st.behaviour.features != 0)
                 {
-                    s &= !8;
+                    s &= !status::FEATURES_OK;
                 }
                 st.status = s;
             }
-            0x16 => st.queue_select = value as u16,
-            0x18 => {
+            common::QUEUE_SELECT => st.queue_select = value as u16,
+            common::QUEUE_SIZE => {
                 if let Some(q) = st.queues.get_mut(sel) {
                     q.size = value as u16;
                 }
             }
-            0x1a => {
+            common::QUEUE_MSIX_VECTOR => {
                 if let Some(q) = st.queues.get_mut(sel) {
                     q.vector = value as u16;
                 }
             }
-            0x1c => {
+            common::QUEUE_ENABLE => {
                 let pool = st.pool.clone();
                 if let Some(q) = st.queues.get_mut(sel) {
                     q.enabled = value == 1;
@@ -548,12 +549,12 @@ impl Registers for FakeVirtioPci {
                     st.rings[sel] = Some(FakeRing::new(pool, q.size, q.desc, q.driver, q.device));
                 }
             }
-            o @ 0x20..=0x37 => {
+            o @ common::QUEUE_DESC_LO..common::LEN => {
                 if let Some(q) = st.queues.get_mut(sel) {
                     let hi = o % 8 == 4;
                     match o & !7 {
-                        0x20 => q.desc = half(q.desc, hi),
-                        0x28 => q.driver = half(q.driver, hi),
+                        common::QUEUE_DESC_LO => q.desc = half(q.desc, hi),
+                        common::QUEUE_DRIVER_LO => q.driver = half(q.driver, hi),
                         _ => q.device = half(q.device, hi),
                     }
                 }
