@@ -59,14 +59,15 @@ pub fn handle_chain(
     let prefix_len = usize::try_from(readable_len)
         .unwrap_or(usize::MAX)
         .min(REQUEST_PREFIX_MAX);
-    let mut prefix = vec![0u8; prefix_len];
-    if let Err(e) = read_stream(&ticket.mem, readable, 0, &mut prefix) {
+    let mut prefix_buf = [0u8; REQUEST_PREFIX_MAX];
+    let prefix = &mut prefix_buf[..prefix_len];
+    if let Err(e) = read_stream(&ticket.mem, readable, 0, prefix) {
         debug!("{}: cannot read request: {e}", ticket.tenant.spec.name);
         let h = never_ran(shared, &ticket, ResponseHeader::new(Status::BadRequest, 0));
         ticket.respond(&h, Record::Other);
         return;
     }
-    let request_id = RequestHeader::peek_request_id(&prefix).unwrap_or(0);
+    let request_id = RequestHeader::peek_request_id(prefix).unwrap_or(0);
     let fail = |e: &ProtocolError, record_infer: bool| {
         let h = never_ran(shared, &ticket, ResponseHeader::from_error(request_id, e));
         let record = if record_infer {
@@ -76,7 +77,7 @@ pub fn handle_chain(
         };
         ticket.respond(&h, record);
     };
-    let req = match Request::parse(&prefix, limits) {
+    let req = match Request::parse(prefix, limits) {
         Ok(req) => req,
         Err(e) => return fail(&e, false),
     };
