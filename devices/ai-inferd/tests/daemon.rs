@@ -569,6 +569,12 @@ fn every_bad_request_gets_its_status_while_another_tenant_is_served() {
     assert_eq!(t.infer_status[Status::ModelNotAllowed as usize], 1);
     assert_eq!(t.in_flight, 0);
 
+    // Under load tenant a can get through all of the above before b's first request
+    // completes; b must have been served alongside, so let it finish one.
+    let since = std::time::Instant::now();
+    while served.load(Ordering::SeqCst) == 0 && since.elapsed() < WAIT {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     stop.store(true, Ordering::SeqCst);
     let tb = other.join().unwrap();
     assert!(served.load(Ordering::SeqCst) > 0);
@@ -727,8 +733,13 @@ fn a_request_whose_deadline_passed_in_the_queue_is_not_run() {
     h.gate.close();
     let held = submit_one(&mut fe, 1, GATED, 1.0);
     h.gate.wait_entered(1);
-    let late = add_one_request(2, ADD_ONE, 1).with_deadline_us(1000);
+    // The deadline leaves room for a loaded host between taking the chain and
+    // admitting it, and passes long before the gate opens.
+    let late = add_one_request(2, ADD_ONE, 1).with_deadline_us(20_000);
     let late = fe.submit(0, &late, &[&f32_bytes(&[2.0])], 0).unwrap();
+    // A TRACE behind it on the same queue is answered only after the device took
+    // `late`, so the 50 ms below are all spent in the queue (queue_ns counts from then).
+    fe.trace().unwrap();
     std::thread::sleep(Duration::from_millis(50));
     h.gate.open();
     for (p, status) in [(held, Status::Ok), (late, Status::Deadline)] {
