@@ -108,33 +108,30 @@ pub struct WalkedChain {
     pub writable_len: u64,
 }
 
-impl WalkedChain {
-    /// Whether a writable buffer overlaps any other buffer of the chain (§6: the
-    /// device relies on outputs never aliasing inputs). Readable buffers may overlap
-    /// each other. Runs in O(n log n).
-    pub fn has_writable_overlap(&self) -> bool {
-        let mut all: Vec<(Segment, bool)> = self
-            .readable
-            .iter()
-            .map(|s| (*s, false))
-            .chain(self.writable.iter().map(|s| (*s, true)))
-            .filter(|(s, _)| s.len > 0)
-            .collect();
-        all.sort_unstable_by_key(|(s, _)| s.addr);
-        // Sorted by start, B overlaps an earlier A iff B.start < A.end.
-        let (mut any_end, mut writable_end) = (0u64, 0u64);
-        for (seg, writable) in all {
-            let limit = if writable { any_end } else { writable_end };
-            if seg.addr < limit {
-                return true;
-            }
-            any_end = any_end.max(seg.end());
-            if writable {
-                writable_end = writable_end.max(seg.end());
-            }
+/// Whether a writable buffer overlaps any other buffer of a chain (§6: the device
+/// relies on outputs never aliasing inputs). Readable buffers may overlap each other.
+/// Runs in O(n log n).
+pub fn writable_overlap(readable: &[Segment], writable: &[Segment]) -> bool {
+    let mut all: Vec<(Segment, bool)> = readable
+        .iter()
+        .map(|s| (*s, false))
+        .chain(writable.iter().map(|s| (*s, true)))
+        .filter(|(s, _)| s.len > 0)
+        .collect();
+    all.sort_unstable_by_key(|(s, _)| s.addr);
+    // Sorted by start, B overlaps an earlier A iff B.start < A.end.
+    let (mut any_end, mut writable_end) = (0u64, 0u64);
+    for (seg, writable) in all {
+        let limit = if writable { any_end } else { writable_end };
+        if seg.addr < limit {
+            return true;
         }
-        false
+        any_end = any_end.max(seg.end());
+        if writable {
+            writable_end = writable_end.max(seg.end());
+        }
     }
+    false
 }
 
 /// The raw fields of one descriptor.
@@ -340,7 +337,7 @@ mod tests {
         );
         assert_eq!(c.writable.len(), 2);
         assert_eq!((c.readable_len, c.writable_len), (216, 136));
-        assert!(!c.has_writable_overlap());
+        assert!(!writable_overlap(&c.readable, &c.writable));
     }
 
     #[test]
@@ -511,31 +508,26 @@ mod tests {
 
     #[test]
     fn overlap_rules() {
-        let chain = |readable: Vec<(u64, u32)>, writable: Vec<(u64, u32)>| WalkedChain {
-            head: 0,
-            readable: readable
-                .into_iter()
+        let segs = |list: Vec<(u64, u32)>| -> Vec<Segment> {
+            list.into_iter()
                 .map(|(addr, len)| Segment { addr, len })
-                .collect(),
-            writable: writable
-                .into_iter()
-                .map(|(addr, len)| Segment { addr, len })
-                .collect(),
-            readable_len: 0,
-            writable_len: 0,
+                .collect()
+        };
+        let overlaps = |readable: Vec<(u64, u32)>, writable: Vec<(u64, u32)>| {
+            writable_overlap(&segs(readable), &segs(writable))
         };
         // Readable buffers may overlap each other.
-        assert!(!chain(vec![(0, 100), (50, 100)], vec![(200, 48)]).has_writable_overlap());
+        assert!(!overlaps(vec![(0, 100), (50, 100)], vec![(200, 48)]));
         // Writable overlapping readable, in either order of addresses.
-        assert!(chain(vec![(0, 100)], vec![(99, 48)]).has_writable_overlap());
-        assert!(chain(vec![(140, 100)], vec![(100, 48)]).has_writable_overlap());
+        assert!(overlaps(vec![(0, 100)], vec![(99, 48)]));
+        assert!(overlaps(vec![(140, 100)], vec![(100, 48)]));
         // Writable overlapping writable.
-        assert!(chain(vec![], vec![(0, 48), (40, 48)]).has_writable_overlap());
+        assert!(overlaps(vec![], vec![(0, 48), (40, 48)]));
         // A writable buffer containing a readable one.
-        assert!(chain(vec![(10, 4)], vec![(0, 48)]).has_writable_overlap());
+        assert!(overlaps(vec![(10, 4)], vec![(0, 48)]));
         // A readable buffer spanning past a writable one further on.
-        assert!(chain(vec![(0, 1000), (5, 1)], vec![(500, 48)]).has_writable_overlap());
+        assert!(overlaps(vec![(0, 1000), (5, 1)], vec![(500, 48)]));
         // Adjacent is fine; zero-length buffers overlap nothing.
-        assert!(!chain(vec![(0, 100), (100, 0)], vec![(100, 48)]).has_writable_overlap());
+        assert!(!overlaps(vec![(0, 100), (100, 0)], vec![(100, 48)]));
     }
 }

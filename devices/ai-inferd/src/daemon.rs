@@ -15,7 +15,7 @@ use std::thread::JoinHandle;
 
 use log::{error, info, warn};
 use thiserror::Error;
-use vhost::vhost_user::Listener;
+use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
@@ -439,17 +439,17 @@ fn serve_tenant(
         }
         match daemon.wait() {
             // A VMM that exits (or is killed) just closes the socket: routine.
-            Err(e) if e.to_string().contains("disconnected") => {
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(VhostUserError::Disconnected)) => {
                 info!("{name}: VMM disconnected")
             }
             Err(e) => warn!("{name}: connection ended with an error: {e}"),
-            Ok(()) => info!("{name}: VMM disconnected"),
         }
         *lock(&slot.connection) = None;
         tenant.set_connected(false);
         end_connection(shared, tenant, &device, daemon);
         if !stop.load(Ordering::SeqCst) {
-            info!("{name}: VMM disconnected; listening again");
+            info!("{name}: listening again");
         }
     }
 }

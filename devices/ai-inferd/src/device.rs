@@ -207,8 +207,14 @@ impl TenantDevice {
         };
         match walked {
             Ok(walked) => {
-                let t = ticket(walked.writable.clone(), walked.writable_len);
-                intake::handle_chain(&self.shared, walked, t, &self.limits);
+                let t = ticket(walked.writable, walked.writable_len);
+                intake::handle_chain(
+                    &self.shared,
+                    &walked.readable,
+                    walked.readable_len,
+                    t,
+                    &self.limits,
+                );
             }
             Err(e) => {
                 debug!(

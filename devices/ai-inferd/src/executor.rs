@@ -332,9 +332,8 @@ fn finish(job: &Job, outcome: Option<RequestOutcome>, staging: Option<&Staging>,
     };
     match shapes {
         Some(entries) => {
-            header.num_outputs = entries.len() as u32;
             job.ticket
-                .respond_with_shapes(job.layout.shapes.offset, &header, &entries, record);
+                .respond_with_shapes(job.layout.shapes.offset, header, entries, record);
         }
         None => {
             job.ticket.respond(&header, record);

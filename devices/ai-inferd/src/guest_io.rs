@@ -37,8 +37,13 @@ pub enum GuestIoError {
     TooLarge(u64),
 }
 
-/// The pieces of `segments` (a stream) that hold `offset .. offset + len`.
-pub fn pieces(segments: &[Segment], offset: u64, len: u64) -> Result<Vec<Segment>, GuestIoError> {
+/// The pieces of `segments` (a stream) that hold `offset .. offset + len`, in order,
+/// without allocating (the stream accessors run on every request).
+fn stream_pieces(
+    segments: &[Segment],
+    offset: u64,
+    len: u64,
+) -> Result<impl Iterator<Item = Segment> + '_, GuestIoError> {
     let stream_len: u64 = segments.iter().map(|s| u64::from(s.len)).sum();
     let out_of_stream = GuestIoError::OutOfStream {
         offset,
@@ -49,25 +54,28 @@ pub fn pieces(segments: &[Segment], offset: u64, len: u64) -> Result<Vec<Segment
     if end > stream_len {
         return Err(out_of_stream);
     }
-    let mut out = Vec::new();
     let mut seg_start = 0u64;
-    for seg in segments {
-        let seg_end = seg_start + u64::from(seg.len);
-        let from = offset.max(seg_start);
-        let to = end.min(seg_end);
-        if from < to {
-            out.push(Segment {
+    Ok(segments
+        .iter()
+        .map_while(move |seg| {
+            let start = seg_start;
+            seg_start += u64::from(seg.len);
+            (start < end).then_some((start, seg))
+        })
+        .filter_map(move |(seg_start, seg)| {
+            let from = offset.max(seg_start);
+            let to = end.min(seg_start + u64::from(seg.len));
+            (from < to).then(|| Segment {
                 addr: seg.addr + (from - seg_start),
                 // Fits: a sub-range of a u32-long segment.
                 len: (to - from) as u32,
-            });
-        }
-        if seg_end >= end {
-            break;
-        }
-        seg_start = seg_end;
-    }
-    Ok(out)
+            })
+        }))
+}
+
+/// The pieces of `segments` (a stream) that hold `offset .. offset + len`.
+pub fn pieces(segments: &[Segment], offset: u64, len: u64) -> Result<Vec<Segment>, GuestIoError> {
+    Ok(stream_pieces(segments, offset, len)?.collect())
 }
 
 /// Copies `buf.len()` bytes from the stream at `offset`.
@@ -78,7 +86,7 @@ pub fn read_stream(
     buf: &mut [u8],
 ) -> Result<(), GuestIoError> {
     let mut at = 0usize;
-    for piece in pieces(segments, offset, buf.len() as u64)? {
+    for piece in stream_pieces(segments, offset, buf.len() as u64)? {
         let n = piece.len as usize;
         mem.read_slice(&mut buf[at..at + n], GuestAddress(piece.addr))
             .map_err(|_| GuestIoError::Memory { addr: piece.addr })?;
@@ -95,7 +103,7 @@ pub fn write_stream(
     data: &[u8],
 ) -> Result<(), GuestIoError> {
     let mut at = 0usize;
-    for piece in pieces(segments, offset, data.len() as u64)? {
+    for piece in stream_pieces(segments, offset, data.len() as u64)? {
         let n = piece.len as usize;
         mem.write_slice(&data[at..at + n], GuestAddress(piece.addr))
             .map_err(|_| GuestIoError::Memory { addr: piece.addr })?;
@@ -127,22 +135,27 @@ impl TensorPlace {
         len: u64,
         align: usize,
     ) -> Result<Self, GuestIoError> {
-        let parts = pieces(segments, offset, len)?;
-        let contiguous = parts.windows(2).all(|w| w[0].end() == w[1].addr);
-        if let (true, Some(first)) = (contiguous, parts.first()) {
-            if let Ok(len_usize) = usize::try_from(len) {
-                // One region: get_slice fails when the range crosses a region boundary.
-                if let Ok(slice) = mem.get_slice(GuestAddress(first.addr), len_usize) {
-                    if (slice.ptr_guard().as_ptr() as usize).is_multiple_of(align.max(1)) {
-                        return Ok(TensorPlace::InPlace {
-                            addr: first.addr,
-                            len,
-                        });
-                    }
+        // The start of the range if its pieces are adjacent (no list is built for that).
+        let mut parts = stream_pieces(segments, offset, len)?;
+        let contiguous = parts.next().and_then(|first| {
+            let mut end = first.end();
+            parts
+                .all(|p| {
+                    let adjacent = p.addr == end;
+                    end = p.end();
+                    adjacent
+                })
+                .then_some(first.addr)
+        });
+        if let (Some(addr), Ok(len_usize)) = (contiguous, usize::try_from(len)) {
+            // One region: get_slice fails when the range crosses a region boundary.
+            if let Ok(slice) = mem.get_slice(GuestAddress(addr), len_usize) {
+                if (slice.ptr_guard().as_ptr() as usize).is_multiple_of(align.max(1)) {
+                    return Ok(TensorPlace::InPlace { addr, len });
                 }
             }
         }
-        Ok(TensorPlace::Scattered(parts))
+        Ok(TensorPlace::Scattered(pieces(segments, offset, len)?))
     }
 
     /// Total length in bytes.

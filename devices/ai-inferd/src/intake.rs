@@ -14,7 +14,7 @@ use ai_infer_protocol::{
 };
 use log::debug;
 
-use crate::chain::{Segment, WalkedChain};
+use crate::chain::{writable_overlap, Segment};
 use crate::daemon::Shared;
 use crate::guest_io::{read_stream, TensorPlace};
 use crate::job::Job;
@@ -45,32 +45,29 @@ fn infer_record(request_id: u64, header: &ResponseHeader, admitted: bool) -> Rec
     }
 }
 
-/// Processes one walked chain within the connection's `limits`; `ticket` completes it.
+/// Processes one walked chain within the connection's `limits`: `readable` (R,
+/// `readable_len` bytes) is its device-readable part; `ticket` holds the writable part
+/// and completes it.
 pub fn handle_chain(
     shared: &Shared,
-    walked: WalkedChain,
+    readable: &[Segment],
+    readable_len: u64,
     ticket: ChainTicket,
     limits: &DeviceConfig,
 ) {
-    let overlap = walked.has_writable_overlap();
-    let WalkedChain {
-        readable,
-        readable_len,
-        ..
-    } = walked;
-
     // Step 1-6: one copy of the header and descriptors, then only that copy is used.
     let prefix_len = usize::try_from(readable_len)
         .unwrap_or(usize::MAX)
         .min(REQUEST_PREFIX_MAX);
-    let mut prefix = vec![0u8; prefix_len];
-    if let Err(e) = read_stream(&ticket.mem, &readable, 0, &mut prefix) {
+    let mut prefix_buf = [0u8; REQUEST_PREFIX_MAX];
+    let prefix = &mut prefix_buf[..prefix_len];
+    if let Err(e) = read_stream(&ticket.mem, readable, 0, prefix) {
         debug!("{}: cannot read request: {e}", ticket.tenant.spec.name);
         let h = never_ran(shared, &ticket, ResponseHeader::new(Status::BadRequest, 0));
         ticket.respond(&h, Record::Other);
         return;
     }
-    let request_id = RequestHeader::peek_request_id(&prefix).unwrap_or(0);
+    let request_id = RequestHeader::peek_request_id(prefix).unwrap_or(0);
     let fail = |e: &ProtocolError, record_infer: bool| {
         let h = never_ran(shared, &ticket, ResponseHeader::from_error(request_id, e));
         let record = if record_infer {
@@ -80,7 +77,7 @@ pub fn handle_chain(
         };
         ticket.respond(&h, record);
     };
-    let req = match Request::parse(&prefix, limits) {
+    let req = match Request::parse(prefix, limits) {
         Ok(req) => req,
         Err(e) => return fail(&e, false),
     };
@@ -91,7 +88,7 @@ pub fn handle_chain(
         Err(e) => return fail(&e, is_infer),
     };
     // Step 8: no writable buffer aliases another buffer.
-    if overlap {
+    if writable_overlap(readable, &ticket.writable) {
         let h = never_ran(
             shared,
             &ticket,
@@ -109,7 +106,7 @@ pub fn handle_chain(
         Opcode::Models => models(shared, &ticket, &layout, request_id),
         Opcode::Trace => trace(shared, &ticket, &layout, request_id),
         Opcode::Cancel => cancel(shared, &ticket, req.header.cancel_id, request_id),
-        Opcode::Infer => infer(shared, ticket, &readable, req, layout),
+        Opcode::Infer => infer(shared, ticket, readable, req, layout),
     }
 }
 

@@ -10,7 +10,10 @@
 
 use std::sync::Arc;
 
-use ai_infer_protocol::{Response, ResponseHeader, TensorDesc, RESPONSE_HEADER_LEN};
+use ai_infer_protocol::{
+    response_range, Response, ResponseHeader, TensorDesc, MAX_TENSORS, RESPONSE_HEADER_LEN,
+    TENSOR_DESC_LEN,
+};
 use log::warn;
 use vhost_user_backend::{VringRwLock, VringT};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -46,9 +49,9 @@ pub struct ChainTicket {
 }
 
 impl ChainTicket {
-    /// Where the response header goes in W.
+    /// Where the response header goes in W (the walk guaranteed room for it).
     pub fn response_offset(&self) -> u64 {
-        self.writable_len.saturating_sub(RESPONSE_HEADER_LEN as u64)
+        response_range(self.writable_len).map_or(0, |r| r.offset)
     }
 
     /// Writes `writes` (W offset, bytes), publishes the used element with `used_len`,
@@ -122,23 +125,24 @@ impl ChainTicket {
     }
 
     /// Completes with output shape entries (at `shapes_offset`, right before the
-    /// response header) and the response header.
+    /// response header) and the response header, whose `num_outputs` it sets.
     pub fn respond_with_shapes(
         &self,
         shapes_offset: u64,
-        header: &ResponseHeader,
-        shapes: &[TensorDesc],
+        mut header: ResponseHeader,
+        shapes: Vec<TensorDesc>,
         record: Record,
     ) -> bool {
+        header.num_outputs = u32::try_from(shapes.len()).unwrap_or(u32::MAX);
         let response = Response {
-            header: *header,
-            outputs: shapes.to_vec(),
+            header,
+            outputs: shapes,
         };
-        let mut bytes = vec![0u8; response.encoded_len()];
-        if response.encode(&mut bytes).is_err() {
-            return self.respond(header, record);
+        let mut bytes = [0u8; MAX_TENSORS * TENSOR_DESC_LEN + RESPONSE_HEADER_LEN];
+        match response.encode(&mut bytes) {
+            Ok(n) => self.complete(&[(shapes_offset, &bytes[..n])], self.used_len(), record),
+            Err(_) => self.respond(&response.header, record),
         }
-        self.complete(&[(shapes_offset, &bytes)], self.used_len(), record)
     }
 
     fn used_len(&self) -> u32 {

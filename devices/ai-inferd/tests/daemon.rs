@@ -10,7 +10,9 @@ use std::time::Duration;
 use ai_infer_protocol::{
     CancelOutcome, DType, PriorityClass, Request, Status, TensorDesc, TraceCounters, DETAIL_NONE,
 };
-use ai_inferd::test_frontend::{Buffer, FrontendOptions, RawDesc, TestFrontend};
+use ai_inferd::test_frontend::{
+    Buffer, Completed, FrontendOptions, Pending, RawDesc, TestFrontend,
+};
 use common::*;
 use virtio_bindings::bindings::virtio_ring::{
     VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
@@ -35,6 +37,34 @@ fn check_add_one(fe: &mut TestFrontend, q: u16, id: u64, values: &[f32]) {
     assert_eq!(f32_values(&done.outputs[0]), expected);
     assert_eq!(done.shapes[0].shape.dims(), &[1, values.len() as u64]);
     assert_eq!(done.shapes[0].data_len, 4 * values.len() as u64);
+}
+
+/// Submits a one-value add-one INFER of `value` to `model` on queue 0.
+fn submit_one(fe: &mut TestFrontend, id: u64, model: u32, value: f32) -> Pending {
+    fe.submit(
+        0,
+        &add_one_request(id, model, 1),
+        &[&f32_bytes(&[value])],
+        0,
+    )
+    .unwrap()
+}
+
+/// Runs a one-value add-one INFER of `value` on `model` on queue 0.
+fn call_one(fe: &mut TestFrontend, id: u64, model: u32, value: f32) -> Completed {
+    fe.call(
+        0,
+        &add_one_request(id, model, 1),
+        &[&f32_bytes(&[value])],
+        0,
+    )
+    .unwrap()
+}
+
+/// Waits for a submitted request and collects its completion.
+fn wait_done(fe: &mut TestFrontend, p: Pending) -> Completed {
+    let used = fe.wait_for(p.queue, p.head, WAIT).unwrap();
+    fe.finish(p, used).unwrap()
 }
 
 #[test]
@@ -454,22 +484,12 @@ fn every_bad_request_gets_its_status_while_another_tenant_is_served() {
 
     // Duplicate in-flight request id: the first one is held at the gate.
     h.gate.close();
-    let held = a
-        .submit(0, &add_one_request(500, GATED, 1), &[&f32_bytes(&[1.0])], 0)
-        .unwrap();
+    let held = submit_one(&mut a, 500, GATED, 1.0);
     h.gate.wait_entered(1);
-    let dup = a
-        .call(
-            0,
-            &add_one_request(500, ADD_ONE, 1),
-            &[&f32_bytes(&[1.0])],
-            0,
-        )
-        .unwrap();
+    let dup = call_one(&mut a, 500, ADD_ONE, 1.0);
     assert_eq!(dup.header().unwrap().status, Status::BadRequest);
     h.gate.open();
-    let used = a.wait_for(0, held.head, WAIT).unwrap();
-    let done = a.finish(held, used).unwrap();
+    let done = wait_done(&mut a, held);
     assert_eq!(done.header().unwrap().status, Status::Ok);
     assert_eq!(f32_values(&done.outputs[0]), vec![2.0]);
 
@@ -549,6 +569,12 @@ fn every_bad_request_gets_its_status_while_another_tenant_is_served() {
     assert_eq!(t.infer_status[Status::ModelNotAllowed as usize], 1);
     assert_eq!(t.in_flight, 0);
 
+    // Under load tenant a can get through all of the above before b's first request
+    // completes; b must have been served alongside, so let it finish one.
+    let since = std::time::Instant::now();
+    while served.load(Ordering::SeqCst) == 0 && since.elapsed() < WAIT {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     stop.store(true, Ordering::SeqCst);
     let tb = other.join().unwrap();
     assert!(served.load(Ordering::SeqCst) > 0);
@@ -568,14 +594,10 @@ fn cancel_reports_cancelled_not_found_and_already_running() {
     let h = Harness::start(1, &[TenantOpts::new("a", "[\"*\"]")]);
     let mut fe = h.connect("a");
     h.gate.close();
-    let running = fe
-        .submit(0, &add_one_request(1, GATED, 1), &[&f32_bytes(&[1.0])], 0)
-        .unwrap();
+    let running = submit_one(&mut fe, 1, GATED, 1.0);
     h.gate.wait_entered(1);
     // Queued behind the running batch on the only executor.
-    let queued = fe
-        .submit(0, &add_one_request(2, ADD_ONE, 1), &[&f32_bytes(&[2.0])], 0)
-        .unwrap();
+    let queued = submit_one(&mut fe, 2, ADD_ONE, 2.0);
     assert_eq!(fe.cancel(0, 100, 2).unwrap(), CancelOutcome::Cancelled);
     // The target's used element came before the CANCEL's: it is already there.
     let used = fe
@@ -594,8 +616,7 @@ fn cancel_reports_cancelled_not_found_and_already_running() {
     assert_eq!(fe.cancel(0, 101, 1).unwrap(), CancelOutcome::AlreadyRunning);
     assert_eq!(fe.cancel(0, 102, 77).unwrap(), CancelOutcome::NotFound);
     h.gate.open();
-    let used = fe.wait_for(0, running.head, WAIT).unwrap();
-    let done = fe.finish(running, used).unwrap();
+    let done = wait_done(&mut fe, running);
     assert_eq!(done.header().unwrap().status, Status::Ok);
     assert_eq!(fe.cancel(0, 103, 1).unwrap(), CancelOutcome::NotFound);
     let t = fe.trace().unwrap();
@@ -610,25 +631,15 @@ fn max_in_flight_gives_queue_full() {
     let h = Harness::start(1, &[t]);
     let mut fe = h.connect("a");
     h.gate.close();
-    let p1 = fe
-        .submit(0, &add_one_request(1, GATED, 1), &[&f32_bytes(&[1.0])], 0)
-        .unwrap();
+    let p1 = submit_one(&mut fe, 1, GATED, 1.0);
     h.gate.wait_entered(1);
-    let p2 = fe
-        .submit(0, &add_one_request(2, ADD_ONE, 1), &[&f32_bytes(&[2.0])], 0)
-        .unwrap();
-    let full = fe
-        .call(0, &add_one_request(3, ADD_ONE, 1), &[&f32_bytes(&[3.0])], 0)
-        .unwrap();
+    let p2 = submit_one(&mut fe, 2, ADD_ONE, 2.0);
+    let full = call_one(&mut fe, 3, ADD_ONE, 3.0);
     let hdr = full.header().unwrap();
     assert_eq!((hdr.status, hdr.request_id), (Status::QueueFull, 3));
     h.gate.open();
     for p in [p1, p2] {
-        let used = fe.wait_for(0, p.head, WAIT).unwrap();
-        assert_eq!(
-            fe.finish(p, used).unwrap().header().unwrap().status,
-            Status::Ok
-        );
+        assert_eq!(wait_done(&mut fe, p).header().unwrap().status, Status::Ok);
     }
     check_add_one(&mut fe, 0, 3, &[3.0]);
 }
@@ -641,9 +652,7 @@ fn disconnect_mid_request_discards_it_and_reconnect_works() {
     let mut b = h.connect("b");
     let mut fe = h.connect("a");
     h.gate.close();
-    let _held = fe
-        .submit(0, &add_one_request(1, GATED, 1), &[&f32_bytes(&[1.0])], 0)
-        .unwrap();
+    let _held = submit_one(&mut fe, 1, GATED, 1.0);
     h.gate.wait_entered(1);
     drop(fe);
     // The other tenant is served on the other executor meanwhile.
@@ -658,29 +667,14 @@ fn disconnect_mid_request_discards_it_and_reconnect_works() {
     check_add_one(&mut fe, 0, 1, &[4.0]);
     // The abandoned request no longer counts against max_in_flight = 2.
     h.gate.close();
-    let p1 = fe
-        .submit(0, &add_one_request(10, GATED, 1), &[&f32_bytes(&[1.0])], 0)
-        .unwrap();
-    let p2 = fe
-        .submit(0, &add_one_request(11, GATED, 1), &[&f32_bytes(&[1.0])], 0)
-        .unwrap();
+    let p1 = submit_one(&mut fe, 10, GATED, 1.0);
+    let p2 = submit_one(&mut fe, 11, GATED, 1.0);
     h.gate.wait_entered(3);
-    let full = fe
-        .call(
-            0,
-            &add_one_request(12, ADD_ONE, 1),
-            &[&f32_bytes(&[1.0])],
-            0,
-        )
-        .unwrap();
+    let full = call_one(&mut fe, 12, ADD_ONE, 1.0);
     assert_eq!(full.header().unwrap().status, Status::QueueFull);
     h.gate.open();
     for p in [p1, p2] {
-        let used = fe.wait_for(0, p.head, WAIT).unwrap();
-        assert_eq!(
-            fe.finish(p, used).unwrap().header().unwrap().status,
-            Status::Ok
-        );
+        assert_eq!(wait_done(&mut fe, p).header().unwrap().status, Status::Ok);
     }
     check_add_one(&mut b, 0, 99, &[1.5]);
 }
@@ -690,13 +684,9 @@ fn reset_abandons_in_flight_requests_without_completing_them() {
     let h = Harness::start(1, &[TenantOpts::new("a", "[\"*\"]")]);
     let mut fe = h.connect("a");
     h.gate.close();
-    let held = fe
-        .submit(0, &add_one_request(1, GATED, 1), &[&f32_bytes(&[1.0])], 0)
-        .unwrap();
+    let held = submit_one(&mut fe, 1, GATED, 1.0);
     h.gate.wait_entered(1);
-    let queued = fe
-        .submit(0, &add_one_request(2, ADD_ONE, 1), &[&f32_bytes(&[2.0])], 0)
-        .unwrap();
+    let queued = submit_one(&mut fe, 2, ADD_ONE, 2.0);
     let gate = h.gate.clone();
     let opener = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(200));
@@ -731,9 +721,7 @@ fn a_corrupt_ring_stops_only_that_tenant() {
     check_add_one(&mut a, 0, 1, &[1.0]);
     // The available index jumps by more than the queue size.
     a.set_avail_idx(0, 1 + 300).unwrap();
-    let p = a
-        .submit(0, &add_one_request(2, ADD_ONE, 1), &[&f32_bytes(&[1.0])], 0)
-        .unwrap();
+    let p = submit_one(&mut a, 2, ADD_ONE, 1.0);
     assert!(a.wait_for(0, p.head, Duration::from_millis(300)).is_err());
     check_add_one(&mut b, 0, 1, &[2.0]);
 }
@@ -743,17 +731,19 @@ fn a_request_whose_deadline_passed_in_the_queue_is_not_run() {
     let h = Harness::start(1, &[TenantOpts::new("a", "[\"*\"]")]);
     let mut fe = h.connect("a");
     h.gate.close();
-    let held = fe
-        .submit(0, &add_one_request(1, GATED, 1), &[&f32_bytes(&[1.0])], 0)
-        .unwrap();
+    let held = submit_one(&mut fe, 1, GATED, 1.0);
     h.gate.wait_entered(1);
-    let late = add_one_request(2, ADD_ONE, 1).with_deadline_us(1000);
+    // The deadline leaves room for a loaded host between taking the chain and
+    // admitting it, and passes long before the gate opens.
+    let late = add_one_request(2, ADD_ONE, 1).with_deadline_us(20_000);
     let late = fe.submit(0, &late, &[&f32_bytes(&[2.0])], 0).unwrap();
+    // A TRACE behind it on the same queue is answered only after the device took
+    // `late`, so the 50 ms below are all spent in the queue (queue_ns counts from then).
+    fe.trace().unwrap();
     std::thread::sleep(Duration::from_millis(50));
     h.gate.open();
     for (p, status) in [(held, Status::Ok), (late, Status::Deadline)] {
-        let used = fe.wait_for(0, p.head, WAIT).unwrap();
-        let done = fe.finish(p, used).unwrap();
+        let done = wait_done(&mut fe, p);
         let hdr = done.header().unwrap();
         assert_eq!(hdr.status, status);
         if status == Status::Deadline {
