@@ -223,6 +223,7 @@ impl ModelPolicy {
         Ok(())
     }
 
+    /// `max_batch` as the scheduler uses it: clamped to 1 ..= [`MAX_BATCH`].
     fn batch_limit(&self) -> usize {
         self.max_batch.clamp(1, MAX_BATCH) as usize
     }
