@@ -583,11 +583,6 @@ impl<J> SchedulerCore<J> {
         true
     }
 
-    /// The policy of a registered tenant.
-    pub fn tenant_policy(&self, tenant: TenantId) -> Option<&TenantPolicy> {
-        self.tenants.get(&tenant).map(|t| &t.policy)
-    }
-
     /// The policy of a model.
     pub fn model_policy(&self, model: ModelId) -> Option<&ModelPolicy> {
         self.models.get(&model).map(|m| &m.policy)
