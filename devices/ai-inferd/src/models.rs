@@ -32,11 +32,10 @@ use thiserror::Error;
 use crate::backend::bert::{BertBackend, BertError, BertOptions};
 use crate::backend::onnx::{OnnxBackend, OnnxError, OnnxOptions};
 use crate::backend::Backend;
+use crate::scheduler::MAX_BATCH;
 
 /// Environment variable that replaces the manifest's `models_dir`.
 pub const MODELS_DIR_ENV: &str = "AIVMM_MODELS_DIR";
-/// Largest `max_batch` accepted.
-pub const MAX_BATCH_LIMIT: u32 = 1024;
 /// Largest `instances` accepted.
 pub const MAX_INSTANCES: u32 = 64;
 /// Default upper bound of symbolic ONNX dims.
@@ -329,13 +328,7 @@ impl ModelFileEntry {
             runtime,
         };
         let max_batch = self.max_batch.unwrap_or(1);
-        check_range(
-            &name,
-            "max_batch",
-            max_batch.into(),
-            1,
-            MAX_BATCH_LIMIT.into(),
-        )?;
+        check_range(&name, "max_batch", max_batch.into(), 1, MAX_BATCH.into())?;
         let instances = self.instances.unwrap_or(1);
         check_range(
             &name,

@@ -15,6 +15,7 @@ use ai_inferd::config::Config;
 use ai_inferd::metrics::{self, MetricsEndpoint};
 use ai_inferd::reload::ReloadError;
 use ai_inferd::scheduler::{Reject, SchedulerStats, TenantId};
+use ai_inferd::test_frontend::{Pending, TestFrontend};
 use ai_inferd::top::Scrape;
 use common::*;
 
@@ -103,25 +104,17 @@ fn saturating_tenants_get_accelerator_time_by_weight() {
 
 #[test]
 fn realtime_overtakes_queued_batch_work_and_the_ceiling_applies() {
-    let order = Arc::new(Mutex::new(Vec::new()));
-    let gate = Arc::new(Gate::default());
-    let text = format!(
-        "[daemon]\nmodels = \"m\"\nexecutor_threads = 1\n{}{}",
-        tenant("rt", "priority_ceiling = \"realtime\""),
-        tenant("bulk", "priority_ceiling = \"batch\"")
+    let HeldExecutor {
+        h,
+        order,
+        gate,
+        first: mut rt,
+        second: mut bulk,
+        held,
+    } = HeldExecutor::start(
+        ("rt", "priority_ceiling = \"realtime\""),
+        ("bulk", "priority_ceiling = \"batch\""),
     );
-    let backends: Vec<Arc<dyn Backend>> = vec![
-        Arc::new(AddOne::new(ADD_ONE, "add-one", None).logging(order.clone())),
-        Arc::new(AddOne::new(GATED, "gated", Some(gate.clone()))),
-    ];
-    let h = Harness::custom(&text, backends);
-    let mut rt = h.connect("rt");
-    let mut bulk = h.connect("bulk");
-    gate.close();
-    let held = bulk
-        .submit(0, &add_one_request(1, GATED, 1), &[&f32_bytes(&[0.0])], 0)
-        .unwrap();
-    gate.wait_entered(1);
     // Eight requests queue behind the held executor; bulk asks for realtime and
     // is lowered to its batch ceiling.
     let mut queued = Vec::new();
@@ -135,21 +128,7 @@ fn realtime_overtakes_queued_batch_work_and_the_ceiling_applies() {
     let req = add_one_request(99, ADD_ONE, 1).with_priority(PriorityClass::Realtime);
     let urgent = rt.submit(0, &req, &[&f32_bytes(&[999.0])], 0).unwrap();
     // Everything is queued before the executor is free again.
-    let deadline = Instant::now() + WAIT;
-    while h
-        .daemon()
-        .shared()
-        .scheduler
-        .stats()
-        .models
-        .iter()
-        .map(|m| m.queued)
-        .sum::<u64>()
-        < 9
-    {
-        assert!(Instant::now() < deadline, "requests never queued");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_queued(&h, 9);
     gate.open();
     let used = rt.wait_for(0, urgent.head, WAIT).unwrap();
     assert_eq!(
@@ -249,27 +228,70 @@ fn queued_now(h: &Harness) -> u64 {
         .sum()
 }
 
+/// Waits until at least `n` requests are queued in the scheduler.
+fn wait_queued(h: &Harness, n: u64) {
+    let deadline = Instant::now() + WAIT;
+    while queued_now(h) < n {
+        assert!(Instant::now() < deadline, "requests never queued");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// One executor, held: tenants `first` and `second` (name, extra config lines)
+/// share add-one (which logs the inputs it runs, in order) and a gated model, and
+/// `second`'s request on the closed gate occupies the executor, so that what they
+/// submit next stays queued until `gate` opens.
+struct HeldExecutor {
+    h: Harness,
+    order: Arc<Mutex<Vec<f32>>>,
+    gate: Arc<Gate>,
+    first: TestFrontend,
+    second: TestFrontend,
+    held: Pending,
+}
+
+impl HeldExecutor {
+    fn start(first: (&str, &str), second: (&str, &str)) -> Self {
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let gate = Arc::new(Gate::default());
+        let text = format!(
+            "[daemon]\nmodels = \"m\"\nexecutor_threads = 1\n{}{}",
+            tenant(first.0, first.1),
+            tenant(second.0, second.1)
+        );
+        let backends: Vec<Arc<dyn Backend>> = vec![
+            Arc::new(AddOne::new(ADD_ONE, "add-one", None).logging(order.clone())),
+            Arc::new(AddOne::new(GATED, "gated", Some(gate.clone()))),
+        ];
+        let h = Harness::custom(&text, backends);
+        let first = h.connect(first.0);
+        let mut second = h.connect(second.0);
+        gate.close();
+        let held = second
+            .submit(0, &add_one_request(1, GATED, 1), &[&f32_bytes(&[0.0])], 0)
+            .unwrap();
+        gate.wait_entered(1);
+        HeldExecutor {
+            h,
+            order,
+            gate,
+            first,
+            second,
+            held,
+        }
+    }
+}
+
 #[test]
 fn cancel_and_disconnect_remove_queued_work_at_once() {
-    let order = Arc::new(Mutex::new(Vec::new()));
-    let gate = Arc::new(Gate::default());
-    let text = format!(
-        "[daemon]\nmodels = \"m\"\nexecutor_threads = 1\n{}{}",
-        tenant("a", ""),
-        tenant("b", "")
-    );
-    let backends: Vec<Arc<dyn Backend>> = vec![
-        Arc::new(AddOne::new(ADD_ONE, "add-one", None).logging(order.clone())),
-        Arc::new(AddOne::new(GATED, "gated", Some(gate.clone()))),
-    ];
-    let h = Harness::custom(&text, backends);
-    let mut a = h.connect("a");
-    let mut b = h.connect("b");
-    gate.close();
-    let held = b
-        .submit(0, &add_one_request(1, GATED, 1), &[&f32_bytes(&[0.0])], 0)
-        .unwrap();
-    gate.wait_entered(1);
+    let HeldExecutor {
+        h,
+        order,
+        gate,
+        first: mut a,
+        second: mut b,
+        held,
+    } = HeldExecutor::start(("a", ""), ("b", ""));
     let mut mine = Vec::new();
     for i in 0..3u64 {
         let req = add_one_request(10 + i, ADD_ONE, 1);
@@ -286,11 +308,7 @@ fn cancel_and_disconnect_remove_queued_work_at_once() {
             0,
         )
         .unwrap();
-    let deadline = Instant::now() + WAIT;
-    while queued_now(&h) < 4 {
-        assert!(Instant::now() < deadline, "requests never queued");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_queued(&h, 4);
 
     // CANCEL removes one queued request, completed CANCELLED before the CANCEL.
     assert_eq!(a.cancel(0, 100, 11).unwrap(), CancelOutcome::Cancelled);

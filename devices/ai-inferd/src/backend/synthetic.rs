@@ -87,9 +87,12 @@ impl SyntheticModel {
                 shapes: vec![shape],
             });
         }
-        let mut bytes = vec![0u8; len];
-        input.data.copy_to(&mut bytes[..]);
-        output.buf.copy_from(&bytes[..]);
+        // Guest memory to guest memory directly: no host buffer per request.
+        let dst = output
+            .buf
+            .subslice(0, len)
+            .map_err(|e| BackendError::Runtime(format!("output buffer: {e}")))?;
+        input.data.copy_to_volatile_slice(dst);
         Ok(vec![shape])
     }
 }

@@ -185,8 +185,7 @@ impl<J> ModelQueue<J> {
         if eligible == 0 {
             return None;
         }
-        let max_batch = policy.max_batch.max(1) as usize;
-        if eligible >= max_batch {
+        if eligible >= policy.batch_limit() {
             return Some(now);
         }
         let oldest = self
@@ -333,6 +332,18 @@ mod tests {
             Some(30),
             "full"
         );
+    }
+
+    #[test]
+    fn full_means_the_clamped_batch_limit() {
+        // form_batch never takes more than MAX_BATCH; a larger max_batch must not
+        // leave a full batch waiting for the delay.
+        let mut q = ModelQueue::default();
+        let p = policy(crate::scheduler::MAX_BATCH + 1, 1_000);
+        for seq in 0..u64::from(crate::scheduler::MAX_BATCH) {
+            q.push(job(seq, 1, PriorityClass::Normal, 0, None));
+        }
+        assert_eq!(q.ready_at(5, &p, PriorityClass::Batch, |_| None), Some(5));
     }
 
     #[test]

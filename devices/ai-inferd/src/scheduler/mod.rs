@@ -223,6 +223,7 @@ impl ModelPolicy {
         Ok(())
     }
 
+    /// `max_batch` as the scheduler uses it: clamped to 1 ..= [`MAX_BATCH`].
     fn batch_limit(&self) -> usize {
         self.max_batch.clamp(1, MAX_BATCH) as usize
     }
@@ -580,11 +581,6 @@ impl<J> SchedulerCore<J> {
         }
         self.set_tenant(tenant, policy);
         true
-    }
-
-    /// The policy of a registered tenant.
-    pub fn tenant_policy(&self, tenant: TenantId) -> Option<&TenantPolicy> {
-        self.tenants.get(&tenant).map(|t| &t.policy)
     }
 
     /// The policy of a model.

@@ -184,24 +184,6 @@ pub struct SchedulerStats {
     pub models: Vec<ModelSnapshot>,
 }
 
-impl SchedulerStats {
-    /// Each tenant's share of the accelerator time charged to all tenants, in order.
-    pub fn busy_shares(&self) -> Vec<(TenantId, f64)> {
-        let total: u64 = self.tenants.iter().map(|t| t.stats.busy_ns).sum();
-        self.tenants
-            .iter()
-            .map(|t| {
-                let share = if total == 0 {
-                    0.0
-                } else {
-                    t.stats.busy_ns as f64 / total as f64
-                };
-                (t.tenant, share)
-            })
-            .collect()
-    }
-}
-
 /// Jain's fairness index of `values`: 1 when all are equal, 1/n when one has all.
 pub fn jain_index(values: &[f64]) -> f64 {
     let sum: f64 = values.iter().sum();
