@@ -122,7 +122,8 @@ impl Staging {
 
 fn run_batch(shared: &Shared, id: ExecutorId, batch: Batch<Job>) {
     let model = batch.model;
-    let tenants: Vec<_> = batch.jobs.iter().map(|(meta, _)| meta.tenant).collect();
+    // Every dispatched job, and whether it runs (for the scheduler's accounting).
+    let mut dispatched = Vec::with_capacity(batch.jobs.len());
     let start = shared.scheduler.now();
     // Work abandoned by a reset or disconnect is not run and never completed. A
     // request whose deadline passed is not started (§10.1), whatever the policy did.
@@ -134,11 +135,14 @@ fn run_batch(shared: &Shared, id: ExecutorId, batch: Batch<Job>) {
             .tenant
             .start_running(meta.request_id, t.queue, t.generation)
         {
+            dispatched.push((meta.tenant, false));
             continue;
         }
         if meta.deadline.is_some_and(|d| d < start) {
+            dispatched.push((meta.tenant, false));
             expired.push(job);
         } else {
+            dispatched.push((meta.tenant, true));
             jobs.push(job);
         }
     }
@@ -157,7 +161,7 @@ fn run_batch(shared: &Shared, id: ExecutorId, batch: Batch<Job>) {
     let now = shared.scheduler.now();
     shared
         .scheduler
-        .with_core(|core| core.complete(now, id, model, &tenants, compute_ns));
+        .with_core(|core| core.complete_partial(now, id, model, &dispatched, compute_ns));
     for (job, (outcome, staging)) in jobs.iter().zip(results) {
         let timing = Timing {
             queue_ns: start.saturating_sub(job.ticket.arrival),

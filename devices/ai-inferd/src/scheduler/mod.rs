@@ -382,6 +382,22 @@ pub enum Poll<J> {
     Wait(Option<Nanos>),
 }
 
+/// How many jobs of a finished batch were dispatched, and how many of them ran.
+#[derive(Clone, Copy)]
+struct BatchSize {
+    dispatched: usize,
+    ran: usize,
+}
+
+impl BatchSize {
+    fn all(n: usize) -> Self {
+        BatchSize {
+            dispatched: n,
+            ran: n,
+        }
+    }
+}
+
 /// Deterministic scheduler state; see the module documentation.
 pub struct SchedulerCore<J> {
     config: SchedulerConfig,
@@ -1011,8 +1027,36 @@ impl<J> SchedulerCore<J> {
             now,
             executor,
             model,
-            tenants.len(),
+            BatchSize::all(tenants.len()),
             |i| (tenants[i], 1),
+            compute_ns,
+        );
+    }
+
+    /// Like [`SchedulerCore::complete`] for a batch the executor ran only in part: jobs
+    /// with `false` were dispatched but not run (expired, or abandoned by a reset or
+    /// disconnect). They are released like the others but charged nothing, and the
+    /// measured `compute_ns` is recorded for the number of jobs that did run — so the
+    /// execution-time estimates behind deadline admission never learn a batch size the
+    /// backend did not compute (nor a near-zero time when nothing ran).
+    pub fn complete_partial(
+        &mut self,
+        now: Nanos,
+        executor: ExecutorId,
+        model: ModelId,
+        jobs: &[(TenantId, bool)],
+        compute_ns: Nanos,
+    ) {
+        let ran = jobs.iter().filter(|(_, ran)| *ran).count();
+        self.finish_batch(
+            now,
+            executor,
+            model,
+            BatchSize {
+                dispatched: jobs.len(),
+                ran,
+            },
+            |i| (jobs[i].0, u64::from(jobs[i].1)),
             compute_ns,
         );
     }
@@ -1028,7 +1072,14 @@ impl<J> SchedulerCore<J> {
         jobs: &[(TenantId, u64)],
         compute_ns: Nanos,
     ) {
-        self.finish_batch(now, executor, model, jobs.len(), |i| jobs[i], compute_ns);
+        self.finish_batch(
+            now,
+            executor,
+            model,
+            BatchSize::all(jobs.len()),
+            |i| jobs[i],
+            compute_ns,
+        );
     }
 
     fn finish_batch(
@@ -1036,10 +1087,14 @@ impl<J> SchedulerCore<J> {
         now: Nanos,
         executor: ExecutorId,
         model_id: ModelId,
-        count: usize,
+        size: BatchSize,
         job: impl Fn(usize) -> (TenantId, u64),
         compute_ns: Nanos,
     ) {
+        let BatchSize {
+            dispatched: count,
+            ran,
+        } = size;
         let record = self.running.get_mut(&executor).and_then(|batches| {
             let pos = batches.iter().position(|b| b.model == model_id)?;
             batches.remove(pos)
@@ -1059,9 +1114,9 @@ impl<J> SchedulerCore<J> {
                 }
             }
         }
-        if let Some(m) = model.filter(|_| count > 0) {
-            m.estimator.record(count, compute_ns);
-            bump(&mut m.stats.completed, count as u64);
+        if let Some(m) = model.filter(|_| ran > 0) {
+            m.estimator.record(ran, compute_ns);
+            bump(&mut m.stats.completed, ran as u64);
             m.stats.compute.record(compute_ns);
             bump(&mut m.stats.busy_ns, compute_ns);
         }

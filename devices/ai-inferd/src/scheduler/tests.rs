@@ -1342,3 +1342,53 @@ fn a_slow_first_batch_does_not_lock_deadline_work_out() {
     );
     assert_eq!(core.stats().tenants[0].stats.deadline_missed, 0);
 }
+
+#[test]
+fn jobs_that_did_not_run_are_released_but_not_measured_or_charged() {
+    let mut core = SchedulerCore::new();
+    core.set_tenant(TenantId(1), TenantPolicy::default());
+    core.set_tenant(TenantId(2), TenantPolicy::default());
+    core.set_model(1, model(4, 0, &[0]));
+    for (t, id) in [(1, 0), (2, 1)] {
+        core.submit(0, meta(t, id, 1, PriorityClass::Normal, 0), id)
+            .unwrap();
+    }
+    let batch = run_batch(core.poll(0, EXEC));
+    assert_eq!(batch.jobs.len(), 2);
+    // Only tenant 1's job ran; it took 1000 ns as a batch of one.
+    let ran: Vec<_> = batch
+        .jobs
+        .iter()
+        .map(|(m, _)| (m.tenant, m.tenant == TenantId(1)))
+        .collect();
+    core.complete_partial(10, EXEC, 1, &ran, 1000);
+    assert_eq!(core.in_flight(TenantId(1)), Some(0));
+    assert_eq!(
+        core.in_flight(TenantId(2)),
+        Some(0),
+        "the skipped job is released"
+    );
+    assert!(core.estimate(1, 1).is_some(), "measured as a batch of one");
+    let stats = core.stats();
+    assert_eq!(stats.tenants[0].stats.busy_ns, 1000);
+    assert_eq!(
+        stats.tenants[1].stats.busy_ns, 0,
+        "nothing ran for tenant 2"
+    );
+
+    // A dispatched batch of which nothing ran teaches the estimator nothing.
+    let mut core = SchedulerCore::new();
+    core.set_tenant(TenantId(1), TenantPolicy::default());
+    core.set_model(1, model(4, 0, &[0]));
+    core.submit(0, meta(1, 7, 1, PriorityClass::Normal, 0), 7)
+        .unwrap();
+    let batch = run_batch(core.poll(0, EXEC));
+    let ran: Vec<_> = batch.jobs.iter().map(|(m, _)| (m.tenant, false)).collect();
+    core.complete_partial(10, EXEC, 1, &ran, 3);
+    assert_eq!(core.in_flight(TenantId(1)), Some(0));
+    assert_eq!(
+        core.estimate(1, 1),
+        None,
+        "a near-zero time for nothing is not a measurement"
+    );
+}
