@@ -307,28 +307,22 @@ impl TenantConfig {
             value,
             range,
         };
-        if self.weight == 0 {
-            return Err(range("weight", "0".into(), "≥ 1"));
-        }
-        if self.max_in_flight == 0 || self.max_in_flight > MAX_IN_FLIGHT_LIMIT {
+        // The scheduling rules are the scheduler's own; the loader adds its limits.
+        self.policy().validate().map_err(|e| {
+            let (field, value, allowed) = e.field();
+            range(field, value, allowed)
+        })?;
+        if self.max_in_flight > MAX_IN_FLIGHT_LIMIT {
             return Err(range(
                 "max_in_flight",
                 self.max_in_flight.to_string(),
                 "1-65536",
             ));
         }
+        // A token bucket of depth 0 admits nothing, whether or not a rate is set yet
+        // (a reload may add one).
         if self.burst == 0 {
             return Err(range("burst", "0".into(), "≥ 1"));
-        }
-        for (field, value) in [
-            ("rate_rps", self.rate_rps),
-            ("accel_share", self.accel_share),
-        ] {
-            if let Some(v) = value {
-                if !(v.is_finite() && v > 0.0) {
-                    return Err(range(field, v.to_string(), "a finite number > 0"));
-                }
-            }
         }
         if self.num_request_queues == 0 || usize::from(self.num_request_queues) > MAX_REQUEST_QUEUES
         {

@@ -156,6 +156,26 @@ impl Default for TenantPolicy {
     }
 }
 
+impl PolicyError {
+    /// The config field the error is about, its value and what is allowed, for a loader
+    /// that reports errors by field (`ai-inferd`'s config).
+    pub fn field(&self) -> (&'static str, String, &'static str) {
+        match self {
+            PolicyError::Weight(v) => ("weight", v.to_string(), "≥ 1"),
+            PolicyError::MaxInFlight(v) => ("max_in_flight", v.to_string(), "≥ 1"),
+            PolicyError::Rate(v) => ("rate_rps", v.to_string(), "a finite number > 0"),
+            PolicyError::Burst(v) => ("burst", v.to_string(), "≥ 1"),
+            PolicyError::AccelShare(v) => ("accel_share", v.to_string(), "a finite number > 0"),
+            PolicyError::AccelBurst(v) => ("accel_burst", v.to_string(), "a finite number > 0"),
+            other => (
+                "policy",
+                other.to_string(),
+                "see the scheduler documentation",
+            ),
+        }
+    }
+}
+
 impl TenantPolicy {
     /// Checks the values a config loader should refuse. The scheduler itself accepts
     /// any policy (weight 0 counts as 1, invalid rates as 0).
