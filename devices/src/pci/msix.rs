@@ -143,11 +143,6 @@ impl Msix {
         self.table.len().div_ceil(64) as u64 * 8
     }
 
-    /// Where the table and PBA are.
-    pub fn layout(&self) -> MsixLayout {
-        self.layout
-    }
-
     /// The capability bytes to add to config space (ID, next, control, table, PBA).
     pub fn capability(&self) -> [u8; MSIX_CAP_LEN] {
         let mut cap = [0u8; MSIX_CAP_LEN];

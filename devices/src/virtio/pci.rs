@@ -207,11 +207,6 @@ impl VirtioPciDevice {
         self.config.set_bar_address(0, addr)
     }
 
-    /// Guest address of BAR 0 as programmed now.
-    pub fn bar_address(&self) -> Option<u64> {
-        self.config.bar_address(0)
-    }
-
     /// The notification eventfds with their offset in BAR 0, for the VMM to register as
     /// ioeventfds at `BAR 0 + offset` (writes then never exit to the VMM).
     pub fn notifications(&self) -> impl Iterator<Item = (u64, &EventFd)> {
@@ -221,11 +216,6 @@ impl VirtioPciDevice {
                 evt,
             )
         })
-    }
-
-    /// The device behind the transport.
-    pub fn device(&self) -> &dyn VirtioDevice {
-        self.device.as_ref()
     }
 
     fn device_status(&self) -> u8 {

@@ -18,7 +18,7 @@ use std::io;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -96,7 +96,6 @@ impl Shared {
 
 struct State {
     shared: Mutex<Shared>,
-    changed: Condvar,
     shutdown: AtomicBool,
 }
 
@@ -176,7 +175,6 @@ impl VhostUserDevice {
         memory_regions(&memory)?;
         let state = Arc::new(State {
             shared: Mutex::new(Shared::default()),
-            changed: Condvar::new(),
             shutdown: AtomicBool::new(false),
         });
         let connector = {
@@ -197,22 +195,6 @@ impl VhostUserDevice {
             connector: Some(connector),
             enabled_queues: Vec::new(),
         })
-    }
-
-    /// Whether a backend is connected now.
-    pub fn is_connected(&self) -> bool {
-        self.state.lock().connection.is_some()
-    }
-
-    /// Waits up to `timeout` for the backend to connect.
-    pub fn wait_connected(&self, timeout: Duration) -> bool {
-        let guard = self.state.lock();
-        let (guard, _) = self
-            .state
-            .changed
-            .wait_timeout_while(guard, timeout, |s| s.connection.is_none())
-            .unwrap_or_else(|p| p.into_inner());
-        guard.connection.is_some()
     }
 
     fn start(&mut self, params: &ActivateParams<'_>) -> Result<(), VhostUserDeviceError> {
@@ -326,7 +308,6 @@ fn connector_loop(cfg: &VhostUserDeviceConfig, state: &State) {
                     s.connection = Some(conn);
                     s.generation
                 };
-                state.changed.notify_all();
                 log::info!("vhost-user backend connected at {}", cfg.socket.display());
                 wait_for_hangup(fd, &state.shutdown);
                 let mut s = state.lock();
