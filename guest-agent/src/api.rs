@@ -18,6 +18,7 @@ use thiserror::Error;
 use crate::chain::{InferOutcome, TensorRef};
 use crate::dma::{DmaBuffer, HUGE_PAGE_SIZE};
 use crate::engine::{Engine, EngineError, EngineOptions, InferOptions};
+use crate::ipc::wire::WireError;
 use crate::ipc::{DaemonClient, IpcError, DEFAULT_SOCKET};
 use crate::stats::GuestTrace;
 
@@ -193,10 +194,21 @@ impl Agent {
             Mode::Daemon => true,
         };
         if use_daemon {
-            return Ok(Agent::from_client(DaemonClient::connect(
-                &options.socket,
-                options.session_bytes,
-            )?));
+            match DaemonClient::connect(&options.socket, options.session_bytes) {
+                Ok(client) => return Ok(Agent::from_client(client)),
+                // In Auto mode a socket nobody listens on is the leftover of a daemon
+                // that died: drive the device directly (its lock says if that is safe).
+                Err(IpcError::Wire(WireError::Io(e)))
+                    if options.mode == Mode::Auto
+                        && e.kind() == std::io::ErrorKind::ConnectionRefused =>
+                {
+                    log::info!(
+                        "{} is stale (nothing listens): using the device directly",
+                        options.socket.display()
+                    );
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         match Engine::open(&options.engine) {
             Ok(engine) => Ok(Agent::from_engine(engine)),
@@ -378,6 +390,34 @@ mod tests {
     use crate::engine::tests::fake_engine;
     use crate::testing::FakeDeviceBehaviour;
     use ai_infer_protocol::DType;
+
+    #[test]
+    fn auto_mode_treats_a_socket_nobody_listens_on_as_stale() {
+        let dir = std::env::temp_dir().join(format!("ai-agent-stale-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("agent.sock");
+        let _ = std::fs::remove_file(&socket);
+        // A daemon that died leaves its socket file behind.
+        drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+        assert!(socket.exists());
+        let options = |mode| AgentOptions {
+            mode,
+            socket: socket.clone(),
+            engine: EngineOptions {
+                sysfs_root: dir.join("no-sysfs"),
+                lock_path: dir.join("agent.lock"),
+                ..EngineOptions::default()
+            },
+            ..AgentOptions::default()
+        };
+        // Auto goes on to the device (which this host does not have)...
+        let auto = Agent::open(&options(Mode::Auto)).unwrap_err();
+        assert!(matches!(auto, ApiError::Engine(_)), "{auto}");
+        // ...while a required daemon reports the refused connection.
+        let daemon = Agent::open(&options(Mode::Daemon)).unwrap_err();
+        assert!(matches!(daemon, ApiError::Ipc(_)), "{daemon}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn direct_agent_end_to_end() {

@@ -27,8 +27,6 @@ if [ "$role" = b ]; then
     sleep 1
     ai-agent --direct garbage
     echo "GUEST-AI garbage_rc=$?"
-    # The agent daemon is gone (its socket file stays): talk to the device directly.
-    direct=1
 else
     ok=0
     n=0
@@ -41,6 +39,6 @@ else
     done
     echo "GUEST-AI loop_ok=$ok loop_n=$n"
 fi
-ai-agent ${direct:+--direct} trace
+ai-agent trace
 echo "GUEST-AI trace_rc=$?"
 exit 0
