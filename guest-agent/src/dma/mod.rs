@@ -162,32 +162,27 @@ impl DmaPool {
     /// A heap-backed pool whose page `i` pretends to live at device address
     /// `page_addrs[i]`: for tests and fake devices, never for a real device.
     pub fn fake(page_size: usize, page_addrs: &[u64]) -> Result<Self, DmaError> {
-        let len = page_size
-            .checked_mul(page_addrs.len())
-            .ok_or(MappingError::BadSize {
-                len: usize::MAX,
-                page_size,
-            })?;
-        let mapping = Mapping::heap(len, page_size)?;
-        let segments = segments_from_pages(page_addrs, page_size);
-        Ok(Self::from_parts(
-            mapping,
-            page_size,
-            Some(page_addrs.to_vec()),
-            segments,
-        ))
+        Self::fake_in(page_size, page_addrs, Mapping::heap)
     }
 
     /// Like [`DmaPool::fake`], but in a memfd that can be shared with another process
     /// (to test the daemon with a fake device).
     pub fn fake_shareable(page_size: usize, page_addrs: &[u64]) -> Result<Self, DmaError> {
+        Self::fake_in(page_size, page_addrs, Mapping::memfd)
+    }
+
+    fn fake_in(
+        page_size: usize,
+        page_addrs: &[u64],
+        map: impl FnOnce(usize, usize) -> Result<Mapping, MappingError>,
+    ) -> Result<Self, DmaError> {
         let len = page_size
             .checked_mul(page_addrs.len())
             .ok_or(MappingError::BadSize {
                 len: usize::MAX,
                 page_size,
             })?;
-        let mapping = Mapping::memfd(len, page_size)?;
+        let mapping = map(len, page_size)?;
         let segments = segments_from_pages(page_addrs, page_size);
         Ok(Self::from_parts(
             mapping,
