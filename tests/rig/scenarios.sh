@@ -138,6 +138,8 @@ stderr_facts() {
     err=$(grep -m 1 '^aivmm: error:' "$RIG_TMP/$2.err")
     [ -n "$err" ] && fact "$1" error "$err"
     fact "$1" error_lines "$(grep -c '^aivmm: error:' "$RIG_TMP/$2.err")"
+    stop=$(sed -n 's/^aivmm: VM stopped: //p' "$RIG_TMP/$2.err" | head -n 1)
+    [ -n "$stop" ] && fact "$1" stopped "$stop"
 }
 
 # Memory of a running aivmm as L1 sees it: the hugetlb mappings with their NUMA placement,
@@ -497,10 +499,19 @@ scenario_ai_infer() {
     # shellcheck disable=SC2046
     vm_start ai_b "$(ai_config ai-tenant-b.toml)" $(guest_args)
     bpid=$VM_PID
+    # The daemon's view every 30 s while the tenants run (the last frame is printed with
+    # its log: per-tenant requests, rejections, in flight, latencies).
+    (while alive "$apid" || alive "$bpid"; do
+        "$AI_INFERD" top --once --metrics "$RIG_TMP/metrics.sock" >"$RIG_TMP/ai_top.new" 2>&1 &&
+            mv "$RIG_TMP/ai_top.new" "$RIG_TMP/ai_top.txt"
+        sleep 30
+    done) &
+    top_sampler=$!
     vm_wait ai_a "$apid" "$RIG_VM_TIMEOUT"
     arc=$VM_RC
     vm_wait ai_b "$bpid" "$RIG_VM_TIMEOUT"
     brc=$VM_RC
+    wait "$top_sampler"
     memory_facts ai_daemon "$dpid"
     if alive "$dpid"; then
         kill -TERM "$dpid"
@@ -511,6 +522,7 @@ scenario_ai_infer() {
         fact ai_daemon died_early 1
     fi
     cat "$RIG_TMP/ai_daemon.log"
+    sed 's/^/ai-inferd top: /' "$RIG_TMP/ai_top.txt" 2>/dev/null
     echo "RIG-END ai_daemon rc=$VM_RC"
     for run in ai_a:$arc ai_b:$brc; do
         name=${run%%:*}

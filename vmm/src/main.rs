@@ -97,7 +97,9 @@ fn main() -> ExitCode {
             let code = reason.exit_code();
             match &reason {
                 StopReason::VcpuError(msg) => return fail(code, msg),
-                other => log::info!("VM stopped: {other:?}"),
+                // Always said: an exit code of 0 alone does not tell a poweroff from a
+                // triple fault, and operators (and the rig) need to know which.
+                other => eprintln!("aivmm: VM stopped: {other}"),
             }
             ExitCode::from(code as u8)
         }

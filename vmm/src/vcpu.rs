@@ -37,6 +37,17 @@ impl StopReason {
     }
 }
 
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StopReason::GuestReset => write!(f, "the guest reset the machine"),
+            StopReason::GuestShutdown(how) => write!(f, "the guest shut down ({how})"),
+            StopReason::Signal(sig) => write!(f, "signal {sig}"),
+            StopReason::VcpuError(msg) => write!(f, "vCPU error: {msg}"),
+        }
+    }
+}
+
 /// Shared stop state: a reason slot plus an EventFd the event loop waits on.
 pub struct Stop {
     reason: Mutex<Option<StopReason>>,

@@ -49,7 +49,7 @@ use ai_infer_protocol::{
 };
 use thiserror::Error;
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -331,6 +331,10 @@ impl TestFrontend {
                 | VhostUserProtocolFeatures::RESET_DEVICE
                 | VhostUserProtocolFeatures::REPLY_ACK;
             frontend.set_protocol_features(protocol & want)?;
+            if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+                // As aivmm does: a kick must not overtake SET_VRING_ENABLE.
+                frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+            }
         }
         frontend.set_features(acked)?;
         let regions: Vec<VhostUserMemoryRegionInfo> = mem

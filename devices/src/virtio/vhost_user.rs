@@ -23,7 +23,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -387,6 +387,13 @@ fn handshake(cfg: &VhostUserDeviceConfig) -> Result<Connection, VhostUserDeviceE
         frontend
             .set_protocol_features(protocol)
             .map_err(req("SET_PROTOCOL_FEATURES"))?;
+        if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+            // Every request waits for the backend to have handled it. Without this,
+            // activation returns to the guest before the backend has processed
+            // SET_VRING_ENABLE, and a kick arriving in between is consumed while the
+            // ring is still disabled: the request is never looked at.
+            frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        }
     }
     if protocol.contains(VhostUserProtocolFeatures::MQ) {
         let got = frontend.get_queue_num().map_err(req("GET_QUEUE_NUM"))?;

@@ -165,6 +165,32 @@ mod tests {
         assert_eq!(t.join().unwrap(), 2);
     }
 
+    /// Like a shell loop of `ai-agent infer`: one short-lived client after another, each
+    /// with its own session, must all be served (no descriptor, session or id leak).
+    #[test]
+    fn hundreds_of_short_lived_clients_are_all_served() {
+        let (_fake, socket) = daemon();
+        for round in 0..300u64 {
+            let agent = Agent::from_client(DaemonClient::connect(&socket, MIB2).unwrap());
+            let model = agent.model_by_name("text-stats").unwrap();
+            let mut input = agent.ai_alloc(4, 0).unwrap();
+            input.as_mut_slice().copy_from_slice(b"abcd");
+            let mut output = agent.ai_alloc(16, 0).unwrap();
+            let res = agent
+                .ai_infer(
+                    model.id,
+                    &[(TensorDesc::input(DType::U8, &[4]).unwrap(), &input)],
+                    &mut [(
+                        TensorDesc::output(DType::F32, &[1, 4], 16).unwrap(),
+                        &mut output,
+                    )],
+                    &InferOptions::default(),
+                )
+                .unwrap_or_else(|e| panic!("client {round}: {e}"));
+            assert_eq!(res.status, ai_infer_protocol::Status::Ok, "client {round}");
+        }
+    }
+
     #[test]
     fn daemon_refuses_bad_sessions_and_foreign_offsets() {
         let (_fake, socket) = daemon();

@@ -13,6 +13,20 @@ done
 hexout() { od -An -v -tx1 "$1" | tr -d ' \n'; }
 
 echo "GUEST-AI role=$role"
+# If the script is still running after 200 s (it needs about 100), print what every agent
+# process is blocked on: the rig kills a stuck VM without asking it anything.
+(
+    sleep 200
+    for p in $(pidof ai-agent); do
+        echo "GUEST-AI-STUCK pid=$p cmd=$(tr '\0' ' ' <"/proc/$p/cmdline")"
+        for t in /proc/"$p"/task/*; do
+            echo "GUEST-AI-STUCK   task ${t##*/} $(cut -d' ' -f2,3 "$t/stat") wchan=$(cat "$t/wchan")"
+            sed 's/^/GUEST-AI-STUCK     /' "$t/stack" 2>/dev/null
+        done
+    done
+    timeout 20 ai-agent trace 2>&1 | sed 's/^/GUEST-AI-STUCK trace: /'
+) &
+watchdog=$!
 ai-agent models
 echo "GUEST-AI models_rc=$?"
 ai-agent infer --model mlp --input /scripts/mlp-input.bin --dtype f32 --shape 2,16 --output /tmp/mlp.out
@@ -41,4 +55,5 @@ else
 fi
 ai-agent trace
 echo "GUEST-AI trace_rc=$?"
+kill "$watchdog" 2>/dev/null
 exit 0
