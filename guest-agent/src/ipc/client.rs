@@ -67,13 +67,15 @@ impl DaemonClient {
             .write_to(&mut &stream)?;
         // The memory descriptor arrives with the first bytes of the reply.
         let mut len = [0u8; 4];
-        let (mut got, fd) = recv_with_fd(&stream, &mut len).map_err(WireError::from)?;
+        let (got, fd) = recv_with_fd(&stream, &mut len).map_err(WireError::from)?;
         if got == 0 {
             return Err(WireError::Io(std::io::ErrorKind::UnexpectedEof.into()).into());
         }
-        while got < 4 {
-            got += (&stream).read(&mut len[got..]).map_err(WireError::from)?;
-        }
+        // read_exact, not a loop adding read()'s counts: a read of 0 (the daemon closed
+        // the connection) would have spun here forever.
+        (&stream)
+            .read_exact(&mut len[got..])
+            .map_err(WireError::from)?;
         let reply = expect(Frame::read_after_length(len, &mut &stream)?, kind::SESSION)?;
         let info = SessionInfo::from_frame(&reply)?;
         let fd = fd.ok_or(IpcError::NoDescriptor)?;
