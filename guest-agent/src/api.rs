@@ -10,12 +10,10 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use ai_infer_protocol::{
-    CancelOutcome, DeviceConfig, ModelInfo, Status, TensorDesc, TraceCounters,
-};
+use ai_infer_protocol::{CancelOutcome, DeviceConfig, ModelInfo, TensorDesc, TraceCounters};
 use thiserror::Error;
 
-use crate::chain::{InferOutcome, TensorRef};
+use crate::chain::TensorRef;
 use crate::dma::{DmaBuffer, HUGE_PAGE_SIZE};
 use crate::engine::{Engine, EngineError, EngineOptions, InferOptions};
 use crate::ipc::wire::WireError;
@@ -84,41 +82,9 @@ impl Buffer {
     }
 }
 
-/// What `ai_infer` returns: the device's status and timings, and the output shapes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct InferResult {
-    /// The request id used (for matching with traces; cancel uses it).
-    pub request_id: u64,
-    /// Outcome; only OK means the outputs hold results.
-    pub status: Status,
-    /// Offending tensor (inputs first) for tensor errors.
-    pub detail: Option<u32>,
-    /// Output shapes produced (OK) or needed (BUFFER_TOO_SMALL, BAD_TENSOR).
-    pub outputs: Vec<TensorDesc>,
-    /// Nanoseconds queued in the device.
-    pub queue_ns: u64,
-    /// Nanoseconds of the backend call.
-    pub compute_ns: u64,
-    /// Requests in that call (0 = never ran).
-    pub batch_size: u32,
-    /// OK: output bytes written; BUFFER_TOO_SMALL: bytes needed.
-    pub payload_len: u64,
-}
-
-impl InferResult {
-    pub(crate) fn new(request_id: u64, o: InferOutcome) -> Self {
-        InferResult {
-            request_id,
-            status: o.status,
-            detail: o.detail,
-            outputs: o.outputs,
-            queue_ns: o.queue_ns,
-            compute_ns: o.compute_ns,
-            batch_size: o.batch_size,
-            payload_len: o.payload_len,
-        }
-    }
-}
+/// What `ai_infer` returns: the request id used, the device's status and timings, and
+/// the output shapes produced (OK) or needed (BUFFER_TOO_SMALL, BAD_TENSOR).
+pub use crate::chain::InferOutcome as InferResult;
 
 /// What `ai_trace` returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -335,14 +301,12 @@ impl Agent {
                 };
                 let ins: Vec<_> = inputs.iter().map(|(d, b)| (*d, &b.dma)).collect();
                 let outs: Vec<_> = outputs.iter().map(|(d, b)| (*d, &b.dma)).collect();
-                let (id, outcome) = engine.infer(model_id, &refs(&ins)?, &refs(&outs)?, options)?;
-                Ok(InferResult::new(id, outcome))
+                Ok(engine.infer(model_id, &refs(&ins)?, &refs(&outs)?, options)?)
             }
             Backend::Daemon(client) => {
                 let ins: Vec<_> = inputs.iter().map(|(d, b)| (*d, b.dma.offset())).collect();
                 let outs: Vec<_> = outputs.iter().map(|(d, b)| (*d, b.dma.offset())).collect();
-                let (id, outcome) = client.infer(model_id, &ins, &outs, options)?;
-                Ok(InferResult::new(id, outcome))
+                Ok(client.infer(model_id, &ins, &outs, options)?)
             }
         }
     }
@@ -389,7 +353,7 @@ mod tests {
     use super::*;
     use crate::engine::tests::fake_engine;
     use crate::testing::FakeDeviceBehaviour;
-    use ai_infer_protocol::DType;
+    use ai_infer_protocol::{DType, Status};
 
     #[test]
     fn auto_mode_treats_a_socket_nobody_listens_on_as_stale() {

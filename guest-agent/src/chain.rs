@@ -208,9 +208,11 @@ pub fn prepare_control(
     prepare(pool, request, &[], &[], payload_len, max_descriptors)
 }
 
-/// What an INFER came back with.
+/// What an INFER came back with (the API's `InferResult`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InferOutcome {
+    /// The request's id (checked against the one sent; cancel uses it).
+    pub request_id: u64,
     /// The device's status (BAD_REQUEST when the chain was rejected unreportably).
     pub status: Status,
     /// Offending tensor (inputs first), for tensor errors.
@@ -226,6 +228,41 @@ pub struct InferOutcome {
     pub batch_size: u32,
     /// OK: output bytes written; BUFFER_TOO_SMALL: bytes needed.
     pub payload_len: u64,
+}
+
+impl InferOutcome {
+    /// The outcome a response reports (its shapes are moved in unchecked: callers
+    /// check them against the request first).
+    pub fn from_response(resp: Response) -> Self {
+        let h = resp.header;
+        InferOutcome {
+            request_id: h.request_id,
+            status: h.status,
+            detail: (h.detail != DETAIL_NONE).then_some(h.detail),
+            outputs: resp.outputs,
+            queue_ns: h.queue_ns,
+            compute_ns: h.compute_ns,
+            batch_size: h.batch_size,
+            payload_len: h.payload_len,
+        }
+    }
+
+    /// The response that reports this outcome (the agent daemon's answer to a client).
+    pub fn into_response(self) -> Response {
+        Response {
+            header: ResponseHeader {
+                status: self.status,
+                detail: self.detail.unwrap_or(DETAIL_NONE),
+                request_id: self.request_id,
+                queue_ns: self.queue_ns,
+                compute_ns: self.compute_ns,
+                payload_len: self.payload_len,
+                batch_size: self.batch_size,
+                num_outputs: self.outputs.len() as u32,
+            },
+            outputs: self.outputs,
+        }
+    }
 }
 
 /// The response header and shapes from the control block, after checking `used_len`
@@ -253,9 +290,9 @@ fn read_response(chain: &PreparedChain, used_len: u32) -> Result<Option<Response
     Ok(Some(response))
 }
 
-fn check_detail(h: &ResponseHeader, tensors: usize) -> Result<Option<u32>, ChainError> {
+fn check_detail(h: &ResponseHeader, tensors: usize) -> Result<(), ChainError> {
     if h.detail == DETAIL_NONE {
-        return Ok(None);
+        return Ok(());
     }
     let tensor_status = matches!(
         h.status,
@@ -267,26 +304,21 @@ fn check_detail(h: &ResponseHeader, tensors: usize) -> Result<Option<u32>, Chain
             h.detail, h.status
         ));
     }
-    Ok(Some(h.detail))
+    Ok(())
 }
 
 /// Checks an INFER response against the request, field by field.
 pub fn finish_infer(chain: &PreparedChain, used_len: u32) -> Result<InferOutcome, ChainError> {
     let req = &chain.request;
     let Some(resp) = read_response(chain, used_len)? else {
-        return Ok(InferOutcome {
-            status: Status::BadRequest,
-            detail: None,
-            outputs: vec![],
-            queue_ns: 0,
-            compute_ns: 0,
-            batch_size: 0,
-            payload_len: 0,
-        });
+        return Ok(InferOutcome::from_response(Response {
+            header: ResponseHeader::new(Status::BadRequest, req.header.request_id),
+            outputs: Vec::new(),
+        }));
     };
     let h = resp.header;
     let m = req.outputs.len();
-    let detail = check_detail(&h, req.inputs.len() + m)?;
+    check_detail(&h, req.inputs.len() + m)?;
     let shapes = resp.outputs;
     match h.status {
         Status::Ok => {
@@ -341,15 +373,10 @@ pub fn finish_infer(chain: &PreparedChain, used_len: u32) -> Result<InferOutcome
             }
         }
     }
-    Ok(InferOutcome {
-        status: h.status,
-        detail,
+    Ok(InferOutcome::from_response(Response {
+        header: h,
         outputs: shapes,
-        queue_ns: h.queue_ns,
-        compute_ns: h.compute_ns,
-        batch_size: h.batch_size,
-        payload_len: h.payload_len,
-    })
+    }))
 }
 
 /// What a MODELS or TRACE came back with.

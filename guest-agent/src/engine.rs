@@ -306,7 +306,7 @@ impl Engine {
         inputs: &[TensorRef],
         outputs: &[TensorRef],
         options: &InferOptions,
-    ) -> Result<(u64, InferOutcome), EngineError> {
+    ) -> Result<InferOutcome, EngineError> {
         let id = options.request_id.unwrap_or_else(|| self.next_request_id());
         let request = Request::infer(
             id,
@@ -345,7 +345,7 @@ impl Engine {
             bytes_in,
             outcome.payload_len,
         );
-        Ok((id, outcome))
+        Ok(outcome)
     }
 
     /// The models this tenant may use.
@@ -467,6 +467,21 @@ pub(crate) mod tests {
         )
     }
 
+    /// One INFER of `model` on one input and one output, default options.
+    fn infer_one(
+        engine: &Engine,
+        model: u32,
+        input: &TensorRef,
+        output: &TensorRef,
+    ) -> Result<InferOutcome, EngineError> {
+        engine.infer(
+            model,
+            std::slice::from_ref(input),
+            std::slice::from_ref(output),
+            &InferOptions::default(),
+        )
+    }
+
     fn f32s(v: &[f32]) -> Vec<u8> {
         v.iter().flat_map(|x| x.to_le_bytes()).collect()
     }
@@ -481,8 +496,8 @@ pub(crate) mod tests {
             deadline_us: 5000,
             request_id: Some(77),
         };
-        let (id, out) = engine.infer(1, &[input], &[output], &opts).unwrap();
-        assert_eq!(id, 77);
+        let out = engine.infer(1, &[input], &[output], &opts).unwrap();
+        assert_eq!(out.request_id, 77);
         assert_eq!(out.status, Status::Ok);
         assert_eq!(out.outputs[0].shape.dims(), &[1, 4]);
         assert_eq!(&out_buf.as_slice()[..16], &f32s(&[2.0, 4.0, 6.0, 8.0])[..]);
@@ -506,29 +521,13 @@ pub(crate) mod tests {
         let (_fake, engine) = fake_engine(FakeDeviceBehaviour::default());
         let (_i, input) = f32_input(&engine, &[0; 16]);
         let (_o, small) = f32_output(&engine, 8);
-        let (_, out) = engine
-            .infer(
-                1,
-                std::slice::from_ref(&input),
-                &[small],
-                &InferOptions::default(),
-            )
-            .unwrap();
+        let out = infer_one(&engine, 1, &input, &small).unwrap();
         assert_eq!(out.status, Status::BufferTooSmall);
         assert_eq!(out.outputs[0].data_len, 16);
         let (_o, output) = f32_output(&engine, 64);
-        let (_, out) = engine
-            .infer(
-                9,
-                std::slice::from_ref(&input),
-                std::slice::from_ref(&output),
-                &InferOptions::default(),
-            )
-            .unwrap();
+        let out = infer_one(&engine, 9, &input, &output).unwrap();
         assert_eq!(out.status, Status::UnknownModel);
-        let (_, out) = engine
-            .infer(2, &[input], &[output], &InferOptions::default())
-            .unwrap();
+        let out = infer_one(&engine, 2, &input, &output).unwrap();
         assert_eq!((out.status, out.detail), (Status::BadTensor, Some(0)));
     }
 
@@ -559,32 +558,16 @@ pub(crate) mod tests {
             Corruption::OversizedOutput,
         ] {
             fake.state().corruption = Some(c);
-            let err = engine
-                .infer(
-                    1,
-                    std::slice::from_ref(&input),
-                    std::slice::from_ref(&output),
-                    &InferOptions::default(),
-                )
-                .unwrap_err();
+            let err = infer_one(&engine, 1, &input, &output).unwrap_err();
             assert!(
                 matches!(err, EngineError::Chain(ChainError::BadResponse(_))),
                 "{c:?}: {err}"
             );
         }
         fake.state().corruption = Some(Corruption::UsedLenZero);
-        let (_, out) = engine
-            .infer(
-                1,
-                std::slice::from_ref(&input),
-                std::slice::from_ref(&output),
-                &InferOptions::default(),
-            )
-            .unwrap();
+        let out = infer_one(&engine, 1, &input, &output).unwrap();
         assert_eq!(out.status, Status::BadRequest);
-        let (_, out) = engine
-            .infer(1, &[input], &[output], &InferOptions::default())
-            .unwrap();
+        let out = infer_one(&engine, 1, &input, &output).unwrap();
         assert_eq!(out.status, Status::Ok);
         assert_eq!(engine.guest_trace().driver_errors, 5);
     }

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 
 use ai_infer_protocol::{
     CancelOutcome, DeviceConfig, ModelInfo, ModelList, Request, Response, Status, TensorDesc,
-    TraceCounters, DETAIL_NONE,
+    TraceCounters,
 };
 
 use super::fdpass::recv_with_fd;
@@ -136,7 +136,7 @@ impl DaemonClient {
         inputs: &[(TensorDesc, usize)],
         outputs: &[(TensorDesc, usize)],
         options: &InferOptions,
-    ) -> Result<(u64, InferOutcome), IpcError> {
+    ) -> Result<InferOutcome, IpcError> {
         let id = options
             .request_id
             .unwrap_or_else(|| self.next_id.fetch_add(1, Ordering::Relaxed));
@@ -165,19 +165,7 @@ impl DaemonClient {
                 resp.outputs.len()
             )));
         }
-        let h = resp.header;
-        Ok((
-            id,
-            InferOutcome {
-                status: h.status,
-                detail: (h.detail != DETAIL_NONE).then_some(h.detail),
-                outputs: resp.outputs,
-                queue_ns: h.queue_ns,
-                compute_ns: h.compute_ns,
-                batch_size: h.batch_size,
-                payload_len: h.payload_len,
-            },
-        ))
+        Ok(InferOutcome::from_response(resp))
     }
 
     /// The models this tenant may use.

@@ -20,7 +20,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 
-use ai_infer_protocol::{CancelOutcome, ModelList, Response, Status, TraceCounters};
+use ai_infer_protocol::{CancelOutcome, ModelList, Status, TraceCounters};
 
 use super::fdpass::send_with_fd;
 use super::wire::{kind, Frame, InferMessage, SessionInfo, WireError, IPC_VERSION};
@@ -318,20 +318,9 @@ impl Daemon {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&client_id);
-        let (_, outcome) = result?;
-        let response = Response {
-            header: ai_infer_protocol::ResponseHeader {
-                status: outcome.status,
-                detail: outcome.detail.unwrap_or(ai_infer_protocol::DETAIL_NONE),
-                request_id: client_id,
-                queue_ns: outcome.queue_ns,
-                compute_ns: outcome.compute_ns,
-                payload_len: outcome.payload_len,
-                batch_size: outcome.batch_size,
-                num_outputs: outcome.outputs.len() as u32,
-            },
-            outputs: outcome.outputs,
-        };
+        let mut outcome = result?;
+        outcome.request_id = client_id;
+        let response = outcome.into_response();
         let mut body = vec![0u8; response.encoded_len()];
         response.encode(&mut body)?;
         Ok(Frame::new(kind::INFER_DONE).bytes(&body))
