@@ -400,6 +400,32 @@ impl VfioPciDevice {
     }
 
     /// Where the MSI-X table and the PBA are: (table, PBA).
+    /// Routes a guest access of `len` bytes at `offset` of BAR `bar` (offset and length
+    /// are the guest's: checked against the BAR here).
+    fn route(&self, bar: usize, offset: u64, len: usize) -> BarTarget {
+        let Some(vbar) = self.config.bar(bar) else {
+            return BarTarget::Nothing;
+        };
+        let len = len as u64;
+        if offset.checked_add(len).is_none_or(|end| end > vbar.size) {
+            return BarTarget::Nothing;
+        }
+        if let Some((table, pba)) = self.msix_ranges() {
+            // An access straddling the start of the table or PBA goes nowhere.
+            if table.hit(bar, offset, len) {
+                return offset
+                    .checked_sub(table.offset)
+                    .map_or(BarTarget::Nothing, BarTarget::MsixTable);
+            }
+            if pba.hit(bar, offset, len) {
+                return offset
+                    .checked_sub(pba.offset)
+                    .map_or(BarTarget::Nothing, BarTarget::MsixPba);
+            }
+        }
+        BarTarget::Region
+    }
+
     fn msix_ranges(&self) -> Option<(BarRange, BarRange)> {
         let cap = self.config.msix()?;
         let (t_off, t_len) = msix_table_range(cap.table_size, &cap.layout);
@@ -417,6 +443,19 @@ impl VfioPciDevice {
             },
         ))
     }
+}
+
+/// Where a trapped BAR access goes.
+enum BarTarget {
+    /// The emulated MSI-X table, at this offset into it.
+    MsixTable(u64),
+    /// The emulated MSI-X PBA, at this offset into it.
+    MsixPba(u64),
+    /// The device's region (through VFIO).
+    Region,
+    /// Nowhere: outside the BAR, or straddling the start of the table or PBA (reads
+    /// all-ones, writes dropped).
+    Nothing,
 }
 
 /// A byte range inside one BAR.
@@ -497,54 +536,33 @@ impl PciDevice for VfioPciDevice {
 
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
         data.fill(0xff);
-        let Some(vbar) = self.config.bar(bar) else {
-            return;
-        };
-        let len = data.len() as u64;
-        if offset.checked_add(len).is_none_or(|end| end > vbar.size) {
-            return;
-        }
-        if let Some((table, pba)) = self.msix_ranges() {
-            // An access straddling the start of the table or PBA reads all-ones.
-            if table.hit(bar, offset, len) {
-                if let (Some(msix), Some(rel)) = (&self.msix, offset.checked_sub(table.offset)) {
+        match self.route(bar, offset, data.len()) {
+            BarTarget::MsixTable(rel) => {
+                if let Some(msix) = &self.msix {
                     msix.read_table(rel, data);
                 }
-                return;
             }
-            if pba.hit(bar, offset, len) {
-                if let (Some(msix), Some(rel)) = (&self.msix, offset.checked_sub(pba.offset)) {
+            BarTarget::MsixPba(rel) => {
+                if let Some(msix) = &self.msix {
                     msix.read_pba(rel, data);
                 }
-                return;
             }
+            BarTarget::Region => self.backend.region_read(bar as u32, offset, data),
+            BarTarget::Nothing => {}
         }
-        self.backend.region_read(bar as u32, offset, data);
     }
 
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
-        let Some(vbar) = self.config.bar(bar) else {
-            return;
-        };
-        let len = data.len() as u64;
-        if offset.checked_add(len).is_none_or(|end| end > vbar.size) {
-            return;
-        }
-        if let Some((table, pba)) = self.msix_ranges() {
-            if table.hit(bar, offset, len) {
-                if let (Some(msix), Some(rel)) =
-                    (self.msix.as_mut(), offset.checked_sub(table.offset))
-                {
+        match self.route(bar, offset, data.len()) {
+            BarTarget::MsixTable(rel) => {
+                if let Some(msix) = self.msix.as_mut() {
                     msix.write_table(rel, data);
                 }
-                return;
             }
-            if pba.hit(bar, offset, len) {
-                // The PBA is read-only.
-                return;
-            }
+            // The PBA is read-only.
+            BarTarget::MsixPba(_) | BarTarget::Nothing => {}
+            BarTarget::Region => self.backend.region_write(bar as u32, offset, data),
         }
-        self.backend.region_write(bar as u32, offset, data);
     }
 }
 
