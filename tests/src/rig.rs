@@ -368,6 +368,56 @@ impl Rig {
         }
     }
 
+    /// The run of scenario `scenario` whose `case` fact is `case`, which aivmm must have
+    /// refused: exit code 2, one `aivmm: error:` line mentioning every fragment of
+    /// `expect` (case-insensitively), and the free hugepages of every node unchanged.
+    #[track_caller]
+    pub fn check_refused(&self, scenario: &str, case: &str, expect: &[&str]) {
+        let runs = self.runs(scenario);
+        let Some(run) = runs.iter().find(|r| r.fact("case") == Some(case)) else {
+            panic!(
+                "no {scenario} run for case `{case}`\n{}\n{}",
+                self.describe(),
+                runs.iter().map(|r| r.excerpt(20)).collect::<String>()
+            );
+        };
+        let what = format!("{scenario} `{case}`");
+        self.check(
+            run,
+            run.rc == Some(2),
+            &format!("{what}: exit code should be 2"),
+        );
+        let errors: Vec<&str> = run
+            .stderr_lines()
+            .filter(|l| l.starts_with("aivmm: error:"))
+            .collect();
+        self.check(
+            run,
+            errors.len() == 1,
+            &format!("{what}: expected one `aivmm: error:` line, got {errors:?}"),
+        );
+        let line = errors[0].to_ascii_lowercase();
+        for fragment in expect {
+            self.check(
+                run,
+                line.contains(&fragment.to_ascii_lowercase()),
+                &format!("{what}: the error line does not mention `{fragment}`"),
+            );
+        }
+        for node in [0, 1] {
+            if let (Some(b), Some(a)) = (
+                run.fact_i64(&format!("hp_node{node}_before")),
+                run.fact_i64(&format!("hp_node{node}_after")),
+            ) {
+                self.check(
+                    run,
+                    a == b,
+                    &format!("{what}: free hugepages on node {node} went {b} -> {a}"),
+                );
+            }
+        }
+    }
+
     /// An integer fact the scenario must have recorded.
     #[track_caller]
     pub fn fact_i64(&self, run: &ScenarioRun, key: &str) -> i64 {
