@@ -20,7 +20,7 @@ echo "GUEST-AI role=$role"
     for p in $(pidof ai-agent); do
         echo "GUEST-AI-STUCK pid=$p cmd=$(tr '\0' ' ' <"/proc/$p/cmdline")"
         for t in /proc/"$p"/task/*; do
-            echo "GUEST-AI-STUCK   task ${t##*/} $(cut -d' ' -f2,3 "$t/stat") wchan=$(cat "$t/wchan")"
+            echo "GUEST-AI-STUCK   task ${t##*/} $(cut -d' ' -f2,3 "$t/stat") wchan=$(cat "$t/wchan") syscall=$(cat "$t/syscall" 2>/dev/null)"
             sed 's/^/GUEST-AI-STUCK     /' "$t/stack" 2>/dev/null
         done
     done
