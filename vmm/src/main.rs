@@ -14,23 +14,30 @@ use vmm::vcpu::StopReason;
 /// A minimal stderr logger: `aivmm: <level>: message`.
 struct StderrLogger;
 
-/// vfio-ioctls warns about optional VFIO IRQ indexes a device does not have (e.g. "Could
-/// not get VFIO IRQ info for index 3") on every start: harmless, so shown only at info.
-fn level_of(m: &log::Metadata) -> log::Level {
-    if m.target().starts_with("vfio_ioctls") && m.level() == log::Level::Warn {
+/// vfio-ioctls warns "Could not get VFIO IRQ info for index N" for every optional IRQ
+/// index a device lacks, on every start: harmless, so that one message is shown only at
+/// info. Its other warnings (failed region reads/writes) stay warnings.
+fn level_of(r: &log::Record) -> log::Level {
+    let optional_irq_index = r.level() == log::Level::Warn
+        && r.target().starts_with("vfio_ioctls")
+        && r.args()
+            .as_str()
+            .map_or_else(|| r.args().to_string(), str::to_owned)
+            .starts_with("Could not get VFIO IRQ info");
+    if optional_irq_index {
         log::Level::Info
     } else {
-        m.level()
+        r.level()
     }
 }
 
 impl log::Log for StderrLogger {
     fn enabled(&self, m: &log::Metadata) -> bool {
-        level_of(m) <= log::max_level()
+        m.level() <= log::max_level()
     }
     fn log(&self, r: &log::Record) {
-        if self.enabled(r.metadata()) {
-            let level = level_of(r.metadata());
+        let level = level_of(r);
+        if level <= log::max_level() {
             eprintln!("aivmm: {}: {}", level.as_str().to_lowercase(), r.args());
         }
     }
