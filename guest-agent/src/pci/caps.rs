@@ -113,6 +113,10 @@ pub enum CapsError {
     /// A structure the driver needs has no usable capability.
     #[error("No usable virtio {0:?} capability")]
     Missing(VirtioCapType),
+    /// notify_off_multiplier is neither 0 nor an even power of two (virtio 1.x §4.1.4.4):
+    /// the notification addresses would not be 2-byte aligned.
+    #[error("notify_off_multiplier {0} is neither 0 nor an even power of two")]
+    BadNotifyMultiplier(u32),
 }
 
 fn byte(cfg: &[u8], at: usize) -> Result<u8, CapsError> {
@@ -225,6 +229,11 @@ pub fn parse_virtio_caps(cfg: &[u8]) -> Result<VirtioCaps, CapsError> {
     let common = common.ok_or(CapsError::Missing(VirtioCapType::Common))?;
     let (notify, notify_off_multiplier) =
         notify.ok_or(CapsError::Missing(VirtioCapType::Notify))?;
+    if notify_off_multiplier != 0
+        && !(notify_off_multiplier.is_power_of_two() && notify_off_multiplier >= 2)
+    {
+        return Err(CapsError::BadNotifyMultiplier(notify_off_multiplier));
+    }
     let device = device.ok_or(CapsError::Missing(VirtioCapType::Device))?;
     Ok(VirtioCaps {
         common,
@@ -343,6 +352,27 @@ mod tests {
             parse_virtio_caps(&config_with(&[])),
             Err(CapsError::Missing(VirtioCapType::Common))
         );
+    }
+
+    #[test]
+    fn rejects_notify_multipliers_that_misalign_notifications() {
+        for (mult, ok) in [
+            (0, true),
+            (2, true),
+            (4, true),
+            (1, false),
+            (3, false),
+            (6, false),
+        ] {
+            let mut caps = standard();
+            caps[4].1 = notify_cap(2, 0x3000, 0x1000, mult);
+            let parsed = parse_virtio_caps(&config_with(&caps));
+            if ok {
+                assert_eq!(parsed.unwrap().notify_off_multiplier, mult);
+            } else {
+                assert_eq!(parsed, Err(CapsError::BadNotifyMultiplier(mult)));
+            }
+        }
     }
 
     #[test]
