@@ -13,7 +13,7 @@ use ai_infer_protocol::{
 };
 
 use super::fdpass::recv_with_fd;
-use super::wire::{kind, Frame, InferMessage, SessionInfo, WireError, IPC_VERSION};
+use super::wire::{kind, Frame, InferMessage, SessionInfo, WireError, IPC_VERSION, MAX_FRAME};
 use super::IpcError;
 use crate::api::Trace;
 use crate::chain::InferOutcome;
@@ -76,7 +76,10 @@ impl DaemonClient {
         (&stream)
             .read_exact(&mut len[got..])
             .map_err(WireError::from)?;
-        let reply = expect(Frame::read_after_length(len, &mut &stream)?, kind::SESSION)?;
+        let reply = expect(
+            Frame::read_after_length(len, &mut &stream, MAX_FRAME)?,
+            kind::SESSION,
+        )?;
         let info = SessionInfo::from_frame(&reply)?;
         let fd = fd.ok_or(IpcError::NoDescriptor)?;
         let bad_len = || {
@@ -115,7 +118,7 @@ impl DaemonClient {
         Frame::new(kind::ATTACH)
             .u64(self.info.token)
             .write_to(&mut &s)?;
-        expect(Frame::read_from(&mut &s)?, kind::SESSION)?;
+        expect(Frame::read_from(&mut &s, MAX_FRAME)?, kind::SESSION)?;
         Ok(s)
     }
 
@@ -123,7 +126,7 @@ impl DaemonClient {
     fn call(&self, frame: &Frame, want: u32) -> Result<Frame, IpcError> {
         let s = self.connection()?;
         frame.write_to(&mut &s)?;
-        let reply = Frame::read_from(&mut &s)?;
+        let reply = Frame::read_from(&mut &s, MAX_FRAME)?;
         // A connection that delivered a whole reply is reusable, whatever it said.
         self.idle.lock().unwrap_or_else(|e| e.into_inner()).push(s);
         expect(reply, want)

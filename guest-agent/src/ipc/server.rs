@@ -23,11 +23,16 @@ use std::sync::{Arc, Mutex, Weak};
 use ai_infer_protocol::{CancelOutcome, ModelList, Status, TraceCounters};
 
 use super::fdpass::send_with_fd;
-use super::wire::{kind, Frame, InferMessage, SessionInfo, WireError, IPC_VERSION};
+use super::wire::{
+    kind, Frame, InferMessage, SessionInfo, WireError, IPC_VERSION, MAX_REQUEST_FRAME,
+};
 use super::IpcError;
 use crate::chain::{ChainError, TensorRef};
 use crate::dma::{DmaError, DmaPool, HUGE_PAGE_SIZE};
 use crate::engine::{Engine, EngineError, InferOptions};
+
+/// Pause after a failed accept (e.g. out of descriptors) before trying again.
+const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Makes the memory of a new session (huge pages normally; fakes in tests).
 pub type SessionMemory = dyn Fn(usize) -> Result<DmaPool, DmaError> + Send + Sync;
@@ -55,6 +60,38 @@ struct Session {
     pool: DmaPool,
     /// The client's request ids in flight -> the daemon's (for CANCEL).
     ids: Mutex<HashMap<u64, u64>>,
+}
+
+impl Session {
+    /// Records the client's `client_id` as in flight under `daemon_id` until the guard
+    /// drops; an id already in flight in this session is refused (as direct mode does).
+    fn begin(&self, client_id: u64, daemon_id: u64) -> Result<SessionId<'_>, IpcError> {
+        let mut ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
+        if ids.contains_key(&client_id) {
+            return Err(EngineError::DuplicateRequestId(client_id).into());
+        }
+        ids.insert(client_id, daemon_id);
+        Ok(SessionId {
+            session: self,
+            client_id,
+        })
+    }
+}
+
+/// A client request id in flight in a session; removed on drop, however the request ends.
+struct SessionId<'a> {
+    session: &'a Session,
+    client_id: u64,
+}
+
+impl Drop for SessionId<'_> {
+    fn drop(&mut self) {
+        self.session
+            .ids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.client_id);
+    }
 }
 
 /// The daemon.
@@ -112,13 +149,32 @@ impl Daemon {
     /// Serves connections from `listener`.
     pub fn serve(self: Arc<Self>, listener: UnixListener) -> Result<(), IpcError> {
         for conn in listener.incoming() {
-            let stream = conn.map_err(WireError::from)?;
-            let me = self.clone();
-            std::thread::spawn(move || {
-                if let Err(e) = me.serve_connection(&stream) {
-                    log::debug!("agent client connection ended: {e}");
+            let stream = match conn {
+                Ok(s) => s,
+                // A broken listener ends the daemon...
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EBADF | libc::EINVAL)) => {
+                    return Err(WireError::from(e).into())
                 }
-            });
+                // ...but clients exhausting descriptors or memory must not: the others
+                // keep being served once some connections close.
+                Err(e) => {
+                    log::warn!("agent daemon: accept failed: {e}");
+                    std::thread::sleep(ACCEPT_BACKOFF);
+                    continue;
+                }
+            };
+            let me = self.clone();
+            let spawned = std::thread::Builder::new()
+                .name("agent-client".into())
+                .spawn(move || {
+                    if let Err(e) = me.serve_connection(&stream) {
+                        log::debug!("agent client connection ended: {e}");
+                    }
+                });
+            if let Err(e) = spawned {
+                // The connection is dropped (closed) with the closure.
+                log::warn!("agent daemon: no thread for a client: {e}");
+            }
         }
         Ok(())
     }
@@ -172,7 +228,7 @@ impl Daemon {
     }
 
     fn serve_connection(&self, stream: &UnixStream) -> Result<(), IpcError> {
-        let first = Frame::read_from(&mut &*stream)?;
+        let first = Frame::read_from(&mut &*stream, MAX_REQUEST_FRAME)?;
         let session = match first.kind {
             kind::HELLO => match self.open_session(&first) {
                 Ok(s) => {
@@ -215,7 +271,7 @@ impl Daemon {
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
                 Err(e) => return Err(WireError::from(e).into()),
             }
-            let frame = Frame::read_after_length(len, &mut &*stream)?;
+            let frame = Frame::read_after_length(len, &mut &*stream, MAX_REQUEST_FRAME)?;
             let reply = self.handle(&session, &frame).unwrap_or_else(|e| {
                 let status = match &e {
                     IpcError::Engine(EngineError::Chain(ChainError::Request(p))) => {
@@ -300,11 +356,7 @@ impl Daemon {
         let outputs = refs.split_off(req.inputs.len());
         let client_id = req.header.request_id;
         let daemon_id = self.engine.reserve_request_id();
-        session
-            .ids
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(client_id, daemon_id);
+        let _in_flight = session.begin(client_id, daemon_id)?;
         let options = InferOptions {
             priority: req.header.priority,
             deadline_us: req.header.deadline_us,
@@ -313,16 +365,35 @@ impl Daemon {
         let result = self
             .engine
             .infer(req.header.model_id, &refs, &outputs, &options);
-        session
-            .ids
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&client_id);
         let mut outcome = result?;
         outcome.request_id = client_id;
         let response = outcome.into_response();
         let mut body = vec![0u8; response.encoded_len()];
         response.encode(&mut body)?;
         Ok(Frame::new(kind::INFER_DONE).bytes(&body))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_id_is_in_flight_once_per_session_until_its_request_ends() {
+        let session = Session {
+            token: 1,
+            pool: DmaPool::fake(4096, &[0x1000]).unwrap(),
+            ids: Mutex::new(HashMap::new()),
+        };
+        let first = session.begin(7, 100).unwrap();
+        assert!(matches!(
+            session.begin(7, 101),
+            Err(IpcError::Engine(EngineError::DuplicateRequestId(7)))
+        ));
+        // CANCEL still finds the first request's daemon id.
+        assert_eq!(session.ids.lock().unwrap().get(&7), Some(&100));
+        drop(first);
+        assert!(session.ids.lock().unwrap().is_empty());
+        assert!(session.begin(7, 102).is_ok());
     }
 }

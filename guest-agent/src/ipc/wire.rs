@@ -17,6 +17,10 @@ pub const IPC_VERSION: u32 = 1;
 /// Largest frame accepted (a MODELS list of 1024 full models is about 5.6 MB).
 pub const MAX_FRAME: usize = 16 << 20;
 
+/// Longest frame a client sends (HELLO, ATTACH, an INFER of 16+16 tensors: under 3 KiB):
+/// the daemon reads nothing longer from a client.
+pub const MAX_REQUEST_FRAME: usize = 16 << 10;
+
 /// Errors of the socket protocol.
 #[derive(Debug, Error)]
 pub enum WireError {
@@ -119,24 +123,32 @@ impl Frame {
         Ok(())
     }
 
-    /// Reads the rest of a frame whose 4-byte length prefix was already read.
-    pub fn read_after_length(len_bytes: [u8; 4], r: &mut impl Read) -> Result<Self, WireError> {
+    /// Reads the rest of a frame whose 4-byte length prefix was already read; frames
+    /// longer than `max` bytes (at most [`MAX_FRAME`]) are refused before allocating.
+    pub fn read_after_length(
+        len_bytes: [u8; 4],
+        r: &mut impl Read,
+        max: usize,
+    ) -> Result<Self, WireError> {
         let len = u32::from_le_bytes(len_bytes) as usize;
-        if !(4..=MAX_FRAME).contains(&len) {
+        if !(4..=max.min(MAX_FRAME)).contains(&len) {
             return Err(WireError::FrameLength(len));
         }
-        let mut buf = vec![0u8; len];
-        r.read_exact(&mut buf)?;
-        let kind = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
-        buf.drain(..4);
-        Ok(Frame { kind, body: buf })
+        let mut kind = [0u8; 4];
+        r.read_exact(&mut kind)?;
+        let mut body = vec![0u8; len - 4];
+        r.read_exact(&mut body)?;
+        Ok(Frame {
+            kind: u32::from_le_bytes(kind),
+            body,
+        })
     }
 
-    /// Reads one frame.
-    pub fn read_from(r: &mut impl Read) -> Result<Self, WireError> {
+    /// Reads one frame of at most `max` bytes.
+    pub fn read_from(r: &mut impl Read, max: usize) -> Result<Self, WireError> {
         let mut len = [0u8; 4];
         r.read_exact(&mut len)?;
-        Self::read_after_length(len, r)
+        Self::read_after_length(len, r, max)
     }
 
     /// A reader over the body.
@@ -317,20 +329,25 @@ mod tests {
         let f = Frame::new(kind::CANCEL).u64(42);
         let bytes = f.encode().unwrap();
         assert_eq!(bytes.len(), 4 + 4 + 8);
-        assert_eq!(Frame::read_from(&mut &bytes[..]).unwrap(), f);
+        assert_eq!(Frame::read_from(&mut &bytes[..], MAX_FRAME).unwrap(), f);
         let mut r = f.reader();
         assert_eq!(r.u64().unwrap(), 42);
         assert!(r.u32().is_err());
         for bad in [0u32, 3, (MAX_FRAME + 1) as u32] {
             let b = bad.to_le_bytes();
             assert!(matches!(
-                Frame::read_from(&mut &b[..]),
+                Frame::read_from(&mut &b[..], MAX_FRAME),
                 Err(WireError::FrameLength(_))
             ));
         }
+        // Longer than the reader's limit: refused before the body is read.
+        assert!(matches!(
+            Frame::read_from(&mut &bytes[..], 8),
+            Err(WireError::FrameLength(12))
+        ));
         // Truncated body.
         assert!(matches!(
-            Frame::read_from(&mut &bytes[..10]),
+            Frame::read_from(&mut &bytes[..10], MAX_FRAME),
             Err(WireError::Io(_))
         ));
     }
