@@ -19,7 +19,7 @@ use crate::guest_io::{tensor_slice, BounceBuffer, GuestIoError, TensorPlace};
 use crate::intake::complete_rejected;
 use crate::job::Job;
 use crate::numa;
-use crate::scheduler::{Batch, ExecutorId, Nanos, Poll, Reject};
+use crate::scheduler::{Batch, ExecutorId, JobEnd, Nanos, Poll, Reject};
 use crate::tenant::Record;
 
 /// How often an idle executor checks the stop flag.
@@ -135,14 +135,14 @@ fn run_batch(shared: &Shared, id: ExecutorId, batch: Batch<Job>) {
             .tenant
             .start_running(meta.request_id, t.queue, t.generation)
         {
-            dispatched.push((meta.tenant, false));
+            dispatched.push((meta.tenant, JobEnd::Dropped(Reject::Cancelled)));
             continue;
         }
         if meta.deadline.is_some_and(|d| d < start) {
-            dispatched.push((meta.tenant, false));
+            dispatched.push((meta.tenant, JobEnd::Dropped(Reject::Deadline)));
             expired.push(job);
         } else {
-            dispatched.push((meta.tenant, true));
+            dispatched.push((meta.tenant, JobEnd::Ran { weight: 1 }));
             jobs.push(job);
         }
     }
@@ -161,7 +161,7 @@ fn run_batch(shared: &Shared, id: ExecutorId, batch: Batch<Job>) {
     let now = shared.scheduler.now();
     shared
         .scheduler
-        .with_core(|core| core.complete_partial(now, id, model, &dispatched, compute_ns));
+        .with_core(|core| core.complete_batch(now, id, model, &dispatched, compute_ns));
     for (job, (outcome, staging)) in jobs.iter().zip(results) {
         let timing = Timing {
             queue_ns: start.saturating_sub(job.ticket.arrival),

@@ -20,7 +20,8 @@
 //! A dispatched batch is charged to its tenants at its estimated time (split equally)
 //! and corrected when [`SchedulerCore::complete`] reports the measured time, split
 //! equally among the batch's requests ([`SchedulerCore::complete_batch`] splits by
-//! caller-given weights instead, e.g. input bytes).
+//! caller-given weights instead, e.g. input bytes, and releases jobs that were dispatched
+//! but not run as dropped).
 
 mod batcher;
 pub mod deadline;
@@ -402,20 +403,18 @@ pub enum Poll<J> {
     Wait(Option<Nanos>),
 }
 
-/// How many jobs of a finished batch were dispatched, and how many of them ran.
-#[derive(Clone, Copy)]
-struct BatchSize {
-    dispatched: usize,
-    ran: usize,
-}
-
-impl BatchSize {
-    fn all(n: usize) -> Self {
-        BatchSize {
-            dispatched: n,
-            ran: n,
-        }
-    }
+/// How one dispatched job of a finished batch ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobEnd {
+    /// It ran; `weight` is its share of the batch's cost (equal shares when every job
+    /// that ran has weight 0).
+    Ran {
+        /// Cost weight (e.g. input bytes).
+        weight: u64,
+    },
+    /// Dispatched but not run: its deadline passed before it started (Deadline), or its
+    /// queue was reset or its VM left (Cancelled).
+    Dropped(Reject),
 }
 
 /// Deterministic scheduler state; see the module documentation.
@@ -1033,8 +1032,8 @@ impl<J> SchedulerCore<J> {
     }
 
     /// Records that `executor` finished a batch of `model` that took `compute_ns`,
-    /// with the given jobs' tenants (one entry per job, in batch order). The time is
-    /// split equally among the jobs and charged to their tenants.
+    /// with the given jobs' tenants (one entry per job, in batch order), all of which
+    /// ran. The time is split equally among the jobs and charged to their tenants.
     pub fn complete(
         &mut self,
         now: Nanos,
@@ -1047,59 +1046,27 @@ impl<J> SchedulerCore<J> {
             now,
             executor,
             model,
-            BatchSize::all(tenants.len()),
-            |i| (tenants[i], 1),
+            tenants.len(),
+            |i| (tenants[i], JobEnd::Ran { weight: 1 }),
             compute_ns,
         );
     }
 
-    /// Like [`SchedulerCore::complete`] for a batch the executor ran only in part: jobs
-    /// with `false` were dispatched but not run (expired, or abandoned by a reset or
-    /// disconnect). They are released like the others but charged nothing, and the
-    /// measured `compute_ns` is recorded for the number of jobs that did run — so the
-    /// execution-time estimates behind deadline admission never learn a batch size the
-    /// backend did not compute (nor a near-zero time when nothing ran).
-    pub fn complete_partial(
-        &mut self,
-        now: Nanos,
-        executor: ExecutorId,
-        model: ModelId,
-        jobs: &[(TenantId, bool)],
-        compute_ns: Nanos,
-    ) {
-        let ran = jobs.iter().filter(|(_, ran)| *ran).count();
-        self.finish_batch(
-            now,
-            executor,
-            model,
-            BatchSize {
-                dispatched: jobs.len(),
-                ran,
-            },
-            |i| (jobs[i].0, u64::from(jobs[i].1)),
-            compute_ns,
-        );
-    }
-
-    /// Like [`SchedulerCore::complete`], with a cost weight per job (e.g. its input
-    /// bytes, or tokens after padding): `compute_ns` is split in proportion to the
-    /// weights (equally when they are all 0).
+    /// Like [`SchedulerCore::complete`], with how each job ended: a job that ran carries
+    /// a cost weight (e.g. its input bytes, or tokens after padding) and `compute_ns` is
+    /// split among the jobs that ran in proportion to it (equally when all are 0). A
+    /// job that was dispatched but not run is released and counted as dropped for its
+    /// reason; it is charged nothing, and the estimator behind deadline admission learns
+    /// `compute_ns` for the number of jobs that ran only (nothing when none did).
     pub fn complete_batch(
         &mut self,
         now: Nanos,
         executor: ExecutorId,
         model: ModelId,
-        jobs: &[(TenantId, u64)],
+        jobs: &[(TenantId, JobEnd)],
         compute_ns: Nanos,
     ) {
-        self.finish_batch(
-            now,
-            executor,
-            model,
-            BatchSize::all(jobs.len()),
-            |i| jobs[i],
-            compute_ns,
-        );
+        self.finish_batch(now, executor, model, jobs.len(), |i| jobs[i], compute_ns);
     }
 
     fn finish_batch(
@@ -1107,22 +1074,23 @@ impl<J> SchedulerCore<J> {
         now: Nanos,
         executor: ExecutorId,
         model_id: ModelId,
-        size: BatchSize,
-        job: impl Fn(usize) -> (TenantId, u64),
+        count: usize,
+        job: impl Fn(usize) -> (TenantId, JobEnd),
         compute_ns: Nanos,
     ) {
-        let BatchSize {
-            dispatched: count,
-            ran,
-        } = size;
+        let ran_weight = |i| match job(i).1 {
+            JobEnd::Ran { weight } => Some(weight),
+            JobEnd::Dropped(_) => None,
+        };
         let record = self.running.get_mut(&executor).and_then(|batches| {
             let pos = batches.iter().position(|b| b.model == model_id)?;
             batches.remove(pos)
         });
         let mut model = self.models.get_mut(&model_id);
         if let Some(record) = record {
-            for dispatched in record.jobs {
-                let late = dispatched.deadline.is_some_and(|d| now > d);
+            // The record's jobs are in batch order, like `job`.
+            for (i, dispatched) in record.jobs.into_iter().enumerate() {
+                let late = ran_weight(i).is_some() && dispatched.deadline.is_some_and(|d| now > d);
                 if let Some(t) = self.tenants.get_mut(&dispatched.tenant) {
                     t.clock.refund(dispatched.charged);
                     if late {
@@ -1134,21 +1102,35 @@ impl<J> SchedulerCore<J> {
                 }
             }
         }
-        if let Some(m) = model.filter(|_| ran > 0) {
+        let ran = (0..count).filter(|&i| ran_weight(i).is_some()).count();
+        if let Some(m) = model.as_mut().filter(|_| ran > 0) {
             m.estimator.record(ran, compute_ns);
             bump(&mut m.stats.completed, ran as u64);
             m.stats.compute.record(compute_ns);
             bump(&mut m.stats.busy_ns, compute_ns);
         }
-        let mut total_weight: u128 = (0..count).map(|i| u128::from(job(i).1)).sum();
+        let mut total_weight: u128 = (0..count).filter_map(ran_weight).map(u128::from).sum();
         let equal = total_weight == 0;
         if equal {
-            total_weight = count as u128;
+            total_weight = ran.max(1) as u128;
         }
         let compute = u128::from(compute_ns);
         let mut cumulative = 0u128;
         for i in 0..count {
-            let (tenant, weight) = job(i);
+            let (tenant, end) = job(i);
+            let weight = match end {
+                JobEnd::Ran { weight } => weight,
+                JobEnd::Dropped(reason) => {
+                    if let Some(m) = model.as_mut() {
+                        bump(&mut m.stats.dropped[reason.index()], 1);
+                    }
+                    if let Some(t) = self.tenants.get_mut(&tenant) {
+                        t.in_flight = t.in_flight.saturating_sub(1);
+                        bump(&mut t.stats.dropped[reason.index()], 1);
+                    }
+                    continue;
+                }
+            };
             let weight = if equal { 1 } else { u128::from(weight) };
             // Shares from cumulative weights add up to exactly `compute_ns`.
             let before = compute * cumulative / total_weight;
@@ -1159,7 +1141,7 @@ impl<J> SchedulerCore<J> {
                 t.clock.charge(share);
                 t.quota.charge_accel(now, share);
                 bump(&mut t.stats.completed, 1);
-                t.stats.batch_sizes.record(count);
+                t.stats.batch_sizes.record(ran);
                 t.stats.compute.record(compute_ns);
                 bump(&mut t.stats.busy_ns, share);
             }

@@ -1009,7 +1009,10 @@ fn complete_batch_splits_time_by_weight_and_complete_equally() {
     let weighted: Vec<_> = batch
         .jobs
         .iter()
-        .map(|(m, _)| (m.tenant, if m.tenant == TenantId(2) { 2 } else { 1 }))
+        .map(|(m, _)| {
+            let weight = if m.tenant == TenantId(2) { 2 } else { 1 };
+            (m.tenant, JobEnd::Ran { weight })
+        })
         .collect();
     core.complete_batch(10, EXEC, 1, &weighted, 1000);
     let stats = core.stats();
@@ -1355,13 +1358,21 @@ fn jobs_that_did_not_run_are_released_but_not_measured_or_charged() {
     }
     let batch = run_batch(core.poll(0, EXEC));
     assert_eq!(batch.jobs.len(), 2);
-    // Only tenant 1's job ran; it took 1000 ns as a batch of one.
+    // Only tenant 1's job ran; it took 1000 ns as a batch of one. Tenant 2's expired
+    // before it started.
     let ran: Vec<_> = batch
         .jobs
         .iter()
-        .map(|(m, _)| (m.tenant, m.tenant == TenantId(1)))
+        .map(|(m, _)| {
+            let end = if m.tenant == TenantId(1) {
+                JobEnd::Ran { weight: 1 }
+            } else {
+                JobEnd::Dropped(Reject::Deadline)
+            };
+            (m.tenant, end)
+        })
         .collect();
-    core.complete_partial(10, EXEC, 1, &ran, 1000);
+    core.complete_batch(10, EXEC, 1, &ran, 1000);
     assert_eq!(core.in_flight(TenantId(1)), Some(0));
     assert_eq!(
         core.in_flight(TenantId(2)),
@@ -1375,6 +1386,18 @@ fn jobs_that_did_not_run_are_released_but_not_measured_or_charged() {
         stats.tenants[1].stats.busy_ns, 0,
         "nothing ran for tenant 2"
     );
+    // The job that did not run is dropped, not completed (late or otherwise).
+    let t2 = &stats.tenants[1].stats;
+    assert_eq!(
+        (
+            t2.completed,
+            t2.deadline_missed,
+            t2.dropped[Reject::Deadline.index()]
+        ),
+        (0, 0, 1)
+    );
+    let m = &stats.models[0].stats;
+    assert_eq!((m.completed, m.dropped[Reject::Deadline.index()]), (1, 1));
 
     // A dispatched batch of which nothing ran teaches the estimator nothing.
     let mut core = SchedulerCore::new();
@@ -1383,12 +1406,22 @@ fn jobs_that_did_not_run_are_released_but_not_measured_or_charged() {
     core.submit(0, meta(1, 7, 1, PriorityClass::Normal, 0), 7)
         .unwrap();
     let batch = run_batch(core.poll(0, EXEC));
-    let ran: Vec<_> = batch.jobs.iter().map(|(m, _)| (m.tenant, false)).collect();
-    core.complete_partial(10, EXEC, 1, &ran, 3);
+    let ran: Vec<_> = batch
+        .jobs
+        .iter()
+        .map(|(m, _)| (m.tenant, JobEnd::Dropped(Reject::Cancelled)))
+        .collect();
+    core.complete_batch(10, EXEC, 1, &ran, 3);
     assert_eq!(core.in_flight(TenantId(1)), Some(0));
     assert_eq!(
         core.estimate(1, 1),
         None,
         "a near-zero time for nothing is not a measurement"
+    );
+    let t = &core.stats().tenants[0].stats;
+    assert_eq!(
+        (t.busy_ns, t.completed, t.dropped[Reject::Cancelled.index()]),
+        (0, 0, 1),
+        "nothing is charged when nothing ran"
     );
 }
