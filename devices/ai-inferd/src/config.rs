@@ -123,7 +123,7 @@ pub struct Config {
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DaemonSection {
-    /// The models manifest (read by `models::load_models`). Relative paths are
+    /// The models manifest (read by `models::Manifest::read`). Relative paths are
     /// relative to the config file.
     pub models: PathBuf,
     /// Where the Prometheus metrics are served: a unix socket path, or

@@ -6,6 +6,7 @@
 //! queued work is dropped, running work is waited for (its results discarded), the
 //! guest memory mapping goes with the last reference, and the socket listens again.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -20,11 +21,12 @@ use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::backend::Backend;
-use crate::config::Config;
+use crate::config::{Config, DaemonSection};
 use crate::device::TenantDevice;
 use crate::executor;
 use crate::job::Job;
 use crate::metrics::{MetricsEndpoint, MetricsError, MetricsServer, MetricsSource};
+use crate::models::ModelServing;
 use crate::numa::{self, NumaError};
 use crate::registry::{ModelRegistry, RegistryError};
 use crate::reload::{self, ReloadError};
@@ -72,6 +74,10 @@ pub struct Shared {
     pub registry: ModelRegistry,
     /// Every configured tenant; index = tenant id.
     pub tenants: Vec<Arc<Tenant>>,
+    /// How each model is served (manifest settings), by model id.
+    serving: BTreeMap<u32, ModelServing>,
+    /// Every executor, in id order.
+    executors: Vec<ExecutorId>,
     /// The configuration in effect; its lock also serialises reloads.
     running: Mutex<Config>,
     /// Reloads applied and refused.
@@ -79,6 +85,27 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The scheduler's policy for `backend`'s model: its own batch limit, the manifest's
+    /// delay (else the daemon's) and `instances` executors (else all), the executors
+    /// taken in turn from one after the model's id so models spread over them.
+    fn model_policy(&self, backend: &dyn Backend, daemon: &DaemonSection) -> ModelPolicy {
+        let id = backend.info().id;
+        let serving = self.serving.get(&id).copied().unwrap_or_default();
+        let all = self.executors.len();
+        let instances = serving.instances.map_or(all, |n| (n as usize).min(all));
+        let executors = (0..instances)
+            .map(|k| self.executors[(id as usize + k) % all.max(1)])
+            .collect();
+        ModelPolicy {
+            max_batch: u32::try_from(backend.max_batch().max(1)).unwrap_or(u32::MAX),
+            max_queue_delay_ns: serving
+                .max_queue_delay_ns
+                .unwrap_or_else(|| daemon.max_batch_delay_us.saturating_mul(1000)),
+            executors,
+            ..ModelPolicy::default()
+        }
+    }
+
     /// Applies `new` if the running configuration may become it (see [`reload`]),
     /// and logs one line either way. Returns the summary of the changes.
     pub fn reload(&self, new: Config) -> Result<String, ReloadError> {
@@ -117,16 +144,14 @@ impl Shared {
         let mut running = lock(&self.running);
         let plan = reload::plan(&running, new, &self.registry)?;
         let daemon = &plan.config.daemon;
-        let delay_ns = daemon.max_batch_delay_us.saturating_mul(1000);
         // Grants change under the scheduler lock, as connections read them to
         // register: a tenant is never registered with a stale policy.
         self.scheduler.with_core(|core| {
             core.set_config(reload::scheduler_config(core.config(), daemon));
             for backend in self.registry.iter() {
                 let id = backend.info().id;
-                if let Some(mut policy) = core.model_policy(id).cloned() {
-                    policy.max_queue_delay_ns = delay_ns;
-                    core.set_model(id, policy);
+                if core.model_policy(id).is_some() {
+                    core.set_model(id, self.model_policy(backend.as_ref(), daemon));
                 }
             }
             for (index, grant) in &plan.grants {
@@ -211,13 +236,29 @@ impl Daemon {
     /// Loads the tenants and models and starts serving every tenant socket, with
     /// the executors placed as the config says (NUMA nodes read from sysfs).
     pub fn start(config: &Config, backends: Vec<Arc<dyn Backend>>) -> Result<Daemon, DaemonError> {
-        Self::start_with(config, backends, Path::new(numa::NODE_ROOT))
+        Self::start_with(
+            config,
+            backends,
+            BTreeMap::new(),
+            Path::new(numa::NODE_ROOT),
+        )
     }
 
-    /// [`Daemon::start`] with the NUMA nodes listed under `node_root`.
+    /// [`Daemon::start`] with each model served as `serving` says (by model id; the
+    /// manifest's [`Manifest::serving`](crate::models::Manifest::serving)).
+    pub fn start_serving(
+        config: &Config,
+        backends: Vec<Arc<dyn Backend>>,
+        serving: BTreeMap<u32, ModelServing>,
+    ) -> Result<Daemon, DaemonError> {
+        Self::start_with(config, backends, serving, Path::new(numa::NODE_ROOT))
+    }
+
+    /// [`Daemon::start_serving`] with the NUMA nodes listed under `node_root`.
     pub fn start_with(
         config: &Config,
         backends: Vec<Arc<dyn Backend>>,
+        serving: BTreeMap<u32, ModelServing>,
         node_root: &Path,
     ) -> Result<Daemon, DaemonError> {
         let registry = ModelRegistry::new(backends)?;
@@ -238,19 +279,6 @@ impl Daemon {
             &SchedulerConfig::default(),
             &config.daemon,
         ));
-        scheduler.with_core(|core| {
-            for backend in registry.iter() {
-                core.set_model(
-                    backend.info().id,
-                    ModelPolicy {
-                        max_batch: u32::try_from(backend.max_batch().max(1)).unwrap_or(u32::MAX),
-                        max_queue_delay_ns: config.daemon.max_batch_delay_us.saturating_mul(1000),
-                        executors: executor_ids.clone(),
-                        ..ModelPolicy::default()
-                    },
-                );
-            }
-        });
 
         // Bind every socket before starting anything, so a bad path fails start-up.
         let mut listeners = Vec::new();
@@ -266,8 +294,16 @@ impl Daemon {
             scheduler,
             registry,
             tenants,
+            serving,
+            executors: executor_ids,
             running: Mutex::new(config.clone()),
             reloads: Default::default(),
+        });
+        shared.scheduler.with_core(|core| {
+            for backend in shared.registry.iter() {
+                let policy = shared.model_policy(backend.as_ref(), &config.daemon);
+                core.set_model(backend.info().id, policy);
+            }
         });
 
         let stop = Arc::new(AtomicBool::new(false));
@@ -279,8 +315,8 @@ impl Daemon {
             executors: Vec::new(),
             metrics: None,
         };
-        for (id, cpus) in executor_ids.iter().zip(placement) {
-            let (shared, stop, id) = (Arc::clone(&shared), Arc::clone(&stop), *id);
+        for (&id, cpus) in shared.executors.iter().zip(placement) {
+            let (shared, stop) = (Arc::clone(&shared), Arc::clone(&stop));
             let name = format!("executor-{}", id.0);
             let handle = std::thread::Builder::new()
                 .name(name.clone())

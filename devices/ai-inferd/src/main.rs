@@ -11,14 +11,13 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ai_inferd::backend::Backend;
 use ai_inferd::bench::{self, BenchOptions};
 use ai_inferd::config::Config;
 use ai_inferd::daemon::{Daemon, DaemonError};
 use ai_inferd::metrics::{self, MetricsEndpoint};
+use ai_inferd::models::Manifest;
 use ai_inferd::top;
 use clap::{Parser, Subcommand};
 use log::{info, LevelFilter};
@@ -113,11 +112,6 @@ impl log::Log for StderrLogger {
 
 static LOGGER: StderrLogger = StderrLogger;
 
-/// Loads the models manifest (`models::load_models`).
-fn load_models(manifest: &Path) -> Result<Vec<Arc<dyn Backend>>, String> {
-    ai_inferd::models::load_models(manifest).map_err(|e| e.to_string())
-}
-
 /// SIGTERM, SIGINT and SIGHUP, blocked in every thread so that only `sigwait` sees
 /// them.
 fn block_signals() -> std::io::Result<libc::sigset_t> {
@@ -165,14 +159,16 @@ fn serve(config_path: &Path) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let backends = match load_models(&config.daemon.models) {
-        Ok(b) => b,
+    let loaded =
+        Manifest::read(&config.daemon.models).and_then(|m| Ok((m.load_backends()?, m.serving())));
+    let (backends, serving) = match loaded {
+        Ok(l) => l,
         Err(e) => {
             eprintln!("ai-inferd: {e}");
             return ExitCode::from(1);
         }
     };
-    let daemon = match Daemon::start(&config, backends) {
+    let daemon = match Daemon::start_serving(&config, backends, serving) {
         Ok(d) => d,
         Err(e @ (DaemonError::Registry(_) | DaemonError::Numa(_))) => {
             eprintln!("ai-inferd: {e}");

@@ -13,8 +13,10 @@
 //!                           # "bert": candle sentence embeddings, `path` is a model directory
 //! path = "mlp.onnx"
 //! max_batch = 8             # requests per backend call, 1..=1024; default 1
-//! max_queue_delay_us = 500  # longest a request waits for its batch to fill; default 0
-//! instances = 1             # executors running this model at once, 1..=64; default 1
+//! max_queue_delay_us = 500  # longest a request waits for its batch to fill;
+//!                           #   default: the daemon's max_batch_delay_us
+//! instances = 1             # executors running this model at once, 1..=64 (capped at
+//!                           #   executor_threads); default: every executor
 //! max_dynamic_dim = 64      # onnx only: upper bound of every symbolic dim; default 64
 //! device = "cpu"            # bert only: "cpu" (default) or "cuda:N" (cargo feature `cuda`)
 //! ```
@@ -22,6 +24,7 @@
 //! Models get MODELS ids 1, 2, ... in manifest order. Each model is loaded once; its
 //! `instances` executors share the loaded weights (backends are `Sync`).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -217,8 +220,19 @@ struct ModelFileEntry {
     device: Option<String>,
 }
 
-/// One validated model entry; the scheduler's `ModelPolicy` comes from `max_batch`,
-/// `max_queue_delay_us` and `instances`.
+/// How the daemon serves one model (the scheduler's policy besides `max_batch`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ModelServing {
+    /// Longest a request waits for its batch to fill; `None`: the daemon's
+    /// `max_batch_delay_us`.
+    pub max_queue_delay_ns: Option<u64>,
+    /// Executors that may run the model at once (each a concurrent instance sharing the
+    /// one loaded backend); `None`: every executor.
+    pub instances: Option<u32>,
+}
+
+/// One validated model entry; the scheduler's `ModelPolicy` comes from `max_batch`
+/// and [`ModelEntry::serving`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ModelEntry {
     /// MODELS id: position in the manifest, from 1.
@@ -233,11 +247,12 @@ pub struct ModelEntry {
     /// fewer ([`Backend::max_batch`]: 1 for an ONNX model without a batch dim); the
     /// scheduler's policy should take the smaller of the two.
     pub max_batch: u32,
-    /// Longest a request waits for its batch to fill, in µs (default 0).
-    pub max_queue_delay_us: u64,
-    /// Executors running this model concurrently (default 1); they share the one
-    /// loaded backend.
-    pub instances: u32,
+    /// Longest a request waits for its batch to fill, in µs (default: the daemon's
+    /// `max_batch_delay_us`).
+    pub max_queue_delay_us: Option<u64>,
+    /// Executors running this model concurrently (default: every executor); they share
+    /// the one loaded backend.
+    pub instances: Option<u32>,
     /// Upper bound of symbolic ONNX dims (default 64; onnx only).
     pub max_dynamic_dim: u64,
     /// Where it computes (default CPU).
@@ -245,9 +260,12 @@ pub struct ModelEntry {
 }
 
 impl ModelEntry {
-    /// `max_queue_delay_us` in nanoseconds (saturating).
-    pub fn max_queue_delay_ns(&self) -> u64 {
-        self.max_queue_delay_us.saturating_mul(1000)
+    /// How the daemon serves this model.
+    pub fn serving(&self) -> ModelServing {
+        ModelServing {
+            max_queue_delay_ns: self.max_queue_delay_us.map(|us| us.saturating_mul(1000)),
+            instances: self.instances,
+        }
     }
 }
 
@@ -329,14 +347,15 @@ impl ModelFileEntry {
         };
         let max_batch = self.max_batch.unwrap_or(1);
         check_range(&name, "max_batch", max_batch.into(), 1, MAX_BATCH.into())?;
-        let instances = self.instances.unwrap_or(1);
-        check_range(
-            &name,
-            "instances",
-            instances.into(),
-            1,
-            MAX_INSTANCES.into(),
-        )?;
+        if let Some(instances) = self.instances {
+            check_range(
+                &name,
+                "instances",
+                instances.into(),
+                1,
+                MAX_INSTANCES.into(),
+            )?;
+        }
         if runtime != Runtime::Onnx && self.max_dynamic_dim.is_some() {
             return Err(not_for("max_dynamic_dim"));
         }
@@ -376,8 +395,8 @@ impl ModelFileEntry {
             runtime,
             path,
             max_batch,
-            max_queue_delay_us: self.max_queue_delay_us.unwrap_or(0),
-            instances,
+            max_queue_delay_us: self.max_queue_delay_us,
+            instances: self.instances,
             max_dynamic_dim,
             device,
         })
@@ -440,6 +459,11 @@ impl Manifest {
             models.push(entry.validate(i as u32 + 1, &base)?);
         }
         Ok(Manifest { models })
+    }
+
+    /// How each model is served, by MODELS id.
+    pub fn serving(&self) -> BTreeMap<u32, ModelServing> {
+        self.models.iter().map(|m| (m.id, m.serving())).collect()
     }
 
     /// Loads every model, in order.
@@ -569,8 +593,8 @@ mod tests {
                     runtime: Runtime::Onnx,
                     path: s.0.join("m/a.onnx"),
                     max_batch: 8,
-                    max_queue_delay_us: 250,
-                    instances: 1,
+                    max_queue_delay_us: Some(250),
+                    instances: None,
                     max_dynamic_dim: DEFAULT_MAX_DYNAMIC_DIM,
                     device: ComputeDevice::Cpu,
                 },
@@ -580,14 +604,20 @@ mod tests {
                     runtime: Runtime::Bert,
                     path: s.0.join("m/bert"),
                     max_batch: 1,
-                    max_queue_delay_us: 0,
-                    instances: 2,
+                    max_queue_delay_us: None,
+                    instances: Some(2),
                     max_dynamic_dim: DEFAULT_MAX_DYNAMIC_DIM,
                     device: ComputeDevice::Cpu,
                 },
             ]
         );
-        assert_eq!(m.models[0].max_queue_delay_ns(), 250_000);
+        assert_eq!(
+            m.serving().get(&1),
+            Some(&ModelServing {
+                max_queue_delay_ns: Some(250_000),
+                instances: None
+            })
+        );
     }
 
     #[test]

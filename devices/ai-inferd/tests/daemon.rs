@@ -757,3 +757,53 @@ fn a_request_whose_deadline_passed_in_the_queue_is_not_run() {
         1
     );
 }
+
+/// The manifest's per-model settings reach the scheduler, and a reload of the daemon's
+/// batch delay changes only the models that do not set their own.
+#[test]
+fn per_model_delay_and_instances_shape_the_policies_and_survive_a_reload() {
+    use ai_inferd::backend::Backend;
+    use ai_inferd::config::Config;
+    use ai_inferd::daemon::Daemon;
+    use ai_inferd::models::ModelServing;
+    let dir = test_dir();
+    let text = |delay_us: u32| {
+        format!(
+            "[daemon]\nmodels = \"unused.toml\"\nexecutor_threads = 3\nmax_batch_delay_us = {delay_us}\n\
+             [[tenant]]\nname = \"a\"\nsocket = \"{}\"\nallowed_models = [\"*\"]\n",
+            dir.join("a.sock").display()
+        )
+    };
+    let backends: Vec<Arc<dyn Backend>> = vec![
+        Arc::new(AddOne::new(ADD_ONE, "add-one", None)),
+        Arc::new(AddOne::new(SECRET, "secret", None)),
+    ];
+    let serving = [(
+        ADD_ONE,
+        ModelServing {
+            max_queue_delay_ns: Some(7_000_000),
+            instances: Some(2),
+        },
+    )]
+    .into_iter()
+    .collect();
+    let daemon =
+        Daemon::start_serving(&Config::parse(&text(100)).unwrap(), backends, serving).unwrap();
+    let policy = |id| {
+        daemon
+            .shared()
+            .scheduler
+            .with_core(|core| core.model_policy(id).cloned().unwrap())
+    };
+    let (set, unset) = (policy(ADD_ONE), policy(SECRET));
+    assert_eq!(set.max_queue_delay_ns, 7_000_000);
+    assert_eq!(set.executors.len(), 2, "instances = 2 of 3 executors");
+    assert_eq!(unset.max_queue_delay_ns, 100_000, "the daemon's delay");
+    assert_eq!(unset.executors.len(), 3, "every executor");
+
+    daemon.reload(Config::parse(&text(300)).unwrap()).unwrap();
+    assert_eq!(policy(ADD_ONE).max_queue_delay_ns, 7_000_000);
+    assert_eq!(policy(ADD_ONE).executors, set.executors);
+    assert_eq!(policy(SECRET).max_queue_delay_ns, 300_000);
+    daemon.shutdown();
+}
