@@ -204,6 +204,7 @@ impl TenantDevice {
             writable,
             writable_len,
             arrival,
+            running: AtomicBool::new(false),
         };
         match walked {
             Ok(walked) => {

@@ -130,11 +130,7 @@ fn run_batch(shared: &Shared, id: ExecutorId, batch: Batch<Job>) {
     let mut jobs = Vec::new();
     let mut expired = Vec::new();
     for (meta, job) in batch.jobs {
-        let t = &job.ticket;
-        if !t
-            .tenant
-            .start_running(meta.request_id, t.queue, t.generation)
-        {
+        if !job.ticket.start_running(meta.request_id) {
             dispatched.push((meta.tenant, JobEnd::Dropped(Reject::Cancelled)));
             continue;
         }
@@ -168,14 +164,11 @@ fn run_batch(shared: &Shared, id: ExecutorId, batch: Batch<Job>) {
             compute_ns,
             batch_size,
         };
+        // Completing the ticket also ends its running state.
         finish(job, outcome, staging.as_ref(), timing);
-        job.ticket.tenant.finish_running(job.ticket.queue);
     }
     for job in expired {
-        let queue = job.ticket.queue;
-        let tenant = std::sync::Arc::clone(&job.ticket.tenant);
         complete_rejected(shared, job, Reject::Deadline);
-        tenant.finish_running(queue);
     }
 }
 

@@ -123,6 +123,13 @@ impl TenantState {
         }
     }
 
+    /// Counts down the work running for `queue` (see [`Tenant::finish_running`]).
+    pub fn finish_running(&mut self, queue: u16) {
+        if let Some(r) = self.running.get_mut(usize::from(queue)) {
+            *r = r.saturating_sub(1);
+        }
+    }
+
     /// Registers an admitted INFER.
     pub fn add_in_flight(&mut self, request_id: u64, queue: u16) {
         self.conn.in_flight.insert(
@@ -222,7 +229,8 @@ impl Tenant {
     }
 
     /// Marks an INFER as taken by an executor if its queue generation is still
-    /// `generation`; then the caller must call [`Tenant::finish_running`]. Returns
+    /// `generation`; then it must be finished ([`Tenant::finish_running`]; a
+    /// [`ChainTicket`](crate::ticket::ChainTicket) does it as it completes). Returns
     /// false for abandoned work, which must not be run.
     pub fn start_running(&self, request_id: u64, queue: u16, generation: u64) -> bool {
         let mut st = self.lock();
@@ -238,13 +246,16 @@ impl Tenant {
         true
     }
 
-    /// An executor is done with a job [`Tenant::start_running`] accepted.
+    /// An executor is done with a job [`Tenant::start_running`] accepted (normally
+    /// through [`TenantState::finish_running`] as the job completes, under the lock it
+    /// completes under; call [`Tenant::notify_idle`] after releasing it).
     pub fn finish_running(&self, queue: u16) {
-        let mut st = self.lock();
-        if let Some(r) = st.running.get_mut(usize::from(queue)) {
-            *r = r.saturating_sub(1);
-        }
-        drop(st);
+        self.lock().finish_running(queue);
+        self.notify_idle();
+    }
+
+    /// Wakes [`Tenant::wait_idle`] after running work finished.
+    pub fn notify_idle(&self) {
         self.idle.notify_all();
     }
 

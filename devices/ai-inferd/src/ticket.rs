@@ -8,6 +8,7 @@
 //! lock, so a reset or disconnect (which moves the generation under the same lock)
 //! is either fully before or fully after it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use ai_infer_protocol::{
@@ -46,6 +47,19 @@ pub struct ChainTicket {
     pub writable_len: u64,
     /// When the chain was taken (scheduler clock).
     pub arrival: Nanos,
+    /// An executor runs this chain's INFER ([`ChainTicket::start_running`]); its
+    /// completion, or else the ticket's drop, ends that.
+    pub running: AtomicBool,
+}
+
+impl Drop for ChainTicket {
+    fn drop(&mut self) {
+        // Work started but never completed (cannot happen on the executor's paths):
+        // never leave a reset waiting for it.
+        if self.running.swap(false, Ordering::Relaxed) {
+            self.tenant.finish_running(self.queue);
+        }
+    }
 }
 
 impl ChainTicket {
@@ -59,7 +73,15 @@ impl ChainTicket {
     /// touches nothing) if the chain's work was abandoned.
     pub fn complete(&self, writes: &[(u64, &[u8])], used_len: u32, record: Record) -> bool {
         let mut st = self.tenant.lock();
+        let was_running = self.running.swap(false, Ordering::Relaxed);
+        if was_running {
+            st.finish_running(self.queue);
+        }
         if st.generation(self.queue) != self.generation {
+            drop(st);
+            if was_running {
+                self.tenant.notify_idle();
+            }
             return false;
         }
         let mut len = used_len;
@@ -76,6 +98,9 @@ impl ChainTicket {
         }
         st.record(record);
         drop(st);
+        if was_running {
+            self.tenant.notify_idle();
+        }
         match self.vring.needs_notification() {
             Ok(true) => {
                 if let Err(e) = self.vring.signal_used_queue() {
@@ -89,6 +114,16 @@ impl ChainTicket {
             Err(e) => warn!("{}: cannot read event index: {e}", self.tenant.spec.name),
         }
         true
+    }
+
+    /// Marks this chain's INFER `request_id` as taken by an executor, unless its work
+    /// was abandoned (then false: it must not run). Completing the ticket finishes it.
+    pub fn start_running(&self, request_id: u64) -> bool {
+        let started = self
+            .tenant
+            .start_running(request_id, self.queue, self.generation);
+        self.running.store(started, Ordering::Relaxed);
+        started
     }
 
     /// Completes with `used.len = 0` and nothing written (§9 step 0).
