@@ -7,7 +7,7 @@ use crate::consts::{
 use crate::error::ProtocolError;
 use crate::request::Request;
 use crate::spec::{check_name, read_name, write_name, TensorSpec};
-use crate::tensor::Direction;
+use crate::tensor::{Direction, TensorDesc};
 use crate::wire::{Reader, Writer};
 
 /// One model entry: 80 fixed bytes followed by its input then output tensor specs.
@@ -61,9 +61,23 @@ impl ModelInfo {
     /// output matching its spec where the driver gave a shape. Errors carry the
     /// tensor index and map to BAD_TENSOR.
     pub fn check_request(&self, req: &Request) -> Result<(), ProtocolError> {
+        self.check_tensors(&req.inputs, &req.outputs)
+    }
+
+    /// [`ModelInfo::check_request`] on the request's tensor descriptors, wherever they
+    /// are kept (a backend checks its requests' tensors with it).
+    pub fn check_tensors<'a, I, O>(&self, inputs: I, outputs: O) -> Result<(), ProtocolError>
+    where
+        I: IntoIterator<Item = &'a TensorDesc>,
+        I::IntoIter: ExactSizeIterator,
+        O: IntoIterator<Item = &'a TensorDesc>,
+        O::IntoIter: ExactSizeIterator,
+    {
+        let (inputs, outputs) = (inputs.into_iter(), outputs.into_iter());
+        let first_output = inputs.len();
         for (direction, expected, got) in [
-            (Direction::Input, self.inputs.len(), req.inputs.len()),
-            (Direction::Output, self.outputs.len(), req.outputs.len()),
+            (Direction::Input, self.inputs.len(), inputs.len()),
+            (Direction::Output, self.outputs.len(), outputs.len()),
         ] {
             if expected != got {
                 return Err(ProtocolError::TensorCountMismatch {
@@ -73,12 +87,11 @@ impl ModelInfo {
                 });
             }
         }
-        for (index, (desc, spec)) in req.inputs.iter().zip(&self.inputs).enumerate() {
+        for (index, (desc, spec)) in inputs.zip(&self.inputs).enumerate() {
             desc.validate_against(spec)
                 .map_err(|e| ProtocolError::in_tensor(index, e))?;
         }
-        let first_output = req.inputs.len();
-        for (k, (desc, spec)) in req.outputs.iter().zip(&self.outputs).enumerate() {
+        for (k, (desc, spec)) in outputs.zip(&self.outputs).enumerate() {
             desc.validate_output_against(spec)
                 .map_err(|e| ProtocolError::in_tensor(first_output + k, e))?;
         }

@@ -27,7 +27,7 @@ use thiserror::Error;
 use tokenizers::{Tokenizer, TruncationParams};
 
 use super::{
-    check_input_len, check_produced, guard_runtime, Backend, BackendError, RequestOutcome,
+    check_produced, check_signature, guard_runtime, Backend, BackendError, RequestOutcome,
     RequestTensors,
 };
 
@@ -210,33 +210,8 @@ impl BertBackend {
 
     /// Checks one request and copies its text out of guest memory.
     fn read_text(&self, req: &RequestTensors<'_>) -> Result<String, BackendError> {
-        let (Some(input), Some(out), 1, 1) = (
-            req.inputs.first(),
-            req.outputs.first(),
-            req.inputs.len(),
-            req.outputs.len(),
-        ) else {
-            return Err(BackendError::BadInput {
-                index: 0,
-                reason: format!(
-                    "{} inputs and {} outputs for a model of 1 and 1",
-                    req.inputs.len(),
-                    req.outputs.len()
-                ),
-            });
-        };
-        let bad = |index, e: ProtocolError| BackendError::BadInput {
-            index,
-            reason: e.to_string(),
-        };
-        input
-            .desc
-            .validate_against(&self.info.inputs[0])
-            .map_err(|e| bad(0, e))?;
-        out.desc
-            .validate_output_against(&self.info.outputs[0])
-            .map_err(|e| bad(1, e))?;
-        check_input_len(0, input)?;
+        check_signature(&self.info, req)?;
+        let input = &req.inputs[0];
         let mut bytes = vec![0u8; input.data.len()];
         // The one input copy: the tokenizer needs the text in host memory.
         input.data.copy_to(&mut bytes);

@@ -153,6 +153,27 @@ pub fn check_produced(
     Ok(())
 }
 
+/// Checks a request's tensors against `info`'s signature (the daemon's intake already
+/// did; this keeps a backend safe on its own) and each input's bytes against its
+/// descriptor.
+pub fn check_signature(info: &ModelInfo, req: &RequestTensors<'_>) -> Result<(), BackendError> {
+    info.check_tensors(
+        req.inputs.iter().map(|t| t.desc),
+        req.outputs.iter().map(|t| t.desc),
+    )
+    .map_err(|e| BackendError::BadInput {
+        index: match e {
+            ProtocolError::InTensor { index, .. } => index as usize,
+            _ => 0,
+        },
+        reason: e.to_string(),
+    })?;
+    for (index, input) in req.inputs.iter().enumerate() {
+        check_input_len(index, input)?;
+    }
+    Ok(())
+}
+
 /// Checks that an input's bytes in guest memory are exactly as long as its descriptor
 /// says (the daemon guarantees it; a backend does not read past either).
 pub fn check_input_len(index: usize, input: &InputTensor<'_>) -> Result<(), BackendError> {

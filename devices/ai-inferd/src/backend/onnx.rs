@@ -29,7 +29,7 @@ use tract_onnx::prelude::{
 };
 
 use super::{
-    check_input_len, check_produced, guard_runtime, Backend, BackendError, RequestOutcome,
+    check_produced, check_signature, guard_runtime, Backend, BackendError, RequestOutcome,
     RequestTensors,
 };
 
@@ -279,39 +279,7 @@ impl OnnxBackend {
     /// the backend safe on its own) and, for batchable models, that every input has
     /// the same dim 0.
     fn check_request(&self, req: &RequestTensors<'_>) -> Result<(), BackendError> {
-        if req.inputs.len() != self.info.inputs.len()
-            || req.outputs.len() != self.info.outputs.len()
-        {
-            return Err(BackendError::BadInput {
-                index: 0,
-                reason: format!(
-                    "{} inputs and {} outputs for a model of {} and {}",
-                    req.inputs.len(),
-                    req.outputs.len(),
-                    self.info.inputs.len(),
-                    self.info.outputs.len()
-                ),
-            });
-        }
-        for (index, (input, spec)) in req.inputs.iter().zip(&self.info.inputs).enumerate() {
-            input
-                .desc
-                .validate_against(spec)
-                .map_err(|e| BackendError::BadInput {
-                    index,
-                    reason: e.to_string(),
-                })?;
-            check_input_len(index, input)?;
-        }
-        let first_output = req.inputs.len();
-        for (k, (out, spec)) in req.outputs.iter().zip(&self.info.outputs).enumerate() {
-            out.desc
-                .validate_output_against(spec)
-                .map_err(|e| BackendError::BadInput {
-                    index: first_output + k,
-                    reason: e.to_string(),
-                })?;
-        }
+        check_signature(&self.info, req)?;
         if self.batchable {
             let rows = Self::rows(req);
             if let Some(index) = req
