@@ -355,14 +355,19 @@ impl AiInferDevice {
             .map_or(0, |q| q.ring.free_descriptors())
     }
 
-    /// Makes a chain available on queue `index` and notifies the device if it wants
-    /// it. Returns the chain's head.
-    pub fn submit(&mut self, index: u16, chain: &[ChainBuffer]) -> Result<u16, DeviceError> {
+    /// Makes a chain available on queue `index`, tagged with `token` (returned with its
+    /// [`UsedChain`]), and notifies the device if it wants it. Returns the chain's head.
+    pub fn submit(
+        &mut self,
+        index: u16,
+        chain: &[ChainBuffer],
+        token: u64,
+    ) -> Result<u16, DeviceError> {
         let q = self
             .queues
             .get_mut(usize::from(index))
             .ok_or(DeviceError::NoSuchQueue(index))?;
-        let head = q.ring.add_chain(chain)?;
+        let head = q.ring.add_chain_tagged(chain, token)?;
         if q.ring.needs_notify()? {
             self.transport.notify(q.notify_address, index)?;
         }
@@ -515,20 +520,31 @@ mod tests {
                 writable: true,
             },
         ];
-        let head = dev.submit(1, &chain).unwrap();
+        let head = dev.submit(1, &chain, 5).unwrap();
         assert_eq!(fake.state().notifies, vec![1]);
         assert!(matches!(
-            dev.submit(2, &chain),
+            dev.submit(2, &chain, 6),
             Err(DeviceError::NoSuchQueue(2))
         ));
         assert_eq!(dev.poll(1).unwrap(), None);
         fake.complete_raw(1, u32::from(head), 64);
-        assert_eq!(dev.poll(1).unwrap(), Some(UsedChain { head, len: 64 }));
+        assert_eq!(
+            dev.poll(1).unwrap(),
+            Some(UsedChain {
+                head,
+                len: 64,
+                token: 5
+            })
+        );
 
         fake.state().status |= status::DEVICE_NEEDS_RESET;
         assert!(dev.needs_reset().unwrap());
         dev.initialise().unwrap();
         assert!(!dev.needs_reset().unwrap());
-        assert_eq!(dev.submit(0, &chain).unwrap(), 0, "fresh rings after reset");
+        assert_eq!(
+            dev.submit(0, &chain, 7).unwrap(),
+            0,
+            "fresh rings after reset"
+        );
     }
 }

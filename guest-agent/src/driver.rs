@@ -53,25 +53,11 @@ struct State {
     epoch: u64,
     /// Why the last reset happened (reported to the waiters it orphaned).
     last_reset: String,
-    /// Sequence number for the next submission.
+    /// Sequence number for the next submission (each chain carries its own as the
+    /// ring's token, so a completion names its submitter).
     next_seq: u64,
-    /// Chains in flight: (queue, head) -> sequence number.
-    pending: HashMap<(u16, u16), u64>,
     /// Completions seen but not yet collected: sequence number -> used.len or error.
     done: HashMap<u64, Result<u32, String>>,
-}
-
-impl State {
-    fn file(&mut self, queue: u16, head: u16, result: Result<u32, String>) {
-        match self.pending.remove(&(queue, head)) {
-            Some(seq) => {
-                self.done.insert(seq, result);
-            }
-            // The ring only returns heads it has in flight, and every submission is
-            // pending until then: a miss is a driver bug, worth a log line only.
-            None => log::error!("completion of queue {queue} head {head} has no submitter"),
-        }
-    }
 }
 
 /// The device shared by the threads of this process.
@@ -98,7 +84,6 @@ impl Driver {
                 epoch: 0,
                 last_reset: String::new(),
                 next_seq: 0,
-                pending: HashMap::new(),
                 done: HashMap::new(),
             }),
             policy,
@@ -128,7 +113,6 @@ impl Driver {
         self.stats.device_reset();
         st.epoch += 1;
         st.last_reset = why;
-        st.pending.clear();
         st.done.clear();
         st.device.initialise()?;
         Ok(())
@@ -141,13 +125,15 @@ impl Driver {
             loop {
                 match st.device.poll(queue) {
                     Ok(Some(used)) => {
-                        st.file(queue, used.head, Ok(used.len));
+                        st.done.insert(used.token, Ok(used.len));
                         progress = true;
                     }
                     Ok(None) => break,
-                    Err(DeviceError::Queue(VirtqueueError::BadUsedLen { head, len, max })) => {
+                    Err(DeviceError::Queue(VirtqueueError::BadUsedLen {
+                        token, len, max, ..
+                    })) => {
                         let msg = format!("used.len {len} > writable {max}");
-                        st.file(queue, head, Err(msg));
+                        st.done.insert(token, Err(msg));
                         progress = true;
                     }
                     Err(DeviceError::Queue(e)) => {
@@ -168,11 +154,10 @@ impl Driver {
         loop {
             {
                 let mut st = self.lock();
-                match st.device.submit(queue, chain) {
-                    Ok(head) => {
-                        let seq = st.next_seq;
+                let seq = st.next_seq;
+                match st.device.submit(queue, chain, seq) {
+                    Ok(_) => {
                         st.next_seq += 1;
-                        st.pending.insert((queue, head), seq);
                         return Ok(Ticket {
                             queue,
                             seq,

@@ -80,6 +80,8 @@ pub enum VirtqueueError {
     BadUsedLen {
         /// Head of the chain (it has been returned and freed).
         head: u16,
+        /// The token the chain was added with.
+        token: u64,
         /// Reported length.
         len: u32,
         /// Writable bytes of the chain.
@@ -105,6 +107,8 @@ pub struct UsedChain {
     pub head: u16,
     /// Bytes the device says it wrote (≤ the chain's writable length).
     pub len: u32,
+    /// What the submitter tagged the chain with ([`SplitQueue::add_chain_tagged`]).
+    pub token: u64,
 }
 
 /// Where the three parts of a split ring of a given size sit inside its memory.
@@ -149,6 +153,7 @@ struct InFlight {
     /// Descriptors in the chain (followed through `SplitQueue::next` from the head).
     count: u16,
     writable_len: u64,
+    token: u64,
 }
 
 /// A split virtqueue, driver side.
@@ -228,6 +233,16 @@ impl SplitQueue {
     /// Makes a chain available to the device; returns its head index. Readable buffers
     /// must come before writable ones.
     pub fn add_chain(&mut self, buffers: &[ChainBuffer]) -> Result<u16, VirtqueueError> {
+        self.add_chain_tagged(buffers, 0)
+    }
+
+    /// [`SplitQueue::add_chain`], with a `token` its [`UsedChain`] carries back (the
+    /// driver's submission number: no lookup from head to submitter needed).
+    pub fn add_chain_tagged(
+        &mut self,
+        buffers: &[ChainBuffer],
+        token: u64,
+    ) -> Result<u16, VirtqueueError> {
         if buffers.is_empty() {
             return Err(VirtqueueError::EmptyChain);
         }
@@ -288,6 +303,7 @@ impl SplitQueue {
             // At most `free.len()` <= size <= 32768 buffers.
             count: buffers.len() as u16,
             writable_len,
+            token,
         });
         self.num_in_flight += 1;
         Ok(head)
@@ -342,11 +358,16 @@ impl SplitQueue {
         if u64::from(len) > entry.writable_len {
             return Err(VirtqueueError::BadUsedLen {
                 head,
+                token: entry.token,
                 len,
                 max: entry.writable_len,
             });
         }
-        Ok(Some(UsedChain { head, len }))
+        Ok(Some(UsedChain {
+            head,
+            len,
+            token: entry.token,
+        }))
     }
 }
 
@@ -422,7 +443,14 @@ mod tests {
         assert!(dev.take().is_none());
         assert_eq!(q.poll_used().unwrap(), None);
         dev.complete(u32::from(dhead), 136);
-        assert_eq!(q.poll_used().unwrap(), Some(UsedChain { head, len: 136 }));
+        assert_eq!(
+            q.poll_used().unwrap(),
+            Some(UsedChain {
+                head,
+                len: 136,
+                token: 0
+            })
+        );
         assert_eq!(q.free_descriptors(), 8);
         assert_eq!(q.in_flight(), 0);
         dev.set_used_flags(VIRTQ_USED_F_NO_NOTIFY);
@@ -436,8 +464,12 @@ mod tests {
         let mut dev = device(&pool, &q);
         // Enough rounds that both 16-bit indices wrap around.
         for round in 0..70_000u32 {
-            let a = q.add_chain(&[rd(0x1000, 4), wr(0x2000, 48)]).unwrap();
-            let b = q.add_chain(&[rd(0x3000, 4), wr(0x4000, 64)]).unwrap();
+            let a = q
+                .add_chain_tagged(&[rd(0x1000, 4), wr(0x2000, 48)], 11)
+                .unwrap();
+            let b = q
+                .add_chain_tagged(&[rd(0x3000, 4), wr(0x4000, 64)], 22)
+                .unwrap();
             let (ha, _) = dev.take().unwrap();
             let (hb, cb) = dev.take().unwrap();
             assert_eq!((ha, hb), (a, b));
@@ -445,12 +477,20 @@ mod tests {
             // The device finishes the second first.
             dev.complete(u32::from(hb), 64);
             dev.complete(u32::from(ha), round % 49);
-            assert_eq!(q.poll_used().unwrap(), Some(UsedChain { head: b, len: 64 }));
+            assert_eq!(
+                q.poll_used().unwrap(),
+                Some(UsedChain {
+                    head: b,
+                    len: 64,
+                    token: 22
+                })
+            );
             assert_eq!(
                 q.poll_used().unwrap(),
                 Some(UsedChain {
                     head: a,
-                    len: round % 49
+                    len: round % 49,
+                    token: 11
                 })
             );
             assert_eq!(q.poll_used().unwrap(), None);
@@ -522,7 +562,7 @@ mod tests {
         dev.complete(u32::from(dhead), 49);
         assert!(matches!(
             q.poll_used(),
-            Err(VirtqueueError::BadUsedLen { head: h, len: 49, max: 48 }) if h == head
+            Err(VirtqueueError::BadUsedLen { head: h, len: 49, max: 48, .. }) if h == head
         ));
         assert_eq!(q.in_flight(), 0);
         assert_eq!(q.free_descriptors(), 4);
