@@ -89,6 +89,35 @@ pub struct MsixLayout {
     pub pba_offset: u32,
 }
 
+impl MsixLayout {
+    /// `(offset, len)` of the table of `size` vectors in its BAR.
+    pub fn table_range(&self, size: u16) -> (u64, u64) {
+        (
+            u64::from(self.table_offset),
+            u64::from(size) * MSIX_TABLE_ENTRY_SIZE,
+        )
+    }
+
+    /// `(offset, len)` of the PBA of `size` vectors in its BAR: one bit per vector, in
+    /// whole qwords.
+    pub fn pba_range(&self, size: u16) -> (u64, u64) {
+        (u64::from(self.pba_offset), u64::from(size).div_ceil(64) * 8)
+    }
+
+    /// The capability bytes for a table of `size` (≥ 1) vectors: ID, next (0), control
+    /// (table size), table and PBA locations.
+    pub fn capability(&self, size: u16) -> [u8; MSIX_CAP_LEN] {
+        let mut cap = [0u8; MSIX_CAP_LEN];
+        cap[0] = PCI_CAP_ID_MSIX;
+        cap[2..4].copy_from_slice(&(size.saturating_sub(1) & 0x7ff).to_le_bytes());
+        let table = self.table_offset | u32::from(self.table_bar & 7);
+        cap[4..8].copy_from_slice(&table.to_le_bytes());
+        let pba = self.pba_offset | u32::from(self.pba_bar & 7);
+        cap[8..12].copy_from_slice(&pba.to_le_bytes());
+        cap
+    }
+}
+
 /// The MSI-X state of one function.
 pub struct Msix {
     table: Vec<TableEntry>,
@@ -135,24 +164,17 @@ impl Msix {
 
     /// Bytes the table takes in its BAR.
     pub fn table_len(&self) -> u64 {
-        self.table.len() as u64 * MSIX_TABLE_ENTRY_SIZE
+        self.layout.table_range(self.num_vectors()).1
     }
 
     /// Bytes the PBA takes in its BAR (one bit per vector, in 64-bit words).
     pub fn pba_len(&self) -> u64 {
-        self.table.len().div_ceil(64) as u64 * 8
+        self.layout.pba_range(self.num_vectors()).1
     }
 
     /// The capability bytes to add to config space (ID, next, control, table, PBA).
     pub fn capability(&self) -> [u8; MSIX_CAP_LEN] {
-        let mut cap = [0u8; MSIX_CAP_LEN];
-        cap[0] = PCI_CAP_ID_MSIX;
-        cap[2..4].copy_from_slice(&(self.num_vectors() - 1).to_le_bytes());
-        let table = self.layout.table_offset | u32::from(self.layout.table_bar & 7);
-        cap[4..8].copy_from_slice(&table.to_le_bytes());
-        let pba = self.layout.pba_offset | u32::from(self.layout.pba_bar & 7);
-        cap[8..12].copy_from_slice(&pba.to_le_bytes());
-        cap
+        self.layout.capability(self.num_vectors())
     }
 
     /// Write mask for the capability's first dword: only enable and function mask are

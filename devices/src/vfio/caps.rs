@@ -3,7 +3,7 @@
 //! guard, so a broken device cannot hang or crash the VMM.
 
 use crate::pci::config_space::STATUS_CAPABILITY_LIST;
-use crate::pci::msix::{MsixLayout, MSIX_TABLE_ENTRY_SIZE};
+use crate::pci::msix::MsixLayout;
 
 /// Capability IDs we look at (PCI Local Bus spec, "Capability IDs").
 pub const CAP_ID_MSI: u8 = 0x05;
@@ -158,23 +158,6 @@ pub fn decode_msix(ctrl: u16, table: u32, pba: u32) -> Option<(u16, MsixLayout)>
     ))
 }
 
-/// `(offset, len)` of the table of `size` vectors in its BAR.
-pub fn msix_table_range(size: u16, layout: &MsixLayout) -> (u64, u64) {
-    (
-        u64::from(layout.table_offset),
-        u64::from(size) * MSIX_TABLE_ENTRY_SIZE,
-    )
-}
-
-/// `(offset, len)` of the PBA of `size` vectors in its BAR: one bit per vector, in whole
-/// qwords.
-pub fn msix_pba_range(size: u16, layout: &MsixLayout) -> (u64, u64) {
-    (
-        u64::from(layout.pba_offset),
-        u64::from(size).div_ceil(64) * 8,
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,8 +223,8 @@ mod tests {
         let (size, l) = decode_msix(0x0042, 0x2000 | 2, 0x3000 | 4).unwrap();
         assert_eq!(size, 0x43);
         assert_eq!(l.table_bar, 2);
-        assert_eq!(msix_table_range(size, &l), (0x2000, 0x43 * 16));
-        assert_eq!((l.pba_bar, msix_pba_range(size, &l)), (4, (0x3000, 16)));
+        assert_eq!(l.table_range(size), (0x2000, 0x43 * 16));
+        assert_eq!((l.pba_bar, l.pba_range(size)), (4, (0x3000, 16)));
         assert!(decode_msix(0, 6, 0).is_none());
         assert!(decode_msix(0, 0, 7).is_none());
     }

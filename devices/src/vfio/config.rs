@@ -24,8 +24,8 @@ use crate::pci::{
 
 use super::backend::VfioBackend;
 use super::caps::{
-    self, MsiLayout, CAP_ID_MSI, CAP_ID_MSIX, CAP_ID_PCIE, CONFIG_SPACE_LEN, MSIX_CTRL_TABLE_SIZE,
-    MSI_CTRL_ENABLE, MSI_CTRL_MME_MASK,
+    self, MsiLayout, CAP_ID_MSI, CAP_ID_MSIX, CAP_ID_PCIE, CONFIG_SPACE_LEN, MSI_CTRL_ENABLE,
+    MSI_CTRL_MME_MASK,
 };
 
 const STATUS_OFFSET: u64 = 6;
@@ -45,12 +45,11 @@ pub enum VirtualConfigError {
     Capability(PciConfigError),
 }
 
-/// An emulated BAR.
+/// An emulated BAR (as the shadow configuration space records it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VirtualBar {
     pub kind: BarKind,
     pub size: u64,
-    pub prefetchable: bool,
 }
 
 /// The emulated MSI capability: where it sits in the virtual config space.
@@ -96,7 +95,6 @@ pub enum ConfigTarget {
 #[derive(Debug)]
 pub struct VirtualConfig {
     shadow: PciConfiguration,
-    bars: [Option<VirtualBar>; NUM_BARS],
     msi: Option<MsiCap>,
     msix: Option<MsixCap>,
     pcie: Option<PcieCap>,
@@ -141,7 +139,7 @@ impl VirtualConfig {
         let has_pcie = device_caps.iter().any(|c| c.id == CAP_ID_PCIE);
         let mut shadow = PciConfiguration::new(header, has_pcie);
 
-        let bars = Self::emulate_bars(&mut shadow, backend, &snap)?;
+        Self::emulate_bars(&mut shadow, backend, &snap)?;
 
         let mut msi = None;
         let mut msix = None;
@@ -158,7 +156,7 @@ impl VirtualConfig {
                     let (table, pba) = (u32_at(&snap, at + 4), u32_at(&snap, at + 8));
                     match caps::decode_msix(ctrl, table, pba) {
                         Some((size, layout)) => {
-                            msix = Some(Self::emulate_msix(&mut shadow, size, layout, table, pba)?)
+                            msix = Some(Self::emulate_msix(&mut shadow, size, layout)?)
                         }
                         None => log::warn!(
                             "VFIO device MSI-X capability names a BAR above 5 \
@@ -189,7 +187,6 @@ impl VirtualConfig {
 
         Ok(VirtualConfig {
             shadow,
-            bars,
             msi,
             msix,
             pcie,
@@ -201,8 +198,7 @@ impl VirtualConfig {
         shadow: &mut PciConfiguration,
         backend: &dyn VfioBackend,
         snap: &[u8; CONFIG_SPACE_LEN],
-    ) -> Result<[Option<VirtualBar>; NUM_BARS], VirtualConfigError> {
-        let mut bars = [None; NUM_BARS];
+    ) -> Result<(), VirtualConfigError> {
         let mut index = 0;
         while index < NUM_BARS {
             let size = backend.region(index as u32).map_or(0, |r| r.size);
@@ -237,14 +233,9 @@ impl VirtualConfig {
                     size,
                     source,
                 })?;
-            bars[index] = Some(VirtualBar {
-                kind,
-                size,
-                prefetchable,
-            });
             index += slots;
         }
-        Ok(bars)
+        Ok(())
     }
 
     fn emulate_msi(
@@ -278,17 +269,9 @@ impl VirtualConfig {
         shadow: &mut PciConfiguration,
         table_size: u16,
         layout: MsixLayout,
-        table: u32,
-        pba: u32,
     ) -> Result<MsixCap, VirtualConfigError> {
-        let mut bytes = [0u8; MSIX_CAP_LEN];
-        bytes[0] = CAP_ID_MSIX;
-        let ctrl = (table_size - 1) & MSIX_CTRL_TABLE_SIZE;
-        bytes[2..4].copy_from_slice(&ctrl.to_le_bytes());
-        bytes[4..8].copy_from_slice(&table.to_le_bytes());
-        bytes[8..12].copy_from_slice(&pba.to_le_bytes());
         let offset = shadow
-            .add_capability(&bytes)
+            .add_capability(&layout.capability(table_size))
             .map_err(VirtualConfigError::Capability)?;
         shadow.set_write_mask(offset / 4, Msix::CONTROL_WRITE_MASK);
         Ok(MsixCap {
@@ -300,7 +283,10 @@ impl VirtualConfig {
 
     /// The emulated BAR at `index`, if any (not the upper half of a 64-bit BAR).
     pub fn bar(&self, index: usize) -> Option<VirtualBar> {
-        self.bars.get(index).copied().flatten()
+        Some(VirtualBar {
+            kind: self.shadow.bar_kind(index)?,
+            size: self.shadow.bar_size(index)?,
+        })
     }
 
     pub fn msi(&self) -> Option<MsiCap> {

@@ -20,7 +20,6 @@ use crate::pci::{BarKind, MsiMessage, MsiVectors, Msix, PciBarRange, PciConfigEr
 
 use super::backend::{IrqKind, VfioBackend};
 use super::bar_map::{host_page_size, mappable_areas, BarMmap, GuestMapper};
-use super::caps::{msix_pba_range, msix_table_range};
 use super::config::{ConfigTarget, VirtualBar, VirtualConfig, VirtualConfigError};
 use super::interrupts::{InterruptAllocator, IntxLine};
 use super::msi::MsiState;
@@ -428,8 +427,8 @@ impl VfioPciDevice {
 
     fn msix_ranges(&self) -> Option<(BarRange, BarRange)> {
         let cap = self.config.msix()?;
-        let (t_off, t_len) = msix_table_range(cap.table_size, &cap.layout);
-        let (p_off, p_len) = msix_pba_range(cap.table_size, &cap.layout);
+        let (t_off, t_len) = cap.layout.table_range(cap.table_size);
+        let (p_off, p_len) = cap.layout.pba_range(cap.table_size);
         Some((
             BarRange {
                 bar: usize::from(cap.layout.table_bar),
@@ -498,10 +497,10 @@ fn map_bars(backend: &dyn VfioBackend, config: &VirtualConfig) -> Vec<BarMmap> {
         let mut trapped = Vec::new();
         if let Some(cap) = config.msix() {
             if usize::from(cap.layout.table_bar) == bar {
-                trapped.push(msix_table_range(cap.table_size, &cap.layout));
+                trapped.push(cap.layout.table_range(cap.table_size));
             }
             if usize::from(cap.layout.pba_bar) == bar {
-                trapped.push(msix_pba_range(cap.table_size, &cap.layout));
+                trapped.push(cap.layout.pba_range(cap.table_size));
             }
         }
         for (offset, len) in mappable_areas(&region, &trapped, page) {
@@ -663,7 +662,6 @@ mod tests {
                 VirtualBar {
                     kind: BarKind::Mmio64,
                     size: 0x4000,
-                    prefetchable: true
                 }
             )
         );
