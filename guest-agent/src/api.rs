@@ -49,7 +49,7 @@ pub enum ApiError {
         got: usize,
     },
     /// No model of that name.
-    #[error("No model named {0:?} is available")]
+    #[error("No model {0:?} is available (the MODELS list has its names and ids)")]
     UnknownModel(String),
 }
 
@@ -319,12 +319,16 @@ impl Agent {
         })
     }
 
-    /// The model named `name`.
-    pub fn model_by_name(&self, name: &str) -> Result<ModelInfo, ApiError> {
-        self.ai_models()?
-            .into_iter()
-            .find(|m| m.name == name)
-            .ok_or_else(|| ApiError::UnknownModel(name.to_string()))
+    /// The model named `name_or_id`, or else whose MODELS id it is.
+    pub fn find_model(&self, name_or_id: &str) -> Result<ModelInfo, ApiError> {
+        let mut models = self.ai_models()?;
+        let by_id = name_or_id.parse::<u32>().ok();
+        let index = models
+            .iter()
+            .position(|m| m.name == name_or_id)
+            .or_else(|| models.iter().position(|m| Some(m.id) == by_id))
+            .ok_or_else(|| ApiError::UnknownModel(name_or_id.to_string()))?;
+        Ok(models.swap_remove(index))
     }
 
     /// Guest-side and device-side counters.
@@ -391,7 +395,8 @@ mod tests {
         let mut input = agent.ai_alloc(16, AI_ALLOC_ZERO).unwrap();
         input.as_mut_slice()[..4].copy_from_slice(&1.5f32.to_le_bytes());
         let mut output = agent.ai_alloc(64, 0).unwrap();
-        let model = agent.model_by_name("double").unwrap();
+        let model = agent.find_model("double").unwrap();
+        assert_eq!(agent.find_model(&model.id.to_string()).unwrap(), model);
         let res = agent
             .ai_infer(
                 model.id,
@@ -407,7 +412,7 @@ mod tests {
         assert_eq!(output.as_slice()[..4], 3.0f32.to_le_bytes());
         assert_eq!(agent.ai_trace().unwrap().device.infer_status[0], 1);
         assert!(matches!(
-            agent.model_by_name("nope"),
+            agent.find_model("nope"),
             Err(ApiError::UnknownModel(_))
         ));
     }

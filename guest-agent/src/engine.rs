@@ -244,14 +244,10 @@ impl Engine {
         self.driver.stats().snapshot()
     }
 
-    fn next_request_id(&self) -> u64 {
-        self.next_id.fetch_add(1, Ordering::Relaxed)
-    }
-
     /// A request id no other request of this engine uses (to know it before
     /// submitting, e.g. to cancel from another thread).
     pub fn reserve_request_id(&self) -> u64 {
-        self.next_request_id()
+        self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Queue for a priority class: one per class when the device has enough queues.
@@ -307,7 +303,9 @@ impl Engine {
         outputs: &[TensorRef],
         options: &InferOptions,
     ) -> Result<InferOutcome, EngineError> {
-        let id = options.request_id.unwrap_or_else(|| self.next_request_id());
+        let id = options
+            .request_id
+            .unwrap_or_else(|| self.reserve_request_id());
         let request = Request::infer(
             id,
             model_id,
@@ -352,7 +350,7 @@ impl Engine {
     pub fn models(&self) -> Result<Vec<ModelInfo>, EngineError> {
         let mut payload = MODELS_FIRST_PAYLOAD;
         for _ in 0..3 {
-            let request = Request::models(self.next_request_id());
+            let request = Request::models(self.reserve_request_id());
             match self.control(0, request, payload, chain::finish_models)? {
                 PayloadOutcome::Done(models) => return Ok(models),
                 PayloadOutcome::NeedBytes(n) if n <= MODELS_MAX_PAYLOAD as u64 => {
@@ -377,7 +375,7 @@ impl Engine {
 
     /// This tenant's device-side counters.
     pub fn device_trace(&self) -> Result<TraceCounters, EngineError> {
-        let request = Request::trace(self.next_request_id());
+        let request = Request::trace(self.reserve_request_id());
         match self.control(0, request, TraceCounters::LEN, chain::finish_trace)? {
             PayloadOutcome::Done(t) => Ok(t),
             PayloadOutcome::NeedBytes(n) => Err(ChainError::BadResponse(format!(
@@ -402,7 +400,7 @@ impl Engine {
             .get(&request_id)
             .copied()
             .unwrap_or(0);
-        let request = Request::cancel(self.next_request_id(), request_id);
+        let request = Request::cancel(self.reserve_request_id(), request_id);
         self.control(queue, request, 0, chain::finish_cancel)?
             .map_err(|status| EngineError::Status {
                 what: "CANCEL",

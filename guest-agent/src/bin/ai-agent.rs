@@ -185,15 +185,6 @@ fn open_agent(cli: &Cli) -> CliResult<Agent> {
     Agent::open(&options).map_err(err)
 }
 
-fn find_model(agent: &Agent, name_or_id: &str) -> CliResult<ModelInfo> {
-    let models = agent.ai_models().map_err(err)?;
-    let by_id = name_or_id.parse::<u32>().ok();
-    models
-        .into_iter()
-        .find(|m| m.name == name_or_id || Some(m.id) == by_id)
-        .ok_or_else(|| format!("No model {name_or_id:?} is available (see `ai-agent models`)"))
-}
-
 fn print_models(agent: &Agent) -> CliResult<()> {
     for m in agent.ai_models().map_err(err)? {
         println!("{:>5}  {}  (max batch {})", m.id, m.name, m.max_batch);
@@ -232,7 +223,7 @@ struct Prepared {
 }
 
 fn prepare(agent: &Agent, a: &InferArgs) -> CliResult<Prepared> {
-    let model = find_model(agent, &a.model)?;
+    let model = agent.find_model(&a.model).map_err(err)?;
     let data =
         std::fs::read(&a.input).map_err(|e| format!("Cannot read {}: {e}", a.input.display()))?;
     let dtype = a

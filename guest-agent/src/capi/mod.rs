@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use ai_infer_protocol::{PriorityClass, Status, MAX_TENSORS};
+use ai_infer_protocol::{PriorityClass, Status, DETAIL_NONE, MAX_TENSORS};
 
 pub use header::c_header;
 pub use types::*;
@@ -418,7 +418,7 @@ pub unsafe extern "C" fn ai_infer(
             .ai_infer(model_id, &input_list, &mut output_list, &options)?;
         let mut c = AiInferResult {
             status: r.status.into(),
-            detail: r.detail.unwrap_or(u32::MAX),
+            detail: r.detail.unwrap_or(DETAIL_NONE),
             request_id: r.request_id,
             queue_ns: r.queue_ns,
             compute_ns: r.compute_ns,

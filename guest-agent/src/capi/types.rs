@@ -7,8 +7,8 @@
 use std::os::raw::c_char;
 
 use ai_infer_protocol::{
-    DType, ModelInfo, ProtocolError, Shape, TensorDesc, TensorSpec, TraceCounters, LATENCY_BUCKETS,
-    MAX_MODEL_NAME_LEN, MAX_RANK, MAX_TENSORS, MAX_TENSOR_NAME_LEN, STATUS_SLOTS,
+    DType, ModelInfo, ProtocolError, Shape, TensorDesc, TensorSpec, TraceCounters, DETAIL_NONE,
+    LATENCY_BUCKETS, MAX_MODEL_NAME_LEN, MAX_RANK, MAX_TENSORS, MAX_TENSOR_NAME_LEN, STATUS_SLOTS,
 };
 
 use crate::stats::GuestTrace;
@@ -125,7 +125,7 @@ impl Default for AiInferResult {
     fn default() -> Self {
         AiInferResult {
             status: 0,
-            detail: u32::MAX,
+            detail: DETAIL_NONE,
             request_id: 0,
             queue_ns: 0,
             compute_ns: 0,

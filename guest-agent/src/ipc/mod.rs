@@ -113,7 +113,7 @@ mod tests {
         let (fake, socket) = daemon();
         let agent = Agent::from_client(DaemonClient::connect(&socket, MIB2).unwrap());
         assert!(agent.is_daemon_client());
-        let model = agent.model_by_name("text-stats").unwrap();
+        let model = agent.find_model("text-stats").unwrap();
         let text = b"hello daemon";
         let mut input = agent.ai_alloc(text.len(), 0).unwrap();
         input.as_mut_slice().copy_from_slice(text);
@@ -172,7 +172,7 @@ mod tests {
         let (_fake, socket) = daemon();
         for round in 0..300u64 {
             let agent = Agent::from_client(DaemonClient::connect(&socket, MIB2).unwrap());
-            let model = agent.model_by_name("text-stats").unwrap();
+            let model = agent.find_model("text-stats").unwrap();
             let mut input = agent.ai_alloc(4, 0).unwrap();
             input.as_mut_slice().copy_from_slice(b"abcd");
             let mut output = agent.ai_alloc(16, 0).unwrap();
