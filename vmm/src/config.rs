@@ -529,13 +529,15 @@ impl VmConfig {
         if self.console.mode == ConsoleMode::File && self.console.path.is_none() {
             return Err(ConfigError::ConsoleNeedsPath);
         }
+        // Both PCI device kinds are invisible to a guest told not to scan PCI.
+        let pci_off = self.boot.cmdline.split_whitespace().any(|w| w == "pci=off");
         if let Some(ai) = &self.ai_infer {
             validate_ai_infer(ai, &zones)?;
-            if self.boot.cmdline.split_whitespace().any(|w| w == "pci=off") {
+            if pci_off {
                 return Err(ConfigError::AiInferPciOff);
             }
         }
-        if !devices.is_empty() && self.boot.cmdline.split_whitespace().any(|w| w == "pci=off") {
+        if !devices.is_empty() && pci_off {
             return Err(ConfigError::PassthroughPciOff);
         }
 

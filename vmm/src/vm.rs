@@ -235,7 +235,7 @@ pub fn run_image(
         None => None,
     };
     // Passthrough devices: dropped (reset, DMA-unmapped) before the RAM, on every path.
-    let mut passthrough = if cfg.passthrough.is_empty() {
+    let passthrough = if cfg.passthrough.is_empty() {
         None
     } else {
         Some(Passthrough::attach(
@@ -306,9 +306,7 @@ pub fn run_image(
         h.stop(VCPU_STOP_TIMEOUT);
     }
     drop(raw_stdin);
-    if let Some(p) = passthrough.as_mut() {
-        p.shutdown();
-    }
+    // Resets the devices and unmaps guest RAM from their IOMMU (Passthrough's Drop).
     drop(passthrough);
     // The VM goes before the RAM it maps.
     drop(events);

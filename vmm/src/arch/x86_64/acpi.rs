@@ -33,8 +33,8 @@ pub const S5_SLP_TYP: u8 = 5;
 pub const SLP_EN: u8 = 1 << 5;
 /// The ACPI SCI: unused in hardware-reduced mode but kept off the timer's IRQ 0.
 const SCI_IRQ: u16 = 9;
-/// Device slots on PCI bus 0, each with INTA#-INTD# in the `_PRT`.
-const PCI_SLOTS: u8 = 32;
+/// Device slots on PCI bus 0 (all of the root's), each with INTA#-INTD# in the `_PRT`.
+const PCI_SLOTS: u8 = devices::pci::root::NUM_DEVICES;
 const PCI_INTX_PINS: u8 = 4;
 
 const OEM_ID: &[u8; 6] = b"AIVMM ";
