@@ -66,7 +66,7 @@ pub use models::{ModelInfo, ModelList};
 pub use opcode::{Opcode, PriorityClass};
 pub use request::{Request, RequestHeader};
 pub use response::{Response, ResponseHeader};
-pub use spec::{DimRange, TensorSpec};
+pub use spec::{check_model_name, DimRange, TensorSpec};
 pub use status::{CancelOutcome, Status};
 pub use tensor::{Direction, Shape, TensorDesc};
 pub use trace::{latency_bucket, latency_bucket_bounds_ns, TraceCounters};

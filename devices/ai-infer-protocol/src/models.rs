@@ -6,7 +6,7 @@ use crate::consts::{
 };
 use crate::error::ProtocolError;
 use crate::request::Request;
-use crate::spec::{check_name, read_name, write_name, TensorSpec};
+use crate::spec::{check_model_name, read_name, write_name, TensorSpec};
 use crate::tensor::{Direction, TensorDesc};
 use crate::wire::{Reader, Writer};
 
@@ -46,7 +46,7 @@ impl ModelInfo {
         if self.id == 0 {
             return Err(ProtocolError::ZeroModelId);
         }
-        check_name(&self.name, "model name", MAX_MODEL_NAME_LEN, false)?;
+        check_model_name(&self.name)?;
         check_spec_count(Direction::Input, self.inputs.len())?;
         check_spec_count(Direction::Output, self.outputs.len())?;
         for (index, spec) in self.inputs.iter().chain(&self.outputs).enumerate() {

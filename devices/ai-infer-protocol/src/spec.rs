@@ -1,7 +1,7 @@
 //! Model signatures: the tensors a model takes and produces (the 168-byte
 //! `virtio_ai_infer_tensor_spec`), and the names they carry.
 
-use crate::consts::{MAX_RANK, MAX_TENSOR_NAME_LEN, TENSOR_SPEC_LEN};
+use crate::consts::{MAX_MODEL_NAME_LEN, MAX_RANK, MAX_TENSOR_NAME_LEN, TENSOR_SPEC_LEN};
 use crate::dtype::DType;
 use crate::error::ProtocolError;
 use crate::wire::{Reader, Writer};
@@ -158,6 +158,12 @@ pub(crate) fn check_name(
         return Err(ProtocolError::NameNotUtf8 { what });
     }
     Ok(())
+}
+
+/// Checks a MODELS name: 1..=[`MAX_MODEL_NAME_LEN`] bytes without NUL (what every model
+/// entry must satisfy; a manifest loader checks it before loading anything).
+pub fn check_model_name(name: &str) -> Result<(), ProtocolError> {
+    check_name(name, "model name", MAX_MODEL_NAME_LEN, false)
 }
 
 /// Writes a name into a fixed field of `field_len` bytes, zero padded.

@@ -28,7 +28,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use ai_infer_protocol::{MAX_MODELS, MAX_MODEL_NAME_LEN};
+use ai_infer_protocol::{check_model_name, MAX_MODELS};
 use serde::Deserialize;
 use thiserror::Error;
 
@@ -296,18 +296,9 @@ fn check_range(
 }
 
 fn check_name(name: &str) -> Result<(), ModelsError> {
-    let reason = if name.is_empty() {
-        "it is empty".to_owned()
-    } else if name.len() > MAX_MODEL_NAME_LEN {
-        format!("{} bytes, at most {MAX_MODEL_NAME_LEN}", name.len())
-    } else if name.contains('\0') {
-        "it contains NUL".to_owned()
-    } else {
-        return Ok(());
-    };
-    Err(ModelsError::InvalidName {
+    check_model_name(name).map_err(|e| ModelsError::InvalidName {
         name: name.to_owned(),
-        reason,
+        reason: e.to_string(),
     })
 }
 
@@ -741,7 +732,7 @@ mod tests {
             })
         ));
 
-        let long = "n".repeat(MAX_MODEL_NAME_LEN + 1);
+        let long = "n".repeat(ai_infer_protocol::MAX_MODEL_NAME_LEN + 1);
         assert!(matches!(
             s.parse(&entry("").replace("\"x\"", &format!("\"{long}\""))),
             Err(ModelsError::InvalidName { .. })
