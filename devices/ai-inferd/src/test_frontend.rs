@@ -850,6 +850,16 @@ impl TestFrontend {
         Ok(done)
     }
 
+    /// Waits for a submitted request and decodes it.
+    pub fn wait(
+        &mut self,
+        pending: Pending,
+        timeout: Duration,
+    ) -> Result<Completed, FrontendError> {
+        let used = self.wait_for(pending.queue, pending.head, timeout)?;
+        self.finish(pending, used)
+    }
+
     /// Submits `req`, waits for it and decodes it.
     pub fn call(
         &mut self,
@@ -859,8 +869,7 @@ impl TestFrontend {
         payload_capacity: u64,
     ) -> Result<Completed, FrontendError> {
         let pending = self.submit(q, req, inputs, payload_capacity)?;
-        let used = self.wait_for(q, pending.head, self.options.timeout)?;
-        self.finish(pending, used)
+        self.wait(pending, self.options.timeout)
     }
 
     /// MODELS on queue 0 with a 64 KiB payload area.

@@ -61,12 +61,6 @@ fn call_one(fe: &mut TestFrontend, id: u64, model: u32, value: f32) -> Completed
     .unwrap()
 }
 
-/// Waits for a submitted request and collects its completion.
-fn wait_done(fe: &mut TestFrontend, p: Pending) -> Completed {
-    let used = fe.wait_for(p.queue, p.head, WAIT).unwrap();
-    fe.finish(p, used).unwrap()
-}
-
 #[test]
 fn models_config_and_trace_are_per_tenant() {
     let mut b = TenantOpts::new("b", "[\"*\"]");
@@ -489,7 +483,7 @@ fn every_bad_request_gets_its_status_while_another_tenant_is_served() {
     let dup = call_one(&mut a, 500, ADD_ONE, 1.0);
     assert_eq!(dup.header().unwrap().status, Status::BadRequest);
     h.gate.open();
-    let done = wait_done(&mut a, held);
+    let done = a.wait(held, WAIT).unwrap();
     assert_eq!(done.header().unwrap().status, Status::Ok);
     assert_eq!(f32_values(&done.outputs[0]), vec![2.0]);
 
@@ -616,7 +610,7 @@ fn cancel_reports_cancelled_not_found_and_already_running() {
     assert_eq!(fe.cancel(0, 101, 1).unwrap(), CancelOutcome::AlreadyRunning);
     assert_eq!(fe.cancel(0, 102, 77).unwrap(), CancelOutcome::NotFound);
     h.gate.open();
-    let done = wait_done(&mut fe, running);
+    let done = fe.wait(running, WAIT).unwrap();
     assert_eq!(done.header().unwrap().status, Status::Ok);
     assert_eq!(fe.cancel(0, 103, 1).unwrap(), CancelOutcome::NotFound);
     let t = fe.trace().unwrap();
@@ -639,7 +633,10 @@ fn max_in_flight_gives_queue_full() {
     assert_eq!((hdr.status, hdr.request_id), (Status::QueueFull, 3));
     h.gate.open();
     for p in [p1, p2] {
-        assert_eq!(wait_done(&mut fe, p).header().unwrap().status, Status::Ok);
+        assert_eq!(
+            fe.wait(p, WAIT).unwrap().header().unwrap().status,
+            Status::Ok
+        );
     }
     check_add_one(&mut fe, 0, 3, &[3.0]);
 }
@@ -674,7 +671,10 @@ fn disconnect_mid_request_discards_it_and_reconnect_works() {
     assert_eq!(full.header().unwrap().status, Status::QueueFull);
     h.gate.open();
     for p in [p1, p2] {
-        assert_eq!(wait_done(&mut fe, p).header().unwrap().status, Status::Ok);
+        assert_eq!(
+            fe.wait(p, WAIT).unwrap().header().unwrap().status,
+            Status::Ok
+        );
     }
     check_add_one(&mut b, 0, 99, &[1.5]);
 }
@@ -743,7 +743,7 @@ fn a_request_whose_deadline_passed_in_the_queue_is_not_run() {
     std::thread::sleep(Duration::from_millis(50));
     h.gate.open();
     for (p, status) in [(held, Status::Ok), (late, Status::Deadline)] {
-        let done = wait_done(&mut fe, p);
+        let done = fe.wait(p, WAIT).unwrap();
         let hdr = done.header().unwrap();
         assert_eq!(hdr.status, status);
         if status == Status::Deadline {

@@ -130,15 +130,13 @@ fn realtime_overtakes_queued_batch_work_and_the_ceiling_applies() {
     // Everything is queued before the executor is free again.
     wait_queued(&h, 9);
     gate.open();
-    let used = rt.wait_for(0, urgent.head, WAIT).unwrap();
     assert_eq!(
-        rt.finish(urgent, used).unwrap().header().unwrap().status,
+        rt.wait(urgent, WAIT).unwrap().header().unwrap().status,
         Status::Ok
     );
     for p in queued.into_iter().chain([held]) {
-        let used = bulk.wait_for(0, p.head, WAIT).unwrap();
         assert_eq!(
-            bulk.finish(p, used).unwrap().header().unwrap().status,
+            bulk.wait(p, WAIT).unwrap().header().unwrap().status,
             Status::Ok
         );
     }
@@ -204,9 +202,8 @@ fn throttled_queue_full_and_deadline_come_back_at_once() {
     assert!(took < Duration::from_millis(150), "THROTTLED took {took:?}");
 
     for (fe, p) in [(&mut slow, running), (&mut limited, first)] {
-        let used = fe.wait_for(0, p.head, WAIT).unwrap();
         assert_eq!(
-            fe.finish(p, used).unwrap().header().unwrap().status,
+            fe.wait(p, WAIT).unwrap().header().unwrap().status,
             Status::Ok
         );
     }
@@ -332,9 +329,8 @@ fn cancel_and_disconnect_remove_queued_work_at_once() {
     }
     gate.open();
     for p in [held, theirs] {
-        let used = b.wait_for(0, p.head, WAIT).unwrap();
         assert_eq!(
-            b.finish(p, used).unwrap().header().unwrap().status,
+            b.wait(p, WAIT).unwrap().header().unwrap().status,
             Status::Ok
         );
     }
@@ -434,8 +430,7 @@ fn the_metrics_endpoint_serves_parseable_text_with_every_series() {
         .collect();
     let mut throttled = 0;
     for p in pending {
-        let used = a.wait_for(0, p.head, WAIT).unwrap();
-        if a.finish(p, used).unwrap().header().unwrap().status == Status::Throttled {
+        if a.wait(p, WAIT).unwrap().header().unwrap().status == Status::Throttled {
             throttled += 1;
         }
     }
