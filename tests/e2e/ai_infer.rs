@@ -71,6 +71,13 @@ fn both_tenants_get_outputs_identical_to_the_host_run() {
     for name in ["ai_a", "ai_b"] {
         let run = rig.run(name);
         rig.check(run, run.rc == Some(0), "aivmm did not exit 0");
+        // Exit code 0 also covers a guest that died in a triple fault.
+        let stopped = run.fact("stopped").unwrap_or("(not said)");
+        rig.check(
+            run,
+            stopped.contains("ACPI power off"),
+            &format!("the guest did not power itself off: aivmm says it stopped because {stopped}"),
+        );
         check_status_line(rig, run, "GUEST-AI models_rc=0", "ai-agent models failed");
         check_status_line(
             rig,
