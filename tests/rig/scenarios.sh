@@ -463,6 +463,41 @@ scenario_demo() {
     echo "RIG-END demo rc=$VM_RC"
 }
 
+# L1's KVM trace around a guest's death. ktrace_start enables every `kvm` trace event into
+# the ring buffer and stops tracing at the first KVM_EXIT_SHUTDOWN (a guest triple fault), so
+# the buffer ends where the guest died: the exits, guest RIPs and injected events before it.
+# ktrace_dump prints the buffer's tail (as KTRACE lines) only when that happened.
+KTRACE=/sys/kernel/tracing
+ktrace_start() {
+    [ -d "$KTRACE/events" ] || mount -t tracefs tracefs "$KTRACE" 2>/dev/null || return 0
+    [ -d "$KTRACE/events/kvm" ] || return 0
+    echo 0 >"$KTRACE/tracing_on"
+    echo >"$KTRACE/trace"
+    echo 8192 >"$KTRACE/buffer_size_kb"
+    echo 1 >"$KTRACE/events/kvm/enable"
+    echo 'traceoff if reason == 8' >"$KTRACE/events/kvm/kvm_userspace_exit/trigger"
+    echo 1 >"$KTRACE/tracing_on"
+    fact "$1" ktrace on
+}
+ktrace_dump() {
+    [ -f "$KTRACE/tracing_on" ] && [ -d "$KTRACE/events/kvm" ] || return 0
+    if [ "$(cat "$KTRACE/tracing_on")" = 0 ]; then
+        fact "$1" ktrace "stopped at a KVM_EXIT_SHUTDOWN"
+        tail -n "${RIG_KTRACE_LINES:-600}" "$KTRACE/trace" | sed 's/^/KTRACE /'
+    fi
+    echo 0 >"$KTRACE/events/kvm/enable"
+    echo '!traceoff' >"$KTRACE/events/kvm/kvm_userspace_exit/trigger"
+    echo 1 >"$KTRACE/tracing_on"
+}
+
+# migration_facts NAME WHEN: L1's page migration counters (NUMA balancing moves pages of a
+# tenant's memory that no policy binds), e.g. `numa_pages_migrated_after=0`.
+migration_facts() {
+    for k in numa_hint_faults numa_pages_migrated pgmigrate_success; do
+        fact "$1" "${k}_$2" "$(awk -v k="$k" '$1 == k { print $2 }' /proc/vmstat)"
+    done
+}
+
 # A tenant config for the ai_infer scenario with its socket in this run's scratch directory.
 ai_config() {
     sed "s|\"/tmp/rig/|\"$RIG_TMP/|" "$(config "$1")" >"$RIG_TMP/run-$1"
@@ -493,6 +528,8 @@ scenario_ai_infer() {
     done
     fact ai_daemon ready_ms $(($(now_ms) - t0))
     memory_facts ai_daemon_idle "$dpid"
+    ktrace_start ai_daemon
+    migration_facts ai_daemon before
     # shellcheck disable=SC2046
     vm_start ai_a "$(ai_config ai-tenant-a.toml)" $(guest_args)
     apid=$VM_PID
@@ -523,6 +560,8 @@ scenario_ai_infer() {
     fi
     cat "$RIG_TMP/ai_daemon.log"
     sed 's/^/ai-inferd top: /' "$RIG_TMP/ai_top.txt" 2>/dev/null
+    migration_facts ai_daemon after
+    ktrace_dump ai_daemon
     echo "RIG-END ai_daemon rc=$VM_RC"
     for run in ai_a:$arc ai_b:$brc; do
         name=${run%%:*}
