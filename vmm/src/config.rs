@@ -249,6 +249,28 @@ pub enum ConsoleMode {
     Off,
 }
 
+/// Zones the host's automatic NUMA balancing may migrate under the running guest: on a
+/// multi-node host with it on, 4 KiB zones without `host_node` (an explicit binding exempts
+/// a mapping; hugetlb pages are never moved by it). The guest stalls on every migrated page,
+/// and so does the ai_infer daemon that maps the zone.
+fn unbound_zone_warnings(zones: &[MemoryZoneConfig], host: &impl HostTopology) -> Vec<String> {
+    if host.nodes().len() < 2 || !host.numa_balancing() {
+        return Vec::new();
+    }
+    zones
+        .iter()
+        .filter(|z| z.host_node.is_none() && !z.backing.is_hugetlb())
+        .map(|z| {
+            format!(
+                "memory zone `{}` is not bound to a NUMA node and this host's automatic NUMA \
+                 balancing is on: the kernel may migrate its pages while the guest runs; set \
+                 host_node (or hugetlb backing) to pin it",
+                z.id
+            )
+        })
+        .collect()
+}
+
 fn validate_ai_infer(ai: &AiInferConfig, zones: &[MemoryZoneConfig]) -> Result<(), ConfigError> {
     if ai.socket.as_os_str().is_empty() {
         return Err(ConfigError::AiInferNoSocket);
@@ -509,6 +531,8 @@ impl VmConfig {
         let placement =
             passthrough::place_near_devices(&devices, &mut zones, explicit_cpus.as_ref(), host);
         check_hugepages(&zones, host)?;
+        let mut warnings = placement.warnings;
+        warnings.extend(unbound_zone_warnings(&zones, host));
         let memlock_raise = if devices.is_empty() {
             None
         } else {
@@ -573,7 +597,7 @@ impl VmConfig {
             ai_infer: self.ai_infer.clone(),
             passthrough: devices,
             memlock_raise,
-            warnings: placement.warnings,
+            warnings,
         })
     }
 }
@@ -968,6 +992,35 @@ mod tests {
         assert_eq!(v.zones[0].host_node, Some(0));
         assert_eq!(v.vcpu_affinity, Some(CpuSet::from_cpus([0])));
         assert_eq!(v.warnings.len(), 2, "{:?}", v.warnings);
+    }
+
+    #[test]
+    fn unbound_small_page_zones_warn_when_numa_balancing_is_on() {
+        let sys = FakeSys::new("numa-balancing", 16);
+        let warnings = |zone: &str| {
+            parse(&base(&sys, zone))
+                .unwrap()
+                .validate(&sys.host(), 64)
+                .unwrap()
+                .warnings
+        };
+        let unbound = "id = \"m\"\nsize_mib = 32\nbacking = \"memfd\"";
+        // No procfs knob (or off): nothing to say.
+        assert!(warnings(unbound).is_empty());
+        std::fs::create_dir_all(sys.root().join("proc/sys/kernel")).unwrap();
+        std::fs::write(sys.root().join("proc/sys/kernel/numa_balancing"), "0\n").unwrap();
+        assert!(warnings(unbound).is_empty());
+
+        std::fs::write(sys.root().join("proc/sys/kernel/numa_balancing"), "1\n").unwrap();
+        let w = warnings(unbound);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("`m`") && w[0].contains("host_node"), "{w:?}");
+        assert!(warnings(&format!("{unbound}\nhost_node = 0")).is_empty());
+        // Unbound hugetlb comes from the global pool.
+        let pool = sys.root().join("kernel/mm/hugepages/hugepages-2048kB");
+        std::fs::create_dir_all(&pool).unwrap();
+        std::fs::write(pool.join("free_hugepages"), "16\n").unwrap();
+        assert!(warnings("id = \"m\"\nsize_mib = 32\nbacking = \"hugetlb-2m\"").is_empty());
     }
 
     #[test]

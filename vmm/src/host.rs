@@ -100,6 +100,9 @@ pub trait HostTopology {
     /// Free hugepages of `page_kib` size on `node`, or in the whole pool for `None`.
     fn free_hugepages(&self, page_kib: u64, node: Option<u32>) -> u64;
     fn total_hugepages(&self, page_kib: u64, node: Option<u32>) -> u64;
+    /// Whether the kernel's automatic NUMA balancing is on: it migrates the pages of memory
+    /// that no policy binds, guest memory included, while the guest runs.
+    fn numa_balancing(&self) -> bool;
 }
 
 /// Reads the real host (or a fake tree rooted elsewhere, for tests).
@@ -107,6 +110,8 @@ pub struct SysfsHost {
     root: PathBuf,
     /// Where device nodes live (`/dev`); VFIO group files are under `vfio/`.
     dev_root: PathBuf,
+    /// procfs (`/proc`).
+    proc_root: PathBuf,
     /// Memory lock limits to report instead of this process's own.
     memlock: Option<MemlockLimit>,
 }
@@ -116,17 +121,20 @@ impl Default for SysfsHost {
         SysfsHost {
             root: PathBuf::from("/sys"),
             dev_root: PathBuf::from("/dev"),
+            proc_root: PathBuf::from("/proc"),
             memlock: None,
         }
     }
 }
 
 impl SysfsHost {
-    /// A host whose sysfs is `root` and whose `/dev` is `root/dev` (a fake tree).
+    /// A host whose sysfs is `root`, whose `/dev` is `root/dev` and whose `/proc` is
+    /// `root/proc` (a fake tree).
     pub fn with_root(root: impl Into<PathBuf>) -> Self {
         let root = root.into();
         SysfsHost {
             dev_root: root.join("dev"),
+            proc_root: root.join("proc"),
             root,
             memlock: None,
         }
@@ -213,5 +221,11 @@ impl HostTopology for SysfsHost {
 
     fn total_hugepages(&self, page_kib: u64, node: Option<u32>) -> u64 {
         self.hugepage_count(page_kib, node, "nr_hugepages")
+    }
+
+    fn numa_balancing(&self) -> bool {
+        // 0 = off; 1 = on; 2 = memory tiering only (does not move pages between DRAM nodes).
+        std::fs::read_to_string(self.proc_root.join("sys/kernel/numa_balancing"))
+            .is_ok_and(|s| s.trim() == "1")
     }
 }
