@@ -19,6 +19,13 @@
 # bridge on node 1: L1 sees it at 0000:81:00.0 with numa_node 1, a stand-in for a GPU there.
 # QEMU allocates L1's memory as L1 touches it: a bigger RIG_L1_MEM_MB costs host memory
 # only as far as the scenarios use it.
+#
+# A wedged L1 (both vCPUs spinning in its kernel, nothing printed) is caught early: L1's init
+# writes a heartbeat to its second serial port (OUTDIR/l1-heartbeat.log) every 30 s; when it
+# stops for RIG_L1_STALL_S (240) seconds, this script samples L1's vCPU registers three times
+# through QEMU's monitor (OUTDIR/qemu-monitor.sock; L1 boots with nokaslr, so RIP values match
+# the kernel's System.map), appends them to the log as RIG-L1-STALL lines, stops QEMU and
+# exits 125.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -40,7 +47,7 @@ if ! [ "$mem_mb" -ge 2048 ] 2>/dev/null || [ $((mem_mb % 4)) -ne 0 ]; then
 fi
 node_mb=$((mem_mb / 2))
 
-append="console=ttyS0 panic=-1 quiet intel_iommu=on"
+append="console=ttyS0 panic=-1 quiet intel_iommu=on nokaslr"
 if [ -n "${RIG_SCENARIOS:-}" ]; then
     append+=" rig.scenarios=$RIG_SCENARIOS"
 fi
@@ -51,7 +58,68 @@ fi
 extra=(${RIG_QEMU_EXTRA:-})
 
 log=$out/l1-console.log
+beat=$out/l1-heartbeat.log
+stall=$out/l1-stall.log
+monitor=$out/qemu-monitor.sock
 : >"$log"
+: >"$beat"
+rm -f "$stall" "$monitor" "$out/qemu.pid"
+
+# monitor_cmd CMD: one HMP command through the monitor socket; prints the answer.
+monitor_cmd() {
+    command -v python3 >/dev/null || { echo "(no python3 to talk to the QEMU monitor)"; return; }
+    python3 - "$monitor" "$1" <<'PY'
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(5)
+s.connect(sys.argv[1])
+def drain():
+    out = b""
+    try:
+        while True:
+            d = s.recv(65536)
+            if not d:
+                break
+            out += d
+    except OSError:
+        pass
+    return out
+time.sleep(0.5)
+drain()
+s.sendall(sys.argv[2].encode() + b"\n")
+s.settimeout(2)
+sys.stdout.write(drain().decode(errors="replace"))
+PY
+}
+
+# Watches the heartbeat; see the header.
+watch_heartbeat() {
+    local limit=${RIG_L1_STALL_S:-240} last=0 quiet=0 size i
+    while sleep 15; do
+        size=$(stat -c %s "$beat" 2>/dev/null || echo 0)
+        if [ "$size" != "$last" ]; then
+            last=$size
+            quiet=0
+            continue
+        fi
+        quiet=$((quiet + 15))
+        # No beat yet: L1 is still booting, the overall timeout covers that.
+        if [ "$size" -gt 0 ] && [ "$quiet" -ge "$limit" ]; then
+            {
+                echo "run-l1.sh: L1's heartbeat stopped ${quiet}s ago (wedged); its vCPUs:"
+                for i in 1 2 3; do
+                    monitor_cmd "info registers -a" | tr -d '\r' |
+                        grep -E '^(CPU#|RIP=|RAX=|RSP=|CR0=|EFL=)' | sed "s/^/RIG-L1-STALL $i /"
+                    sleep 2
+                done
+            } >"$stall" 2>&1
+            monitor_cmd quit >/dev/null 2>&1 || kill "$(cat "$out/qemu.pid")"
+            return
+        fi
+    done
+}
+watch_heartbeat &
+watcher=$!
 set +e
 # --foreground: Ctrl-C at a terminal still reaches QEMU. stdin is /dev/null so QEMU never
 # puts the caller's terminal into raw mode.
@@ -64,11 +132,18 @@ timeout --foreground -k 10 "$limit" qemu-system-x86_64 \
     -device pxb-pcie,id=pxb1,bus_nr=128,numa_node=1,bus=pcie.0 \
     -device pcie-root-port,id=rp1,bus=pxb1,chassis=1 \
     -device edu,bus=rp1 \
-    -nographic -no-reboot \
+    -nographic -no-reboot -serial mon:stdio -serial "file:$beat" \
+    -monitor "unix:$monitor,server=on,wait=off" -pidfile "$out/qemu.pid" \
     -kernel "$out/l1-vmlinuz" -initrd "$out/l1-initrd.cpio" -append "$append" \
     "${extra[@]}" </dev/null 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
+kill "$watcher" 2>/dev/null
+wait "$watcher" 2>/dev/null
 set -e
+if [ -s "$stall" ]; then
+    tee -a "$log" <"$stall"
+    exit 125
+fi
 if [ "$rc" -eq 124 ]; then
     echo "run-l1.sh: L1 did not finish within ${limit}s, QEMU stopped" | tee -a "$log"
 fi
