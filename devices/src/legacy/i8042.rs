@@ -1,8 +1,15 @@
-//! The i8042 keyboard controller, reduced to the one thing a microVM needs from it:
-//! the CPU reset command (0xFE written to port 0x64), which Linux uses to reboot.
+//! The i8042 keyboard controller, reduced to what a microVM needs from it:
+//! - the CPU reset command (0xFE written to port 0x64), which Linux uses to reboot (via
+//!   `vm-superio`); the VMM treats a reset as the guest asking to stop, so it watches the
+//!   reset `EventFd` and exits when it fires;
+//! - the controller commands Linux's i8042 driver sends when it probes the ports directly
+//!   (`i8042.nopnp`, common in microVM command lines; without it the guest believes the FADT,
+//!   which says there is no 8042, and never probes): read and write the configuration byte
+//!   (CTR), self-tests, port enable/disable, and the auxiliary (mouse) port checks, answered
+//!   as "no mouse port". Every unanswered command costs the guest a 0.5 s timeout (an
+//!   unanswered CTR read cost 1.3-1.8 s of boot in the nested rig).
 //!
-//! The VMM treats a reset as the guest asking to stop, so it watches the reset `EventFd`
-//! and exits when it fires. Everything else reads as 0 and is ignored (via `vm-superio`).
+//! There is no keyboard behind it: keyboard commands are ignored and no interrupt is raised.
 
 use vm_superio::I8042Device;
 use vmm_sys_util::eventfd::EventFd;
@@ -15,11 +22,54 @@ pub const I8042_PORT: u16 = 0x60;
 /// Ports covered, from the data port 0x60 to the command/status port 0x64.
 pub const I8042_PORT_LEN: u64 = 5;
 
+const DATA: u8 = 0;
+const COMMAND: u8 = 4;
+
+// Controller commands (port 0x64).
+const CMD_READ_CTR: u8 = 0x20;
+const CMD_WRITE_CTR: u8 = 0x60;
+const CMD_DISABLE_AUX: u8 = 0xa7;
+const CMD_ENABLE_AUX: u8 = 0xa8;
+const CMD_SELF_TEST: u8 = 0xaa;
+const CMD_AUX_TEST: u8 = 0xa9;
+const CMD_KBD_TEST: u8 = 0xab;
+const CMD_AUX_LOOP: u8 = 0xd3;
+const CMD_DISABLE_KBD: u8 = 0xad;
+const CMD_ENABLE_KBD: u8 = 0xae;
+
+// Status register bits.
+const STATUS_OUTPUT_FULL: u8 = 1 << 0;
+const STATUS_SYSTEM: u8 = 1 << 2;
+const STATUS_NOT_INHIBITED: u8 = 1 << 4;
+
+// CTR bits.
+const CTR_KBD_INT: u8 = 1 << 0;
+const CTR_SYSTEM: u8 = 1 << 2;
+const CTR_KBD_DISABLED: u8 = 1 << 4;
+const CTR_AUX_DISABLED: u8 = 1 << 5;
+const CTR_TRANSLATE: u8 = 1 << 6;
+
+/// What firmware leaves behind: keyboard interrupt on, POST passed, scancode translation.
+const CTR_DEFAULT: u8 = CTR_KBD_INT | CTR_SYSTEM | CTR_TRANSLATE;
+const SELF_TEST_OK: u8 = 0x55;
+const KBD_TEST_OK: u8 = 0x00;
+/// Interface test result "clock line stuck low": Linux then takes the mouse port as absent.
+const AUX_TEST_FAILED: u8 = 0x01;
+/// The loopback answer without the status register's AUX-data bit: Linux reads it as "no
+/// loopback" at once, then runs the interface test.
+const AUX_LOOP_NONE: u8 = 0x00;
+
 /// An i8042 controller that signals `reset_evt` when the guest resets the CPU.
 pub struct I8042 {
     device: I8042Device<EventFdTrigger>,
     /// Whether a failure to signal the reset has been logged already.
     reset_error_logged: bool,
+    /// The controller configuration byte.
+    ctr: u8,
+    /// A byte waiting for the guest on the data port.
+    output: Option<u8>,
+    /// The last command, when it waits for a data byte (write CTR, aux loopback).
+    pending: Option<u8>,
 }
 
 impl I8042 {
@@ -28,6 +78,9 @@ impl I8042 {
         Self {
             device: I8042Device::new(EventFdTrigger::new(reset_evt)),
             reset_error_logged: false,
+            ctr: CTR_DEFAULT,
+            output: None,
+            pending: None,
         }
     }
 
@@ -35,16 +88,60 @@ impl I8042 {
     pub fn reset_evt(&self) -> &EventFd {
         self.device.reset_evt().event_fd()
     }
+
+    fn status(&self) -> u8 {
+        let full = if self.output.is_some() {
+            STATUS_OUTPUT_FULL
+        } else {
+            0
+        };
+        let system = if self.ctr & CTR_SYSTEM != 0 {
+            STATUS_SYSTEM
+        } else {
+            0
+        };
+        // The input buffer is never full (every write is handled at once), and no byte
+        // ever comes from the mouse port (the AUX-data bit stays clear).
+        full | system | STATUS_NOT_INHIBITED
+    }
+
+    fn command(&mut self, cmd: u8) {
+        // A new command cancels one still waiting for its data byte.
+        self.pending = None;
+        match cmd {
+            CMD_READ_CTR => self.output = Some(self.ctr),
+            CMD_WRITE_CTR | CMD_AUX_LOOP => self.pending = Some(cmd),
+            CMD_SELF_TEST => self.output = Some(SELF_TEST_OK),
+            CMD_KBD_TEST => self.output = Some(KBD_TEST_OK),
+            CMD_AUX_TEST => self.output = Some(AUX_TEST_FAILED),
+            CMD_DISABLE_AUX => self.ctr |= CTR_AUX_DISABLED,
+            CMD_ENABLE_AUX => self.ctr &= !CTR_AUX_DISABLED,
+            CMD_DISABLE_KBD => self.ctr |= CTR_KBD_DISABLED,
+            CMD_ENABLE_KBD => self.ctr &= !CTR_KBD_DISABLED,
+            // CPU reset goes to vm-superio (the caller passes every command on); the rest
+            // (output port, A20, writes to the mouse, ...) has nothing behind it.
+            _ => {}
+        }
+    }
+
+    fn data(&mut self, value: u8) {
+        match self.pending.take() {
+            Some(CMD_WRITE_CTR) => self.ctr = value,
+            Some(_) => self.output = Some(AUX_LOOP_NONE),
+            // A keyboard command: no keyboard answers it.
+            None => {}
+        }
+    }
 }
 
 impl BusDevice for I8042 {
-    /// 1-byte reads return the controller's answer (always 0); other sizes return all
-    /// ones.
+    /// 1-byte reads: the data port hands out the pending byte (0 when none), the command
+    /// port reads the status. Other sizes and offsets read all ones.
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         match (u8::try_from(offset), data) {
-            (Ok(register), [byte]) if u64::from(register) < I8042_PORT_LEN => {
-                *byte = self.device.read(register);
-            }
+            (Ok(DATA), [byte]) => *byte = self.output.take().unwrap_or(0),
+            (Ok(COMMAND), [byte]) => *byte = self.status(),
+            (Ok(register), [byte]) if u64::from(register) < I8042_PORT_LEN => *byte = 0,
             (_, data) => data.fill(0xff),
         }
     }
@@ -54,8 +151,10 @@ impl BusDevice for I8042 {
         let (Ok(register), [value]) = (u8::try_from(offset), data) else {
             return;
         };
-        if u64::from(register) >= I8042_PORT_LEN {
-            return;
+        match register {
+            COMMAND => self.command(*value),
+            DATA => self.data(*value),
+            _ => return,
         }
         if let Err(e) = self.device.write(register, *value) {
             if !self.reset_error_logged {
@@ -73,6 +172,7 @@ mod tests {
 
     const COMMAND: u64 = 4;
     const CMD_RESET_CPU: u8 = 0xfe;
+    const STATUS_AUX_DATA: u8 = 1 << 5;
 
     fn reset_pending(evt: &EventFd) -> bool {
         match evt.read() {
@@ -115,9 +215,86 @@ mod tests {
         let (mut dev, _evt) = i8042();
         let mut byte = [0xaau8; 1];
         dev.read(COMMAND, &mut byte);
-        assert_eq!(byte, [0]);
+        assert_eq!(byte, [STATUS_SYSTEM | STATUS_NOT_INHIBITED]);
+        dev.read(0, &mut byte);
+        assert_eq!(byte, [0], "nothing pending reads 0");
         let mut wide = [0u8; 2];
         dev.read(0, &mut wide);
         assert_eq!(wide, [0xff, 0xff]);
+        dev.read(I8042_PORT_LEN, &mut byte);
+        assert_eq!(byte, [0xff]);
+    }
+
+    fn read(dev: &mut I8042, offset: u64) -> u8 {
+        let mut b = [0u8];
+        dev.read(offset, &mut b);
+        b[0]
+    }
+
+    /// Linux's i8042_command(): wait for the answer in the status register, then read it.
+    fn answer(dev: &mut I8042, cmd: u8) -> Option<u8> {
+        dev.write(COMMAND, &[cmd]);
+        if read(dev, COMMAND) & STATUS_OUTPUT_FULL == 0 {
+            return None;
+        }
+        let byte = read(dev, 0);
+        assert_eq!(
+            read(dev, COMMAND) & STATUS_OUTPUT_FULL,
+            0,
+            "read empties it"
+        );
+        Some(byte)
+    }
+
+    #[test]
+    fn answers_the_probe_of_linux_i8042_driver() {
+        let (mut dev, evt) = i8042();
+        assert_eq!(answer(&mut dev, CMD_READ_CTR), Some(CTR_DEFAULT));
+        assert_eq!(
+            answer(&mut dev, CMD_READ_CTR),
+            Some(CTR_DEFAULT),
+            "stable reads"
+        );
+        // Write the CTR back with the keyboard disabled, as the driver does, and read it.
+        dev.write(COMMAND, &[CMD_WRITE_CTR]);
+        dev.write(0, &[CTR_KBD_DISABLED | CTR_SYSTEM]);
+        assert_eq!(
+            answer(&mut dev, CMD_READ_CTR),
+            Some(CTR_KBD_DISABLED | CTR_SYSTEM)
+        );
+        dev.write(COMMAND, &[CMD_ENABLE_KBD]);
+        dev.write(COMMAND, &[CMD_DISABLE_AUX]);
+        assert_eq!(
+            answer(&mut dev, CMD_READ_CTR),
+            Some(CTR_AUX_DISABLED | CTR_SYSTEM)
+        );
+        assert_eq!(answer(&mut dev, CMD_SELF_TEST), Some(SELF_TEST_OK));
+        assert_eq!(answer(&mut dev, CMD_KBD_TEST), Some(KBD_TEST_OK));
+        // No mouse port: the loopback answers without the AUX-data status bit, the
+        // interface test reports a stuck clock line.
+        dev.write(COMMAND, &[CMD_AUX_LOOP]);
+        assert_eq!(read(&mut dev, COMMAND) & STATUS_OUTPUT_FULL, 0);
+        dev.write(0, &[0x5a]);
+        assert_eq!(
+            read(&mut dev, COMMAND) & (STATUS_OUTPUT_FULL | STATUS_AUX_DATA),
+            STATUS_OUTPUT_FULL
+        );
+        assert_eq!(read(&mut dev, 0), AUX_LOOP_NONE);
+        assert_eq!(answer(&mut dev, CMD_AUX_TEST), Some(AUX_TEST_FAILED));
+        // No keyboard: its commands get no answer; unknown commands neither.
+        dev.write(0, &[0xf2]);
+        assert_eq!(read(&mut dev, COMMAND) & STATUS_OUTPUT_FULL, 0);
+        assert_eq!(answer(&mut dev, 0xd1), None);
+        assert!(!reset_pending(&evt));
+    }
+
+    #[test]
+    fn a_command_cancels_a_pending_ctr_write() {
+        let (mut dev, _evt) = i8042();
+        dev.write(COMMAND, &[CMD_WRITE_CTR]);
+        dev.write(COMMAND, &[CMD_ENABLE_AUX]);
+        // This data byte is a keyboard command now, not the CTR.
+        dev.write(0, &[0x00]);
+        assert_eq!(answer(&mut dev, CMD_READ_CTR), Some(CTR_DEFAULT));
     }
 }
