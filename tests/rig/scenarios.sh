@@ -467,8 +467,11 @@ scenario_demo() {
 # the ring buffer and stops tracing at the first KVM_EXIT_SHUTDOWN (a guest triple fault), so
 # the buffer ends where the guest died: the exits, guest RIPs and injected events before it.
 # ktrace_dump prints the buffer's tail (as KTRACE lines) only when that happened.
+# Nested mode only: in direct mode the "L1" is the user's own host, whose tracing is not ours.
 KTRACE=/sys/kernel/tracing
+KTRACE_ON=
 ktrace_start() {
+    [ "${RIG_MODE:-}" = nested ] || return 0
     [ -d "$KTRACE/events" ] || mount -t tracefs tracefs "$KTRACE" 2>/dev/null || return 0
     [ -d "$KTRACE/events/kvm" ] || return 0
     echo 0 >"$KTRACE/tracing_on"
@@ -477,10 +480,12 @@ ktrace_start() {
     echo 1 >"$KTRACE/events/kvm/enable"
     echo 'traceoff if reason == 8' >"$KTRACE/events/kvm/kvm_userspace_exit/trigger"
     echo 1 >"$KTRACE/tracing_on"
+    KTRACE_ON=1
     fact "$1" ktrace on
 }
 ktrace_dump() {
-    [ -f "$KTRACE/tracing_on" ] && [ -d "$KTRACE/events/kvm" ] || return 0
+    [ -n "$KTRACE_ON" ] || return 0
+    KTRACE_ON=
     if [ "$(cat "$KTRACE/tracing_on")" = 0 ]; then
         fact "$1" ktrace "stopped at a KVM_EXIT_SHUTDOWN"
         tail -n "${RIG_KTRACE_LINES:-600}" "$KTRACE/trace" | sed 's/^/KTRACE /'
