@@ -153,9 +153,6 @@ impl TenantDevice {
         if self.is_broken(queue) {
             return false;
         }
-        // The generation is read before the chain is taken: a reset in between makes
-        // this chain's work stale instead of letting it slip into the new generation.
-        let generation = self.tenant.lock().generation(queue);
         let mem = atomic.memory().into_inner();
         let taken = {
             let mut state = vring.get_mut();
@@ -169,9 +166,17 @@ impl TenantDevice {
             if !q.ready() {
                 return false;
             }
+            // Read with the vring lock held and the ring live, so the generation is the
+            // one the chain belongs to: a reset bumps it only after stopping the ring,
+            // and the ring is live again only after the bump. (Read before the lock, a
+            // reset and restart in between made a new chain look stale: dropped
+            // unanswered, its kick lost.)
+            let generation = self.tenant.generation(queue);
             let (size, desc_table) = (q.size(), q.desc_table());
             match q.iter(&*mem) {
-                Ok(mut avail) => avail.next().map(|c| (c.head_index(), size, desc_table)),
+                Ok(mut avail) => avail
+                    .next()
+                    .map(|c| (c.head_index(), size, desc_table, generation)),
                 Err(QueueError::InvalidAvailRingIndex) => {
                     drop(state);
                     self.mark_broken(queue, "available index moved by more than the queue size");
@@ -184,7 +189,7 @@ impl TenantDevice {
                 }
             }
         };
-        let Some((head, size, desc_table)) = taken else {
+        let Some((head, size, desc_table, generation)) = taken else {
             return false;
         };
         if head >= size {

@@ -281,7 +281,7 @@ fn infer(
     // in-flight registration are one step for CANCEL and the executors.
     let rejected = {
         let mut st = tenant.lock();
-        if st.generation(queue) != generation {
+        if tenant.generation(queue) != generation {
             // The queue was reset while this chain was being read: drop it unanswered.
             return;
         }

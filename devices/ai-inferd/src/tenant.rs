@@ -4,7 +4,7 @@
 //! (reset, disconnect) be discarded.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
@@ -81,22 +81,12 @@ pub enum Record {
 
 /// Mutable state behind the tenant's lock.
 pub struct TenantState {
-    generations: [u64; MAX_REQUEST_QUEUES],
     running: [usize; MAX_REQUEST_QUEUES],
     /// The current connection.
     pub conn: Connection,
 }
 
 impl TenantState {
-    /// The current generation of `queue` (0 for an index out of range, which no chain
-    /// can carry: queue indices come from the vhost-user library, below 64).
-    pub fn generation(&self, queue: u16) -> u64 {
-        self.generations
-            .get(usize::from(queue))
-            .copied()
-            .unwrap_or(0)
-    }
-
     /// Adds a completion to the counters and forgets a finished INFER.
     pub fn record(&mut self, record: Record) {
         let c = &mut self.conn.counters;
@@ -151,6 +141,10 @@ pub struct Tenant {
     /// Read often, replaced only by a reload; never held while taking another lock.
     grant: RwLock<Arc<Grant>>,
     connected: AtomicBool,
+    /// Per queue; moved only under the state lock (so a check under it is stable), read
+    /// without it where the vring lock is held (taking a chain), which must not wait for
+    /// the tenant lock: completions hold the tenant lock while they publish to the vring.
+    generations: [AtomicU64; MAX_REQUEST_QUEUES],
     state: Mutex<TenantState>,
     idle: Condvar,
 }
@@ -162,8 +156,8 @@ impl Tenant {
             spec,
             grant: RwLock::new(Arc::new(grant)),
             connected: AtomicBool::new(false),
+            generations: std::array::from_fn(|_| AtomicU64::new(0)),
             state: Mutex::new(TenantState {
-                generations: [0; MAX_REQUEST_QUEUES],
                 running: [0; MAX_REQUEST_QUEUES],
                 conn: Connection::default(),
             }),
@@ -196,6 +190,15 @@ impl Tenant {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The current generation of `queue` (0 for an index out of range, which no chain
+    /// can carry: queue indices come from the vhost-user library, below 64). Stable while
+    /// the state lock is held.
+    pub fn generation(&self, queue: u16) -> u64 {
+        self.generations
+            .get(usize::from(queue))
+            .map_or(0, |g| g.load(Ordering::SeqCst))
+    }
+
     /// Starts a connection: counters from zero, nothing in flight.
     pub fn begin_connection(&self, now: Nanos) {
         self.lock().conn = Connection {
@@ -209,9 +212,9 @@ impl Tenant {
     /// still queued (not running) so the caller can remove them from the scheduler.
     pub fn abandon(&self, which: impl Fn(u16) -> bool) -> Vec<u64> {
         let mut st = self.lock();
-        for (q, g) in st.generations.iter_mut().enumerate() {
+        for (q, g) in self.generations.iter().enumerate() {
             if which(q as u16) {
-                *g = g.wrapping_add(1);
+                g.fetch_add(1, Ordering::SeqCst);
             }
         }
         let mut queued = Vec::new();
@@ -234,7 +237,7 @@ impl Tenant {
     /// false for abandoned work, which must not be run.
     pub fn start_running(&self, request_id: u64, queue: u16, generation: u64) -> bool {
         let mut st = self.lock();
-        if st.generation(queue) != generation {
+        if self.generation(queue) != generation {
             return false;
         }
         if let Some(f) = st.conn.in_flight.get_mut(&request_id) {
@@ -329,8 +332,8 @@ mod tests {
         assert!(t.start_running(2, 0, 0));
         let queued = t.abandon(|q| q == 0);
         assert_eq!(queued, vec![1]);
+        assert_eq!((t.generation(0), t.generation(1)), (1, 0));
         let st = t.lock();
-        assert_eq!((st.generation(0), st.generation(1)), (1, 0));
         assert_eq!(st.conn.in_flight.len(), 1);
         assert_eq!(st.conn.counters.in_flight_max, 3);
         drop(st);

@@ -77,7 +77,7 @@ impl ChainTicket {
         if was_running {
             st.finish_running(self.queue);
         }
-        if st.generation(self.queue) != self.generation {
+        if self.tenant.generation(self.queue) != self.generation {
             drop(st);
             if was_running {
                 self.tenant.notify_idle();
