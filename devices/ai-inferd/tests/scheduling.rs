@@ -84,9 +84,12 @@ fn saturating_tenants_get_accelerator_time_by_weight() {
         tenant("w4", "weight = 4")
     );
     let h = Harness::custom(&text, vec![synthetic(1, 2, 500)]);
+    // Batch class: w1's requests wait about 12 × 7 service times, and the class's
+    // aging bound (2 s) must stay far above that, or overdue requests get promoted and
+    // tilt the shares (Normal's 500 ms did, on a host where 2.5 ms sleeps took 5).
     let loads: Vec<Load> = ["w1", "w2", "w4"]
         .iter()
-        .map(|n| closed(&h, n, PriorityClass::Normal, 12))
+        .map(|n| closed(&h, n, PriorityClass::Batch, 12))
         .collect();
     let running = load::spawn(&loads, Duration::from_secs(4)).unwrap();
     running.sleep_until(Duration::from_millis(500));
