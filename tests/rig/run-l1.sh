@@ -67,7 +67,7 @@ rm -f "$stall" "$monitor" "$out/qemu.pid"
 
 # monitor_cmd CMD: one HMP command through the monitor socket; prints the answer.
 monitor_cmd() {
-    command -v python3 >/dev/null || { echo "(no python3 to talk to the QEMU monitor)"; return; }
+    command -v python3 >/dev/null || { echo "(no python3 to talk to the QEMU monitor)"; return 1; }
     python3 - "$monitor" "$1" <<'PY'
 import socket, sys, time
 s = socket.socket(socket.AF_UNIX)
