@@ -19,6 +19,7 @@
 #             guest_uptime=<s|na> vmm_init_ms=<n|na>
 #   BENCH-MEM vmm=<name> when=<marker|later> VmRSS_kb=.. RssAnon_kb=.. RssFile_kb=..
 #             RssShmem_kb=.. VmHWM_kb=.. HugetlbPages_kb=.. Threads=.. guest_rss_kb=..
+#             guest_thp_kb=.. (of it, mapped in transparent hugepages)
 #   BENCH-DONE
 #
 # Environment (l1-init sets the first three; /bench/bench.env, written by bench-boot.sh, may
@@ -86,8 +87,10 @@ mem_sample() {
     kv=$(awk '$1 ~ /^(VmRSS|RssAnon|RssFile|RssShmem|VmHWM|HugetlbPages):$/ { sub(":", "", $1); printf "%s_kb=%s ", $1, $2 }
               $1 == "Threads:" { printf "Threads=%s ", $2 }' "/proc/$3/status" 2>/dev/null)
     guest=$(awk '/^[0-9a-f]+-[0-9a-f]+ / { big = 0 } $1 == "Size:" { big = ($2 >= 131072) }
-                 $1 == "Rss:" && big { g += $2 } END { print g + 0 }' "/proc/$3/smaps" 2>/dev/null)
-    echo "BENCH-MEM vmm=$1 when=$2 ${kv:-gone} guest_rss_kb=${guest:-na}"
+                 $1 == "Rss:" && big { g += $2 }
+                 $1 ~ /^(AnonHugePages|ShmemPmdMapped|FilePmdMapped):$/ && big { h += $2 }
+                 END { printf "guest_rss_kb=%d guest_thp_kb=%d", g, h }' "/proc/$3/smaps" 2>/dev/null)
+    echo "BENCH-MEM vmm=$1 when=$2 ${kv:-gone} ${guest:-guest_rss_kb=na guest_thp_kb=na}"
 }
 
 # one_run NAME RUN MEM CMD...: start CMD (a VMM) and time it as described at the top.

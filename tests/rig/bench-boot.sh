@@ -173,7 +173,7 @@ function stats(arr, v, cnt,    i, a) {
     vmm = kv($0, "vmm"); w = kv($0, "when")
     if (!(vmm in mseen)) { mseen[vmm] = 1; morder[++nm] = vmm }
     h = kv($0, "HugetlbPages_kb"); if (h == "") h = "n/a"
-    mem[vmm, w] = sprintf("%s,%s,%s,%s,%s,%s,%s", kv($0, "VmRSS_kb"), kv($0, "RssAnon_kb"), kv($0, "RssFile_kb"), kv($0, "RssShmem_kb"), h, kv($0, "VmHWM_kb"), kv($0, "guest_rss_kb"))
+    mem[vmm, w] = sprintf("%s,%s,%s,%s,%s,%s,%s,%s", kv($0, "VmRSS_kb"), kv($0, "RssAnon_kb"), kv($0, "RssFile_kb"), kv($0, "RssShmem_kb"), h, kv($0, "VmHWM_kb"), kv($0, "guest_rss_kb"), kv($0, "guest_thp_kb"))
 }
 END {
     for (k = 1; k <= nv; k++) {
@@ -213,15 +213,15 @@ END {
     if (exitline != "") printf "Start to VMM exit (guest powered off), median: %s\n", exitline
     if (notes != "") printf "\n%s", notes
     printf "\nVMM memory after boot (KiB, /proc/<pid>/status and smaps). Guest RAM is 256 MiB: a memfd (resident part in RssShmem and in the guest-RAM column) or hugetlb (HugetlbPages, outside VmRSS). L1'"'"'s root file system is the initramfs, so binaries and libraries count as RssShmem there, not RssFile: the VMM overhead is VmRSS minus the guest RAM'"'"'s resident part\n\n"
-    printf "| VMM | sampled | VmRSS | guest RAM resident | VMM overhead = VmRSS - guest RAM | RssAnon | RssFile | RssShmem | HugetlbPages | VmHWM |\n"
-    printf "|-----|---------|------:|------:|------:|------:|------:|------:|------:|------:|\n"
+    printf "| VMM | sampled | VmRSS | guest RAM resident | of it in THP | VMM overhead = VmRSS - guest RAM | RssAnon | RssFile | RssShmem | HugetlbPages | VmHWM |\n"
+    printf "|-----|---------|------:|------:|------:|------:|------:|------:|------:|------:|------:|\n"
     for (k = 1; k <= nm; k++) {
         v = morder[k]
         split("marker later", ws, " ")
         for (j = 1; j <= 2; j++) {
             if (!((v, ws[j]) in mem)) continue
             split(mem[v, ws[j]], f, ",")
-            printf "| %s | %s | %s | %s | %d KiB (%.2f MiB) | %s | %s | %s | %s | %s |\n", v, (ws[j] == "marker" ? "at the marker" : "3 s later"), f[1], f[7], f[1] - f[7], (f[1] - f[7]) / 1024, f[2], f[3], f[4], f[5], f[6]
+            printf "| %s | %s | %s | %s | %s | %d KiB (%.2f MiB) | %s | %s | %s | %s | %s |\n", v, (ws[j] == "marker" ? "at the marker" : "3 s later"), f[1], f[7], (f[8] == "" ? "n/a" : f[8]), f[1] - f[7], (f[1] - f[7]) / 1024, f[2], f[3], f[4], f[5], f[6]
         }
     }
     printf "\n"

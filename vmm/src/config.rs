@@ -167,6 +167,12 @@ pub struct MemoryZoneConfig {
     /// mlock the zone so it is never swapped (pinned for DMA).
     #[serde(default)]
     pub lock: bool,
+    /// For 4 KiB backings: ask the kernel for transparent hugepages (MADV_HUGEPAGE), so that
+    /// the guest's memory is mapped in 2 MiB pages where the host's THP settings allow it
+    /// (memfd zones: `/sys/kernel/mm/transparent_hugepage/shmem_enabled`). Fewer nested page
+    /// faults and TLB misses; the pages stay movable. Ignored for hugetlb backings.
+    #[serde(default = "default_true")]
+    pub transparent_hugepages: bool,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
@@ -267,6 +273,31 @@ fn unbound_zone_warnings(zones: &[MemoryZoneConfig], host: &impl HostTopology) -
                  host_node (or hugetlb backing) to pin it",
                 z.id
             )
+        })
+        .collect()
+}
+
+/// 4 KiB zones that ask for transparent hugepages on a host whose THP settings give them
+/// none (shared memory's `shmem_enabled` is `never` by default), so the guest runs on
+/// 4 KiB pages after all.
+fn thp_zone_warnings(zones: &[MemoryZoneConfig], host: &impl HostTopology) -> Vec<String> {
+    zones
+        .iter()
+        .filter(|z| z.transparent_hugepages && !z.backing.is_hugetlb())
+        .filter_map(|z| {
+            let shared = z.backing == Backing::Memfd;
+            if host.transparent_hugepages(shared) != Some(false) {
+                return None;
+            }
+            let knob = if shared { "shmem_enabled" } else { "enabled" };
+            let mode = if shared { "advise" } else { "madvise" };
+            Some(format!(
+                "memory zone `{}` gets no transparent hugepages on this host \
+                 (/sys/kernel/mm/transparent_hugepage/{knob}): the guest runs on 4 KiB pages; \
+                 `echo {mode} > /sys/kernel/mm/transparent_hugepage/{knob}` or a hugetlb \
+                 backing gives it 2 MiB pages",
+                z.id
+            ))
         })
         .collect()
 }
@@ -446,6 +477,7 @@ impl VmConfig {
                     host_node: None,
                     prefault: false,
                     lock: false,
+                    transparent_hugepages: true,
                 }];
             }
         }
@@ -533,6 +565,7 @@ impl VmConfig {
         check_hugepages(&zones, host)?;
         let mut warnings = placement.warnings;
         warnings.extend(unbound_zone_warnings(&zones, host));
+        warnings.extend(thp_zone_warnings(&zones, host));
         let memlock_raise = if devices.is_empty() {
             None
         } else {
@@ -1021,6 +1054,52 @@ mod tests {
         std::fs::create_dir_all(&pool).unwrap();
         std::fs::write(pool.join("free_hugepages"), "16\n").unwrap();
         assert!(warnings("id = \"m\"\nsize_mib = 32\nbacking = \"hugetlb-2m\"").is_empty());
+    }
+
+    #[test]
+    fn small_page_zones_warn_when_the_host_gives_them_no_thp() {
+        let sys = FakeSys::new("thp", 16);
+        let warnings = |zone: &str| {
+            parse(&base(&sys, zone))
+                .unwrap()
+                .validate(&sys.host(), 64)
+                .unwrap()
+                .warnings
+        };
+        let memfd = "id = \"m\"\nsize_mib = 32";
+        let anon = "id = \"a\"\nsize_mib = 32\nbacking = \"anonymous\"";
+        // A kernel that does not say (no THP knobs): nothing to warn about.
+        assert!(warnings(memfd).is_empty());
+        let knobs = sys.root().join("kernel/mm/transparent_hugepage");
+        std::fs::create_dir_all(&knobs).unwrap();
+        std::fs::write(knobs.join("enabled"), "always [madvise] never\n").unwrap();
+        std::fs::write(
+            knobs.join("shmem_enabled"),
+            "always within_size advise [never] deny force\n",
+        )
+        .unwrap();
+        let w = warnings(memfd);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("`m`") && w[0].contains("shmem_enabled"),
+            "{w:?}"
+        );
+        assert!(warnings(anon).is_empty());
+        assert!(warnings(&format!("{memfd}\ntransparent_hugepages = false")).is_empty());
+
+        std::fs::write(
+            knobs.join("shmem_enabled"),
+            "always within_size [advise] never deny force\n",
+        )
+        .unwrap();
+        assert!(warnings(memfd).is_empty());
+        std::fs::write(knobs.join("enabled"), "always madvise [never]\n").unwrap();
+        let w = warnings(anon);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("`a`") && w[0].contains("echo madvise"),
+            "{w:?}"
+        );
     }
 
     #[test]

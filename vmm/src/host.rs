@@ -103,6 +103,10 @@ pub trait HostTopology {
     /// Whether the kernel's automatic NUMA balancing is on: it migrates the pages of memory
     /// that no policy binds, guest memory included, while the guest runs.
     fn numa_balancing(&self) -> bool;
+    /// Whether the kernel backs a mapping that asks for it (MADV_HUGEPAGE) with transparent
+    /// hugepages: `shared` for shmem/memfd memory, else private anonymous memory. `None` when
+    /// the kernel does not say (no THP support, or no sysfs).
+    fn transparent_hugepages(&self, shared: bool) -> Option<bool>;
 }
 
 /// Reads the real host (or a fake tree rooted elsewhere, for tests).
@@ -227,5 +231,21 @@ impl HostTopology for SysfsHost {
         // 0 = off; 1 = on; 2 = memory tiering only (does not move pages between DRAM nodes).
         std::fs::read_to_string(self.proc_root.join("sys/kernel/numa_balancing"))
             .is_ok_and(|s| s.trim() == "1")
+    }
+
+    fn transparent_hugepages(&self, shared: bool) -> Option<bool> {
+        // The active mode is the bracketed word, e.g. "always [madvise] never".
+        let (file, yes): (&str, &[&str]) = if shared {
+            (
+                "shmem_enabled",
+                &["always", "within_size", "advise", "force"],
+            )
+        } else {
+            ("enabled", &["always", "madvise"])
+        };
+        let modes = self.read(&format!("kernel/mm/transparent_hugepage/{file}"))?;
+        let start = modes.find('[')? + 1;
+        let end = start + modes[start..].find(']')?;
+        Some(yes.contains(&&modes[start..end]))
     }
 }

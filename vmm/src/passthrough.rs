@@ -568,6 +568,7 @@ mod tests {
             host_node: node,
             prefault: false,
             lock: false,
+            transparent_hugepages: true,
         }
     }
 

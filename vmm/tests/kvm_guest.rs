@@ -46,6 +46,7 @@ fn config(console: PathBuf, vcpus: u8, backing: Backing) -> ValidatedConfig {
             host_node: None,
             prefault: false,
             lock: false,
+            transparent_hugepages: true,
         }],
         console: ConsoleConfig {
             mode: ConsoleMode::File,

@@ -181,6 +181,7 @@ mod tests {
                 host_node: None,
                 prefault: true,
                 lock: false,
+                transparent_hugepages: false,
             },
             MemoryZoneConfig {
                 id: "b".into(),
@@ -189,6 +190,7 @@ mod tests {
                 host_node: Some(0),
                 prefault: true,
                 lock: true,
+                transparent_hugepages: true,
             },
         ];
         let ram = GuestRam::create(&zones, &host).expect("create guest RAM");
@@ -201,5 +203,63 @@ mod tests {
         assert_eq!(v, 0xdead_beef);
         assert!(ram.zones[0].file.is_none());
         assert!(ram.zones[1].file.is_some());
+    }
+
+    /// The kernel's VMA flags ("VmFlags:" in /proc/self/smaps) of the mapping at `addr`.
+    fn vma_flags(addr: usize) -> Vec<String> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ') {
+                if let Some((lo, hi)) = range.split_once('-') {
+                    if let (Ok(lo), Ok(hi)) =
+                        (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+                    {
+                        inside = (lo..hi).contains(&addr);
+                        continue;
+                    }
+                }
+            }
+            if let Some(flags) = line.strip_prefix("VmFlags:") {
+                if inside {
+                    return flags.split_whitespace().map(String::from).collect();
+                }
+            }
+        }
+        panic!("no mapping at {addr:#x} in /proc/self/smaps");
+    }
+
+    #[test]
+    fn small_page_zones_ask_for_transparent_hugepages_unless_told_not_to() {
+        use crate::config::Backing;
+        use vm_memory::GuestMemoryBackend;
+        if !std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists() {
+            eprintln!("skipped: this kernel has no transparent hugepages");
+            return;
+        }
+        let host = crate::host::SysfsHost::default();
+        let zone = |id: &str, backing, thp| MemoryZoneConfig {
+            id: id.into(),
+            size_mib: 4,
+            backing,
+            host_node: None,
+            prefault: false,
+            lock: false,
+            transparent_hugepages: thp,
+        };
+        let zones = vec![
+            zone("memfd-thp", Backing::Memfd, true),
+            zone("anon-thp", Backing::Anonymous, true),
+            zone("memfd-4k", Backing::Memfd, false),
+        ];
+        let ram = GuestRam::create(&zones, &host).expect("create guest RAM");
+        // "hg" is VM_HUGEPAGE: the mapping carries MADV_HUGEPAGE.
+        let huge = |gpa: u64| {
+            let addr = ram.memory.get_host_address(GuestAddress(gpa)).unwrap() as usize;
+            vma_flags(addr).iter().any(|f| f == "hg")
+        };
+        assert!(huge(0), "memfd zone without MADV_HUGEPAGE");
+        assert!(huge(4 * MIB), "anonymous zone without MADV_HUGEPAGE");
+        assert!(!huge(8 * MIB), "transparent_hugepages = false was ignored");
     }
 }

@@ -143,6 +143,19 @@ impl ZoneBacking {
                 source,
             })?;
         }
+        if self.config.transparent_hugepages && !hugetlb {
+            // Before the first touch, so faults can already allocate 2 MiB pages. A kernel
+            // without THP refuses (EINVAL): the zone then simply stays on 4 KiB pages, which
+            // validation has warned about where the host says so.
+            // SAFETY: advice on a mapping we own for its whole length; it changes no contents.
+            let ret = unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_HUGEPAGE) };
+            if ret != 0 {
+                log::info!(
+                    "memory zone '{id}': no transparent hugepages ({})",
+                    io::Error::last_os_error()
+                );
+            }
+        }
         if self.config.prefault || hugetlb {
             prefault(
                 addr,
