@@ -33,7 +33,7 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use crate::metrics::MetricsEndpoint;
-use crate::scheduler::TenantPolicy;
+use crate::scheduler::{ClassPolicy, TenantPolicy};
 
 /// Why the configuration cannot be used.
 #[derive(Debug, Error)]
@@ -95,6 +95,16 @@ pub enum ConfigError {
     /// Both `numa_node` and `executor_numa_nodes` are set.
     #[error("daemon.numa_node and daemon.executor_numa_nodes are both set; use one")]
     NumaTwice,
+    /// A class wait bound beyond [`MAX_CLASS_WAIT_MS`].
+    #[error(
+        "daemon.max_wait_ms.{class} = {value} is out of range (0 for no bound, or 1-{MAX_CLASS_WAIT_MS})"
+    )]
+    ClassWait {
+        /// The class's name.
+        class: &'static str,
+        /// The value given.
+        value: u64,
+    },
     /// `reserved_executors` leaves no executor for the lower classes.
     #[error("daemon.reserved_executors = {reserved} must be below executor_threads = {threads}")]
     ReservedExecutors {
@@ -159,6 +169,69 @@ pub struct DaemonSection {
     /// whatever is queued as soon as an executor is free).
     #[serde(default)]
     pub max_batch_delay_us: u64,
+    /// `[daemon.max_wait_ms]`: the starvation bound of each priority class.
+    #[serde(default)]
+    pub max_wait_ms: ClassWaitsMs,
+}
+
+/// Longest a queued request of each class waits, in milliseconds, before it is
+/// promoted ahead of every request still in time (0 = no bound: the class is only
+/// ordered by priority). Defaults: batch 2000, normal 500, interactive 100, realtime 0.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClassWaitsMs {
+    /// `batch` class.
+    pub batch: u64,
+    /// `normal` class.
+    pub normal: u64,
+    /// `interactive` class.
+    pub interactive: u64,
+    /// `realtime` class (nothing ranks above it, so it needs no bound).
+    pub realtime: u64,
+}
+
+/// The largest bound accepted: an hour. Longer is "never" in practice; say 0.
+pub const MAX_CLASS_WAIT_MS: u64 = 3_600_000;
+
+impl Default for ClassWaitsMs {
+    fn default() -> Self {
+        let ms =
+            |class: usize| ClassPolicy::default().max_wait_ns[class].map_or(0, |ns| ns / 1_000_000);
+        Self {
+            batch: ms(0),
+            normal: ms(1),
+            interactive: ms(2),
+            realtime: ms(3),
+        }
+    }
+}
+
+impl std::fmt::Display for ClassWaitsMs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts = self.by_class().map(|(class, ms)| format!("{class} {ms}"));
+        f.write_str(&parts.join(", "))
+    }
+}
+
+impl ClassWaitsMs {
+    /// By class wire value (batch = 0 … realtime = 3), with each class's name.
+    fn by_class(&self) -> [(&'static str, u64); 4] {
+        [
+            ("batch", self.batch),
+            ("normal", self.normal),
+            ("interactive", self.interactive),
+            ("realtime", self.realtime),
+        ]
+    }
+
+    /// The scheduler's form of these bounds.
+    pub fn policy(&self) -> ClassPolicy {
+        ClassPolicy {
+            max_wait_ns: self
+                .by_class()
+                .map(|(_, ms)| (ms > 0).then(|| ms.saturating_mul(1_000_000))),
+        }
+    }
 }
 
 fn default_reserved_min_class() -> PriorityName {
@@ -406,6 +479,14 @@ impl Config {
                 threads: d.executor_threads,
             });
         }
+        if let Some((class, value)) = d
+            .max_wait_ms
+            .by_class()
+            .into_iter()
+            .find(|(_, ms)| *ms > MAX_CLASS_WAIT_MS)
+        {
+            return Err(ConfigError::ClassWait { class, value });
+        }
         if self.tenants.is_empty() {
             return Err(ConfigError::NoTenants);
         }
@@ -619,6 +700,50 @@ mod tests {
                 reserved: 2,
                 threads: 2
             })
+        ));
+    }
+
+    #[test]
+    fn class_wait_bounds_default_parse_and_are_checked() {
+        let daemon =
+            |extra: &str| with_tenant("").replace("[daemon]\n", &format!("[daemon]\n{extra}\n"));
+        let c = Config::parse(&daemon("")).unwrap();
+        assert_eq!(c.daemon.max_wait_ms.policy(), ClassPolicy::default());
+
+        // A sub-table after the [daemon] keys; unnamed classes keep their defaults.
+        let text = with_tenant("").replace(
+            "[[tenant]]",
+            "[daemon.max_wait_ms]\nnormal = 1500\nbatch = 0\n\n[[tenant]]",
+        );
+        let c = Config::parse(&text).unwrap();
+        let ms = 1_000_000;
+        assert_eq!(
+            c.daemon.max_wait_ms.policy().max_wait_ns,
+            [None, Some(1500 * ms), Some(100 * ms), None]
+        );
+
+        let text = with_tenant("").replace(
+            "[[tenant]]",
+            "[daemon.max_wait_ms]\ninteractive = 3600001\n\n[[tenant]]",
+        );
+        let err = Config::parse(&text).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::ClassWait {
+                    class: "interactive",
+                    value: 3_600_001
+                }
+            ),
+            "{err}"
+        );
+        let text = with_tenant("").replace(
+            "[[tenant]]",
+            "[daemon.max_wait_ms]\nbulk = 10\n\n[[tenant]]",
+        );
+        assert!(matches!(
+            Config::parse(&text),
+            Err(ConfigError::Parse { .. })
         ));
     }
 

@@ -13,8 +13,8 @@
 //! priority ceiling, `max_in_flight`, `rate_rps`/`burst`, `accel_share` and
 //! `allowed_models` (the scheduler keeps queues, fair-share counters and tokens;
 //! the config space shows the new `max_in_flight` from the next connection on),
-//! and daemon-wide `max_batch_delay_us`, `reserved_executors` and
-//! `reserved_min_class`.
+//! and daemon-wide `max_batch_delay_us`, `reserved_executors`,
+//! `reserved_min_class` and the class wait bounds (`max_wait_ms`).
 
 use ai_infer_protocol::DeviceConfig;
 use thiserror::Error;
@@ -83,6 +83,7 @@ pub fn scheduler_config(base: &SchedulerConfig, d: &DaemonSection) -> SchedulerC
     SchedulerConfig {
         reserved_executors: reserved_executors(d),
         reserved_min_class: d.reserved_min_class.into(),
+        classes: d.max_wait_ms.policy(),
         ..base.clone()
     }
 }
@@ -205,6 +206,11 @@ pub fn plan(
             "reserved_min_class",
             format!("{:?}", a.reserved_min_class),
             format!("{:?}", b.reserved_min_class),
+        ),
+        (
+            "max_wait_ms",
+            a.max_wait_ms.to_string(),
+            b.max_wait_ms.to_string(),
         ),
     ] {
         if from != to {
@@ -376,6 +382,28 @@ mod tests {
         let same = plan(&current, config(BASE), &registry()).unwrap();
         assert!(same.grants.is_empty());
         assert_eq!(same.summary(), "no changes");
+    }
+
+    #[test]
+    fn class_wait_bounds_change_live_and_reach_the_scheduler() {
+        let current = config(BASE);
+        let text = BASE.replace(
+            "[[tenant]]\n        name = \"a\"",
+            "[daemon.max_wait_ms]\n        normal = 1500\n        [[tenant]]\n        name = \"a\"",
+        );
+        let p = plan(&current, config(&text), &registry()).unwrap();
+        assert!(p.grants.is_empty());
+        assert_eq!(
+            p.summary(),
+            "daemon: max_wait_ms batch 2000, normal 500, interactive 100, realtime 0 -> \
+             batch 2000, normal 1500, interactive 100, realtime 0"
+        );
+        let applied = scheduler_config(&SchedulerConfig::default(), &p.config.daemon);
+        assert_eq!(applied.classes.max_wait_ns[1], Some(1_500_000_000));
+        assert_eq!(
+            applied.classes.max_wait_ns[0],
+            SchedulerConfig::default().classes.max_wait_ns[0]
+        );
     }
 
     #[test]
