@@ -23,7 +23,8 @@
 #   BENCH-DONE
 #
 # Environment (l1-init sets the first three; /bench/bench.env, written by bench-boot.sh, may
-# set the rest): AIVMM, L2_KERNEL, L2_INITRD, BENCH_RUNS (10), BENCH_QEMU
+# set the rest): AIVMM, L2_KERNEL, L2_INITRD, BENCH_RUNS (10; `bench.runs=N` on L1's kernel
+# command line wins), BENCH_QEMU
 # (/usr/bin/qemu-system-x86_64), BENCH_TIMEOUT (120 s per measured run), BENCH_DIAG (1: one
 # extra run of each VMM without `quiet`, console printed, for kernel timestamps),
 # BENCH_VARIANTS (the VMMs to run, default all);
@@ -38,6 +39,11 @@ L2_KERNEL=${L2_KERNEL:-/l2/vmlinuz}
 L2_INITRD=${L2_INITRD:-/l2/initrd.gz}
 QEMU=${BENCH_QEMU:-/usr/bin/qemu-system-x86_64}
 RUNS=${BENCH_RUNS:-10}
+# A later L1 boot of the same benchmark (bench-boot.sh resumes after a stuck L1) asks for the
+# rounds still missing on the kernel command line: bench.runs=N.
+for arg in $(cat /proc/cmdline 2>/dev/null); do
+    case $arg in bench.runs=*) RUNS=${arg#bench.runs=} ;; esac
+done
 LIMIT=${BENCH_TIMEOUT:-120}
 DIAG=${BENCH_DIAG:-1}
 TMP=${BENCH_TMP:-/tmp/bench}

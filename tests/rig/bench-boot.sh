@@ -14,7 +14,8 @@
 # Environment: BENCH_RUNS (10), BENCH_TIMEOUT (120 s per VMM run inside L1), BENCH_DIAG (1),
 # BENCH_VARIANTS (default: aivmm aivmm-2m microvm-min microvm microvm-nocmos q35; also
 # microvm-rtc: see tests/rig/bench-boot-l1.sh),
-# BENCH_STALL (420 s of L1 console silence before a stuck L1 is stopped),
+# BENCH_STALL (420 s of L1 console silence before a stuck L1 is stopped), BENCH_L1_ATTEMPTS
+# (3 L1 boots at most: a stuck L1 is replaced by a new one that runs the missing rounds),
 # BENCH_L1_TIMEOUT (3600 s for the whole L1), AIVMM_BIN (skip the build, use this binary).
 # Exit code: 0 when every measured run reached the marker and exited 0, 1 otherwise.
 set -euo pipefail
@@ -102,41 +103,96 @@ fi
 echo "bench-boot: booting L1 (QEMU TCG); $runs runs of each VMM take a while (about 25 min)"
 log=$out/l1-console.log
 # run-l1.sh in a session of its own, so that a stuck L1 can be stopped with its QEMU (L1 now
-# and then gets stuck for good, see VARIANTS in bench-boot-l1.sh). Every VMM run ends with a BENCH-RUN line within
-# BENCH_TIMEOUT of L1 time, so no new BENCH- line for BENCH_STALL seconds of wall time means
-# L1 is stuck (its kernel may still print hung-task reports); what was measured is kept.
+# and then gets stuck for good, see VARIANTS in bench-boot-l1.sh). Every VMM run ends with a
+# BENCH-RUN line within BENCH_TIMEOUT of L1 time, so no new BENCH- line for BENCH_STALL seconds
+# of wall time means L1 is stuck (its kernel may still print hung-task reports); run-l1.sh's
+# own heartbeat watchdog usually notices first (exit 125). Either way the complete rounds are
+# kept and a new L1 boot runs the rounds still missing, up to BENCH_L1_ATTEMPTS boots in all.
+# run_l1 ROUNDS: one L1 boot asking for ROUNDS rounds; sets RC and STALLED.
+run_l1() {
+    RIG_L1_APPEND="bench.runs=$1" setsid "$here/run-l1.sh" "$out" "${BENCH_L1_TIMEOUT:-3600}" \
+        >/dev/null 2>&1 &
+    local l1=$! last_count=-1 last_change=$SECONDS count
+    STALLED=0
+    while kill -0 "$l1" 2>/dev/null; do
+        sleep 10
+        count=$(grep -c 'BENCH-' "$log" 2>/dev/null || true)
+        if [ "${count:-0}" != "$last_count" ]; then
+            last_count=${count:-0}
+            last_change=$SECONDS
+        elif [ $((SECONDS - last_change)) -ge "$stall" ]; then
+            echo "bench-boot: no progress from L1 for ${stall}s; stopping L1" | tee -a "$log" >&2
+            STALLED=1
+            kill -TERM -- "-$l1" 2>/dev/null || true
+            break
+        fi
+    done
+    set +e
+    wait "$l1"
+    RC=$?
+    set -e
+}
+
+# keep_rounds OFFSET FIRST < lines: the BENCH- lines of one L1 boot with its measured runs limited
+# to its complete rounds (every variant it kept ran) and renumbered after OFFSET earlier
+# rounds; facts only when FIRST is 1. The number of complete rounds goes to $out/rounds.
+keep_rounds() {
+    awk -v offset="$1" -v first="$2" -v rounds_file="$out/rounds" '
+    function kv(line, key,    m) {
+        if (match(line, "(^| )" key "=[^ ]*")) {
+            m = substr(line, RSTART, RLENGTH); sub(/^ /, "", m); sub(/^[^=]*=/, "", m); return m
+        }
+        return ""
+    }
+    { lines[++n] = $0 }
+    /^BENCH-FACT variants=/ { nv = split(substr($0, length("BENCH-FACT variants=") + 1), vs, " ") }
+    /^BENCH-RUN / { r = kv($0, "run"); if (r ~ /^[0-9]+$/) got[r]++ }
+    END {
+        k = 0
+        while (nv > 0 && got[k + 1] == nv) k++
+        for (i = 1; i <= n; i++) {
+            l = lines[i]
+            if (l ~ /^BENCH-FACT / && !first) continue
+            if (l ~ /^BENCH-RUN /) {
+                r = kv(l, "run")
+                if (r ~ /^[0-9]+$/) {
+                    if (r + 0 > k) continue
+                    sub(" run=" r " ", " run=" (r + offset) " ", l)
+                }
+            }
+            print l
+        }
+        print k > rounds_file
+    }'
+}
+
 stall=${BENCH_STALL:-420}
-setsid "$here/run-l1.sh" "$out" "${BENCH_L1_TIMEOUT:-3600}" >/dev/null 2>&1 &
-l1=$!
-last_count=-1
-last_change=$SECONDS
-stalled=0
-while kill -0 "$l1" 2>/dev/null; do
-    sleep 10
-    count=$(grep -c 'BENCH-' "$log" 2>/dev/null || true)
-    if [ "${count:-0}" != "$last_count" ]; then
-        last_count=${count:-0}
-        last_change=$SECONDS
-    elif [ $((SECONDS - last_change)) -ge "$stall" ]; then
-        echo "bench-boot: no progress from L1 for ${stall}s; stopping L1" | tee -a "$log" >&2
-        stalled=1
-        kill -TERM -- "-$l1" 2>/dev/null || true
+attempts=${BENCH_L1_ATTEMPTS:-3}
+done_rounds=0
+complete=0
+: >"$out/bench-lines.txt"
+for attempt in $(seq 1 "$attempts"); do
+    rm -f "$log"
+    run_l1 $((runs - done_rounds))
+    cp "$log" "$out/l1-console.$attempt.log" 2>/dev/null || true
+    first=0
+    [ -s "$out/bench-lines.txt" ] || first=1
+    tr -d '\r' <"$log" | grep -E '^BENCH-' | keep_rounds "$done_rounds" "$first" \
+        >>"$out/bench-lines.txt" || true
+    got=$(cat "$out/rounds" 2>/dev/null || echo 0)
+    done_rounds=$((done_rounds + got))
+    if grep -q '^BENCH-DONE' "$out/bench-lines.txt"; then
+        complete=1
         break
     fi
-done
-set +e
-wait "$l1"
-rc=$?
-set -e
-tr -d '\r' <"$log" | grep -E '^BENCH-' >"$out/bench-lines.txt" || true
-complete=1
-if ! grep -q '^BENCH-DONE' "$out/bench-lines.txt"; then
-    complete=0
-    echo "bench-boot: L1 did not finish the benchmark (run-l1.sh exit $rc, stalled=$stalled); last lines of $log:" >&2
+    echo "bench-boot: L1 boot $attempt of $attempts did not finish (run-l1.sh exit $RC, stalled=$STALLED; $got complete rounds, $done_rounds of $runs in all); last lines of its console ($out/l1-console.$attempt.log):" >&2
     tail -n 20 "$log" >&2
+done
+if [ "$complete" = 0 ]; then
     grep -q '^BENCH-RUN .* run=[0-9]' "$out/bench-lines.txt" || exit 1
     echo "bench-boot: INCOMPLETE: the table below has only the runs L1 finished" >&2
 fi
+echo "bench-boot: $done_rounds complete rounds from $attempt L1 boot(s)"
 
 # The table. Medians of an even count are the mean of the two middle values. "Fastest microvm"
 # is the microvm option set with the lowest median: the ratio the issue's target refers to.

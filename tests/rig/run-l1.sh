@@ -57,6 +57,7 @@ fi
 [ -z "${RIG_HP_NODE0:-}" ] || append+=" rig.hp_node0=$RIG_HP_NODE0"
 [ -z "${RIG_HP_NODE1:-}" ] || append+=" rig.hp_node1=$RIG_HP_NODE1"
 [ -z "${RIG_PTBENCH_SIZES:-}" ] || append+=" rig.ptbench_sizes=$RIG_PTBENCH_SIZES"
+[ -z "${RIG_L1_APPEND:-}" ] || append+=" $RIG_L1_APPEND"
 # shellcheck disable=SC2206 # word splitting is the point of RIG_QEMU_EXTRA
 extra=(${RIG_QEMU_EXTRA:-})
 
