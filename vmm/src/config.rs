@@ -1027,16 +1027,19 @@ mod tests {
         assert_eq!(v.warnings.len(), 2, "{:?}", v.warnings);
     }
 
+    /// The start-up warnings of a config with `zone` as its one zone, on `sys`.
+    fn zone_warnings(sys: &FakeSys, zone: &str) -> Vec<String> {
+        parse(&base(sys, zone))
+            .unwrap()
+            .validate(&sys.host(), 64)
+            .unwrap()
+            .warnings
+    }
+
     #[test]
     fn unbound_small_page_zones_warn_when_numa_balancing_is_on() {
         let sys = FakeSys::new("numa-balancing", 16);
-        let warnings = |zone: &str| {
-            parse(&base(&sys, zone))
-                .unwrap()
-                .validate(&sys.host(), 64)
-                .unwrap()
-                .warnings
-        };
+        let warnings = |zone: &str| zone_warnings(&sys, zone);
         let unbound = "id = \"m\"\nsize_mib = 32\nbacking = \"memfd\"";
         // No procfs knob (or off): nothing to say.
         assert!(warnings(unbound).is_empty());
@@ -1059,13 +1062,7 @@ mod tests {
     #[test]
     fn small_page_zones_warn_when_the_host_gives_them_no_thp() {
         let sys = FakeSys::new("thp", 16);
-        let warnings = |zone: &str| {
-            parse(&base(&sys, zone))
-                .unwrap()
-                .validate(&sys.host(), 64)
-                .unwrap()
-                .warnings
-        };
+        let warnings = |zone: &str| zone_warnings(&sys, zone);
         let memfd = "id = \"m\"\nsize_mib = 32";
         let anon = "id = \"a\"\nsize_mib = 32\nbacking = \"anonymous\"";
         // A kernel that does not say (no THP knobs): nothing to warn about.
