@@ -133,17 +133,21 @@ run_l1() {
     set -e
 }
 
+# kv(line, key): the value of `key=value` in a BENCH- line ("" when absent); shared by the
+# awk programs below.
+AWK_KV='
+function kv(line, key,    m) {
+    if (match(line, "(^| )" key "=[^ ]*")) {
+        m = substr(line, RSTART, RLENGTH); sub(/^ /, "", m); sub(/^[^=]*=/, "", m); return m
+    }
+    return ""
+}'
+
 # keep_rounds OFFSET FIRST < lines: the BENCH- lines of one L1 boot with its measured runs limited
 # to its complete rounds (every variant it kept ran) and renumbered after OFFSET earlier
 # rounds; facts only when FIRST is 1. The number of complete rounds goes to $out/rounds.
 keep_rounds() {
-    awk -v offset="$1" -v first="$2" -v rounds_file="$out/rounds" '
-    function kv(line, key,    m) {
-        if (match(line, "(^| )" key "=[^ ]*")) {
-            m = substr(line, RSTART, RLENGTH); sub(/^ /, "", m); sub(/^[^=]*=/, "", m); return m
-        }
-        return ""
-    }
+    awk -v offset="$1" -v first="$2" -v rounds_file="$out/rounds" "$AWK_KV"'
     { lines[++n] = $0 }
     /^BENCH-FACT variants=/ { nv = split(substr($0, length("BENCH-FACT variants=") + 1), vs, " ") }
     /^BENCH-RUN / { r = kv($0, "run"); if (r ~ /^[0-9]+$/) got[r]++ }
@@ -196,17 +200,11 @@ echo "bench-boot: $done_rounds complete rounds from $attempt L1 boot(s)"
 
 # The table. Medians of an even count are the mean of the two middle values. "Fastest microvm"
 # is the microvm option set with the lowest median: the ratio the issue's target refers to.
-awk -v runs="$runs" '
+awk -v runs="$runs" "$AWK_KV"'
 function sort(a, n,    i, j, t) {
     for (i = 2; i <= n; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
 }
 function median(a, n) { return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2 }
-function kv(line, key,    m) {
-    if (match(line, "(^| )" key "=[^ ]*")) {
-        m = substr(line, RSTART, RLENGTH); sub(/^ /, "", m); sub(/^[^=]*=/, "", m); return m
-    }
-    return ""
-}
 # stats(arr, v, cnt): median, min and max of arr[v, 1..cnt] into the globals MED, LO, HI.
 function stats(arr, v, cnt,    i, a) {
     for (i = 1; i <= cnt; i++) a[i] = arr[v, i] + 0
