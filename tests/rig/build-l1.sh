@@ -8,6 +8,7 @@
 # kernel would spend seconds inflating it) and l2-initrd.gz. The L1 initramfs holds:
 #   /init               tests/rig/l1-init (modules, hugepages, runs the scenario script)
 #   /bin/aivmm          AIVMM_BIN with its shared libraries and dynamic loader
+#   /bin/rig-kvm-hold   tests/rig/kvm-hold (built here): keeps one KVM VM open in L1
 #   /l2/vmlinuz         the L2 kernel (same kernel)
 #   /l2/initrd.gz       the L2 initramfs (guest-kernel/build-initramfs.sh, with
 #                       tests/rig/guest/* under /scripts/; AIVMM_AGENT adds the guest agent)
@@ -38,6 +39,12 @@ shift 3
 . "$here/l2-image.sh"
 prepare_l2 "$out"
 
+# Built here rather than by each caller: it is tiny, and every L1 needs it (see its source).
+cargo build -q -p rig-kvm-hold
+target=$(cargo metadata -q --format-version 1 --no-deps |
+    sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+[ -x "$target/debug/rig-kvm-hold" ] || { echo "$0: no rig-kvm-hold in $target/debug" >&2; exit 1; }
+
 ai_args=()
 if [ -n "${AI_INFERD_BIN:-}" ]; then
     ai_args+=(--bin "$AI_INFERD_BIN:/bin/ai-inferd")
@@ -53,6 +60,7 @@ fi
 "$root/guest-kernel/build-initramfs.sh" "$out/l1-initrd.cpio" \
     --init "$here/l1-init" \
     --bin "$aivmm:/bin/aivmm" \
+    --bin "$target/debug/rig-kvm-hold:/bin/rig-kvm-hold" \
     --add "$kdir/vmlinuz:/l2/vmlinuz" \
     --add "$out/l2-initrd.gz:/l2/initrd.gz" \
     --add "$kdir/modules:/mods" \

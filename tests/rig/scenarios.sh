@@ -6,10 +6,13 @@
 #   RIG-FACT <name> <key>=<value>    a fact measured around it (value = rest of the line)
 #   ...                              the guest console and aivmm's stderr (prefixed "[stderr] ")
 #   RIG-END <name> rc=<n>            aivmm's exit code (137 when the rig had to kill it)
+#   RIG-PLAN <scenario>...           (first) the scenarios this invocation runs
+#   RIG-RAN <scenario>               a scenario is over (a rig that lost L1 resumes after it)
 #   RIG-SCENARIOS-DONE               every requested scenario ran
 #
 #   scenarios.sh [boot] [badconfig] [sigterm] [demo] [passthrough] [badpassthrough] [ptbench]
-#                         (default: boot badconfig sigterm passthrough badpassthrough)
+#                [ai_infer]
+#                (default: boot badconfig sigterm passthrough badpassthrough ai_infer)
 #
 # Runs in L1 under busybox sh (nested mode), or on the host in direct mode; POSIX sh only.
 # Environment (defaults are the L1 layout made by build-l1.sh):
@@ -580,10 +583,12 @@ scenario_ai_infer() {
 [ $# -gt 0 ] || set -- boot badconfig sigterm passthrough badpassthrough ai_infer
 fact rig mode "${RIG_MODE:-unknown}"
 fact rig aivmm "$AIVMM"
+echo "RIG-PLAN $*"
 for s in "$@"; do
     case $s in
     boot | badconfig | sigterm | demo | passthrough | badpassthrough | ptbench | ai_infer) "scenario_$s" ;;
     *) echo "scenarios.sh: unknown scenario: $s" >&2 ;;
     esac
+    echo "RIG-RAN $s"
 done
 echo "RIG-SCENARIOS-DONE"

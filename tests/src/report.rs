@@ -6,11 +6,13 @@
 //! ```text
 //! RIG-L1-UP uptime=3.93 cpus=2          L1 reached its init (nested mode only)
 //! RIG-FACT l1 kvm=yes                   a fact outside any run (here: about L1)
+//! RIG-PLAN boot badconfig sigterm       the scenarios this boot will run, in order
 //! RIG-BEGIN boot                        an aivmm run starts
 //! RIG-FACT boot hp_node1_before=192     a fact about the open run (value: rest of the line)
 //! AIVMM-GUEST-INIT uptime=1.2 cpus=2    anything else inside a run is its output
 //! [stderr] guest reached init in 80 ms  (aivmm's stderr, marked by the scenario script)
 //! RIG-END boot rc=0                     aivmm's exit code
+//! RIG-RAN boot                          scenario `boot` (all its runs) is over
 //! RIG-SCENARIOS-DONE                    every requested scenario ran
 //! RIG-L1-DONE rc=0 uptime=95.1          L1 is about to power off (nested mode only)
 //! ```
@@ -26,6 +28,8 @@ const FACT: &str = "RIG-FACT ";
 const L1_UP: &str = "RIG-L1-UP";
 const L1_DONE: &str = "RIG-L1-DONE";
 const SCENARIOS_DONE: &str = "RIG-SCENARIOS-DONE";
+const PLAN: &str = "RIG-PLAN ";
+const RAN: &str = "RIG-RAN ";
 
 /// One aivmm run of a scenario: the lines between `RIG-BEGIN` and `RIG-END`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -99,6 +103,11 @@ pub struct RigReport {
     pub l1_up: bool,
     pub l1_done: bool,
     pub scenarios_done: bool,
+    /// The scenarios the script set out to run (`RIG-PLAN`), and those that are over
+    /// (`RIG-RAN`), in order. A scenario names a step of scenarios.sh; its runs can have
+    /// other names (`ai_infer` prints `ai_daemon`, `ai_a`, `ai_b`).
+    pub plan: Vec<String>,
+    pub ran: Vec<String>,
     /// Lines the parser could not make sense of (an END without its BEGIN, a bad rc, ...).
     pub problems: Vec<String>,
     /// The whole log, cleaned, for excerpts.
@@ -170,6 +179,10 @@ impl RigReport {
                             .insert(key, value);
                     }
                 }
+            } else if let Some(rest) = after(&line, PLAN) {
+                report.plan = rest.split_whitespace().map(str::to_string).collect();
+            } else if let Some(rest) = after(&line, RAN) {
+                report.ran.push(rest.trim().to_string());
             } else if line.contains(SCENARIOS_DONE) {
                 report.scenarios_done = true;
             } else if line.contains(L1_DONE) {
@@ -204,6 +217,68 @@ impl RigReport {
     /// A fact printed outside any run, e.g. `fact("l1", "kvm")`.
     pub fn fact(&self, name: &str, key: &str) -> Option<&str> {
         self.facts.get(name)?.get(key).map(String::as_str)
+    }
+
+    /// Names of the runs that never ended (no `RIG-END`, or one without a valid rc).
+    pub fn runs_left_open(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self
+            .scenarios
+            .values()
+            .flatten()
+            .filter(|r| r.rc.is_none())
+            .map(|r| r.name.as_str())
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        names
+    }
+
+    /// Planned scenarios that are not over, in plan order; `None` when no plan was
+    /// printed (the scenario script never started).
+    pub fn unfinished(&self) -> Option<Vec<String>> {
+        if self.plan.is_empty() {
+            return None;
+        }
+        Some(
+            self.plan
+                .iter()
+                .filter(|s| !self.ran.contains(s))
+                .cloned()
+                .collect(),
+        )
+    }
+
+    /// This report with `later` folded in: the report of another L1 boot that ran this
+    /// one's unfinished scenarios. A run name that `later` has replaces all of this
+    /// report's runs of it (the cut-short one among them); facts, flags and log lines
+    /// come from both, later winning. Problems of this boot stay, marked with `boot`.
+    pub fn resumed_by(mut self, later: RigReport, boot: usize) -> RigReport {
+        for (name, runs) in later.scenarios {
+            self.scenarios.insert(name, runs);
+        }
+        for (name, facts) in later.facts {
+            self.facts.entry(name).or_default().extend(facts);
+        }
+        self.problems = self
+            .problems
+            .into_iter()
+            .map(|p| {
+                if p.starts_with("L1 boot ") {
+                    p
+                } else {
+                    format!("L1 boot {boot}: {p}")
+                }
+            })
+            .chain(later.problems)
+            .collect();
+        self.ran.extend(later.ran);
+        self.l1_up = later.l1_up;
+        self.l1_done = later.l1_done;
+        self.scenarios_done = later.scenarios_done;
+        self.lines
+            .push(format!("=== L1 boot {} (resumed) ===", boot + 1));
+        self.lines.extend(later.lines);
+        self
     }
 
     /// The last `n` lines of the whole log.
@@ -336,6 +411,44 @@ GUEST-SLEEPING\r\n";
         assert_eq!(r.runs("b")[0].rc, None);
         assert_eq!(r.runs("c")[0].rc, Some(-1));
         assert_eq!(r.problems.len(), 4, "{:?}", r.problems);
+    }
+
+    #[test]
+    fn a_resumed_boot_replaces_the_cut_short_runs_and_keeps_the_finished_ones() {
+        let first = RigReport::parse(
+            "RIG-PLAN boot sigterm ai_infer\nRIG-FACT l1 kvm_hold=no\n\
+             RIG-BEGIN boot\nRIG-END boot rc=0\nRIG-RAN boot\n\
+             RIG-BEGIN sigterm\nwedged here\n",
+        );
+        assert_eq!(
+            first.unfinished(),
+            Some(vec!["sigterm".to_string(), "ai_infer".to_string()])
+        );
+        assert_eq!(first.runs_left_open(), vec!["sigterm"]);
+        assert!(RigReport::parse("RIG-L1-UP\n").unfinished().is_none());
+
+        let second = RigReport::parse(
+            "RIG-L1-UP\nRIG-PLAN sigterm ai_infer\nRIG-FACT l1 kvm_hold=yes\n\
+             RIG-BEGIN sigterm\nRIG-END sigterm rc=0\nRIG-RAN sigterm\n\
+             RIG-BEGIN ai_daemon\nRIG-END ai_daemon rc=0\nRIG-RAN ai_infer\n\
+             RIG-SCENARIOS-DONE\nRIG-L1-DONE rc=0\n",
+        );
+        let r = first.resumed_by(second, 1);
+        assert_eq!(r.unfinished(), Some(vec![]));
+        assert_eq!(r.runs("boot")[0].rc, Some(0));
+        let sig = r.runs("sigterm");
+        assert_eq!(sig.len(), 1, "the cut-short run is replaced");
+        assert_eq!(sig[0].rc, Some(0));
+        assert_eq!(r.runs("ai_daemon")[0].rc, Some(0));
+        assert_eq!(r.fact("l1", "kvm_hold"), Some("yes"));
+        assert!(r.scenarios_done && r.l1_done);
+        assert_eq!(
+            r.problems,
+            vec!["L1 boot 1: the log ended inside scenario `sigterm`"]
+        );
+        assert!(r
+            .tail(100)
+            .contains("wedged here\n=== L1 boot 2 (resumed) ===\nRIG-L1-UP\n"));
     }
 
     #[test]

@@ -6,12 +6,14 @@
 //!    boot Linux, else **nested** (aivmm inside a QEMU TCG L1); `AIVMM_RIG=direct|nested`
 //!    forces it;
 //! 3. aivmm is built (`cargo build -p vmm --bin aivmm`) unless `AIVMM_BIN` names a binary;
-//! 4. nested: `build-l1.sh` + `run-l1.sh` (one L1 boot runs every scenario);
+//! 4. nested: `build-l1.sh` + `run-l1.sh` (one L1 boot runs every scenario; a lost L1 is
+//!    booted again for the scenarios it did not finish, see [`boot_l1`]);
 //!    direct: `run-direct.sh`;
 //! 5. the console log is parsed into a [`RigReport`].
 //!
 //! Environment: `AIVMM_BIN`, `AIVMM_RIG`, `AIVMM_RIG_DIR` (work directory, default
-//! `<repo>/target/rig`), `AIVMM_RIG_TIMEOUT` (seconds for the whole L1 run, default 1500),
+//! `<repo>/target/rig`), `AIVMM_RIG_TIMEOUT` (seconds for each L1 boot, default 1500),
+//! `AIVMM_RIG_L1_BOOTS` (L1 boots allowed when L1 is lost, default 2),
 //! `AIVMM_AGENT` (a guest agent binary to put in the L2 initramfs).
 
 use std::io::Write;
@@ -47,6 +49,9 @@ pub struct Rig {
     pub exit_code: Option<i32>,
     pub elapsed: Duration,
     pub report: RigReport,
+    /// One line per L1 boot that was lost and resumed (empty when the first boot ran
+    /// every scenario).
+    pub boots: Vec<String>,
 }
 
 static RIG: OnceLock<Result<Rig, String>> = OnceLock::new();
@@ -165,6 +170,116 @@ fn build_binaries(root: &Path) -> Result<Binaries, String> {
     })
 }
 
+/// The outcome of the nested rig's L1 boot(s), or of the direct run.
+struct L1Boots {
+    /// The log of the last boot.
+    log_path: PathBuf,
+    /// run-l1.sh's (run-direct.sh's) exit status, of the last boot.
+    status: std::process::ExitStatus,
+    /// Every boot's report, merged ([`RigReport::resumed_by`]).
+    report: RigReport,
+    /// What happened to each boot that was lost.
+    notes: Vec<String>,
+}
+
+/// run-l1.sh's exit code when it stopped a wedged L1.
+const L1_WEDGED: i32 = 125;
+
+fn read_report(log: &Path) -> Result<RigReport, String> {
+    let text =
+        std::fs::read(log).map_err(|e| format!("the rig left no log at {}: {e}", log.display()))?;
+    Ok(RigReport::parse(&String::from_utf8_lossy(&text)))
+}
+
+/// Boots L1 and runs the scenarios; when L1 itself is lost (wedged: run-l1.sh exit 125;
+/// or gone without `RIG-L1-DONE`, e.g. a kernel panic) before every scenario is over,
+/// boots it again for the scenarios that are not, up to `AIVMM_RIG_L1_BOOTS` boots
+/// (default 2). A scenario that fails is not re-run: only the loss of L1 is, and each loss
+/// is reported with the tests' failure messages and on stderr. A timeout (124) is not
+/// resumed either: it already took the whole budget.
+fn boot_l1(rig_dir: &Path, out_dir: &Path, timeout: &str) -> Result<L1Boots, String> {
+    let max_boots: usize = std::env::var("AIVMM_RIG_L1_BOOTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n >= 1)
+        .unwrap_or(2);
+    boot_l1_up_to(max_boots, rig_dir, out_dir, timeout)
+}
+
+fn boot_l1_up_to(
+    max_boots: usize,
+    rig_dir: &Path,
+    out_dir: &Path,
+    timeout: &str,
+) -> Result<L1Boots, String> {
+    let log_path = out_dir.join("l1-console.log");
+    let mut scenarios: Option<Vec<String>> = None;
+    let mut merged: Option<RigReport> = None;
+    let mut notes = Vec::new();
+    for boot in 1..=max_boots {
+        progress(&format!(
+            "booting L1 under QEMU TCG (boot {boot}, timeout {timeout} s; console: {})",
+            log_path.display()
+        ));
+        let mut cmd = Command::new(rig_dir.join("run-l1.sh"));
+        if let Some(list) = &scenarios {
+            cmd.env("RIG_SCENARIOS", list.join(","));
+        }
+        let status = cmd
+            .arg(out_dir)
+            .arg(timeout)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .status()
+            .map_err(|e| format!("cannot run run-l1.sh: {e}"))?;
+        // Each boot's console is kept: run-l1.sh starts the next one afresh.
+        let kept = out_dir.join(format!("l1-console.boot{boot}.log"));
+        std::fs::copy(&log_path, &kept)
+            .map_err(|e| format!("cannot keep {}: {e}", log_path.display()))?;
+        let report = read_report(&log_path)?;
+        let lost =
+            status.code() == Some(L1_WEDGED) || (status.code() != Some(124) && !report.l1_done);
+        let cut_short = report.runs_left_open().join("`, `");
+        let merged_now = match merged.take() {
+            Some(earlier) => earlier.resumed_by(report, boot - 1),
+            None => report,
+        };
+        let left = merged_now.unfinished();
+        merged = Some(merged_now);
+        let done = matches!(&left, Some(l) if l.is_empty());
+        if !lost || done || boot == max_boots {
+            return Ok(L1Boots {
+                log_path,
+                status,
+                report: merged.expect("set above"),
+                notes,
+            });
+        }
+        let how = if status.code() == Some(L1_WEDGED) {
+            "wedged (its heartbeat stopped; RIG-L1-STALL lines in its log)".to_string()
+        } else {
+            format!("ended without RIG-L1-DONE ({status})")
+        };
+        let inside = if cut_short.is_empty() {
+            String::new()
+        } else {
+            format!(" inside `{cut_short}`")
+        };
+        let again = left
+            .as_ref()
+            .map_or("every scenario".to_string(), |l| l.join(" "));
+        let note = format!(
+            "L1 boot {boot} was lost{inside}: {how}; log {}; boot {} runs: {again}",
+            kept.display(),
+            boot + 1
+        );
+        progress(&note);
+        notes.push(note);
+        scenarios = left;
+    }
+    unreachable!("the loop returns at its last boot")
+}
+
 impl Rig {
     fn start() -> Result<Rig, String> {
         let started = Instant::now();
@@ -220,7 +335,7 @@ impl Rig {
         std::fs::create_dir_all(&out_dir)
             .map_err(|e| format!("cannot create {}: {e}", out_dir.display()))?;
 
-        let (log_path, status) = match mode {
+        let boots = match mode {
             RigMode::Nested => {
                 progress("building L1 (tests/rig/build-l1.sh)");
                 run_step(
@@ -234,19 +349,7 @@ impl Rig {
                         .arg(rig_dir.join("scenarios.sh")),
                 )?;
                 let timeout = std::env::var("AIVMM_RIG_TIMEOUT").unwrap_or_else(|_| "1500".into());
-                let log = out_dir.join("l1-console.log");
-                progress(&format!(
-                    "booting L1 under QEMU TCG (timeout {timeout} s; console: {})",
-                    log.display()
-                ));
-                let status = Command::new(rig_dir.join("run-l1.sh"))
-                    .arg(&out_dir)
-                    .arg(&timeout)
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .status()
-                    .map_err(|e| format!("cannot run run-l1.sh: {e}"))?;
-                (log, status)
+                boot_l1(&rig_dir, &out_dir, &timeout)?
             }
             RigMode::Direct => {
                 let log = out_dir.join("direct-console.log");
@@ -265,12 +368,21 @@ impl Rig {
                     .stdout(Stdio::null())
                     .status()
                     .map_err(|e| format!("cannot run run-direct.sh: {e}"))?;
-                (log, status)
+                let report = read_report(&log)?;
+                L1Boots {
+                    log_path: log,
+                    status,
+                    report,
+                    notes: Vec::new(),
+                }
             }
         };
-        let log = std::fs::read(&log_path)
-            .map_err(|e| format!("the rig left no log at {}: {e}", log_path.display()))?;
-        let report = RigReport::parse(&String::from_utf8_lossy(&log));
+        let L1Boots {
+            log_path,
+            status,
+            report,
+            notes: boots,
+        } = boots;
         let elapsed = started.elapsed();
         progress(&format!(
             "done in {:.0} s ({}, {} scenario runs)",
@@ -287,6 +399,7 @@ impl Rig {
             exit_code: status.code(),
             elapsed,
             report,
+            boots,
         })
     }
 
@@ -303,6 +416,9 @@ impl Rig {
         );
         if self.exit_code == Some(124) {
             s.push_str(" -- the rig timed out (AIVMM_RIG_TIMEOUT)");
+        }
+        for note in &self.boots {
+            s.push_str(&format!("\n{note}"));
         }
         let r = &self.report;
         if self.mode == RigMode::Nested {
@@ -423,5 +539,67 @@ impl Rig {
     pub fn fact_i64(&self, run: &ScenarioRun, key: &str) -> i64 {
         run.fact_i64(key)
             .unwrap_or_else(|| self.fail(run, &format!("the rig recorded no integer fact `{key}`")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// A stand-in run-l1.sh: boot 1 wedges inside `sigterm`, boot 2 records which
+    /// scenarios it was asked for and finishes them.
+    const FAKE_RUN_L1: &str = r#"#!/bin/sh
+out=$1
+n=$(cat "$out/boots" 2>/dev/null || echo 0); n=$((n + 1)); echo $n >"$out/boots"
+echo "${RIG_SCENARIOS:-default}" >"$out/asked$n"
+if [ $n = 1 ]; then
+    printf 'RIG-L1-UP\nRIG-PLAN boot sigterm ai_infer\nRIG-BEGIN boot\nRIG-END boot rc=0\nRIG-RAN boot\nRIG-BEGIN sigterm\nRIG-L1-STALL 1 RIP=x\n' >"$out/l1-console.log"
+    exit 125
+fi
+printf 'RIG-L1-UP\nRIG-PLAN sigterm ai_infer\nRIG-BEGIN sigterm\nRIG-END sigterm rc=0\nRIG-RAN sigterm\nRIG-BEGIN ai_daemon\nRIG-END ai_daemon rc=0\nRIG-RAN ai_infer\nRIG-SCENARIOS-DONE\nRIG-L1-DONE rc=0\n' >"$out/l1-console.log"
+"#;
+
+    fn fake_rig(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("aivmm-rig-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("run-l1.sh");
+        std::fs::write(&script, FAKE_RUN_L1).unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_wedged_l1_is_booted_again_for_the_scenarios_not_over() {
+        let dir = fake_rig("resume");
+        let boots = boot_l1_up_to(2, &dir, &dir, "60").unwrap();
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+        assert_eq!(read("asked1").trim(), "default");
+        assert_eq!(read("asked2").trim(), "sigterm,ai_infer");
+        assert_eq!(boots.status.code(), Some(0));
+        assert_eq!(boots.report.unfinished(), Some(vec![]));
+        assert_eq!(boots.report.runs("sigterm").len(), 1);
+        assert_eq!(boots.report.runs("sigterm")[0].rc, Some(0));
+        assert_eq!(boots.report.runs("boot")[0].rc, Some(0));
+        assert_eq!(boots.notes.len(), 1);
+        assert!(
+            boots.notes[0].starts_with("L1 boot 1 was lost inside `sigterm`: wedged"),
+            "{}",
+            boots.notes[0]
+        );
+        assert!(read("l1-console.boot1.log").contains("RIG-L1-STALL"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn with_one_boot_allowed_a_wedge_is_the_result() {
+        let dir = fake_rig("once");
+        let boots = boot_l1_up_to(1, &dir, &dir, "60").unwrap();
+        assert_eq!(boots.status.code(), Some(L1_WEDGED));
+        assert!(!dir.join("asked2").exists());
+        assert_eq!(boots.report.runs("sigterm")[0].rc, None);
+        assert!(boots.notes.is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
