@@ -26,9 +26,22 @@ use crate::memory::GuestRam;
 use crate::passthrough::{PassthroughDevice, PciAddress};
 use crate::pci::{PciError, PciSegment};
 
-/// KVM memory slots available on x86 (KVM_USER_MEM_SLOTS of older kernels; newer ones
-/// allow more, never fewer).
-const MAX_MEMSLOTS: u32 = 509;
+/// KVM memory slots assumed when the kernel does not say (KVM_USER_MEM_SLOTS of old x86
+/// kernels; newer ones allow more, never fewer).
+const FALLBACK_MEMSLOTS: u32 = 509;
+
+/// The memory slots `vm` may use: KVM_CAP_NR_MEMSLOTS, or [`FALLBACK_MEMSLOTS`] when the
+/// kernel answers nothing usable.
+fn memslot_limit(vm: &VmFd) -> u32 {
+    memslots_from_cap(vm.check_extension_int(kvm_ioctls::Cap::NrMemslots))
+}
+
+fn memslots_from_cap(answer: i32) -> u32 {
+    u32::try_from(answer)
+        .ok()
+        .filter(|&n| n > 0)
+        .unwrap_or(FALLBACK_MEMSLOTS)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PassthroughSetupError {
@@ -61,6 +74,8 @@ pub enum PassthroughSetupError {
 struct SlotPool {
     free: Vec<u32>,
     next: u32,
+    /// One past the highest slot number KVM accepts.
+    limit: u32,
 }
 
 impl SlotPool {
@@ -68,8 +83,11 @@ impl SlotPool {
         if let Some(s) = self.free.pop() {
             return Ok(s);
         }
-        if self.next >= MAX_MEMSLOTS {
-            return Err(io::Error::other("no free KVM memory slot"));
+        if self.next >= self.limit {
+            return Err(io::Error::other(format!(
+                "no free KVM memory slot (KVM allows {})",
+                self.limit
+            )));
         }
         self.next += 1;
         Ok(self.next - 1)
@@ -219,6 +237,7 @@ impl Passthrough {
         let slots = Arc::new(Mutex::new(SlotPool {
             free: Vec::new(),
             next: u32::try_from(ram.memory.num_regions()).unwrap_or(u32::MAX),
+            limit: memslot_limit(vm),
         }));
         let mut out = Passthrough {
             devices: Vec::new(),
@@ -284,5 +303,41 @@ impl Passthrough {
 impl Drop for Passthrough {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_run_out_at_the_limit_and_freed_ones_come_back() {
+        let mut pool = SlotPool {
+            free: Vec::new(),
+            next: 2,
+            limit: 4,
+        };
+        assert_eq!(pool.take().unwrap(), 2);
+        assert_eq!(pool.take().unwrap(), 3);
+        let err = pool.take().unwrap_err().to_string();
+        assert!(err.contains("KVM allows 4"), "{err}");
+        pool.free.push(2);
+        assert_eq!(pool.take().unwrap(), 2);
+    }
+
+    #[test]
+    fn the_slot_limit_is_kvms_answer_unless_it_is_unusable() {
+        assert_eq!(memslots_from_cap(32764), 32764);
+        assert_eq!(memslots_from_cap(0), FALLBACK_MEMSLOTS);
+        assert_eq!(memslots_from_cap(-22), FALLBACK_MEMSLOTS);
+        match kvm_ioctls::Kvm::new().and_then(|k| k.create_vm()) {
+            // x86 KVMs have allowed 32, then 125, 509 and now 32764 slots.
+            Ok(vm) => {
+                let n = memslot_limit(&vm);
+                eprintln!("this KVM allows {n} memory slots");
+                assert!(n >= 32, "{n}");
+            }
+            Err(e) => eprintln!("SKIP: no usable /dev/kvm ({e})"),
+        }
     }
 }
