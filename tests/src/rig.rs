@@ -203,14 +203,16 @@ fn boot_l1(rig_dir: &Path, out_dir: &Path, timeout: &str) -> Result<L1Boots, Str
         .and_then(|v| v.parse().ok())
         .filter(|&n| n >= 1)
         .unwrap_or(2);
-    boot_l1_up_to(max_boots, rig_dir, out_dir, timeout)
+    boot_l1_up_to(max_boots, rig_dir, out_dir, timeout, progress)
 }
 
+/// [`boot_l1`] with its limit and where its progress lines go given.
 fn boot_l1_up_to(
     max_boots: usize,
     rig_dir: &Path,
     out_dir: &Path,
     timeout: &str,
+    progress: fn(&str),
 ) -> Result<L1Boots, String> {
     let log_path = out_dir.join("l1-console.log");
     let mut scenarios: Option<Vec<String>> = None;
@@ -573,7 +575,7 @@ printf 'RIG-L1-UP\nRIG-PLAN sigterm ai_infer\nRIG-BEGIN sigterm\nRIG-END sigterm
     #[test]
     fn a_wedged_l1_is_booted_again_for_the_scenarios_not_over() {
         let dir = fake_rig("resume");
-        let boots = boot_l1_up_to(2, &dir, &dir, "60").unwrap();
+        let boots = boot_l1_up_to(2, &dir, &dir, "60", |_| {}).unwrap();
         let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
         assert_eq!(read("asked1").trim(), "default");
         assert_eq!(read("asked2").trim(), "sigterm,ai_infer");
@@ -595,7 +597,7 @@ printf 'RIG-L1-UP\nRIG-PLAN sigterm ai_infer\nRIG-BEGIN sigterm\nRIG-END sigterm
     #[test]
     fn with_one_boot_allowed_a_wedge_is_the_result() {
         let dir = fake_rig("once");
-        let boots = boot_l1_up_to(1, &dir, &dir, "60").unwrap();
+        let boots = boot_l1_up_to(1, &dir, &dir, "60", |_| {}).unwrap();
         assert_eq!(boots.status.code(), Some(L1_WEDGED));
         assert!(!dir.join("asked2").exists());
         assert_eq!(boots.report.runs("sigterm")[0].rc, None);
