@@ -9,25 +9,21 @@
 //! after aivmm started a VM. Holding one VM from boot keeps the count at least 1, so the
 //! site is patched once, before any scenario runs, and never again.
 //!
-//! Usage (tests/rig/l1-init): `rig-kvm-hold &`. Prints one line when the VM exists.
+//! Usage (tests/rig/l1-init): `rig-kvm-hold &`. Prints nothing unless it cannot create the
+//! VM (then it exits 1); l1-init checks that it is still running.
 
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let vm = match kvm_ioctls::Kvm::new().and_then(|kvm| kvm.create_vm()) {
+    // Kept (never dropped) until the process is killed; the kernel closes the VM then.
+    let _vm = match kvm_ioctls::Kvm::new().and_then(|kvm| kvm.create_vm()) {
         Ok(vm) => vm,
         Err(e) => {
             eprintln!("rig-kvm-hold: cannot create a KVM VM: {e}");
             return ExitCode::FAILURE;
         }
     };
-    println!(
-        "rig-kvm-hold: holding an empty KVM VM (pid {})",
-        std::process::id()
-    );
     loop {
-        // Parks until killed; the VM fd closes with the process.
         std::thread::park();
-        let _ = &vm;
     }
 }
