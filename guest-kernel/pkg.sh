@@ -67,3 +67,11 @@ is_static() {
     # ldd exits non-zero and says "not a dynamic executable" for static binaries.
     ! ldd "$1" >/dev/null 2>&1
 }
+
+# cargo_target_dir ROOT: cargo's target directory for the workspace at ROOT (CARGO_TARGET_DIR,
+# relative to ROOT when relative; else ROOT/target), where the rig scripts find what cargo built.
+cargo_target_dir() {
+    local t=${CARGO_TARGET_DIR:-$1/target}
+    case $t in /*) ;; *) t=$1/$t ;; esac
+    echo "$t"
+}

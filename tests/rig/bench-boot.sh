@@ -37,9 +37,7 @@ if [ -n "${AIVMM_BIN:-}" ]; then
     aivmm=$AIVMM_BIN
 else
     cargo build -q -p vmm --release --bin aivmm
-    target=${CARGO_TARGET_DIR:-$root/target}
-    case $target in /*) ;; *) target=$root/$target ;; esac
-    aivmm=$target/release/aivmm
+    aivmm=$(cargo_target_dir "$root")/release/aivmm
 fi
 
 qemu=$(command -v qemu-system-x86_64)

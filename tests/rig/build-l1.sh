@@ -35,14 +35,15 @@ shift 3
 [ -f "$aivmm" ] || { echo "$0: no aivmm binary at $aivmm" >&2; exit 1; }
 [ -f "$scenario" ] || { echo "$0: no scenario script at $scenario" >&2; exit 1; }
 
+# shellcheck source=../../guest-kernel/pkg.sh
+. "$root/guest-kernel/pkg.sh"
 # shellcheck source=l2-image.sh
 . "$here/l2-image.sh"
 prepare_l2 "$out"
 
 # Built here rather than by each caller: it is tiny, and every L1 needs it (see its source).
-cargo build -q -p rig-kvm-hold
-target=$(cargo metadata -q --format-version 1 --no-deps |
-    sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+(cd "$root" && cargo build -q -p rig-kvm-hold)
+target=$(cargo_target_dir "$root")
 [ -x "$target/debug/rig-kvm-hold" ] || { echo "$0: no rig-kvm-hold in $target/debug" >&2; exit 1; }
 
 ai_args=()

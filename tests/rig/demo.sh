@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
 # `make demo`: build everything, start ai-inferd and two tenant microVMs that run inference
 # through their ai_infer devices, and show what the guests got.
 #
@@ -13,6 +14,8 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/../.." && pwd)
+# shellcheck source=../../guest-kernel/pkg.sh
+. "$root/guest-kernel/pkg.sh"
 cd "$root"
 
 say() {
@@ -26,8 +29,7 @@ say "installing dependencies, the guest kernel and the models"
 
 say "building aivmm, ai-inferd and ai-agent"
 cargo build -p vmm --bin aivmm -p ai-inferd --bin ai-inferd -p guest-agent --bin ai-agent
-target=${CARGO_TARGET_DIR:-$root/target}
-case $target in /*) ;; *) target=$root/$target ;; esac
+target=$(cargo_target_dir "$root")
 aivmm=${AIVMM_BIN:-$target/debug/aivmm}
 export AIVMM_AGENT=$target/debug/ai-agent
 
