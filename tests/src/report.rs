@@ -108,6 +108,8 @@ pub struct RigReport {
     /// other names (`ai_infer` prints `ai_daemon`, `ai_a`, `ai_b`).
     pub plan: Vec<String>,
     pub ran: Vec<String>,
+    /// L1 boots this report covers (1, more after [`RigReport::resumed_by`]).
+    pub boots: usize,
     /// Lines the parser could not make sense of (an END without its BEGIN, a bad rc, ...).
     pub problems: Vec<String>,
     /// The whole log, cleaned, for excerpts.
@@ -116,7 +118,10 @@ pub struct RigReport {
 
 impl RigReport {
     pub fn parse(log: &str) -> RigReport {
-        let mut report = RigReport::default();
+        let mut report = RigReport {
+            boots: 1,
+            ..RigReport::default()
+        };
         let mut open: Option<ScenarioRun> = None;
 
         for raw in log.lines() {
@@ -251,32 +256,30 @@ impl RigReport {
     /// This report with `later` folded in: the report of another L1 boot that ran this
     /// one's unfinished scenarios. A run name that `later` has replaces all of this
     /// report's runs of it (the cut-short one among them); facts, flags and log lines
-    /// come from both, later winning. Problems of this boot stay, marked with `boot`.
-    pub fn resumed_by(mut self, later: RigReport, boot: usize) -> RigReport {
+    /// come from both, later winning. Once boots are merged, each problem names its boot.
+    pub fn resumed_by(mut self, later: RigReport) -> RigReport {
+        let tag = |boot: usize, problems: Vec<String>| {
+            problems
+                .into_iter()
+                .map(move |p| format!("L1 boot {boot}: {p}"))
+        };
+        if self.boots == 1 {
+            self.problems = tag(1, self.problems).collect();
+        }
+        let boot = self.boots + 1;
+        self.problems.extend(tag(boot, later.problems));
         for (name, runs) in later.scenarios {
             self.scenarios.insert(name, runs);
         }
         for (name, facts) in later.facts {
             self.facts.entry(name).or_default().extend(facts);
         }
-        self.problems = self
-            .problems
-            .into_iter()
-            .map(|p| {
-                if p.starts_with("L1 boot ") {
-                    p
-                } else {
-                    format!("L1 boot {boot}: {p}")
-                }
-            })
-            .chain(later.problems)
-            .collect();
         self.ran.extend(later.ran);
+        self.boots = boot;
         self.l1_up = later.l1_up;
         self.l1_done = later.l1_done;
         self.scenarios_done = later.scenarios_done;
-        self.lines
-            .push(format!("=== L1 boot {} (resumed) ===", boot + 1));
+        self.lines.push(format!("=== L1 boot {boot} (resumed) ==="));
         self.lines.extend(later.lines);
         self
     }
@@ -433,7 +436,7 @@ GUEST-SLEEPING\r\n";
              RIG-BEGIN ai_daemon\nRIG-END ai_daemon rc=0\nRIG-RAN ai_infer\n\
              RIG-SCENARIOS-DONE\nRIG-L1-DONE rc=0\n",
         );
-        let r = first.resumed_by(second, 1);
+        let r = first.resumed_by(second);
         assert_eq!(r.unfinished(), Some(vec![]));
         assert_eq!(r.runs("boot")[0].rc, Some(0));
         let sig = r.runs("sigterm");

@@ -184,6 +184,8 @@ struct L1Boots {
 
 /// run-l1.sh's exit code when it stopped a wedged L1.
 const L1_WEDGED: i32 = 125;
+/// run-l1.sh's (timeout's) exit code when L1 ran out of time.
+const L1_TIMED_OUT: i32 = 124;
 
 fn read_report(log: &Path) -> Result<RigReport, String> {
     let text =
@@ -216,9 +218,11 @@ fn boot_l1_up_to(
 ) -> Result<L1Boots, String> {
     let log_path = out_dir.join("l1-console.log");
     let mut scenarios: Option<Vec<String>> = None;
-    let mut merged: Option<RigReport> = None;
+    let mut earlier: Option<RigReport> = None;
     let mut notes = Vec::new();
-    for boot in 1..=max_boots {
+    let mut boot = 0;
+    loop {
+        boot += 1;
         progress(&format!(
             "booting L1 under QEMU TCG (boot {boot}, timeout {timeout} s; console: {})",
             log_path.display()
@@ -238,22 +242,21 @@ fn boot_l1_up_to(
         let kept = out_dir.join(format!("l1-console.boot{boot}.log"));
         std::fs::copy(&log_path, &kept)
             .map_err(|e| format!("cannot keep {}: {e}", log_path.display()))?;
-        let report = read_report(&log_path)?;
-        let lost =
-            status.code() == Some(L1_WEDGED) || (status.code() != Some(124) && !report.l1_done);
-        let cut_short = report.runs_left_open().join("`, `");
-        let merged_now = match merged.take() {
-            Some(earlier) => earlier.resumed_by(report, boot - 1),
-            None => report,
+        let this_boot = read_report(&log_path)?;
+        // A wedged L1 never prints RIG-L1-DONE either.
+        let lost = status.code() != Some(L1_TIMED_OUT) && !this_boot.l1_done;
+        let cut_short = this_boot.runs_left_open().join("`, `");
+        let report = match earlier.take() {
+            Some(e) => e.resumed_by(this_boot),
+            None => this_boot,
         };
-        let left = merged_now.unfinished();
-        merged = Some(merged_now);
-        let done = matches!(&left, Some(l) if l.is_empty());
-        if !lost || done || boot == max_boots {
+        let left = report.unfinished();
+        let all_over = left.as_ref().is_some_and(Vec::is_empty);
+        if !lost || all_over || boot >= max_boots {
             return Ok(L1Boots {
                 log_path,
                 status,
-                report: merged.expect("set above"),
+                report,
                 notes,
             });
         }
@@ -277,9 +280,9 @@ fn boot_l1_up_to(
         );
         progress(&note);
         notes.push(note);
+        earlier = Some(report);
         scenarios = left;
     }
-    unreachable!("the loop returns at its last boot")
 }
 
 impl Rig {
@@ -416,7 +419,7 @@ impl Rig {
                 .map_or_else(|| "none (killed by a signal)".into(), |c| c.to_string()),
             self.elapsed.as_secs_f64()
         );
-        if self.exit_code == Some(124) {
+        if self.exit_code == Some(L1_TIMED_OUT) {
             s.push_str(" -- the rig timed out (AIVMM_RIG_TIMEOUT)");
         }
         for note in &self.boots {
