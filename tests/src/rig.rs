@@ -227,7 +227,10 @@ fn boot_l1_up_to(
             "booting L1 under QEMU TCG (boot {boot}, timeout {timeout} s; console: {})",
             log_path.display()
         ));
-        let mut cmd = Command::new(rig_dir.join("run-l1.sh"));
+        // Run by bash, not exec'd: a script written by a test while another thread forks
+        // can still be open for writing in that child, and exec of it fails with ETXTBSY.
+        let mut cmd = Command::new("bash");
+        cmd.arg(rig_dir.join("run-l1.sh"));
         if let Some(list) = &scenarios {
             cmd.env("RIG_SCENARIOS", list.join(","));
         }
@@ -550,11 +553,10 @@ impl Rig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
 
     /// A stand-in run-l1.sh: boot 1 wedges inside `sigterm`, boot 2 records which
     /// scenarios it was asked for and finishes them.
-    const FAKE_RUN_L1: &str = r#"#!/bin/sh
+    const FAKE_RUN_L1: &str = r#"#!/usr/bin/env bash
 out=$1
 n=$(cat "$out/boots" 2>/dev/null || echo 0); n=$((n + 1)); echo $n >"$out/boots"
 echo "${RIG_SCENARIOS:-default}" >"$out/asked$n"
@@ -571,7 +573,6 @@ printf 'RIG-L1-UP\nRIG-PLAN sigterm ai_infer\nRIG-BEGIN sigterm\nRIG-END sigterm
         std::fs::create_dir_all(&dir).unwrap();
         let script = dir.join("run-l1.sh");
         std::fs::write(&script, FAKE_RUN_L1).unwrap();
-        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
         dir
     }
 
