@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use ai_inferd::bench::{self, BenchOptions};
+use ai_inferd::bench::{self, BenchOptions, Phase};
 use ai_inferd::config::Config;
 use ai_inferd::daemon::{Daemon, DaemonError};
 use ai_inferd::metrics::{self, MetricsEndpoint};
@@ -67,6 +67,10 @@ enum Command {
         /// Model weights held by the memory figure's daemon, MiB.
         #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u32).range(1..=4096))]
         weights_mib: u32,
+        /// Run only these phases (comma-separated: fairness, isolation, deadlines,
+        /// batching, decision, memory); all by default.
+        #[arg(long, value_delimiter = ',', value_parser = |s: &str| s.parse::<Phase>())]
+        only: Vec<Phase>,
     },
     /// The memory figure's daemon process (started by `bench`).
     #[command(hide = true)]
@@ -244,7 +248,7 @@ fn top(endpoint: &MetricsEndpoint, interval: Duration, once: bool) -> ExitCode {
     }
 }
 
-fn run_bench(seconds: u64, no_memory: bool, weights_mib: u32) -> ExitCode {
+fn run_bench(seconds: u64, no_memory: bool, weights_mib: u32, only: Vec<Phase>) -> ExitCode {
     let daemon_exe = if no_memory {
         None
     } else {
@@ -261,6 +265,7 @@ fn run_bench(seconds: u64, no_memory: bool, weights_mib: u32) -> ExitCode {
         warmup: Duration::from_secs(1),
         daemon_exe,
         weights_mib,
+        only,
     };
     match bench::run(&options) {
         Ok(report) => {
@@ -291,11 +296,12 @@ fn main() -> ExitCode {
             seconds,
             no_memory,
             weights_mib,
+            only,
         } => {
             // VMMs (the load generator's frontends) come and go between phases.
             let _ = log::set_logger(&LOGGER);
             log::set_max_level(LevelFilter::Error);
-            run_bench(seconds, no_memory, weights_mib)
+            run_bench(seconds, no_memory, weights_mib, only)
         }
         Command::BenchDaemon {
             dir,

@@ -64,8 +64,17 @@ pub struct Outcome {
     pub submitted: Duration,
     /// Submission to used element, as the driver saw it, ns.
     pub latency_ns: u64,
-    /// `queue_ns + compute_ns` from the response header.
-    pub device_ns: u64,
+    /// `queue_ns` from the response header.
+    pub queue_ns: u64,
+    /// `compute_ns` from the response header.
+    pub compute_ns: u64,
+}
+
+impl Outcome {
+    /// Time on the device side, `queue_ns + compute_ns`.
+    pub fn device_ns(&self) -> u64 {
+        self.queue_ns.saturating_add(self.compute_ns)
+    }
 }
 
 /// What one tenant did.
@@ -221,7 +230,8 @@ fn complete_one(
         status: header.status,
         submitted: submitted.saturating_duration_since(start),
         latency_ns: seen.duration_since(submitted).as_nanos() as u64,
-        device_ns: header.queue_ns.saturating_add(header.compute_ns),
+        queue_ns: header.queue_ns,
+        compute_ns: header.compute_ns,
     });
     Ok(true)
 }

@@ -16,7 +16,9 @@
 //! - deadlines: the isolated p50 of one request, then 4 tenants sending together
 //!   3× what batches of one could serve, each request with a deadline of twice that
 //!   p50: share of admitted requests that finish in time, and that every late
-//!   finish is counted;
+//!   finish is counted; with how late the host's timer woke a sleeping thread
+//!   meanwhile ([`timer_stretch`]), which is what makes a batch that started in
+//!   time finish late;
 //! - batching: saturated throughput with `max_batch` 8 vs 1, and the p99 latency
 //!   of both at the same offered load (70% of the batch-1 capacity);
 //! - scheduler overhead: decision time per request ([`crate::scheduler::overhead`]);
@@ -30,7 +32,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ai_infer_protocol::{PriorityClass, Status};
 use thiserror::Error;
@@ -42,7 +44,7 @@ use crate::daemon::{Daemon, DaemonError, Shared};
 use crate::scheduler::overhead;
 use crate::scheduler::{jain_index, ModelStats, Reject, SchedulerStats, TenantId};
 use crate::test_frontend::FrontendError;
-use load::{percentile, Load, LoadRun, Pattern};
+use load::{percentile, Load, LoadRun, Outcome, Pattern};
 
 /// Why the benchmark could not run.
 #[derive(Debug, Error)]
@@ -79,6 +81,52 @@ pub struct BenchOptions {
     pub daemon_exe: Option<PathBuf>,
     /// Weights of the memory figure's model, MiB.
     pub weights_mib: u32,
+    /// The phases to run (all when empty).
+    pub only: Vec<Phase>,
+}
+
+/// One phase of the benchmark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Weighted fair shares.
+    Fairness,
+    /// Realtime p99 alone vs flooded.
+    Isolation,
+    /// Deadline admission under overload.
+    Deadlines,
+    /// Throughput and p99 with and without batching.
+    Batching,
+    /// Scheduler decision time.
+    Decision,
+    /// Daemon memory with 8 tenants vs 1 (needs `daemon_exe`).
+    Memory,
+}
+
+impl Phase {
+    /// Every phase, in run order, with its command-line name.
+    pub const ALL: [(Phase, &'static str); 6] = [
+        (Phase::Fairness, "fairness"),
+        (Phase::Isolation, "isolation"),
+        (Phase::Deadlines, "deadlines"),
+        (Phase::Batching, "batching"),
+        (Phase::Decision, "decision"),
+        (Phase::Memory, "memory"),
+    ];
+}
+
+impl std::str::FromStr for Phase {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Phase::ALL
+            .iter()
+            .find(|(_, name)| *name == s)
+            .map(|(p, _)| *p)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Phase::ALL.iter().map(|(_, n)| *n).collect();
+                format!("unknown phase {s:?} (one of: {})", names.join(", "))
+            })
+    }
 }
 
 impl Default for BenchOptions {
@@ -90,6 +138,7 @@ impl Default for BenchOptions {
             warmup: Duration::from_secs(1),
             daemon_exe: None,
             weights_mib: 90,
+            only: Vec::new(),
         }
     }
 }
@@ -446,6 +495,25 @@ fn diff(after: u64, before: u64) -> u64 {
 }
 
 /// Deadlines at twice the isolated p50, under overload.
+/// How long `n` sleeps of `nominal` take on this host now: (p50, p99, max), ns.
+///
+/// A synthetic batch is a sleep, and on a shared VM a thread is sometimes woken
+/// milliseconds late (steal time, other runnable threads); such a wake-up makes a
+/// batch that started in time finish late, which no estimate can foresee.
+pub fn timer_stretch(nominal: Duration, n: usize) -> (u64, u64, u64) {
+    let mut took: Vec<u64> = (0..n.max(1))
+        .map(|_| {
+            let t = Instant::now();
+            std::thread::sleep(nominal);
+            t.elapsed().as_nanos() as u64
+        })
+        .collect();
+    let max = took.iter().copied().max().unwrap_or(0);
+    let p99 = percentile(&mut took, 0.99).unwrap_or(0);
+    let p50 = percentile(&mut took, 0.5).unwrap_or(0);
+    (p50, p99, max)
+}
+
 fn deadlines(o: &BenchOptions, report: &mut Report) -> Result<(), BenchError> {
     const MODEL: u32 = 30;
     let tenants: Vec<TenantDef> = (0..4)
@@ -457,7 +525,7 @@ fn deadlines(o: &BenchOptions, report: &mut Report) -> Result<(), BenchError> {
     let isolated = load::spawn(std::slice::from_ref(&isolated_load), short)?.join()?;
     let mut device: Vec<u64> = isolated[0]
         .ok_after(o.warmup / 2)
-        .map(|x| x.device_ns)
+        .map(|x| x.device_ns())
         .collect();
     let p50 = percentile(&mut device, 0.5)
         .ok_or_else(|| BenchError::Check("no isolated request ran".into()))?;
@@ -482,7 +550,14 @@ fn deadlines(o: &BenchOptions, report: &mut Report) -> Result<(), BenchError> {
         })
         .collect();
     let before = d.model_stats(MODEL)?;
+    // A thread that only sleeps, beside the load: the wake-ups the executor got.
+    let nominal = Duration::from_millis(5);
+    let sleeps = (o.phase.as_nanos() / nominal.as_nanos()) as usize;
+    let probe = std::thread::spawn(move || timer_stretch(nominal, sleeps));
     let runs = load::spawn(&loads, o.phase)?.join()?;
+    let (sleep_p50, sleep_p99, sleep_max) = probe
+        .join()
+        .map_err(|_| BenchError::Check("the timer probe thread panicked".into()))?;
     let after = d.model_stats(MODEL)?;
     let admitted = diff(after.admitted, before.admitted);
     let ran = diff(after.completed, before.completed);
@@ -492,11 +567,23 @@ fn deadlines(o: &BenchOptions, report: &mut Report) -> Result<(), BenchError> {
     let refused = diff(after.rejected[dl], before.rejected[dl]);
     let met = ran.saturating_sub(missed);
     let ok: usize = runs.iter().map(|r| r.count(Status::Ok)).sum();
-    let late_seen = runs
+    let late: Vec<&Outcome> = runs
         .iter()
         .flat_map(|r| r.outcomes.iter())
-        .filter(|x| x.status == Status::Ok && x.device_ns > deadline_ns)
-        .count() as u64;
+        .filter(|x| x.status == Status::Ok && x.device_ns() > deadline_ns)
+        .collect();
+    let late_seen = late.len() as u64;
+    // Why they were late: their batch computed longer than a batch of one takes
+    // alone (the synthetic model sleeps, so a late wake-up is what stretches it), or
+    // they waited in the queue.
+    let mut alone: Vec<u64> = isolated[0]
+        .ok_after(o.warmup / 2)
+        .map(|x| x.compute_ns)
+        .collect();
+    let alone_p50 = percentile(&mut alone, 0.5).unwrap_or(0);
+    let mut late_compute: Vec<u64> = late.iter().map(|x| x.compute_ns).collect();
+    let late_compute_p50 = percentile(&mut late_compute, 0.5).unwrap_or(0);
+    let late_compute_max = late_compute.iter().copied().max().unwrap_or(0);
     let met_share = met as f64 / admitted.max(1) as f64;
     report.details.push(format!(
         "deadlines: synthetic model 4 ms + 1 ms/request, max batch 8, 1 executor; isolated p50 \
@@ -504,11 +591,15 @@ fn deadlines(o: &BenchOptions, report: &mut Report) -> Result<(), BenchError> {
          the batch-1 capacity) for {:.0} s: {} submitted, \
          {refused} refused at submission (DEADLINE), {admitted} admitted, {ran} ran ({ok} OK), \
          {met} finished in time, {missed} finished late and counted, {dropped} dropped from \
-         the queue before starting; the guests saw {late_seen} OK responses past the deadline",
+         the queue before starting; the guests saw {late_seen} OK responses past the deadline, \
+         whose batches computed for {} (p50) and up to {}, against {} (p50) for one request alone",
         ms(p50),
         ms(deadline_ns),
         o.phase.as_secs_f64(),
         diff(after.requests, before.requests),
+        ms(late_compute_p50),
+        ms(late_compute_max),
+        ms(alone_p50),
     ));
     report.rows.push(Row {
         figure: format!(
@@ -522,6 +613,17 @@ fn deadlines(o: &BenchOptions, report: &mut Report) -> Result<(), BenchError> {
             met_share * 100.0
         ),
         met: Some(met_share >= 0.99 && late_seen <= missed),
+    });
+    report.rows.push(Row {
+        figure: "— host timer meanwhile: 5 ms sleeps took".into(),
+        target: String::new(),
+        measured: format!(
+            "p50 {}, p99 {}, max {}",
+            ms(sleep_p50),
+            ms(sleep_p99),
+            ms(sleep_max)
+        ),
+        met: None,
     });
     Ok(())
 }
@@ -711,12 +813,23 @@ fn cpu_jiffies() -> Option<(u64, u64)> {
 pub fn run(o: &BenchOptions) -> Result<Report, BenchError> {
     let mut report = Report::default();
     let start = cpu_jiffies();
-    fairness(o, &mut report)?;
-    isolation(o, &mut report)?;
-    deadlines(o, &mut report)?;
-    batching(o, &mut report)?;
-    decision_time(&mut report)?;
-    if let Some(exe) = &o.daemon_exe {
+    let runs = |p: Phase| o.only.is_empty() || o.only.contains(&p);
+    if runs(Phase::Fairness) {
+        fairness(o, &mut report)?;
+    }
+    if runs(Phase::Isolation) {
+        isolation(o, &mut report)?;
+    }
+    if runs(Phase::Deadlines) {
+        deadlines(o, &mut report)?;
+    }
+    if runs(Phase::Batching) {
+        batching(o, &mut report)?;
+    }
+    if runs(Phase::Decision) {
+        decision_time(&mut report)?;
+    }
+    if let (true, Some(exe)) = (runs(Phase::Memory), &o.daemon_exe) {
         memory_figure(o, exe, &mut report)?;
     }
     if let (Some((b0, t0)), Some((b1, t1))) = (start, cpu_jiffies()) {
@@ -729,4 +842,28 @@ pub fn run(o: &BenchOptions) -> Result<Report, BenchError> {
         ));
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_parse_by_name_and_unknown_ones_list_the_choices() {
+        for (phase, name) in Phase::ALL {
+            assert_eq!(name.parse::<Phase>(), Ok(phase));
+        }
+        let err = "deadline".parse::<Phase>().unwrap_err();
+        assert!(
+            err.contains("\"deadline\"") && err.contains("deadlines, batching"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn timer_stretch_orders_its_figures_and_never_reports_less_than_asked() {
+        let (p50, p99, max) = timer_stretch(Duration::from_micros(200), 20);
+        assert!(p50 >= 200_000, "{p50}");
+        assert!(p50 <= p99 && p99 <= max, "{p50} {p99} {max}");
+    }
 }
