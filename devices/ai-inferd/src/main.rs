@@ -249,6 +249,10 @@ fn top(endpoint: &MetricsEndpoint, interval: Duration, once: bool) -> ExitCode {
 }
 
 fn run_bench(seconds: u64, no_memory: bool, weights_mib: u32, only: Vec<Phase>) -> ExitCode {
+    if no_memory && only.contains(&Phase::Memory) {
+        eprintln!("ai-inferd bench: --only memory and --no-memory contradict each other");
+        return ExitCode::from(2);
+    }
     let daemon_exe = if no_memory {
         None
     } else {

@@ -494,7 +494,6 @@ fn diff(after: u64, before: u64) -> u64 {
     after.wrapping_sub(before)
 }
 
-/// Deadlines at twice the isolated p50, under overload.
 /// How long `n` sleeps of `nominal` take on this host now: (p50, p99, max), ns.
 ///
 /// A synthetic batch is a sleep, and on a shared VM a thread is sometimes woken
@@ -508,12 +507,11 @@ pub fn timer_stretch(nominal: Duration, n: usize) -> (u64, u64, u64) {
             t.elapsed().as_nanos() as u64
         })
         .collect();
-    let max = took.iter().copied().max().unwrap_or(0);
-    let p99 = percentile(&mut took, 0.99).unwrap_or(0);
-    let p50 = percentile(&mut took, 0.5).unwrap_or(0);
-    (p50, p99, max)
+    let mut at = |p| percentile(&mut took, p).unwrap_or(0);
+    (at(0.5), at(0.99), at(1.0))
 }
 
+/// Deadlines at twice the isolated p50, under overload.
 fn deadlines(o: &BenchOptions, report: &mut Report) -> Result<(), BenchError> {
     const MODEL: u32 = 30;
     let tenants: Vec<TenantDef> = (0..4)
@@ -523,10 +521,8 @@ fn deadlines(o: &BenchOptions, report: &mut Report) -> Result<(), BenchError> {
     let isolated_load = closed(d.socket("d0"), MODEL, PriorityClass::Normal, 1);
     let short = o.warmup * 2;
     let isolated = load::spawn(std::slice::from_ref(&isolated_load), short)?.join()?;
-    let mut device: Vec<u64> = isolated[0]
-        .ok_after(o.warmup / 2)
-        .map(|x| x.device_ns())
-        .collect();
+    let alone: Vec<&Outcome> = isolated[0].ok_after(o.warmup / 2).collect();
+    let mut device: Vec<u64> = alone.iter().map(|x| x.device_ns()).collect();
     let p50 = percentile(&mut device, 0.5)
         .ok_or_else(|| BenchError::Check("no isolated request ran".into()))?;
     let deadline_ns = 2 * p50;
@@ -576,14 +572,11 @@ fn deadlines(o: &BenchOptions, report: &mut Report) -> Result<(), BenchError> {
     // Why they were late: their batch computed longer than a batch of one takes
     // alone (the synthetic model sleeps, so a late wake-up is what stretches it), or
     // they waited in the queue.
-    let mut alone: Vec<u64> = isolated[0]
-        .ok_after(o.warmup / 2)
-        .map(|x| x.compute_ns)
-        .collect();
-    let alone_p50 = percentile(&mut alone, 0.5).unwrap_or(0);
+    let mut alone_compute: Vec<u64> = alone.iter().map(|x| x.compute_ns).collect();
+    let alone_p50 = percentile(&mut alone_compute, 0.5).unwrap_or(0);
     let mut late_compute: Vec<u64> = late.iter().map(|x| x.compute_ns).collect();
     let late_compute_p50 = percentile(&mut late_compute, 0.5).unwrap_or(0);
-    let late_compute_max = late_compute.iter().copied().max().unwrap_or(0);
+    let late_compute_max = percentile(&mut late_compute, 1.0).unwrap_or(0);
     let met_share = met as f64 / admitted.max(1) as f64;
     report.details.push(format!(
         "deadlines: synthetic model 4 ms + 1 ms/request, max batch 8, 1 executor; isolated p50 \
@@ -813,23 +806,23 @@ fn cpu_jiffies() -> Option<(u64, u64)> {
 pub fn run(o: &BenchOptions) -> Result<Report, BenchError> {
     let mut report = Report::default();
     let start = cpu_jiffies();
-    let runs = |p: Phase| o.only.is_empty() || o.only.contains(&p);
-    if runs(Phase::Fairness) {
+    let wanted = |p: Phase| o.only.is_empty() || o.only.contains(&p);
+    if wanted(Phase::Fairness) {
         fairness(o, &mut report)?;
     }
-    if runs(Phase::Isolation) {
+    if wanted(Phase::Isolation) {
         isolation(o, &mut report)?;
     }
-    if runs(Phase::Deadlines) {
+    if wanted(Phase::Deadlines) {
         deadlines(o, &mut report)?;
     }
-    if runs(Phase::Batching) {
+    if wanted(Phase::Batching) {
         batching(o, &mut report)?;
     }
-    if runs(Phase::Decision) {
+    if wanted(Phase::Decision) {
         decision_time(&mut report)?;
     }
-    if let (true, Some(exe)) = (runs(Phase::Memory), &o.daemon_exe) {
+    if let (true, Some(exe)) = (wanted(Phase::Memory), &o.daemon_exe) {
         memory_figure(o, exe, &mut report)?;
     }
     if let (Some((b0, t0)), Some((b1, t1))) = (start, cpu_jiffies()) {
