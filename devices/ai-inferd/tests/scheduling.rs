@@ -66,36 +66,20 @@ fn busy(stats: &SchedulerStats, id: u32) -> f64 {
         .map_or(0.0, |t| t.stats.busy_ns as f64)
 }
 
-/// Accelerator time of tenants 0..weights.len() between two snapshots, each divided
-/// by its weight.
-fn normalised_service(
-    before: &SchedulerStats,
-    after: &SchedulerStats,
-    weights: &[f64],
-) -> Vec<f64> {
-    (0..weights.len())
-        .map(|i| (busy(after, i as u32) - busy(before, i as u32)) / weights[i])
-        .collect()
-}
-
 /// The longest batch of the synthetic model between two snapshots, ns: the upper bound
-/// of the highest histogram bucket that gained a sample (log2 buckets, so at most
-/// twice the true longest).
+/// of its histogram bucket (log2 buckets, so at most twice the true longest).
 fn longest_batch_ns(before: &SchedulerStats, after: &SchedulerStats) -> f64 {
     let compute = |s: &SchedulerStats| {
         s.models
             .iter()
             .find(|m| m.model == SYNTH)
-            .map(|m| m.stats.compute.buckets)
+            .map(|m| m.stats.compute.clone())
             .unwrap_or_default()
     };
-    let (b, a) = (compute(before), compute(after));
-    let top = (0..a.len())
-        .rev()
-        .find(|&i| a[i] > b[i])
-        .expect("batches ran");
-    let (low, high) = ai_infer_protocol::latency_bucket_bounds_ns(top);
-    high.unwrap_or(2 * low) as f64
+    compute(after)
+        .since(&compute(before))
+        .quantile_upper_ns(1.0)
+        .expect("batches ran, none for 18 minutes") as f64
 }
 
 /// Weighted fair sharing between two snapshots, as fair queueing guarantees it to
@@ -109,9 +93,11 @@ fn longest_batch_ns(before: &SchedulerStats, after: &SchedulerStats) -> f64 {
 /// sleep to 70 ms now and then, since such a batch is charged to whoever ran it and
 /// only repaid after it completes.
 fn assert_weighted_fair(before: &SchedulerStats, after: &SchedulerStats, weights: &[f64]) {
-    let service = normalised_service(before, after, weights);
+    let used: Vec<f64> = (0..weights.len() as u32)
+        .map(|i| busy(after, i) - busy(before, i))
+        .collect();
+    let service: Vec<f64> = used.iter().zip(weights).map(|(u, w)| u / w).collect();
     let longest = longest_batch_ns(before, after);
-    let used: Vec<f64> = service.iter().zip(weights).map(|(s, w)| s * w).collect();
     let share = |v: &[f64]| -> Vec<String> {
         let total: f64 = v.iter().sum();
         v.iter().map(|x| format!("{:.3}", x / total)).collect()

@@ -41,6 +41,16 @@ impl Histogram {
         self.sum_ns = self.sum_ns.wrapping_add(ns);
     }
 
+    /// The samples recorded since `earlier`, a snapshot of this same histogram (all
+    /// counters only grow, wrapping).
+    pub fn since(&self, earlier: &Histogram) -> Histogram {
+        Histogram {
+            buckets: std::array::from_fn(|i| self.buckets[i].wrapping_sub(earlier.buckets[i])),
+            count: self.count.wrapping_sub(earlier.count),
+            sum_ns: self.sum_ns.wrapping_sub(earlier.sum_ns),
+        }
+    }
+
     /// Upper bound (exclusive) of the bucket holding the `q` quantile (0 ≤ q ≤ 1),
     /// `None` when empty or when it falls in the unbounded last bucket.
     pub fn quantile_upper_ns(&self, q: f64) -> Option<Nanos> {
@@ -680,6 +690,19 @@ pub fn render_prometheus_named(stats: &SchedulerStats, names: &SeriesNames) -> S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_histogram_since_a_snapshot_holds_only_the_later_samples() {
+        let mut h = Histogram::default();
+        h.record(3_000);
+        h.record(900_000);
+        let snapshot = h.clone();
+        h.record(5_000);
+        let window = h.since(&snapshot);
+        assert_eq!((window.count, window.sum_ns), (1, 5_000));
+        assert_eq!(window.quantile_upper_ns(1.0), Some(8_000));
+        assert_eq!(h.quantile_upper_ns(1.0), Some(1_024_000));
+    }
 
     fn value_of(text: &str, series: &str) -> Option<f64> {
         text.lines()
