@@ -187,6 +187,15 @@ const L1_WEDGED: i32 = 125;
 /// run-l1.sh's (timeout's) exit code when L1 ran out of time.
 const L1_TIMED_OUT: i32 = 124;
 
+/// A command that runs the bash script at `path`. Read by bash rather than exec'd: the
+/// project's scripts need no exec bit, and a script a test has just written cannot fail
+/// with ETXTBSY (another thread's fork may still hold it open for writing until exec).
+fn script(path: &Path) -> Command {
+    let mut cmd = Command::new("bash");
+    cmd.arg(path);
+    cmd
+}
+
 fn read_report(log: &Path) -> Result<RigReport, String> {
     let text =
         std::fs::read(log).map_err(|e| format!("the rig left no log at {}: {e}", log.display()))?;
@@ -227,10 +236,7 @@ fn boot_l1_up_to(
             "booting L1 under QEMU TCG (boot {boot}, timeout {timeout} s; console: {})",
             log_path.display()
         ));
-        // Run by bash, not exec'd: a script written by a test while another thread forks
-        // can still be open for writing in that child, and exec of it fails with ETXTBSY.
-        let mut cmd = Command::new("bash");
-        cmd.arg(rig_dir.join("run-l1.sh"));
+        let mut cmd = script(&rig_dir.join("run-l1.sh"));
         if let Some(list) = &scenarios {
             cmd.env("RIG_SCENARIOS", list.join(","));
         }
@@ -295,12 +301,9 @@ impl Rig {
         let rig_dir = root.join("tests/rig");
 
         progress("installing dependencies (tests/rig/deps.sh)");
-        run_step(
-            "tests/rig/deps.sh",
-            &mut Command::new(rig_dir.join("deps.sh")),
-        )?;
+        run_step("tests/rig/deps.sh", &mut script(&rig_dir.join("deps.sh")))?;
 
-        let probe = Command::new(rig_dir.join("host-can-boot-linux.sh"))
+        let probe = script(&rig_dir.join("host-can-boot-linux.sh"))
             .stdin(Stdio::null())
             .output()
             .map_err(|e| format!("cannot run host-can-boot-linux.sh: {e}"))?;
@@ -331,7 +334,7 @@ impl Rig {
             .unwrap_or_else(|| root.join("target/models"));
         run_step(
             "devices/ai-inferd/models/setup.sh",
-            &mut Command::new(root.join("devices/ai-inferd/models/setup.sh")),
+            &mut script(&root.join("devices/ai-inferd/models/setup.sh")),
         )?;
         if !aivmm.is_file() {
             return Err(format!("no aivmm binary at {}", aivmm.display()));
@@ -348,7 +351,7 @@ impl Rig {
                 progress("building L1 (tests/rig/build-l1.sh)");
                 run_step(
                     "tests/rig/build-l1.sh",
-                    Command::new(rig_dir.join("build-l1.sh"))
+                    script(&rig_dir.join("build-l1.sh"))
                         .env("AIVMM_AGENT", &bins.ai_agent)
                         .env("AI_INFERD_BIN", &bins.ai_inferd)
                         .env("AI_MODELS_DIR", &models_dir)
@@ -365,7 +368,7 @@ impl Rig {
                     "running the scenarios on this host (log: {})",
                     log.display()
                 ));
-                let status = Command::new(rig_dir.join("run-direct.sh"))
+                let status = script(&rig_dir.join("run-direct.sh"))
                     .env("AIVMM_AGENT", &bins.ai_agent)
                     .env("AI_INFERD", &bins.ai_inferd)
                     .env("AI_MODELS", &models_dir)
