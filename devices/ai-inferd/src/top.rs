@@ -476,6 +476,7 @@ mod tests {
                 model: 3,
                 queued: 4,
                 estimate_batch1_ns: Some(1_000_000),
+                deadline_margin_ns: 0,
                 stats: model,
             }],
         };

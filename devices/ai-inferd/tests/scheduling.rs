@@ -534,6 +534,9 @@ fn the_metrics_endpoint_serves_parseable_text_with_every_series() {
             .unwrap()
             > 0.0
     );
+    // A gauge that is there whether or not batches finished late.
+    let margin = s.get("ai_inferd_model_deadline_margin_seconds", &m);
+    assert!(margin.is_some_and(|v| v >= 0.0), "{margin:?}");
     assert_eq!(
         s.get("ai_inferd_reloads_total", &[("result", "applied")]),
         Some(0.0)

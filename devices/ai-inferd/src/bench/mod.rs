@@ -286,6 +286,19 @@ impl BenchDaemon {
         Ok(self.shared()?.scheduler.stats())
     }
 
+    /// The deadline margin of `model`, every 50 ms for `duration`.
+    fn sample_margins(&self, model: u32, duration: Duration) -> Result<Vec<u64>, BenchError> {
+        let step = Duration::from_millis(50);
+        let mut margins = Vec::new();
+        for _ in 0..duration.as_millis() / step.as_millis() {
+            std::thread::sleep(step);
+            let stats = self.stats()?;
+            let m = stats.models.iter().find(|m| m.model == model);
+            margins.extend(m.map(|m| m.deadline_margin_ns));
+        }
+        Ok(margins)
+    }
+
     fn model_stats(&self, model: u32) -> Result<ModelStats, BenchError> {
         self.stats()?
             .models
@@ -550,7 +563,11 @@ fn deadlines(o: &BenchOptions, report: &mut Report) -> Result<(), BenchError> {
     let nominal = Duration::from_millis(5);
     let sleeps = (o.phase.as_nanos() / nominal.as_nanos()) as usize;
     let probe = std::thread::spawn(move || timer_stretch(nominal, sleeps));
-    let runs = load::spawn(&loads, o.phase)?.join()?;
+    let running = load::spawn(&loads, o.phase)?;
+    let mut margins = d.sample_margins(MODEL, o.phase)?;
+    let runs = running.join()?;
+    let margin_p50 = percentile(&mut margins, 0.5).unwrap_or(0);
+    let margin_max = percentile(&mut margins, 1.0).unwrap_or(0);
     let (sleep_p50, sleep_p99, sleep_max) = probe
         .join()
         .map_err(|_| BenchError::Check("the timer probe thread panicked".into()))?;
@@ -585,7 +602,8 @@ fn deadlines(o: &BenchOptions, report: &mut Report) -> Result<(), BenchError> {
          {refused} refused at submission (DEADLINE), {admitted} admitted, {ran} ran ({ok} OK), \
          {met} finished in time, {missed} finished late and counted, {dropped} dropped from \
          the queue before starting; the guests saw {late_seen} OK responses past the deadline, \
-         whose batches computed for {} (p50) and up to {}, against {} (p50) for one request alone",
+         whose batches computed for {} (p50) and up to {}, against {} (p50) for one request \
+         alone; admission's overrun margin {} (p50 of 20 samples/s), up to {}",
         ms(p50),
         ms(deadline_ns),
         o.phase.as_secs_f64(),
@@ -593,6 +611,8 @@ fn deadlines(o: &BenchOptions, report: &mut Report) -> Result<(), BenchError> {
         ms(late_compute_p50),
         ms(late_compute_max),
         ms(alone_p50),
+        ms(margin_p50),
+        ms(margin_max),
     ));
     report.rows.push(Row {
         figure: format!(

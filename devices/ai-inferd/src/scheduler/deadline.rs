@@ -218,6 +218,52 @@ fn to_nanos(v: f64) -> Nanos {
     v.ceil() as Nanos
 }
 
+/// How fast [`OverrunMargin`] forgets: the margin halves every this many ns.
+const MARGIN_HALF_LIFE_NS: f64 = 1e9;
+
+/// How late a model's recent batches finished against the estimates they were
+/// dispatched with, and the margin admission keeps for that.
+///
+/// The per-size estimates clip stalls on purpose (one must not lock deadline work
+/// out), so on a host whose threads now and then wake late they say how long a batch
+/// computes, not how long it takes to finish. Under overload admission fills the
+/// queue until the last admitted request is predicted to finish just in time, so
+/// every such wake-up, even of a millisecond, turns a request late (and the one queued
+/// behind it too). Such wake-ups come in spells (a neighbour busy on the host) and
+/// are rare per batch even then — far under 1% of batches, too few for a percentile
+/// of recent batches to see. So the margin is a decaying maximum: the largest recent
+/// overrun (wall time from dispatch to completion minus the estimate, at most one
+/// estimate), halving every [`MARGIN_HALF_LIFE_NS`]: held through a noisy spell,
+/// gone a few seconds after it. It costs little throughput: a model kept busy runs
+/// as many requests with a queue shorter by the margin, only their deadlines are
+/// then kept.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct OverrunMargin {
+    /// The overrun the margin decays from …
+    peak: Nanos,
+    /// … and when it was measured.
+    at: Nanos,
+}
+
+impl OverrunMargin {
+    /// Records a batch dispatched with `estimate_ns` that finished `took_ns` later,
+    /// at `now`.
+    pub fn record(&mut self, now: Nanos, estimate_ns: Nanos, took_ns: Nanos) {
+        // One stall longer than a whole batch says no more than that the host stalls.
+        let overrun = took_ns.saturating_sub(estimate_ns).min(estimate_ns);
+        if overrun >= self.margin(now) {
+            self.peak = overrun;
+            self.at = now;
+        }
+    }
+
+    /// What admission adds to a predicted finish at `now`.
+    pub fn margin(&self, now: Nanos) -> Nanos {
+        let half_lives = now.saturating_sub(self.at) as f64 / MARGIN_HALF_LIFE_NS;
+        to_nanos(self.peak as f64 * (-half_lives).exp2())
+    }
+}
+
 /// The state of a model's queue that admission looks at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Backlog {
@@ -257,6 +303,37 @@ pub fn predicted_finish(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_overrun_margin_holds_the_largest_recent_overrun_and_decays() {
+        const S: Nanos = 1_000_000_000;
+        let mut m = OverrunMargin::default();
+        assert_eq!(m.margin(0), 0);
+        // On time or early: nothing to keep back.
+        m.record(S, 5_000_000, 4_000_000);
+        m.record(S, 5_000_000, 5_000_000);
+        assert_eq!(m.margin(S), 0);
+        // A batch 2 ms late sets it; a smaller overrun meanwhile does not lower it.
+        m.record(S, 5_000_000, 7_000_000);
+        assert_eq!(m.margin(S), 2_000_000);
+        m.record(S + S / 10, 5_000_000, 5_500_000);
+        assert!(m.margin(S + S / 10) > 1_800_000);
+        // It halves every second …
+        assert!(
+            m.margin(2 * S).abs_diff(1_000_000) <= 1,
+            "{}",
+            m.margin(2 * S)
+        );
+        assert!(m.margin(11 * S) < 2_000, "{}", m.margin(11 * S));
+        // … and a new overrun above what is left takes over.
+        m.record(3 * S, 5_000_000, 6_000_000);
+        assert_eq!(m.margin(3 * S), 1_000_000);
+        // One stall counts as an overrun of one estimate at most.
+        m.record(3 * S, 5_000_000, 80_000_000);
+        assert_eq!(m.margin(3 * S), 5_000_000);
+        // A clock that went backwards (another executor's older time) is no age.
+        assert_eq!(m.margin(S), 5_000_000);
+    }
 
     #[test]
     fn constant_times_are_estimated_exactly() {

@@ -40,7 +40,7 @@ use ai_infer_protocol::{PriorityClass, Status};
 use thiserror::Error;
 
 use batcher::{ModelQueue, Queued};
-use deadline::{predicted_finish, Backlog, ExecTimeEstimator};
+use deadline::{predicted_finish, Backlog, ExecTimeEstimator, OverrunMargin};
 use fair_queue::{TenantClock, VirtualTime};
 use id_map::IdMap;
 use quota::TenantQuota;
@@ -432,6 +432,8 @@ pub struct SchedulerCore<J> {
     /// tenant re-enters when nobody is backlogged.
     system_vt: VirtualTime,
     next_seq: u64,
+    /// The latest time a call was made at, for snapshots (which are given none).
+    latest: Nanos,
 }
 
 struct TenantState {
@@ -463,6 +465,8 @@ struct ModelState<J> {
     policy: ModelPolicy,
     queue: ModelQueue<J>,
     estimator: ExecTimeEstimator,
+    /// How late recent batches finished against their estimates.
+    overruns: OverrunMargin,
     stats: ModelStats,
 }
 
@@ -556,6 +560,7 @@ impl<J> SchedulerCore<J> {
             pending_drops: Vec::new(),
             system_vt: 0,
             next_seq: 0,
+            latest: 0,
         }
     }
 
@@ -667,6 +672,7 @@ impl<J> SchedulerCore<J> {
             None => {
                 let state = ModelState {
                     estimator: ExecTimeEstimator::new(&self.config.estimator, max_batch),
+                    overruns: OverrunMargin::default(),
                     policy,
                     queue: ModelQueue::default(),
                     stats: ModelStats::default(),
@@ -700,6 +706,13 @@ impl<J> SchedulerCore<J> {
             .fold(0, Nanos::saturating_add)
     }
 
+    /// Whether a batch is running on any of `executors` (perhaps past its estimate).
+    fn any_running(&self, executors: &[ExecutorId]) -> bool {
+        executors
+            .iter()
+            .any(|e| self.running.get(e).is_some_and(|r| !r.is_empty()))
+    }
+
     /// Why `meta` (priority already clamped) cannot be admitted at `now`, if so.
     fn admission(&mut self, now: Nanos, meta: &JobMeta) -> Result<(), Reject> {
         let (Some(tenant), Some(model)) =
@@ -722,6 +735,7 @@ impl<J> SchedulerCore<J> {
                 running_left_ns: self.running_left(&model.policy.executors, now),
                 executors: executors_for_class(&self.config, &model.policy, meta.priority),
             };
+            let running = self.any_running(&model.policy.executors);
             // Joining the next batch makes it longer for everyone queued in it: the
             // request is refused rather than push an admitted one past its deadline.
             let joins_next = backlog.ahead < backlog.max_batch;
@@ -735,12 +749,17 @@ impl<J> SchedulerCore<J> {
             // On an idle model the request runs at once: its best case decides. That
             // is its best chance, and it keeps the model measured — otherwise an
             // estimate inflated by a slow first batch could refuse deadline work
-            // forever, since refused work is never measured.
-            let idle = backlog.ahead == 0 && backlog.running_left_ns == 0;
-            let estimator = self.models.get(&meta.model).map(|m| &m.estimator);
-            let finish = estimator.and_then(|e| match idle {
-                true => e.fastest(1).map(|t| now.saturating_add(t)),
-                false => predicted_finish(now, backlog, e),
+            // forever, since refused work is never measured. A batch running past its
+            // estimate is stalled, not gone: the model is busy until it completes.
+            // Either way the prediction carries the margin for how late batches
+            // have lately finished (it decays with time, so it cannot lock work out).
+            let idle = backlog.ahead == 0 && !running;
+            let finish = self.models.get(&meta.model).and_then(|m| {
+                let finish = match idle {
+                    true => m.estimator.fastest(1).map(|t| now.saturating_add(t)),
+                    false => predicted_finish(now, backlog, &m.estimator),
+                };
+                finish.map(|f| f.saturating_add(m.overruns.margin(now)))
             });
             if finish.is_some_and(|f| f > limit) {
                 return Err(Reject::Deadline);
@@ -763,6 +782,7 @@ impl<J> SchedulerCore<J> {
     /// (QUEUE_FULL); deadline passed or predicted to be missed (DEADLINE); request
     /// rate and accelerator-time quotas (THROTTLED).
     pub fn submit(&mut self, now: Nanos, mut meta: JobMeta, job: J) -> Result<(), (Reject, J)> {
+        self.latest = self.latest.max(now);
         let Some(tenant) = self.tenants.get_mut(&meta.tenant) else {
             return Err((Reject::UnknownTenant, job));
         };
@@ -832,6 +852,7 @@ impl<J> SchedulerCore<J> {
     /// whose best request ranks first (`Run`); else the time the first model
     /// becomes ready (`Wait`).
     pub fn poll(&mut self, now: Nanos, executor: ExecutorId) -> Poll<J> {
+        self.latest = self.latest.max(now);
         if !self.pending_drops.is_empty() {
             return Poll::Drop(std::mem::take(&mut self.pending_drops));
         }
@@ -920,6 +941,8 @@ impl<J> SchedulerCore<J> {
             .map_or(1, |e| (e / target as u64).max(1));
         // Dropped unstarted only if even the fastest time seen would be late.
         let alone_ns = model.estimator.fastest(1);
+        // Growing the batch keeps admission's promise, margin included.
+        let margin = model.overruns.margin(now);
         let mut jobs = Vec::with_capacity(target);
         let mut charges = Vec::with_capacity(target);
         let mut batch_deadline: Option<Nanos> = None;
@@ -961,7 +984,7 @@ impl<J> SchedulerCore<J> {
             // The batch grows only while every member still makes it by the
             // estimate; its first request runs alone unless dropped just above.
             if let (false, Some(d), Some(exec)) = (jobs.is_empty(), tightest, exec) {
-                if now.saturating_add(exec) > d {
+                if now.saturating_add(exec).saturating_add(margin) > d {
                     break;
                 }
             }
@@ -1078,6 +1101,7 @@ impl<J> SchedulerCore<J> {
         job: impl Fn(usize) -> (TenantId, JobEnd),
         compute_ns: Nanos,
     ) {
+        self.latest = self.latest.max(now);
         let ran_weight = |i| match job(i).1 {
             JobEnd::Ran { weight } => Some(weight),
             JobEnd::Dropped(_) => None,
@@ -1087,6 +1111,8 @@ impl<J> SchedulerCore<J> {
             batches.remove(pos)
         });
         let mut model = self.models.get_mut(&model_id);
+        // (dispatched at, estimate then) for the overrun window.
+        let record_timing = record.as_ref().map(|r| (r.dispatched_at, r.estimate_ns));
         if let Some(record) = record {
             // The record's jobs are in batch order, like `job`.
             for (i, dispatched) in record.jobs.into_iter().enumerate() {
@@ -1104,6 +1130,9 @@ impl<J> SchedulerCore<J> {
         }
         let ran = (0..count).filter(|&i| ran_weight(i).is_some()).count();
         if let Some(m) = model.as_mut().filter(|_| ran > 0) {
+            if let Some(d) = record_timing.filter(|d| d.1 > 0) {
+                m.overruns.record(now, d.1, now.saturating_sub(d.0));
+            }
             m.estimator.record(ran, compute_ns);
             bump(&mut m.stats.completed, ran as u64);
             m.stats.compute.record(compute_ns);
@@ -1175,6 +1204,7 @@ impl<J> SchedulerCore<J> {
                 model: *id,
                 queued: m.queue.len() as u64,
                 estimate_batch1_ns: m.estimator.estimate(1),
+                deadline_margin_ns: m.overruns.margin(self.latest),
                 stats: m.stats.clone(),
             })
             .collect();

@@ -181,6 +181,9 @@ pub struct ModelSnapshot {
     pub queued: u64,
     /// Current execution time estimate at batch size 1, if measured.
     pub estimate_batch1_ns: Option<Nanos>,
+    /// What deadline admission adds to its predictions now: the p99 of how late
+    /// recent batches finished against their estimates (0 on a quiet host).
+    pub deadline_margin_ns: Nanos,
     /// Counters.
     pub stats: ModelStats,
 }
@@ -623,6 +626,17 @@ pub fn render_prometheus_named(stats: &SchedulerStats, names: &SeriesNames) -> S
     write_family(
         &mut out,
         fam(
+            "ai_inferd_model_deadline_margin_seconds",
+            "gauge",
+            "Kept back by deadline admission: p99 of recent batches' overruns of their estimates.",
+        ),
+        m,
+        ml,
+        |s| seconds(s.deadline_margin_ns).to_string(),
+    );
+    write_family(
+        &mut out,
+        fam(
             "ai_inferd_model_batches_total",
             "counter",
             "Batches dispatched.",
@@ -738,6 +752,7 @@ mod tests {
                 model: 9,
                 queued: 1,
                 estimate_batch1_ns: None,
+                deadline_margin_ns: 0,
                 stats: model,
             }],
         }
