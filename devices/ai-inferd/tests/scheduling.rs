@@ -58,14 +58,6 @@ fn closed(h: &Harness, name: &str, class: PriorityClass, depth: u32) -> Load {
     }
 }
 
-fn busy(stats: &SchedulerStats, id: u32) -> f64 {
-    stats
-        .tenants
-        .iter()
-        .find(|t| t.tenant == TenantId(id))
-        .map_or(0.0, |t| t.stats.busy_ns as f64)
-}
-
 /// The longest batch of the synthetic model between two snapshots, ns: the upper bound
 /// of its histogram bucket (log2 buckets, so at most twice the true longest).
 fn longest_batch_ns(before: &SchedulerStats, after: &SchedulerStats) -> f64 {
@@ -94,7 +86,7 @@ fn longest_batch_ns(before: &SchedulerStats, after: &SchedulerStats) -> f64 {
 /// only repaid after it completes.
 fn assert_weighted_fair(before: &SchedulerStats, after: &SchedulerStats, weights: &[f64]) {
     let used: Vec<f64> = (0..weights.len() as u32)
-        .map(|i| busy(after, i) - busy(before, i))
+        .map(|i| after.busy_ns(TenantId(i)) as f64 - before.busy_ns(TenantId(i)) as f64)
         .collect();
     let service: Vec<f64> = used.iter().zip(weights).map(|(u, w)| u / w).collect();
     let longest = longest_batch_ns(before, after);

@@ -350,14 +350,6 @@ fn ok_latencies(run: &LoadRun, from: Duration) -> Vec<u64> {
     run.ok_after(from).map(|o| o.latency_ns).collect()
 }
 
-fn busy_by_tenant(stats: &SchedulerStats, id: TenantId) -> u64 {
-    stats
-        .tenants
-        .iter()
-        .find(|t| t.tenant == id)
-        .map_or(0, |t| t.stats.busy_ns)
-}
-
 /// Fairness: 3 saturating tenants of weights 1:2:4 on one executor.
 fn fairness(o: &BenchOptions, report: &mut Report) -> Result<(), BenchError> {
     const MODEL: u32 = 10;
@@ -380,8 +372,9 @@ fn fairness(o: &BenchOptions, report: &mut Report) -> Result<(), BenchError> {
     let runs = running.join()?;
     let busy: Vec<f64> = (0..weights.len() as u32)
         .map(|i| {
-            busy_by_tenant(&after, TenantId(i)).saturating_sub(busy_by_tenant(&before, TenantId(i)))
-                as f64
+            after
+                .busy_ns(TenantId(i))
+                .saturating_sub(before.busy_ns(TenantId(i))) as f64
         })
         .collect();
     let total: f64 = busy.iter().sum();

@@ -197,6 +197,16 @@ pub struct SchedulerStats {
     pub models: Vec<ModelSnapshot>,
 }
 
+impl SchedulerStats {
+    /// Accelerator time charged to `tenant` so far, ns (0 for one not in the snapshot).
+    pub fn busy_ns(&self, tenant: TenantId) -> u64 {
+        self.tenants
+            .iter()
+            .find(|t| t.tenant == tenant)
+            .map_or(0, |t| t.stats.busy_ns)
+    }
+}
+
 /// Jain's fairness index of `values`: 1 when all are equal, 1/n when one has all.
 pub fn jain_index(values: &[f64]) -> f64 {
     let sum: f64 = values.iter().sum();

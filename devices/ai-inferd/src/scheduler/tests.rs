@@ -243,12 +243,7 @@ impl Sim {
     }
 
     fn busy(&self, t: u32) -> u64 {
-        let stats = self.core.stats();
-        stats
-            .tenants
-            .iter()
-            .find(|s| s.tenant == TenantId(t))
-            .map_or(0, |s| s.stats.busy_ns)
+        self.core.stats().busy_ns(TenantId(t))
     }
 }
 
