@@ -13,10 +13,11 @@ done
 hexout() { od -An -v -tx1 "$1" | tr -d ' \n'; }
 
 echo "GUEST-AI role=$role"
-# If the script is still running after 200 s (it needs about 100), print what every agent
-# process is blocked on: the rig kills a stuck VM without asking it anything.
+# If the script is still running after 450 s (it needs about 100, 300 on a slow host),
+# print what every agent process is blocked on: the rig kills a stuck VM (at 600 s)
+# without asking it anything.
 (
-    sleep 200
+    sleep 450
     for p in $(pidof ai-agent); do
         echo "GUEST-AI-STUCK pid=$p cmd=$(tr '\0' ' ' <"/proc/$p/cmdline")"
         for t in /proc/"$p"/task/*; do
