@@ -246,9 +246,10 @@ pub struct OverrunMargin {
 }
 
 impl OverrunMargin {
-    /// Records a batch dispatched with `estimate_ns` that finished `took_ns` later,
+    /// Records a batch dispatched at `dispatched_at` with `estimate_ns` that finished
     /// at `now`.
-    pub fn record(&mut self, now: Nanos, estimate_ns: Nanos, took_ns: Nanos) {
+    pub fn record(&mut self, now: Nanos, dispatched_at: Nanos, estimate_ns: Nanos) {
+        let took_ns = now.saturating_sub(dispatched_at);
         // One stall longer than a whole batch says no more than that the host stalls.
         let overrun = took_ns.saturating_sub(estimate_ns).min(estimate_ns);
         if overrun >= self.margin(now) {
@@ -307,16 +308,20 @@ mod tests {
     #[test]
     fn the_overrun_margin_holds_the_largest_recent_overrun_and_decays() {
         const S: Nanos = 1_000_000_000;
+        // A batch with `estimate` that finished at `now`, `took` after its dispatch.
+        let batch = |m: &mut OverrunMargin, now: Nanos, estimate: Nanos, took: Nanos| {
+            m.record(now, now - took, estimate)
+        };
         let mut m = OverrunMargin::default();
         assert_eq!(m.margin(0), 0);
         // On time or early: nothing to keep back.
-        m.record(S, 5_000_000, 4_000_000);
-        m.record(S, 5_000_000, 5_000_000);
+        batch(&mut m, S, 5_000_000, 4_000_000);
+        batch(&mut m, S, 5_000_000, 5_000_000);
         assert_eq!(m.margin(S), 0);
         // A batch 2 ms late sets it; a smaller overrun meanwhile does not lower it.
-        m.record(S, 5_000_000, 7_000_000);
+        batch(&mut m, S, 5_000_000, 7_000_000);
         assert_eq!(m.margin(S), 2_000_000);
-        m.record(S + S / 10, 5_000_000, 5_500_000);
+        batch(&mut m, S + S / 10, 5_000_000, 5_500_000);
         assert!(m.margin(S + S / 10) > 1_800_000);
         // It halves every second …
         assert!(
@@ -326,10 +331,10 @@ mod tests {
         );
         assert!(m.margin(11 * S) < 2_000, "{}", m.margin(11 * S));
         // … and a new overrun above what is left takes over.
-        m.record(3 * S, 5_000_000, 6_000_000);
+        batch(&mut m, 3 * S, 5_000_000, 6_000_000);
         assert_eq!(m.margin(3 * S), 1_000_000);
         // One stall counts as an overrun of one estimate at most.
-        m.record(3 * S, 5_000_000, 80_000_000);
+        batch(&mut m, 3 * S, 5_000_000, 80_000_000);
         assert_eq!(m.margin(3 * S), 5_000_000);
         // A clock that went backwards (another executor's older time) is no age.
         assert_eq!(m.margin(S), 5_000_000);

@@ -432,8 +432,6 @@ pub struct SchedulerCore<J> {
     /// tenant re-enters when nobody is backlogged.
     system_vt: VirtualTime,
     next_seq: u64,
-    /// The latest time a call was made at, for snapshots (which are given none).
-    latest: Nanos,
 }
 
 struct TenantState {
@@ -560,7 +558,6 @@ impl<J> SchedulerCore<J> {
             pending_drops: Vec::new(),
             system_vt: 0,
             next_seq: 0,
-            latest: 0,
         }
     }
 
@@ -692,8 +689,9 @@ impl<J> SchedulerCore<J> {
         }
     }
 
-    /// Estimated time left of the batches running on `executors`.
-    fn running_left(&self, executors: &[ExecutorId], now: Nanos) -> Nanos {
+    /// Estimated time left of the batches running on `executors`, summed; `None` when
+    /// none runs (a batch past its estimate has 0 left but still occupies its executor).
+    fn running_left(&self, executors: &[ExecutorId], now: Nanos) -> Option<Nanos> {
         executors
             .iter()
             .filter_map(|e| self.running.get(e))
@@ -703,14 +701,7 @@ impl<J> SchedulerCore<J> {
                     .saturating_add(d.estimate_ns)
                     .saturating_sub(now)
             })
-            .fold(0, Nanos::saturating_add)
-    }
-
-    /// Whether a batch is running on any of `executors` (perhaps past its estimate).
-    fn any_running(&self, executors: &[ExecutorId]) -> bool {
-        executors
-            .iter()
-            .any(|e| self.running.get(e).is_some_and(|r| !r.is_empty()))
+            .reduce(Nanos::saturating_add)
     }
 
     /// Why `meta` (priority already clamped) cannot be admitted at `now`, if so.
@@ -729,13 +720,13 @@ impl<J> SchedulerCore<J> {
             if deadline <= now {
                 return Err(Reject::Deadline);
             }
+            let running = self.running_left(&model.policy.executors, now);
             let backlog = Backlog {
                 ahead: model.queue.len_at_or_above(meta.priority),
                 max_batch: model.policy.batch_limit(),
-                running_left_ns: self.running_left(&model.policy.executors, now),
+                running_left_ns: running.unwrap_or(0),
                 executors: executors_for_class(&self.config, &model.policy, meta.priority),
             };
-            let running = self.any_running(&model.policy.executors);
             // Joining the next batch makes it longer for everyone queued in it: the
             // request is refused rather than push an admitted one past its deadline.
             let joins_next = backlog.ahead < backlog.max_batch;
@@ -753,7 +744,7 @@ impl<J> SchedulerCore<J> {
             // estimate is stalled, not gone: the model is busy until it completes.
             // Either way the prediction carries the margin for how late batches
             // have lately finished (it decays with time, so it cannot lock work out).
-            let idle = backlog.ahead == 0 && !running;
+            let idle = backlog.ahead == 0 && running.is_none();
             let finish = self.models.get(&meta.model).and_then(|m| {
                 let finish = match idle {
                     true => m.estimator.fastest(1).map(|t| now.saturating_add(t)),
@@ -782,7 +773,6 @@ impl<J> SchedulerCore<J> {
     /// (QUEUE_FULL); deadline passed or predicted to be missed (DEADLINE); request
     /// rate and accelerator-time quotas (THROTTLED).
     pub fn submit(&mut self, now: Nanos, mut meta: JobMeta, job: J) -> Result<(), (Reject, J)> {
-        self.latest = self.latest.max(now);
         let Some(tenant) = self.tenants.get_mut(&meta.tenant) else {
             return Err((Reject::UnknownTenant, job));
         };
@@ -852,7 +842,6 @@ impl<J> SchedulerCore<J> {
     /// whose best request ranks first (`Run`); else the time the first model
     /// becomes ready (`Wait`).
     pub fn poll(&mut self, now: Nanos, executor: ExecutorId) -> Poll<J> {
-        self.latest = self.latest.max(now);
         if !self.pending_drops.is_empty() {
             return Poll::Drop(std::mem::take(&mut self.pending_drops));
         }
@@ -1101,7 +1090,6 @@ impl<J> SchedulerCore<J> {
         job: impl Fn(usize) -> (TenantId, JobEnd),
         compute_ns: Nanos,
     ) {
-        self.latest = self.latest.max(now);
         let ran_weight = |i| match job(i).1 {
             JobEnd::Ran { weight } => Some(weight),
             JobEnd::Dropped(_) => None,
@@ -1110,10 +1098,13 @@ impl<J> SchedulerCore<J> {
             let pos = batches.iter().position(|b| b.model == model_id)?;
             batches.remove(pos)
         });
+        let ran = (0..count).filter(|&i| ran_weight(i).is_some()).count();
         let mut model = self.models.get_mut(&model_id);
-        // (dispatched at, estimate then) for the overrun window.
-        let record_timing = record.as_ref().map(|r| (r.dispatched_at, r.estimate_ns));
         if let Some(record) = record {
+            if let (true, Some(m)) = (ran > 0, model.as_mut()) {
+                m.overruns
+                    .record(now, record.dispatched_at, record.estimate_ns);
+            }
             // The record's jobs are in batch order, like `job`.
             for (i, dispatched) in record.jobs.into_iter().enumerate() {
                 let late = ran_weight(i).is_some() && dispatched.deadline.is_some_and(|d| now > d);
@@ -1128,11 +1119,7 @@ impl<J> SchedulerCore<J> {
                 }
             }
         }
-        let ran = (0..count).filter(|&i| ran_weight(i).is_some()).count();
         if let Some(m) = model.as_mut().filter(|_| ran > 0) {
-            if let Some(d) = record_timing.filter(|d| d.1 > 0) {
-                m.overruns.record(now, d.1, now.saturating_sub(d.0));
-            }
             m.estimator.record(ran, compute_ns);
             bump(&mut m.stats.completed, ran as u64);
             m.stats.compute.record(compute_ns);
@@ -1193,8 +1180,9 @@ impl<J> SchedulerCore<J> {
         self.tenants.get(&tenant).map(|t| t.snapshot(tenant))
     }
 
-    /// A snapshot of every counter, tenants and models sorted by id.
-    pub fn stats(&self) -> SchedulerStats {
+    /// A snapshot of every counter at `now`, tenants and models sorted by id (the
+    /// deadline margin decays with time).
+    pub fn stats(&self, now: Nanos) -> SchedulerStats {
         let mut tenants: Vec<_> = self.tenants.iter().map(|(id, t)| t.snapshot(*id)).collect();
         tenants.sort_unstable_by_key(|t| t.tenant);
         let mut models: Vec<_> = self
@@ -1204,7 +1192,7 @@ impl<J> SchedulerCore<J> {
                 model: *id,
                 queued: m.queue.len() as u64,
                 estimate_batch1_ns: m.estimator.estimate(1),
-                deadline_margin_ns: m.overruns.margin(self.latest),
+                deadline_margin_ns: m.overruns.margin(now),
                 stats: m.stats.clone(),
             })
             .collect();
@@ -1266,7 +1254,8 @@ impl<J> Scheduler<J> {
 
     /// A snapshot of the statistics (see [`SchedulerCore::stats`]).
     pub fn stats(&self) -> SchedulerStats {
-        self.lock().stats()
+        let now = self.now();
+        self.lock().stats(now)
     }
 
     /// Blocks until `executor` has something to do or `timeout` passes.

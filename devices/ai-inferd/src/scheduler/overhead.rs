@@ -133,7 +133,7 @@ pub fn ns_per_request(case: &Case, requests: u64) -> Option<f64> {
         }
     }
     let elapsed = start.elapsed().as_nanos() as f64;
-    black_box(core.stats());
+    black_box(core.stats(now));
     Some(elapsed / completed as f64)
 }
 

@@ -181,8 +181,8 @@ pub struct ModelSnapshot {
     pub queued: u64,
     /// Current execution time estimate at batch size 1, if measured.
     pub estimate_batch1_ns: Option<Nanos>,
-    /// What deadline admission adds to its predictions now: the p99 of how late
-    /// recent batches finished against their estimates (0 on a quiet host).
+    /// What deadline admission adds to its predictions now: the largest recent
+    /// overrun of a batch's estimate, decayed (0 on a quiet host).
     pub deadline_margin_ns: Nanos,
     /// Counters.
     pub stats: ModelStats,
@@ -638,7 +638,7 @@ pub fn render_prometheus_named(stats: &SchedulerStats, names: &SeriesNames) -> S
         fam(
             "ai_inferd_model_deadline_margin_seconds",
             "gauge",
-            "Kept back by deadline admission: p99 of recent batches' overruns of their estimates.",
+            "Kept back by deadline admission: the largest recent overrun of a batch's estimate, halving every second.",
         ),
         m,
         ml,

@@ -243,7 +243,7 @@ impl Sim {
     }
 
     fn busy(&self, t: u32) -> u64 {
-        self.core.stats().busy_ns(TenantId(t))
+        self.core.stats(self.now).busy_ns(TenantId(t))
     }
 }
 
@@ -314,7 +314,7 @@ fn saturating_tenants_share_accelerator_time_by_weight() {
 fn weighted_shares_hold_with_cross_tenant_batches_and_two_executors() {
     let sim = fairness_sim(8, &[0, 1]);
     assert_weighted_shares(&sim, &[1, 2, 4]);
-    let stats = sim.core.stats();
+    let stats = sim.core.stats(sim.now);
     let sizes = &stats.models[0].stats.batch_sizes;
     assert!(
         sizes.sum as f64 / sizes.count as f64 > 7.0,
@@ -343,7 +343,7 @@ fn fair_share_counts_accelerator_time_not_requests() {
         .push(saturating(2, 2, PriorityClass::Normal, 8));
     sim.run_until(10 * S);
     assert_weighted_shares(&sim, &[1, 1]);
-    let stats = sim.core.stats();
+    let stats = sim.core.stats(sim.now);
     let ratio = stats.tenants[1].stats.completed as f64 / stats.tenants[0].stats.completed as f64;
     assert!((ratio - 4.0).abs() < 0.2, "request ratio {ratio}");
 }
@@ -430,7 +430,7 @@ fn realtime_overtakes_queued_lower_classes_and_the_ceiling_applies() {
         second.jobs[0].1, 0,
         "tenant 3's request was lowered to Normal"
     );
-    let stats = core.stats();
+    let stats = core.stats(4);
     assert_eq!(stats.tenants[2].stats.priority_clamped, 1);
     assert_eq!(stats.tenants[1].stats.priority_clamped, 0);
 }
@@ -576,7 +576,7 @@ fn deadline_admission_uses_the_measured_estimate() {
         "third in line finishes at +30"
     );
     core.submit(t, m(6), 6).unwrap(); // no deadline: always admitted
-    let stats = core.stats();
+    let stats = core.stats(t);
     assert_eq!(stats.tenants[0].stats.rejected[Reject::Deadline.index()], 3);
     // A running batch counts too: start job 3, then a new request is behind it.
     let running = run_batch(core.poll(t, EXEC));
@@ -681,7 +681,7 @@ fn deadline_sim(noise_percent: u64) -> Sim {
 fn nothing_runs_past_its_deadline_unreported() {
     for noise in [0, 20] {
         let sim = deadline_sim(noise);
-        let stats = sim.core.stats();
+        let stats = sim.core.stats(sim.now);
         let late = sim
             .done
             .iter()
@@ -766,7 +766,9 @@ fn admission_keeps_a_margin_for_recent_late_finishes() {
     // Under overload the margin costs little: the executor stays busy.
     assert!(admitted > 1_150, "{admitted} admitted in 6 s");
     // The stall less what the estimate already keeps above the 5 ms of a batch of 1.
-    let margin = sim.core.stats().models[0].deadline_margin_ns;
+    // (As the load ended: the clock runs on for a second after, and the margin decays.)
+    let end_of_load = sim.done.iter().map(|d| d.finish).max().unwrap();
+    let margin = sim.core.stats(end_of_load).models[0].deadline_margin_ns;
     assert!((MS..=3 * MS / 2).contains(&margin), "margin {margin} ns");
 }
 
@@ -810,7 +812,7 @@ fn request_rate_bucket_throttles_at_once_and_refills() {
     core.submit(200 * MS, meta(1, 10, 1, PriorityClass::Normal, 0), 10)
         .unwrap();
     assert_eq!(
-        core.stats().tenants[0].stats.rejected[Reject::Throttled.index()],
+        core.stats(200 * MS).tenants[0].stats.rejected[Reject::Throttled.index()],
         2
     );
     // Hot reconfiguration: unlimited now.
@@ -1035,7 +1037,7 @@ fn cancel_drain_and_remove_return_queued_jobs_and_keep_in_flight_right() {
     );
     core.complete(2 * MS, EXEC, 1, &tenants_of(&running), 2 * MS);
     assert_eq!(core.in_flight(TenantId(2)), Some(0));
-    let stats = core.stats();
+    let stats = core.stats(2 * MS);
     assert_eq!(stats.tenants.len(), 1);
     assert_eq!(stats.tenants[0].stats.busy_ns, MS, "half of the batch");
     assert_eq!(stats.tenants[0].stats.dropped[Reject::Cancelled.index()], 2);
@@ -1066,7 +1068,7 @@ fn complete_batch_splits_time_by_weight_and_complete_equally() {
         })
         .collect();
     core.complete_batch(10, EXEC, 1, &weighted, 1000);
-    let stats = core.stats();
+    let stats = core.stats(10);
     assert_eq!(stats.tenants[0].stats.busy_ns, 500);
     assert_eq!(stats.tenants[1].stats.busy_ns, 500);
     for id in 0..3 {
@@ -1085,7 +1087,7 @@ fn complete_batch_splits_time_by_weight_and_complete_equally() {
     for ((m, _), third) in batch.jobs.iter().zip(thirds) {
         want[m.tenant.0 as usize - 1] += third;
     }
-    let stats = core.stats();
+    let stats = core.stats(30);
     assert_eq!(
         [
             stats.tenants[0].stats.busy_ns,
@@ -1099,7 +1101,7 @@ fn complete_batch_splits_time_by_weight_and_complete_equally() {
 #[test]
 fn stats_render_as_prometheus_text() {
     let sim = fairness_sim(4, &[0]);
-    let text = render_prometheus(&sim.core.stats());
+    let text = render_prometheus(&sim.core.stats(sim.now));
     for t in 1..=3 {
         let line = format!("ai_inferd_tenant_completed_total{{tenant=\"{t}\"}} ");
         let value: u64 = text
@@ -1341,9 +1343,9 @@ fn deadline_admission_recovers_from_large_first_batches_and_keeps_its_promises()
     }
     // Unmeasured, the model admits everything: the first batch of 8 takes 12 ms.
     sim.run_until(S);
-    let before = sim.core.stats().models[0].stats.clone();
+    let before = sim.core.stats(sim.now).models[0].stats.clone();
     sim.run_until(6 * S);
-    let after = sim.core.stats().models[0].stats.clone();
+    let after = sim.core.stats(sim.now).models[0].stats.clone();
     let admitted = after.admitted - before.admitted;
     let missed = after.deadline_missed - before.deadline_missed;
     let dropped =
@@ -1394,7 +1396,7 @@ fn a_slow_first_batch_does_not_lock_deadline_work_out() {
         estimate < 10 * MS,
         "the estimate came down to {estimate} ns"
     );
-    assert_eq!(core.stats().tenants[0].stats.deadline_missed, 0);
+    assert_eq!(core.stats(now).tenants[0].stats.deadline_missed, 0);
 }
 
 #[test]
@@ -1431,7 +1433,7 @@ fn jobs_that_did_not_run_are_released_but_not_measured_or_charged() {
         "the skipped job is released"
     );
     assert!(core.estimate(1, 1).is_some(), "measured as a batch of one");
-    let stats = core.stats();
+    let stats = core.stats(10);
     assert_eq!(stats.tenants[0].stats.busy_ns, 1000);
     assert_eq!(
         stats.tenants[1].stats.busy_ns, 0,
@@ -1469,7 +1471,7 @@ fn jobs_that_did_not_run_are_released_but_not_measured_or_charged() {
         None,
         "a near-zero time for nothing is not a measurement"
     );
-    let t = &core.stats().tenants[0].stats;
+    let t = &core.stats(10).tenants[0].stats;
     assert_eq!(
         (t.busy_ns, t.completed, t.dropped[Reject::Cancelled.index()]),
         (0, 0, 1),
