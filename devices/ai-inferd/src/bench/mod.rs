@@ -42,7 +42,7 @@ use crate::backend::Backend;
 use crate::config::{Config, ConfigError};
 use crate::daemon::{Daemon, DaemonError, Shared};
 use crate::scheduler::overhead;
-use crate::scheduler::{jain_index, ModelStats, Reject, SchedulerStats, TenantId};
+use crate::scheduler::{jain_index, ModelSnapshot, ModelStats, Reject, SchedulerStats, TenantId};
 use crate::test_frontend::FrontendError;
 use load::{percentile, Load, LoadRun, Outcome, Pattern};
 
@@ -289,23 +289,24 @@ impl BenchDaemon {
     /// The deadline margin of `model`, every 50 ms for `duration`.
     fn sample_margins(&self, model: u32, duration: Duration) -> Result<Vec<u64>, BenchError> {
         let step = Duration::from_millis(50);
-        let mut margins = Vec::new();
-        for _ in 0..duration.as_millis() / step.as_millis() {
-            std::thread::sleep(step);
-            let stats = self.stats()?;
-            let m = stats.models.iter().find(|m| m.model == model);
-            margins.extend(m.map(|m| m.deadline_margin_ns));
-        }
-        Ok(margins)
+        (0..duration.as_millis() / step.as_millis())
+            .map(|_| {
+                std::thread::sleep(step);
+                Ok(self.model(model)?.deadline_margin_ns)
+            })
+            .collect()
     }
 
-    fn model_stats(&self, model: u32) -> Result<ModelStats, BenchError> {
+    fn model(&self, model: u32) -> Result<ModelSnapshot, BenchError> {
         self.stats()?
             .models
             .into_iter()
             .find(|m| m.model == model)
-            .map(|m| m.stats)
             .ok_or_else(|| BenchError::Check(format!("no model {model}")))
+    }
+
+    fn model_stats(&self, model: u32) -> Result<ModelStats, BenchError> {
+        Ok(self.model(model)?.stats)
     }
 }
 
