@@ -4,7 +4,8 @@
 # it depends on), fetched with `apt-get download` and unpacked with `dpkg-deb -x`. No kernel
 # build is needed. The same kernel serves as the L1 kernel of the nested test rig, so the
 # modules the rig needs (KVM on AMD-V and VFIO in L1, uio_pci_generic for the L2 guest's
-# INTx check) are taken from the same package.
+# INTx check, the virtio drivers of a guest booted from a disk, tun and vhost for L1) are
+# taken from the same package.
 #
 #   guest-kernel/fetch-kernel.sh [OUTDIR]        (default: <repo>/target/guest-kernel)
 #
@@ -26,7 +27,12 @@ out=$(cd "$out" && pwd)
 meta_pkg=linux-image-cloud-amd64
 # The modules the rig loads explicitly; kvm, irqbypass, vfio, vfio_virqfd, vfio-pci-core and
 # uio come in as their dependencies (read from each module's .modinfo, see below).
-roots=${AIVMM_KERNEL_MODULES:-kvm-amd vfio_iommu_type1 vfio-pci uio_pci_generic}
+# The virtio ones are the tenant I/O devices of a guest booted from a disk
+# (build-boot-initrd.sh loads virtio_pci and virtio_blk, guest-image/build-rootfs.sh the
+# rest); virtio, virtio_ring, virtio_pci_*_dev, failover, net_failover, vsock,
+# vmw_vsock_virtio_transport_common and vhost come in as dependencies. tun (aivmm's taps),
+# vhost_net and vhost_vsock are for L1 as a host.
+roots=${AIVMM_KERNEL_MODULES:-kvm-amd vfio_iommu_type1 vfio-pci uio_pci_generic virtio_pci virtio_blk virtio_net vmw_vsock_virtio_transport tun vhost_net vhost_vsock}
 
 # Concurrent callers (parallel test binaries, make -j) must not unpack over each other.
 exec 9>"$out/.lock"

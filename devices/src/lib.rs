@@ -8,6 +8,7 @@
 pub mod bus;
 pub mod legacy;
 pub mod pci;
+pub mod rate_limiter;
 pub mod vfio;
 pub mod virtio;
 

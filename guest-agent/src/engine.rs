@@ -414,23 +414,9 @@ pub(crate) mod tests {
     use super::*;
     use crate::testing::{fake_models, Corruption, FakeDeviceBehaviour, FakeVirtioPci};
     use ai_infer_protocol::{DType, TensorDesc};
-    use std::time::Duration;
 
     pub(crate) fn fake_engine(behaviour: FakeDeviceBehaviour) -> (FakeVirtioPci, Engine) {
-        let fake = FakeVirtioPci::new(behaviour);
-        let opts = DeviceOptions {
-            queues: 2,
-            queue_size: 64,
-            connect_timeout: Duration::from_millis(100),
-        };
-        let dev = AiInferDevice::new(fake.transport(), fake.pool(), opts).unwrap();
-        let policy = BackoffPolicy {
-            spins: 10,
-            yields: 2,
-            min_sleep: Duration::from_micros(20),
-            max_sleep: Duration::from_micros(100),
-        };
-        (fake, Engine::with_device(dev, policy))
+        crate::testing::fake_engine(behaviour)
     }
 
     fn tensor(

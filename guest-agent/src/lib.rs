@@ -15,10 +15,11 @@ pub mod engine;
 pub mod ipc;
 pub mod mmio;
 pub mod pci;
+pub mod serve;
 pub mod stats;
 pub mod tensor_io;
 pub mod transport;
 pub mod virtqueue;
 
-#[cfg(test)]
-mod testing;
+#[cfg(any(test, feature = "fake-device"))]
+pub mod testing;

@@ -4,7 +4,7 @@
 //! ≥ 0.9999 for the MiniLM embedding). Tenant B then plays a hostile driver: every
 //! malformed chain gets its error while tenant A's stream of requests keeps succeeding.
 //!
-//! The scenario is `ai_infer` in tests/rig/scenarios.sh (runs `ai_daemon`, `ai_a`, `ai_b`);
+//! The scenario is `ai_infer` in tests/rig/scenarios/ai-infer.sh (runs `ai_daemon`, `ai_a`, `ai_b`);
 //! the guest side is tests/rig/guest/ai-infer.sh.
 
 use std::path::PathBuf;

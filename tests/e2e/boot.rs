@@ -2,7 +2,8 @@
 //! NUMA-bound memory, and handles bad input and SIGTERM as its contract says.
 //!
 //! All tests share one rig run (one L1 boot in nested mode): see `aivmm_tests::rig`.
-//! The scenarios are in tests/rig/scenarios.sh, the guest side in tests/rig/guest/.
+//! The scenarios are in tests/rig/scenarios/ (boot.sh, badconfig.sh, sigterm.sh), the guest
+//! side in tests/rig/guest/.
 
 use aivmm_tests::{rig, Rig, RigMode, ScenarioRun};
 
@@ -11,6 +12,15 @@ mod passthrough;
 
 /// The ai_infer device: two tenants, one ai-inferd, outputs checked against the host.
 mod ai_infer;
+
+/// Disk, network and vsock: a tenant booted from its own image, reached over a tap and vsock.
+mod tenant_io;
+
+/// Serving: standard inference endpoints in two tenants, reached from outside the VMs.
+mod serving;
+
+/// The Firecracker-compatible control API and JSON config file, with curl in L1.
+mod api;
 
 /// The boot and sigterm configs' zone: 256 MiB of 2 MiB pages.
 const ZONE_HUGEPAGES: i64 = 256 / 2;

@@ -5,7 +5,7 @@
 //! with their own error.
 //!
 //! The scenarios are `passthrough` (with its `passthrough_trapped` run) and
-//! `badpassthrough` in tests/rig/scenarios.sh. A host without an edu device (direct mode on
+//! `badpassthrough` in tests/rig/scenarios/. A host without an edu device (direct mode on
 //! real hardware) skips them, and these tests accept that there only.
 
 use aivmm_tests::{rig, Rig, RigMode, ScenarioRun};

@@ -1,5 +1,5 @@
 #!/bin/sh
-# shellcheck shell=dash
+# shellcheck shell=dash source-path=SCRIPTDIR
 # Boot-time and memory-overhead benchmark, the L1 side: runs inside the nested rig's L1 as its
 # scenario script (tests/rig/bench-boot.sh builds the L1 with it and reads what it prints).
 #
@@ -7,11 +7,12 @@
 # line, 256 MiB, 2 vCPUs) with KVM, interleaved round by round: aivmm (memfd), aivmm-2m
 # (hugetlb), QEMU `-M microvm` (and microvm with one guest command-line word more, see
 # VARIANTS), QEMU `-M q35`, then again.
-# Every run is timed the same way: L1's clock (/proc/uptime) just before the VMM is started,
-# its console (stdout) goes through a FIFO to a reader made of shell builtins only (no polling,
-# no fork per check), which takes the clock again when the guest init's marker line
-# `AIVMM-GUEST-INIT` arrives, and once more when the VMM has exited. The guest script
-# (/bench/exit.sh) returns at once, so the guest init powers off right after the marker.
+# Every run is timed the same way (tests/rig/bench-run.sh): L1's clock (/proc/uptime) just
+# before the VMM is started, its console (stdout) goes through a FIFO to a reader made of shell
+# builtins only (no polling, no fork per check), which takes the clock again when the guest
+# init's marker line `AIVMM-GUEST-INIT` arrives, and once more when the VMM has exited. The
+# guest script (/bench/exit.sh) returns at once, so the guest init powers off right after the
+# marker.
 #
 # Machine-readable lines (the rest of the output is context):
 #   BENCH-FACT <key>=<value>
@@ -28,7 +29,8 @@
 # (/usr/bin/qemu-system-x86_64), BENCH_TIMEOUT (120 s per measured run), BENCH_DIAG (1: one
 # extra run of each VMM without `quiet`, console printed, for kernel timestamps),
 # BENCH_VARIANTS (the VMMs to run, default all);
-# for trying it outside L1: BENCH_TMP, BENCH_L2_EXTRA, BENCH_ACCEL (kvm), BENCH_CPU (host).
+# for trying it outside L1: BENCH_TMP, BENCH_L2_EXTRA, BENCH_RUN_SH, BENCH_ACCEL (kvm),
+# BENCH_CPU (host).
 # POSIX sh for busybox ash.
 set -u
 
@@ -48,6 +50,9 @@ LIMIT=${BENCH_TIMEOUT:-120}
 DIAG=${BENCH_DIAG:-1}
 TMP=${BENCH_TMP:-/tmp/bench}
 mkdir -p "$TMP"
+# vmm_run, vmm_run_dump, ms_between.
+# shellcheck source=bench-run.sh
+. "${BENCH_RUN_SH:-/rig/bench-run.sh}"
 
 fact() { echo "BENCH-FACT $1=$2"; }
 
@@ -77,14 +82,6 @@ fact l1_thp "$(cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null)"
 fact l1_shmem_thp "$(cat /sys/kernel/mm/transparent_hugepage/shmem_enabled 2>/dev/null)"
 fact l1_hugepages_free "$(cat /sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages 2>/dev/null)"
 
-# Milliseconds from two /proc/uptime readings (10 ms resolution; L1 is up for more than 1 s,
-# so the integer part never starts with 0).
-ms_between() {
-    a=$1
-    b=$2
-    echo $(((${b%.*}${b#*.} - ${a%.*}${a#*.}) * 10))
-}
-
 # mem_sample NAME WHEN PID: the VMM's RSS split as L1 sees it. guest_rss_kb: the resident part
 # of the mappings of 128 MiB or more, i.e. guest RAM (256 MiB, mapped once). L1's root file
 # system is the initramfs (shmem), so the VMM's own binary and libraries count as RssShmem
@@ -99,69 +96,26 @@ mem_sample() {
     echo "BENCH-MEM vmm=$1 when=$2 ${kv:-gone} ${guest:-guest_rss_kb=na guest_thp_kb=na}"
 }
 
-# one_run NAME RUN MEM CMD...: start CMD (a VMM) and time it as described at the top.
+# one_run NAME RUN MEM CMD...: start CMD (a VMM) and time it (vmm_run, see the top).
 # MEM=1 samples the VMM's memory when the marker arrives and 3 s later.
 # Sets BOOT_MS (na when the marker never came) and RC; the console is in $TMP/NAME-RUN.out.
 one_run() {
     name=$1
     run=$2
-    mem=$3
+    if [ "$3" = 1 ]; then VMM_RUN_ON_MARKER=mem_marker; else VMM_RUN_ON_MARKER=; fi
     shift 3
-    base=$TMP/$name-$run
-    fifo=$base.fifo
-    rm -f "$fifo"
-    mkfifo "$fifo"
-    : >"$base.out"
-    t_mark=
-    guest_up=na
-    killer=
-    sampler=
-    read -r t0 _ </proc/uptime
-    "$@" </dev/null >"$fifo" 2>"$base.err" &
-    pid=$!
-    # The watchdog must not hold the FIFO open (the reader's EOF is the VMM's exit).
-    (sleep "${RUN_LIMIT:-$LIMIT}" && kill -KILL "$pid") </dev/null >/dev/null 2>&1 &
-    watchdog=$!
-    while IFS= read -r line || [ -n "$line" ]; do
-        case $line in
-        *AIVMM-GUEST-INIT*)
-            if [ -z "$t_mark" ]; then
-                read -r t_mark _ </proc/uptime
-                guest_up=${line#*uptime=}
-                guest_up=${guest_up%% *}
-                if [ "$mem" = 1 ]; then
-                    mem_sample "$name" marker "$pid"
-                    (sleep 3 && mem_sample "$name" later "$pid") &
-                    sampler=$!
-                fi
-            fi
-            ;;
-        *AIVMM-SCRIPT-EXIT*)
-            # The guest powers off now; a VMM that does not exit on it is cut short.
-            (sleep 30 && kill -KILL "$pid") </dev/null >/dev/null 2>&1 &
-            killer=$!
-            ;;
-        esac
-        printf '%s\n' "$line" >>"$base.out"
-    done <"$fifo"
-    wait "$pid"
-    RC=$?
-    read -r t_end _ </proc/uptime
-    kill "$watchdog" 2>/dev/null
-    [ -n "$killer" ] && kill "$killer" 2>/dev/null
-    [ -n "$sampler" ] && wait "$sampler"
-    rm -f "$fifo"
-    if [ -n "$t_mark" ]; then BOOT_MS=$(ms_between "$t0" "$t_mark"); else BOOT_MS=na; fi
-    exit_ms=$(ms_between "$t0" "$t_end")
-    init_ms=$(sed -n 's/.*guest reached init in \([0-9]*\) ms.*/\1/p' "$base.err" | head -n 1)
-    echo "BENCH-RUN vmm=$name run=$run boot_ms=$BOOT_MS exit_ms=$exit_ms rc=$RC guest_uptime=$guest_up vmm_init_ms=${init_ms:-na}"
+    vmm_run "$name" "$run" "$@"
+    echo "BENCH-RUN vmm=$name run=$run boot_ms=$BOOT_MS exit_ms=$EXIT_MS rc=$RC guest_uptime=$GUEST_UP vmm_init_ms=$INIT_MS"
     if [ "$BOOT_MS" = na ] || [ "$RC" != 0 ]; then
-        echo "--- $name run $run: console (last 40 lines) ---"
-        tail -n 40 "$base.out"
-        echo "--- $name run $run: stderr (last 20 lines) ---"
-        tail -n 20 "$base.err"
-        echo "---"
+        vmm_run_dump "$name" "$run"
     fi
+}
+
+# mem_marker NAME PID (vmm_run's hook): the memory samples of a MEM=1 run.
+mem_marker() {
+    mem_sample "$1" marker "$2"
+    (sleep 3 && mem_sample "$1" later "$2") &
+    VMM_RUN_WAIT="${VMM_RUN_WAIT:-} $!"
 }
 
 # The VMMs, in the order of each round. aivmm-2m: aivmm on 2 MiB hugepages (its production
@@ -174,7 +128,7 @@ one_run() {
 #                   every microvm set this kernel spends seconds probing a CMOS RTC that does
 #                   not answer; this shows microvm without that probe. The only variant whose
 #                   command line differs; it is not the headline figure.
-# L1 (TCG emulating AMD-V, with kvm-amd) is not flawless: in 4 of 7 sessions it got stuck for
+# L1 (TCG emulating AMD-V, with kvm-amd) is not flawless: in 4 of 7 benchmark runs (2026-11-21/22) it got stuck for
 # good as a QEMU microvm or q35 run started (console silent, both L1 vCPUs busy; once a QEMU
 # thread blocked in D state), and once an aivmm vCPU thread tripped L1's soft-lockup detector for 74 s (that run was
 # killed, L1 carried on). bench-boot.sh stops a stuck L1 and reports the rounds done.

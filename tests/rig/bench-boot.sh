@@ -41,22 +41,6 @@ else
 fi
 
 qemu=$(command -v qemu-system-x86_64)
-# What QEMU loads for these machines (found with strace): SeaBIOS and the linuxboot option
-# ROM for q35 (kvmvapic.bin too), qboot for microvm. QEMU looks for them next to its binary
-# (<bindir>/../share/qemu, .../share/seabios), so the binary keeps its path in L1.
-firmware=(
-    /usr/share/seabios/bios-256k.bin:/usr/share/seabios/bios-256k.bin
-    /usr/share/qemu/bios-microvm.bin:/usr/share/qemu/bios-microvm.bin
-    /usr/share/qemu/linuxboot_dma.bin:/usr/share/qemu/linuxboot_dma.bin
-    /usr/share/qemu/linuxboot.bin:/usr/share/qemu/linuxboot.bin
-    /usr/share/qemu/kvmvapic.bin:/usr/share/qemu/kvmvapic.bin
-)
-for spec in "${firmware[@]}"; do
-    [ -e "${spec%%:*}" ] || {
-        echo "$0: ${spec%%:*} is missing (packages seabios, qemu-system-data)" >&2
-        exit 1
-    }
-done
 
 stage=$(mktemp -d "${TMPDIR:-/tmp}/aivmm-bench.XXXXXX")
 trap 'rm -rf "$stage"' EXIT
@@ -83,131 +67,28 @@ if [ -n "${BENCH_VARIANTS:-}" ]; then
 fi
 
 add=(
-    --bin "$qemu:$qemu"
+    --add "$here/bench-run.sh:/rig/bench-run.sh"
     --add "$stage/l2-extra.cpio.gz:/bench/l2-extra.cpio.gz"
     --add "$stage/bench.env:/bench/bench.env"
 )
-for spec in "${firmware[@]}"; do
-    add+=(--add "$spec")
-done
-# QEMU 7.2 keeps TCG in a module; with -accel kvm it should not need it, but it is 22 KiB.
-tcg=/usr/lib/x86_64-linux-gnu/qemu/accel-tcg-x86_64.so
-if [ -f "$tcg" ]; then
-    add+=(--add "$tcg:$tcg")
-fi
 
-"$here/build-l1.sh" "$out" "$aivmm" "$here/bench-boot-l1.sh" "${add[@]}"
+# QEMU, its libraries and firmware go into L1 at their paths (build-l1.sh).
+RIG_L1_QEMU=$qemu "$here/build-l1.sh" "$out" "$aivmm" "$here/bench-boot-l1.sh" "${add[@]}"
 
 echo "bench-boot: booting L1 (QEMU TCG); $runs runs of each VMM take a while (about 25 min)"
-log=$out/l1-console.log
-# run-l1.sh in a session of its own, so that a stuck L1 can be stopped with its QEMU (L1 now
-# and then gets stuck for good, see VARIANTS in bench-boot-l1.sh). Every VMM run ends with a
-# BENCH-RUN line within BENCH_TIMEOUT of L1 time, so no new BENCH- line for BENCH_STALL seconds
-# of wall time means L1 is stuck (its kernel may still print hung-task reports); run-l1.sh's
-# own heartbeat watchdog usually notices first (exit 125). Either way the complete rounds are
-# kept and a new L1 boot runs the rounds still missing, up to BENCH_L1_ATTEMPTS boots in all.
-# run_l1 ROUNDS: one L1 boot asking for ROUNDS rounds; sets RC and STALLED.
-run_l1() {
-    RIG_L1_APPEND="bench.runs=$1" setsid "$here/run-l1.sh" "$out" "${BENCH_L1_TIMEOUT:-3600}" \
-        >/dev/null 2>&1 &
-    local l1=$! last_count=-1 last_change=$SECONDS count
-    STALLED=0
-    while kill -0 "$l1" 2>/dev/null; do
-        sleep 10
-        count=$(grep -c 'BENCH-' "$log" 2>/dev/null || true)
-        if [ "${count:-0}" != "$last_count" ]; then
-            last_count=${count:-0}
-            last_change=$SECONDS
-        elif [ $((SECONDS - last_change)) -ge "$stall" ]; then
-            echo "bench-boot: no progress from L1 for ${stall}s; stopping L1" | tee -a "$log" >&2
-            STALLED=1
-            kill -TERM -- "-$l1" 2>/dev/null || true
-            break
-        fi
-    done
-    set +e
-    wait "$l1"
-    RC=$?
-    set -e
-}
-
-# kv(line, key): the value of `key=value` in a BENCH- line ("" when absent); shared by the
-# awk programs below.
-AWK_KV='
-function kv(line, key,    m) {
-    if (match(line, "(^| )" key "=[^ ]*")) {
-        m = substr(line, RSTART, RLENGTH); sub(/^ /, "", m); sub(/^[^=]*=/, "", m); return m
-    }
-    return ""
-}'
-
-# keep_rounds OFFSET FIRST < lines: the BENCH- lines of one L1 boot with its measured runs limited
-# to its complete rounds (every variant it kept ran) and renumbered after OFFSET earlier
-# rounds; facts only when FIRST is 1. The number of complete rounds goes to $out/rounds.
-keep_rounds() {
-    awk -v offset="$1" -v first="$2" -v rounds_file="$out/rounds" "$AWK_KV"'
-    { lines[++n] = $0 }
-    /^BENCH-FACT variants=/ { nv = split(substr($0, length("BENCH-FACT variants=") + 1), vs, " ") }
-    /^BENCH-RUN / { r = kv($0, "run"); if (r ~ /^[0-9]+$/) got[r]++ }
-    END {
-        k = 0
-        while (nv > 0 && got[k + 1] == nv) k++
-        for (i = 1; i <= n; i++) {
-            l = lines[i]
-            if (l ~ /^BENCH-FACT / && !first) continue
-            if (l ~ /^BENCH-RUN /) {
-                r = kv(l, "run")
-                if (r ~ /^[0-9]+$/) {
-                    if (r + 0 > k) continue
-                    sub(" run=" r " ", " run=" (r + offset) " ", l)
-                }
-            }
-            print l
-        }
-        print k > rounds_file
-    }'
-}
-
-stall=${BENCH_STALL:-420}
-attempts=${BENCH_L1_ATTEMPTS:-3}
-done_rounds=0
-complete=0
-: >"$out/bench-lines.txt"
-for attempt in $(seq 1 "$attempts"); do
-    rm -f "$log"
-    run_l1 $((runs - done_rounds))
-    cp "$log" "$out/l1-console.$attempt.log" 2>/dev/null || true
-    first=0
-    [ -s "$out/bench-lines.txt" ] || first=1
-    tr -d '\r' <"$log" | grep -E '^BENCH-' | keep_rounds "$done_rounds" "$first" \
-        >>"$out/bench-lines.txt" || true
-    got=$(cat "$out/rounds" 2>/dev/null || echo 0)
-    done_rounds=$((done_rounds + got))
-    if grep -q '^BENCH-DONE' "$out/bench-lines.txt"; then
-        complete=1
-        break
-    fi
-    echo "bench-boot: L1 boot $attempt of $attempts did not finish (run-l1.sh exit $RC, stalled=$STALLED; $got complete rounds, $done_rounds of $runs in all); last lines of its console ($out/l1-console.$attempt.log):" >&2
-    tail -n 20 "$log" >&2
-done
-if [ "$complete" = 0 ]; then
+# A stuck L1 is stopped and a new one runs the rounds still missing (bench-l1.sh).
+# shellcheck source=bench-l1.sh
+. "$here/bench-l1.sh"
+bench_l1_rounds bench-boot "$out" "$runs"
+if [ "$BENCH_COMPLETE" = 0 ]; then
     grep -q '^BENCH-RUN .* run=[0-9]' "$out/bench-lines.txt" || exit 1
     echo "bench-boot: INCOMPLETE: the table below has only the runs L1 finished" >&2
 fi
-echo "bench-boot: $done_rounds complete rounds from $attempt L1 boot(s)"
+echo "bench-boot: $BENCH_ROUNDS complete rounds from $BENCH_BOOTS L1 boot(s)"
 
 # The table. Medians of an even count are the mean of the two middle values. "Fastest microvm"
-# is the microvm option set with the lowest median: the ratio the issue's target refers to.
-awk -v runs="$runs" "$AWK_KV"'
-function sort(a, n,    i, j, t) {
-    for (i = 2; i <= n; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
-}
-function median(a, n) { return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2 }
-# stats(arr, v, cnt): median, min and max of arr[v, 1..cnt] into the globals MED, LO, HI.
-function stats(arr, v, cnt,    i, a) {
-    for (i = 1; i <= cnt; i++) a[i] = arr[v, i] + 0
-    sort(a, cnt); MED = median(a, cnt); LO = a[1]; HI = a[cnt]
-}
+# is the microvm option set with the lowest median: the ratio the boot-time target refers to.
+awk -v runs="$runs" "$AWK_KV$AWK_STATS"'
 /^BENCH-FACT / { sub(/^BENCH-FACT /, ""); k = $0; sub(/=.*/, "", k); v = $0; sub(/^[^=]*=/, "", v); fact[k] = v; next }
 /^BENCH-RUN / {
     vmm = kv($0, "vmm"); run = kv($0, "run")
@@ -287,7 +168,7 @@ END {
 }' "$out/bench-lines.txt" | tee "$out/results.md"
 
 # Success means a complete benchmark in which every measured run booted and exited cleanly.
-[ "$complete" = 1 ] || exit 1
+[ "$BENCH_COMPLETE" = 1 ] || exit 1
 if awk '/^BENCH-RUN / && / run=[0-9]+ / && (/boot_ms=na/ || !/ rc=0 /) { bad = 1 } END { exit bad }' "$out/bench-lines.txt"; then
     exit 0
 fi

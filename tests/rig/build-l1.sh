@@ -14,9 +14,17 @@
 #                       tests/rig/guest/* under /scripts/; AIVMM_AGENT adds the guest agent)
 #   /mods/              KVM and VFIO modules, /mods/load-order
 #   /configs/           tests/rig/configs/*.toml
-#   /rig/scenario.sh    SCENARIO_SCRIPT
+#   /rig/scenario.sh    SCENARIO_SCRIPT (and the scenarios/ directory next to it)
+#   /bin/rig-io, /l2/rootfs.ext4.gz, /l2/boot-initrd.gz, /rig/serve/
+#                       RIG_IO_BIN, when set, and the disk-root guest of the tenant_io and
+#                       serving scenarios (with the serving scenario's requests)
 #   /bin/ai-inferd      AI_INFERD_BIN, when set (the ai_infer scenario's daemon)
+#   /bin/curl           this host's curl (the API scenario's client)
 #   /models/            AI_MODELS_DIR's mlp.onnx and minilm/ with configs/models.toml, when set
+#   $RIG_L1_QEMU, /usr/share/{qemu,seabios}/
+#                       RIG_L1_QEMU (a qemu-system-x86_64), when set: that QEMU at the same
+#                       path with its libraries and the firmware it loads (the benchmarks run
+#                       QEMU next to aivmm in L1)
 # Extra --add / --bin arguments go to the L1 initramfs as they are.
 # AIVMM_KERNEL_DIR: where fetch-kernel.sh keeps the kernel (default <repo>/target/guest-kernel).
 set -euo pipefail
@@ -47,6 +55,20 @@ target=$(cargo_target_dir "$root")
 [ -x "$target/debug/rig-kvm-hold" ] || { echo "$0: no rig-kvm-hold in $target/debug" >&2; exit 1; }
 
 ai_args=()
+if [ -d "$(dirname "$scenario")/scenarios" ]; then
+    ai_args+=(--add "$(dirname "$scenario")/scenarios:/rig/scenarios")
+fi
+if [ -n "${RIG_IO_BIN:-}" ]; then
+    ai_args+=(--bin "$RIG_IO_BIN:/bin/rig-io"
+        --add "$out/l2-rootfs.ext4.gz:/l2/rootfs.ext4.gz"
+        --add "$out/l2-boot-initrd.gz:/l2/boot-initrd.gz"
+        --add "$here/guest/serve:/rig/serve"
+        --add "$here/guest/mlp-input.bin:/rig/serve/mlp-input.bin")
+fi
+# curl, for the API scenario (deps.sh installs it).
+if command -v curl >/dev/null; then
+    ai_args+=(--bin "$(command -v curl):/bin/curl")
+fi
 if [ -n "${AI_INFERD_BIN:-}" ]; then
     ai_args+=(--bin "$AI_INFERD_BIN:/bin/ai-inferd")
 fi
@@ -56,6 +78,24 @@ if [ -n "${AI_MODELS_DIR:-}" ]; then
         ai_args+=(--add "$AI_MODELS_DIR/$m:/models/$m")
     done
     ai_args+=(--add "$root/configs/models.toml:/models/models.toml")
+fi
+if [ -n "${RIG_L1_QEMU:-}" ]; then
+    # What QEMU loads for q35 and microvm (found with strace): SeaBIOS and the linuxboot option
+    # ROM for q35 (kvmvapic.bin too), qboot for microvm. QEMU looks for them next to its binary
+    # (<bindir>/../share/qemu, .../share/seabios), so the binary keeps its path in L1. Option
+    # ROMs of NICs are not carried: give their devices `romfile=`.
+    for f in /usr/share/seabios/bios-256k.bin /usr/share/qemu/bios-microvm.bin \
+        /usr/share/qemu/linuxboot_dma.bin /usr/share/qemu/linuxboot.bin \
+        /usr/share/qemu/kvmvapic.bin; do
+        [ -e "$f" ] || { echo "$0: $f is missing (packages seabios, qemu-system-data)" >&2; exit 1; }
+        ai_args+=(--add "$f:$f")
+    done
+    ai_args+=(--bin "$RIG_L1_QEMU:$RIG_L1_QEMU")
+    # QEMU 7.2 keeps TCG in a module; with -accel kvm it should not need it, but it is 22 KiB.
+    tcg=/usr/lib/x86_64-linux-gnu/qemu/accel-tcg-x86_64.so
+    if [ -f "$tcg" ]; then
+        ai_args+=(--add "$tcg:$tcg")
+    fi
 fi
 
 "$root/guest-kernel/build-initramfs.sh" "$out/l1-initrd.cpio" \

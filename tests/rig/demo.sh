@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
 # shellcheck source-path=SCRIPTDIR
-# `make demo`: build everything, start ai-inferd and two tenant microVMs that run inference
-# through their ai_infer devices, and show what the guests got.
+# `make demo`: ai-inferd and two tenant microVMs, each booted from its own disk image with a
+# tap and a vsock and serving the Open Inference Protocol and /v1/embeddings with
+# `ai-agent serve`; requests come from outside the VMs. Ends with a summary per tenant.
 #
 # Where this host's KVM boots Linux (tests/rig/host-can-boot-linux.sh), aivmm and ai-inferd
-# run here; elsewhere (the development and CI machines) inside the nested rig's L1.
-# The daemon is tests/rig/configs/ai-inferd.toml, the tenants tests/rig/configs/ai-tenant-{a,b}
-# .toml (each guest runs tests/rig/guest/ai-infer.sh: models, an MLP and a MiniLM inference,
-# then tenant A streams requests while tenant B tries malformed ones).
-# AIVMM_DEMO=boot boots configs/tenant-demo.toml alone instead (no inference).
-# Exit code: 0 when the daemon and both VMs exited 0.
+# run here; elsewhere (the development and CI machines) inside the nested rig's L1 (whose
+# forwarded ports reach them). Either way each tenant's endpoint is on this machine's loopback:
+#   AIVMM_DEMO_PORT (8001)    tenant A over its tap     +1: tenant A over vsock
+#                             +2: tenant B over its tap +3: tenant B over vsock
+# The scenario is `serving` (tests/rig/scenarios/serving.sh); the raw rig output goes to the
+# log file, the screen gets the story.
+#   AIVMM_DEMO_KEEP=1     keep the tenants serving after the summary, until Ctrl-C
+#   AIVMM_DEMO_SECS=N     seconds of shared load (default 30; MiniLM embeddings)
+#   AIVMM_DEMO_CLIENTS=N  concurrent clients per tenant in the load (default 4)
+#   AIVMM_DEMO=boot       boot configs/tenant-demo.toml alone instead (no inference)
+# Exit code: 0 when every request of the well-behaved clients succeeded and the daemon and
+# both VMs stopped cleanly.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -23,84 +30,134 @@ say() {
     if [ -t 1 ]; then printf '\n\033[1m== %s\033[0m\n' "$*"; else printf '\n== %s\n' "$*"; fi
 }
 
-say "installing dependencies, the guest kernel and the models"
-"$here/deps.sh"
-"$root/devices/ai-inferd/models/setup.sh"
-
-say "building aivmm, ai-inferd and ai-agent"
-cargo build -p vmm --bin aivmm -p ai-inferd --bin ai-inferd -p guest-agent --bin ai-agent
-target=$(cargo_target_dir "$root")
-aivmm=${AIVMM_BIN:-$target/debug/aivmm}
-export AIVMM_AGENT=$target/debug/ai-agent
-
-scenario=ai_infer
-[ "${AIVMM_DEMO:-}" = boot ] && scenario=demo
-
 out=$root/target/rig/demo
 mkdir -p "$out"
+steps=$out/demo-steps.log
+: >"$steps"
+# quietly WHAT CMD...: runs CMD with its output in the steps log; shows it only on failure.
+quietly() {
+    local what=$1
+    shift
+    say "$what"
+    if ! "$@" >>"$steps" 2>&1; then
+        tail -n 30 "$steps" >&2
+        echo "demo: $what failed (full output: $steps)" >&2
+        exit 1
+    fi
+}
+
+quietly "installing dependencies, the guest kernel and the models" \
+    bash -c '"$1/deps.sh" && "$2/devices/ai-inferd/models/setup.sh"' _ "$here" "$root"
+quietly "building aivmm, ai-inferd, ai-agent and rig-io" \
+    cargo build -p vmm --bin aivmm -p ai-inferd --bin ai-inferd -p guest-agent --bin ai-agent \
+    -p rig-io --bin rig-io
+target=$(cargo_target_dir "$root")
+aivmm=${AIVMM_BIN:-$target/debug/aivmm}
+export AIVMM_AGENT=$target/debug/ai-agent RIG_IO_BIN=$target/debug/rig-io
+
+if [ "${AIVMM_DEMO:-}" = boot ]; then
+    exec "$here/demo-boot.sh" "$out" "$aivmm"
+fi
+
 set +e
 reason=$("$here/host-can-boot-linux.sh")
 direct=$?
 set -e
 say "$reason"
-tenant=$root/configs/tenant-demo.toml
+keep=${AIVMM_DEMO_KEEP:-0}
+export SRV_LOAD_SECS=${AIVMM_DEMO_SECS:-30}
+export SRV_CONCURRENCY=${AIVMM_DEMO_CLIENTS:-4}
+base=${AIVMM_DEMO_PORT:-8001}
+
+# The tenants' endpoints as a person reaches them from this machine.
+ports=("$base" $((base + 1)) $((base + 2)) $((base + 3)))
+show_endpoints() {
+    cat <<EOT
+  tenant A (weight 1): http://127.0.0.1:${ports[0]} (its tap)   http://127.0.0.1:${ports[1]} (its vsock)
+  tenant B (weight 3): http://127.0.0.1:${ports[2]} (its tap)   http://127.0.0.1:${ports[3]} (its vsock)
+  curl http://127.0.0.1:${ports[0]}/v2/models/mlp
+  curl -H 'Content-Type: application/json' -d @tests/rig/guest/serve/mlp-request.json \\
+       http://127.0.0.1:${ports[0]}/v2/models/mlp/infer
+  curl -H 'Content-Type: application/json' \\
+       -d '{"model": "all-MiniLM-L6-v2", "input": "hello from outside the VM"}' \\
+       http://127.0.0.1:${ports[2]}/v1/embeddings
+EOT
+}
+
+# follow LOG PID: the story of the run, from the rig's lines, while PID runs.
+follow() {
+    local log=$1 pid=$2 shown=0 line
+    while kill -0 "$pid" 2>/dev/null || [ "$shown" -lt "$(wc -l <"$log")" ]; do
+        while IFS= read -r line; do
+            shown=$((shown + 1))
+            line=${line%$'\r'}
+            case $line in
+            "RIG-FACT srv_daemon ready_ms="*) echo "ai-inferd is up (${line##*=} ms)" ;;
+            "RIG-FACT srv_daemon ready_ms_a="*) echo "tenant A serves (boot to ready: ${line##*=} ms)" ;;
+            "RIG-FACT srv_daemon ready_ms_b="*)
+                echo "tenant B serves (boot to ready: ${line##*=} ms); from your shell:"
+                show_endpoints
+                echo "checking every endpoint over both ways in, then $SRV_LOAD_SECS s of shared load..."
+                ;;
+            "RIG-SERVE-KEEP"*)
+                say "summary (the rig's full log: $log)"
+                "$here/demo-report.sh" "$log" || true
+                echo
+                echo "the tenants keep serving; Ctrl-C ends the demo"
+                show_endpoints
+                ;;
+            esac
+        done < <(tail -n +$((shown + 1)) "$log")
+        sleep 1
+    done
+}
 
 set +e
 if [ "$direct" -eq 0 ]; then
     say "aivmm and ai-inferd on this host"
-    [ -f "$tenant" ] && export RIG_DEMO_CONFIG=$tenant
-    AI_INFERD=$target/debug/ai-inferd AI_MODELS=$root/target/models \
-        AI_MANIFEST=$root/configs/models.toml \
-        "$here/run-direct.sh" "$out" "$aivmm" "$scenario"
     log=$out/direct-console.log
+    : >"$log"
+    SRV_PUBLISH=1 SRV_PUBLISH_PORT=$base SRV_KEEP=$keep SRV_LOAD=embeddings AI_INFERD=$target/debug/ai-inferd AI_MODELS=$root/target/models \
+        AI_MANIFEST=$root/configs/models.toml \
+        setsid "$here/run-direct.sh" "$out" "$aivmm" serving >/dev/null 2>&1 &
+    rig=$!
+    trap 'kill -TERM -- "-$rig" 2>/dev/null; interrupted=1' INT TERM
+    follow "$log" "$rig"
+    wait "$rig"
 else
-    say "building the nested rig's L1 (aivmm, ai-inferd, the models, the guest image)"
-    extra=()
-    [ -f "$tenant" ] && extra=(--add "$tenant:/configs/tenant-demo.toml")
-    AI_INFERD_BIN=$target/debug/ai-inferd AI_MODELS_DIR=$root/target/models \
-        "$here/build-l1.sh" "$out" "$aivmm" "$here/scenarios.sh" "${extra[@]}" || exit 1
+    quietly "building the nested rig's L1 (aivmm, ai-inferd, the models, two tenant disk images)" \
+        env AI_INFERD_BIN="$target/debug/ai-inferd" AI_MODELS_DIR="$root/target/models" \
+        "$here/build-l1.sh" "$out" "$aivmm" "$here/scenarios.sh"
     log=$out/l1-console.log
-    # A lost L1 (run-l1.sh stopped it wedged: 125; or it died without RIG-L1-DONE) is booted
-    # once more, as the e2e rig does (tests/README.md); a demo that ran and failed is not.
+    fwd=
+    for i in 1 2 3 4; do
+        fwd+=",hostfwd=tcp:127.0.0.1:${ports[$((i - 1))]}-:1800$i"
+    done
+    append="rig.serve_publish=1 rig.serve_load=embeddings rig.serve_secs=$SRV_LOAD_SECS"
+    append+=" rig.serve_clients=$SRV_CONCURRENCY"
+    [ "$keep" = 1 ] && append+=" rig.serve_keep=1"
+    # A lost L1 (run-l1.sh found it wedged: exit 125) is booted once more, as the e2e rig does
+    # (tests/README.md); a demo that ran and failed is not.
     for boot in 1 2; do
-        say "booting L1 under QEMU TCG (boot $boot); it starts ai-inferd and the tenant VMs"
-        RIG_SCENARIOS=$scenario "$here/run-l1.sh" "$out" "${AIVMM_DEMO_TIMEOUT:-1200}"
+        say "booting L1 under QEMU TCG; it starts ai-inferd and the two tenants (a few minutes)"
+        : >"$log"
+        RIG_SCENARIOS=serving RIG_L1_APPEND="$append" \
+            RIG_QEMU_EXTRA="-nic user,model=virtio-net-pci$fwd" \
+            setsid "$here/run-l1.sh" "$out" "${AIVMM_DEMO_TIMEOUT:-1800}" >/dev/null 2>&1 &
+        l1=$!
+        # L1 runs in a session of its own: a Ctrl-C here stops that whole session (QEMU
+        # included), then the summary is printed.
+        trap 'kill -TERM -- "-$l1" 2>/dev/null; interrupted=1' INT TERM
+        follow "$log" "$l1"
+        wait "$l1"
         l1_rc=$?
-        tr -d '\r' <"$log" | grep -q "RIG-RAN $scenario" && break
-        case $l1_rc in
-        124) break ;; # out of time: another boot would not have more
-        125) ;;       # wedged
-        *) tr -d '\r' <"$log" | grep -q RIG-L1-DONE && break ;;
-        esac
+        [ "$l1_rc" = 125 ] && [ -z "${interrupted:-}" ] || break
         cp "$log" "$out/l1-console.boot$boot.log"
-        say "L1 boot $boot was lost before the demo finished (run-l1.sh exit $l1_rc; its log: $out/l1-console.boot$boot.log)"
+        say "L1 was lost before the demo finished (its log: $out/l1-console.boot$boot.log)"
     done
 fi
 set -e
 
-rc_of() { tr -d '\r' <"$log" | sed -n "s/.*RIG-END $1 rc=\([0-9-]*\).*/\1/p" | tail -n 1; }
-if [ "$scenario" = demo ]; then
-    rc=$(rc_of demo)
-    [ -n "$rc" ] || { echo "demo: the microVM run did not finish (log: $log)" >&2; exit 1; }
-    say "aivmm exited with code $rc (log: $log)"
-    exit "$rc"
-fi
-
-say "what the tenants got (full log: $log)"
-tr -d '\r' <"$log" | grep -E 'RIG-BEGIN ai_|GUEST-AI |GARBAGE|^ *[0-9]+ +[^ ]+ +(onnx|bert)|status|RIG-FACT ai_daemon (ready_ms|VmRSS)' |
-    sed -E 's/(hex=.{48}).*/\1.../' || true
-fact_of() { tr -d '\r' <"$log" | sed -n "s/^RIG-FACT $1 $2=//p" | tail -n 1; }
-status=0
-for run in ai_daemon ai_a ai_b; do
-    rc=$(rc_of "$run")
-    case $run in
-    ai_daemon) how= ;;
-    # A tenant finished only if its guest powered itself off after its script; exit code
-    # 0 alone also covers a guest that crashed into a triple fault.
-    *) how=$(fact_of "$run" stopped) ;;
-    esac
-    echo "$run: exit code ${rc:-none (did not finish)}${how:+, $how}"
-    [ "${rc:-1}" = 0 ] || status=1
-    case $run:$how in ai_daemon:* | *:*"ACPI power off"*) ;; *) status=1 ;; esac
-done
-exit "$status"
+[ "$keep" = 1 ] && exit 0
+say "summary (the rig's full log: $log)"
+"$here/demo-report.sh" "$log"

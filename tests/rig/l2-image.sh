@@ -5,7 +5,13 @@
 #                       OUTDIR/l2-initrd.gz with tests/rig/guest/* under /scripts/,
 #                       /bin/edu-test (tests/rig/guest/edu-test.c, built static), the uio
 #                       modules under /mods/ (the passthrough INTx check) and the guest
-#                       agent when AIVMM_AGENT names one.
+#                       agent when AIVMM_AGENT names one. With RIG_IO_BIN (the rig-io tool)
+#                       it also builds the disk-root tenant of the tenant_io scenario:
+#                       OUTDIR/l2-rootfs.ext4.gz (guest-image/build-rootfs.sh: rig-io, the
+#                       agent, tests/rig/guest/* under /scripts/) and OUTDIR/l2-boot-initrd.gz
+#                       (guest-kernel/build-boot-initrd.sh).
+#                       RIG_L2_ADD: more files for both images, as `SRC:DEST` words (the
+#                       benchmarks' guest scripts).
 # Needs $here (tests/rig) and $root (the repository) set by the caller.
 
 prepare_l2() {
@@ -23,7 +29,29 @@ prepare_l2() {
     if [ -n "${AIVMM_AGENT:-}" ]; then
         l2_args+=(--agent "$AIVMM_AGENT")
     fi
+    for m in ${RIG_L2_ADD:-}; do
+        l2_args+=(--add "$m")
+    done
     "$root/guest-kernel/build-initramfs.sh" "$out/l2-initrd.gz" "${l2_args[@]}" >/dev/null
+    if [ -n "${RIG_IO_BIN:-}" ]; then
+        prepare_l2_disk "$out"
+    fi
+}
+
+# prepare_l2_disk OUTDIR: the tenant_io scenario's root filesystem and boot initramfs.
+prepare_l2_disk() {
+    local out=$1 args=(--bin "$RIG_IO_BIN:/bin/rig-io" --add "$here/guest:/scripts") m
+    if [ -n "${AIVMM_AGENT:-}" ]; then
+        args+=(--agent "$AIVMM_AGENT")
+    fi
+    for m in ${RIG_L2_ADD:-}; do
+        args+=(--add "$m")
+    done
+    AIVMM_KERNEL_DIR=$kdir "$root/guest-image/build-rootfs.sh" "$out/l2-rootfs.ext4" \
+        "${args[@]}" >/dev/null
+    gzip -1 -f "$out/l2-rootfs.ext4"
+    AIVMM_KERNEL_DIR=$kdir "$root/guest-kernel/build-boot-initrd.sh" "$out/l2-boot-initrd.gz" \
+        >/dev/null
 }
 
 # build_edu_test OUT: the passthrough test program, static (the guest image has no libc).

@@ -120,14 +120,15 @@ struct Binaries {
     aivmm: PathBuf,
     ai_inferd: PathBuf,
     ai_agent: PathBuf,
+    rig_io: PathBuf,
 }
 
-/// Builds aivmm, ai-inferd and ai-agent in one cargo call and returns their paths, as
+/// Builds aivmm, ai-inferd, ai-agent and rig-io in one cargo call and returns their paths, as
 /// cargo reports them (so `--target-dir` and `CARGO_TARGET_DIR` are honoured).
 fn build_binaries(root: &Path) -> Result<Binaries, String> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let stdout = run_step(
-        "building aivmm, ai-inferd and ai-agent",
+        "building aivmm, ai-inferd, ai-agent and rig-io",
         Command::new(cargo).current_dir(root).args([
             "build",
             "-p",
@@ -142,6 +143,10 @@ fn build_binaries(root: &Path) -> Result<Binaries, String> {
             "guest-agent",
             "--bin",
             "ai-agent",
+            "-p",
+            "rig-io",
+            "--bin",
+            "rig-io",
             "--message-format=json-render-diagnostics",
         ]),
     )?;
@@ -167,6 +172,7 @@ fn build_binaries(root: &Path) -> Result<Binaries, String> {
         aivmm: find("aivmm")?,
         ai_inferd: find("ai-inferd")?,
         ai_agent: find("ai-agent")?,
+        rig_io: find("rig-io")?,
     })
 }
 
@@ -321,7 +327,7 @@ impl Rig {
         };
         progress(&format!("mode: {mode_reason}"));
 
-        progress("building aivmm, ai-inferd and ai-agent");
+        progress("building aivmm, ai-inferd, ai-agent and rig-io");
         let mut bins = build_binaries(&root)?;
         if let Some(p) = std::env::var_os("AIVMM_BIN") {
             bins.aivmm = PathBuf::from(p);
@@ -353,6 +359,7 @@ impl Rig {
                     "tests/rig/build-l1.sh",
                     script(&rig_dir.join("build-l1.sh"))
                         .env("AIVMM_AGENT", &bins.ai_agent)
+                        .env("RIG_IO_BIN", &bins.rig_io)
                         .env("AI_INFERD_BIN", &bins.ai_inferd)
                         .env("AI_MODELS_DIR", &models_dir)
                         .arg(&out_dir)
@@ -370,6 +377,7 @@ impl Rig {
                 ));
                 let status = script(&rig_dir.join("run-direct.sh"))
                     .env("AIVMM_AGENT", &bins.ai_agent)
+                    .env("RIG_IO_BIN", &bins.rig_io)
                     .env("AI_INFERD", &bins.ai_inferd)
                     .env("AI_MODELS", &models_dir)
                     .env("AI_MANIFEST", root.join("configs/models.toml"))

@@ -33,7 +33,7 @@ fn prefault_once(backing: Backing, size_mib: u64) -> Duration {
     let zone = ZoneBacking::create(&cfg).expect("create zone");
     let start = Instant::now();
     let mapping = zone
-        .map(0, (size_mib << 20) as usize, None)
+        .map(0, usize::try_from(size_mib << 20).expect("zone size"), None)
         .expect("map and prefault zone");
     let elapsed = start.elapsed();
     drop(mapping);

@@ -19,6 +19,7 @@ const TAG_RESET: u32 = 2;
 const TAG_SIGNAL: u32 = 3;
 const TAG_STDIN: u32 = 4;
 const TAG_POWEROFF: u32 = 5;
+const TAG_CONTROL: u32 = 6;
 
 /// The eventfd the SIGTERM/SIGINT handler writes to, and the last signal received.
 static SIGNAL_FD: AtomicI32 = AtomicI32::new(-1);
@@ -33,6 +34,11 @@ extern "C" fn on_stop_signal(num: libc::c_int, _: *mut libc::siginfo_t, _: *mut 
         // fd is an eventfd that lives as long as the process's VM.
         unsafe { libc::write(fd, &one as *const u64 as *const libc::c_void, 8) };
     }
+}
+
+/// The last SIGTERM/SIGINT received (0: none).
+pub fn last_signal() -> i32 {
+    LAST_SIGNAL.load(Ordering::SeqCst)
 }
 
 /// Routes SIGTERM and SIGINT to `evt`, so the loop can stop the VM in an orderly way.
@@ -54,6 +60,9 @@ pub struct ControlLoop {
     serial: Arc<Mutex<SerialConsole>>,
     stdin_enabled: bool,
     dropped_input: u64,
+    /// Written by the control API when it queued a runtime request; reading it makes
+    /// the loop return, and the VM's owner serves the queue.
+    control_evt: Option<EventFd>,
 }
 
 impl ControlLoop {
@@ -73,7 +82,14 @@ impl ControlLoop {
             serial,
             stdin_enabled,
             dropped_input: 0,
+            control_evt: None,
         }
+    }
+
+    /// Also watches `evt`, which the control API writes when it has queued a request.
+    pub fn with_control_events(mut self, evt: EventFd) -> Self {
+        self.control_evt = Some(evt);
+        self
     }
 
     fn forward_stdin(&mut self, ops: &mut EventOps) {
@@ -127,6 +143,11 @@ impl MutEventSubscriber for ControlLoop {
                     .request(StopReason::Signal(LAST_SIGNAL.load(Ordering::SeqCst)));
             }
             TAG_STDIN => self.forward_stdin(ops),
+            TAG_CONTROL => {
+                if let Some(evt) = &self.control_evt {
+                    let _ = evt.read();
+                }
+            }
             other => log::warn!("event loop: unexpected event tag {other}"),
         }
     }
@@ -143,6 +164,9 @@ impl MutEventSubscriber for ControlLoop {
         add(self.signal_evt.as_raw_fd(), TAG_SIGNAL);
         if self.stdin_enabled {
             add(libc::STDIN_FILENO, TAG_STDIN);
+        }
+        if let Some(evt) = &self.control_evt {
+            add(evt.as_raw_fd(), TAG_CONTROL);
         }
     }
 }

@@ -70,7 +70,7 @@ impl MsiRouter {
 
     /// Allocates `count` vectors, each with its own GSI and eventfd, all detached.
     pub fn allocate(self: &Arc<Self>, count: usize) -> Result<MsiVectorGroup, InterruptError> {
-        let first = {
+        let gsis = {
             let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
             let first = t.next_gsi;
             let end = u32::try_from(count)
@@ -79,12 +79,12 @@ impl MsiRouter {
                 .filter(|&end| end <= MAX_GSI)
                 .ok_or(InterruptError::NoGsi(count))?;
             t.next_gsi = end;
-            first
+            first..end
         };
-        let vectors = (0..count)
-            .map(|i| {
+        let vectors = gsis
+            .map(|gsi| {
                 Ok(Vector {
-                    gsi: first + i as u32,
+                    gsi,
                     evt: EventFd::new(libc::EFD_NONBLOCK).map_err(InterruptError::EventFd)?,
                 })
             })
@@ -117,6 +117,12 @@ impl MsiRouter {
     }
 }
 
+/// The low dword of `v`: the lower of a split 64-bit register pair.
+fn low_u32(v: u64) -> u32 {
+    let [b0, b1, b2, b3, ..] = v.to_le_bytes();
+    u32::from_le_bytes([b0, b1, b2, b3])
+}
+
 /// KVM's default irqchip routes plus the MSI routes.
 fn routing_entries(msi: &BTreeMap<u32, MsiMessage>) -> Vec<kvm_irq_routing_entry> {
     let mut entries = Vec::with_capacity(40 + msi.len());
@@ -144,7 +150,7 @@ fn routing_entries(msi: &BTreeMap<u32, MsiMessage>) -> Vec<kvm_irq_routing_entry
             type_: KVM_IRQ_ROUTING_MSI,
             ..Default::default()
         };
-        e.u.msi.address_lo = m.addr as u32;
+        e.u.msi.address_lo = low_u32(m.addr);
         e.u.msi.address_hi = (m.addr >> 32) as u32;
         e.u.msi.data = m.data;
         entries.push(e);
@@ -229,7 +235,7 @@ mod tests {
         assert_eq!(e.len(), 41);
         let last = e.last().unwrap();
         assert_eq!((last.gsi, last.type_), (30, KVM_IRQ_ROUTING_MSI));
-        // SAFETY (test): reading the union member written for MSI entries.
+        // SAFETY: an MSI route, so `msi` is the union member routing_entries wrote.
         let m = unsafe { last.u.msi };
         assert_eq!((m.address_lo, m.address_hi, m.data), (0xfee0_1000, 1, 0x41));
         let pic_slave: Vec<_> = e

@@ -6,15 +6,16 @@
 //! bridge — the kernel's own viability rule), and nobody else holds the group open. VFIO pins
 //! all guest RAM for DMA, so RLIMIT_MEMLOCK must cover it unless the process has
 //! CAP_IPC_LOCK. The device's NUMA node (sysfs `numa_node`) is the default placement of the
-//! tenant's memory and vCPUs: the accelerator's DMA and the guest's CPU work stay local.
+//! tenant's memory and vCPUs ([`crate::placement`]): the accelerator's DMA and the guest's CPU
+//! work stay local.
 
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use crate::config::{MemoryZoneConfig, PassthroughConfig};
-use crate::host::{CpuSet, HostTopology, SysfsHost};
+pub use crate::host::MemlockLimit;
+use crate::host::SysfsHost;
 
 /// Drivers a non-passed device of the group may be bound to (besides none): those the
 /// kernel's VFIO group viability check accepts.
@@ -23,9 +24,7 @@ const HARMLESS_DRIVERS: [&str; 2] = ["vfio-pci", "pci-stub"];
 const VFIO_PCI_DRIVER: &str = "vfio-pci";
 /// Offset of the header type byte in PCI config space; bits 6:0 are the layout (0 for an
 /// endpoint, 1 for a PCI-to-PCI bridge, 2 for CardBus).
-const HEADER_TYPE_OFFSET: u64 = 0x0e;
-/// Bit of the effective capability set that lifts RLIMIT_MEMLOCK.
-const CAP_IPC_LOCK: u32 = 14;
+const HEADER_TYPE_OFFSET: usize = 0x0e;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PassthroughError {
@@ -120,70 +119,27 @@ impl FromStr for PciAddress {
             }
             u32::from_str_radix(v, 16).map_err(|e| format!("{what} '{v}': {e}"))
         };
+        // At most two hex digits: always fits.
+        let byte = |what: &str, v: &str, digits: usize| {
+            u8::try_from(hex(what, v, digits)?).map_err(|_| format!("{what} '{v}' is above 0xff"))
+        };
         let domain = hex("domain", domain, 8)?;
-        let bus = hex("bus", bus, 2)? as u8;
-        let device = hex("device", device, 2)?;
+        let bus = byte("bus", bus, 2)?;
+        let device = byte("device", device, 2)?;
         if device > 0x1f {
             return Err(format!("device {device:#x} is above 0x1f"));
         }
-        let function = hex("function", function, 1)?;
+        let function = byte("function", function, 1)?;
         if function > 7 {
             return Err(format!("function {function} is above 7"));
         }
         Ok(PciAddress {
             domain,
             bus,
-            device: device as u8,
-            function: function as u8,
+            device,
+            function,
         })
     }
-}
-
-/// What RLIMIT_MEMLOCK and the capabilities let this process lock.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MemlockLimit {
-    /// Soft limit in bytes (`u64::MAX` = unlimited).
-    pub soft: u64,
-    /// Hard limit in bytes (`u64::MAX` = unlimited).
-    pub hard: u64,
-    /// CAP_IPC_LOCK in the effective set: no limit applies.
-    pub ipc_lock: bool,
-}
-
-impl MemlockLimit {
-    /// This process's limits.
-    pub fn current() -> Self {
-        let mut rl = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: getrlimit writes into the rlimit struct we own and nothing else.
-        let ok = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut rl) } == 0;
-        let bytes = |v: libc::rlim_t| {
-            if v == libc::RLIM_INFINITY {
-                u64::MAX
-            } else {
-                v
-            }
-        };
-        let ipc_lock = std::fs::read_to_string("/proc/self/status")
-            .ok()
-            .and_then(|s| effective_caps(&s))
-            .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0);
-        MemlockLimit {
-            soft: if ok { bytes(rl.rlim_cur) } else { 0 },
-            hard: if ok { bytes(rl.rlim_max) } else { 0 },
-            ipc_lock,
-        }
-    }
-}
-
-/// The `CapEff:` mask of a `/proc/<pid>/status` text.
-fn effective_caps(status: &str) -> Option<u64> {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
 }
 
 /// A host PCI function as sysfs describes it.
@@ -247,7 +203,7 @@ impl PciHost for SysfsHost {
         // Unprivileged readers see the first 64 bytes of `config`, enough for the header type.
         let bridge = std::fs::read(dir.join("config"))
             .ok()
-            .and_then(|c| c.get(HEADER_TYPE_OFFSET as usize).copied())
+            .and_then(|c| c.get(HEADER_TYPE_OFFSET).copied())
             .is_some_and(|h| h & 0x7f != 0);
         Some(PciDeviceFacts {
             driver: link_name(&dir.join("driver")),
@@ -322,14 +278,22 @@ pub fn parse_device(value: &str) -> Result<PciAddress, PassthroughError> {
     value.parse().map_err(bad)
 }
 
-/// Checks every configured device on the host, in order; the first failure is the error.
+/// One device the config asks for: the `device` value of a `[[passthrough]]` entry and
+/// whether to map its BARs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceRequest<'a> {
+    pub device: &'a str,
+    pub mmap: bool,
+}
+
+/// Checks every requested device on the host, in order; the first failure is the error.
 pub fn resolve(
-    entries: &[PassthroughConfig],
+    entries: &[DeviceRequest<'_>],
     host: &dyn PciHost,
 ) -> Result<Vec<PassthroughDevice>, PassthroughError> {
     let addrs = entries
         .iter()
-        .map(|e| parse_device(&e.device))
+        .map(|e| parse_device(e.device))
         .collect::<Result<Vec<_>, _>>()?;
     for (i, addr) in addrs.iter().enumerate() {
         if addrs[..i].contains(addr) {
@@ -414,18 +378,6 @@ fn group_open_error(addr: PciAddress, group: u32, path: PathBuf, e: io::Error) -
     }
 }
 
-/// Bytes of guest RAM VFIO pins, plus the zones that are mlocked themselves (the kernel
-/// charges both to the same `locked_vm` count). Hugetlb zones are never charged by mlock.
-pub fn memlock_needed(zones: &[MemoryZoneConfig]) -> u64 {
-    let ram: u64 = zones.iter().map(|z| z.size_mib << 20).sum();
-    let mlocked: u64 = zones
-        .iter()
-        .filter(|z| z.lock && !z.backing.is_hugetlb())
-        .map(|z| z.size_mib << 20)
-        .sum();
-    ram.saturating_add(mlocked)
-}
-
 /// Whether `needed` bytes can be locked: `Ok(None)` already fine, `Ok(Some(n))` after
 /// raising the soft limit to `n` (see [`raise_memlock`]), or the error.
 pub fn check_memlock(needed: u64, limit: MemlockLimit) -> Result<Option<u64>, PassthroughError> {
@@ -466,110 +418,24 @@ pub fn raise_memlock(bytes: u64) -> Result<(), PassthroughError> {
     Ok(())
 }
 
-/// Where a tenant with passthrough devices is placed, and what the operator should hear
-/// about an explicit placement that moves it away from its devices.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Placement {
-    /// The devices' node (the first device's when they disagree).
-    pub node: Option<u32>,
-    /// The CPUs of that node: the default vCPU affinity.
-    pub cpus: Option<CpuSet>,
-    pub warnings: Vec<String>,
-}
-
-/// Binds every zone without `host_node` to the devices' node and reports zones and an
-/// explicit vCPU set that cross to other nodes.
-pub fn place_near_devices(
-    devices: &[PassthroughDevice],
-    zones: &mut [MemoryZoneConfig],
-    explicit_cpus: Option<&CpuSet>,
-    host: &dyn HostTopology,
-) -> Placement {
-    let mut warnings = Vec::new();
-    let nodes = host.nodes();
-    let mut node = None;
-    for d in devices {
-        match (d.numa_node, node) {
-            (Some(n), _) if !nodes.contains(&n) => warnings.push(format!(
-                "passthrough device {} reports NUMA node {n}, which the host does not list; \
-                 it is not used for placement",
-                d.addr
-            )),
-            (Some(n), None) => node = Some((n, d.addr)),
-            (Some(n), Some((first, first_addr))) if n != first => warnings.push(format!(
-                "passthrough devices {first_addr} (node {first}) and {} (node {n}) sit on \
-                 different NUMA nodes; the tenant is placed on node {first}",
-                d.addr
-            )),
-            _ => {}
-        }
-    }
-    let Some((node, dev)) = node else {
-        return Placement {
-            warnings,
-            ..Placement::default()
-        };
-    };
-    for z in zones.iter_mut() {
-        match z.host_node {
-            None => z.host_node = Some(node),
-            Some(n) if n != node => warnings.push(format!(
-                "memory zone '{}' is on host node {n} but passthrough device {dev} is on node \
-                 {node}: its DMA crosses NUMA nodes",
-                z.id
-            )),
-            Some(_) => {}
-        }
-    }
-    let cpus = host.node_cpus(node).filter(|c| !c.is_empty());
-    if let (Some(explicit), Some(local)) = (explicit_cpus, &cpus) {
-        let remote: Vec<usize> = explicit.iter().filter(|c| !local.contains(*c)).collect();
-        if !remote.is_empty() {
-            warnings.push(format!(
-                "machine.cpus {explicit} includes CPUs {} outside node {node} of passthrough \
-                 device {dev} (its CPUs: {local})",
-                CpuSet::from_cpus(remote)
-            ));
-        }
-    }
-    Placement {
-        node: Some(node),
-        cpus,
-        warnings,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Backing;
     use crate::test_support::FakeSys;
 
     fn addr(s: &str) -> PciAddress {
         s.parse().unwrap()
     }
 
-    /// Config entries for `devices`, BARs mapped.
-    fn entries(devices: &[&str]) -> Vec<PassthroughConfig> {
+    /// Requests for `devices`, BARs mapped.
+    fn entries<'a>(devices: &[&'a str]) -> Vec<DeviceRequest<'a>> {
         devices
             .iter()
-            .map(|d| PassthroughConfig {
-                device: d.to_string(),
+            .map(|d| DeviceRequest {
+                device: d,
                 mmap: true,
             })
             .collect()
-    }
-
-    fn zone(id: &str, mib: u64, node: Option<u32>) -> MemoryZoneConfig {
-        MemoryZoneConfig {
-            id: id.into(),
-            size_mib: mib,
-            backing: Backing::Memfd,
-            host_node: node,
-            prefault: false,
-            lock: false,
-            transparent_hugepages: true,
-        }
     }
 
     #[test]
@@ -711,13 +577,7 @@ mod tests {
     }
 
     #[test]
-    fn memlock_needs_ram_plus_mlocked_small_pages() {
-        let mut zones = vec![zone("a", 64, None), zone("b", 32, None)];
-        zones[1].lock = true;
-        assert_eq!(memlock_needed(&zones), (64 + 32 + 32) << 20);
-        zones[1].backing = Backing::Hugetlb2M;
-        assert_eq!(memlock_needed(&zones), (64 + 32) << 20);
-
+    fn memlock_is_checked_against_soft_hard_and_capability() {
         let lim = |soft, hard, ipc_lock| MemlockLimit {
             soft,
             hard,
@@ -733,79 +593,5 @@ mod tests {
             msg.contains("pins 3 MiB") && msg.contains("allows 64 KiB"),
             "{msg}"
         );
-    }
-
-    #[test]
-    fn effective_capabilities_are_read_from_status() {
-        let status = "Name:\taivmm\nCapPrm:\t0000000000000000\nCapEff:\t0000000000004000\n";
-        assert_eq!(effective_caps(status), Some(1 << CAP_IPC_LOCK));
-        assert_eq!(effective_caps("Name: x\n"), None);
-    }
-
-    fn device(node: Option<u32>, a: &str) -> PassthroughDevice {
-        PassthroughDevice {
-            addr: addr(a),
-            sysfs_path: PathBuf::new(),
-            iommu_group: 1,
-            numa_node: node,
-            mmap: true,
-        }
-    }
-
-    #[test]
-    fn zones_and_vcpus_default_to_the_device_node() {
-        let sys = FakeSys::new("pt-place", 0);
-        let mut zones = vec![zone("a", 64, None), zone("b", 64, Some(1))];
-        let p = place_near_devices(
-            &[device(Some(1), "0000:81:00.0")],
-            &mut zones,
-            None,
-            &sys.host(),
-        );
-        assert_eq!(zones[0].host_node, Some(1));
-        assert_eq!(p.node, Some(1));
-        assert_eq!(p.cpus, Some(CpuSet::from_cpus([1])));
-        assert!(p.warnings.is_empty(), "{:?}", p.warnings);
-    }
-
-    #[test]
-    fn explicit_placement_across_nodes_warns() {
-        let sys = FakeSys::new("pt-cross", 0);
-        let mut zones = vec![zone("a", 64, Some(0))];
-        let p = place_near_devices(
-            &[
-                device(Some(1), "0000:81:00.0"),
-                device(Some(0), "0000:01:00.0"),
-                device(Some(9), "0000:02:00.0"),
-            ],
-            &mut zones,
-            Some(&CpuSet::from_cpus([0, 1])),
-            &sys.host(),
-        );
-        assert_eq!(zones[0].host_node, Some(0), "explicit node kept");
-        assert_eq!(p.node, Some(1));
-        let all = p.warnings.join("\n");
-        assert_eq!(p.warnings.len(), 4, "{all}");
-        assert!(all.contains("memory zone 'a' is on host node 0"), "{all}");
-        assert!(all.contains("includes CPUs 0 outside node 1"), "{all}");
-        assert!(all.contains("different NUMA nodes"), "{all}");
-        assert!(
-            all.contains("NUMA node 9, which the host does not list"),
-            "{all}"
-        );
-    }
-
-    #[test]
-    fn devices_without_a_node_leave_placement_alone() {
-        let sys = FakeSys::new("pt-nonode", 0);
-        let mut zones = vec![zone("a", 64, None)];
-        let p = place_near_devices(
-            &[device(None, "0000:81:00.0")],
-            &mut zones,
-            None,
-            &sys.host(),
-        );
-        assert_eq!(p, Placement::default());
-        assert_eq!(zones[0].host_node, None);
     }
 }

@@ -1,16 +1,11 @@
 //! Building and running one microVM: KVM VM and irqchip, guest RAM, boot, legacy devices,
 //! vCPU threads and the control loop.
 
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ai_infer_protocol as proto;
-use devices::pci::PciHeader;
-use devices::virtio::{VhostUserDevice, VhostUserDeviceConfig, VirtioPciDevice};
-use devices::{
-    BootTimer, Bus, SerialConsole, SleepControl, BOOT_TIMER_PORT, I8042, I8042_PORT,
-    I8042_PORT_LEN, SERIAL_PORT, SERIAL_PORT_LEN,
-};
+use devices::virtio::DeviceUpdate;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
@@ -20,20 +15,46 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::{acpi, boot, cpuid, layout, mptable, regs};
-use crate::config::{AiInferConfig, ValidatedConfig};
+use crate::config::ValidatedConfig;
 use crate::console;
+use crate::device_manager::{DeviceManager, DeviceManagerError};
 use crate::event_loop::{install_stop_signals, ControlLoop};
 use crate::host::HostTopology;
-use crate::interrupts::MsiRouter;
 use crate::memory::{GuestRam, MemoryError};
-use crate::pci::{PciError, PciSegment};
-use crate::vcpu::{install_kick_handler, Stop, StopReason, VcpuContext, VcpuHandle};
-use crate::vfio::{Passthrough, PassthroughSetupError};
-
-/// The serial port's ISA IRQ (COM1).
-const SERIAL_IRQ: u32 = 4;
+use crate::vcpu::{
+    install_kick_handler, pause_all, Pause, Stop, StopReason, VcpuContext, VcpuHandle,
+};
 /// How long vCPU threads get to leave `KVM_RUN` at shutdown.
 const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long vCPU threads get to leave `KVM_RUN` when the VM is paused.
+const VCPU_PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What the control plane can ask of a running VM.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RuntimeAction {
+    /// Every vCPU leaves the guest and parks.
+    Pause,
+    /// The parked vCPUs run again.
+    Resume,
+    /// A change to the virtio device the config calls `id` (a PATCH of a drive or an
+    /// interface).
+    Update { id: String, update: DeviceUpdate },
+}
+
+/// A runtime action and where its outcome goes.
+pub struct RuntimeRequest {
+    pub action: RuntimeAction,
+    pub reply: Sender<Result<(), String>>,
+}
+
+/// How a control plane drives a VM that [`run_controlled`] runs: requests arrive on
+/// `requests`, and `wake` (watched by the event loop) is written after each.
+pub struct RunControl<'a> {
+    pub requests: &'a Receiver<RuntimeRequest>,
+    pub wake: EventFd,
+    /// Called once, when the vCPUs run (the VM has started).
+    pub on_started: Box<dyn FnOnce() + 'a>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -57,14 +78,8 @@ pub enum VmError {
         what: &'static str,
         source: std::io::Error,
     },
-    #[error("cannot place a device on the bus: {0}")]
-    Bus(#[from] devices::BusError),
     #[error(transparent)]
-    Pci(#[from] PciError),
-    #[error(transparent)]
-    Passthrough(#[from] PassthroughSetupError),
-    #[error("cannot create a device: {0}")]
-    Device(String),
+    Devices(#[from] DeviceManagerError),
     #[error("event loop failed: {0:?}")]
     EventLoop(event_manager::Error),
 }
@@ -73,14 +88,11 @@ impl VmError {
     /// Errors that come from what the operator asked for (not enough memory on the host,
     /// a kernel that cannot be loaded), as opposed to runtime failures.
     pub fn is_config_error(&self) -> bool {
-        matches!(
-            self,
-            VmError::Memory(_)
-                | VmError::Boot(_)
-                | VmError::Mptable(_)
-                | VmError::Acpi(_)
-                | VmError::Passthrough(_)
-        )
+        match self {
+            VmError::Memory(_) | VmError::Boot(_) | VmError::Mptable(_) | VmError::Acpi(_) => true,
+            VmError::Devices(e) => e.is_config_error(),
+            _ => false,
+        }
     }
 }
 
@@ -119,6 +131,19 @@ pub fn run_image(
     start: Instant,
     image: GuestImage,
 ) -> Result<StopReason, VmError> {
+    run_controlled(cfg, kvm, host, start, image, None)
+}
+
+/// [`run_image`], with a control plane that is told when the VM has started and can
+/// pause and resume it while it runs.
+pub fn run_controlled(
+    cfg: &ValidatedConfig,
+    kvm: &Kvm,
+    host: &dyn HostTopology,
+    start: Instant,
+    image: GuestImage,
+    control: Option<RunControl>,
+) -> Result<StopReason, VmError> {
     // SIGTERM/SIGINT from here on stop the VM cleanly: one that arrives during setup is
     // seen by the control loop as soon as it starts.
     let signal_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("the signal event"))?;
@@ -138,6 +163,10 @@ pub fn run_image(
         .map_err(kvm_err("create the in-kernel PIT"))?;
 
     let ram = GuestRam::create(&cfg.zones, host)?;
+    // ai-inferd maps this memory and refuses any that could shrink under it.
+    if cfg.ai_infer.is_some() {
+        ram.require_sealed()?;
+    }
     register_memory(&vm, &ram)?;
     log::info!(
         "guest RAM: {} MiB in {} zone(s), {} slot(s)",
@@ -188,64 +217,11 @@ pub fn run_image(
     };
     log::info!("kernel entry {:#x} ({:?})", entry.entry, entry.mode);
 
-    // Legacy devices on the port I/O bus.
     let stop = Arc::new(Stop::new().map_err(io_err("the stop event"))?);
-    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("the serial IRQ"))?;
-    vm.register_irqfd(&serial_irq, SERIAL_IRQ)
-        .map_err(kvm_err("register the serial irqfd"))?;
-    let out = console::output(&cfg.console).map_err(io_err("the console output"))?;
-    let serial = Arc::new(Mutex::new(SerialConsole::new(serial_irq, out)));
-    let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("the reset event"))?;
-    let i8042 = I8042::new(reset_evt.try_clone().map_err(io_err("the reset event"))?);
-    let boot_timer = BootTimer::new(start).on_init_reached(|t| {
-        eprintln!("aivmm: guest reached init in {} ms", t.as_millis());
-    });
-    let poweroff_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("the power-off event"))?;
-    let sleep_control = SleepControl::new(
-        acpi::S5_SLP_TYP,
-        poweroff_evt
-            .try_clone()
-            .map_err(io_err("the power-off event"))?,
-    );
-    let mut io_bus = Bus::new();
-    io_bus.insert(
-        Arc::new(Mutex::new(sleep_control)),
-        u64::from(acpi::SLEEP_CONTROL_PORT),
-        2,
-    )?;
-    io_bus.insert(serial.clone(), u64::from(SERIAL_PORT), SERIAL_PORT_LEN)?;
-    io_bus.insert(
-        Arc::new(Mutex::new(i8042)),
-        u64::from(I8042_PORT),
-        I8042_PORT_LEN,
-    )?;
-    io_bus.insert(
-        Arc::new(Mutex::new(boot_timer)),
-        u64::from(BOOT_TIMER_PORT),
-        1,
-    )?;
-    let mut mmio_bus = Bus::new();
-
-    // PCI: bus 0 and, if configured, the ai_infer device.
-    let msi_router = Arc::new(MsiRouter::new(vm.clone()));
-    let mut pci = PciSegment::new(mmio64);
-    pci.attach(&mut io_bus, &mut mmio_bus)?;
-    let _ai_infer = match &cfg.ai_infer {
-        Some(ai) => Some(add_ai_infer(&vm, &msi_router, &mut pci, ai, &ram)?),
-        None => None,
-    };
-    // Passthrough devices: dropped (reset, DMA-unmapped) before the RAM, on every path.
-    let passthrough = if cfg.passthrough.is_empty() {
-        None
-    } else {
-        Some(Passthrough::attach(
-            &vm,
-            &ram,
-            &mut pci,
-            &msi_router,
-            &cfg.passthrough,
-        )?)
-    };
+    // Devices: dropped (passthrough reset and DMA-unmapped, virtio workers stopped)
+    // before the RAM, on every path.
+    let mut devices = DeviceManager::new(vm.clone(), &ram, mmio64)?;
+    let legacy = devices.attach_configured(cfg, &ram, start)?;
 
     // vCPUs: all configured before any runs.
     install_kick_handler().map_err(io_err("the vCPU kick signal"))?;
@@ -258,30 +234,40 @@ pub fn run_image(
         cpuid::patch_cpuid(&mut cpuid, id, cfg.vcpus);
         fd.set_cpuid2(&cpuid).map_err(kvm_err("set vCPU CPUID"))?;
         regs::setup_vcpu(&fd, id, entry.mode, entry.entry)?;
-        fds.push(fd);
+        fds.push((id, fd));
     }
 
     let raw_stdin = console::RawStdin::enable(&cfg.console);
-    let control = Arc::new(Mutex::new(ControlLoop::new(
+    let mut control_loop = ControlLoop::new(
         stop.clone(),
-        reset_evt,
-        poweroff_evt,
+        legacy.reset,
+        legacy.poweroff,
         signal_evt,
-        serial,
+        legacy.serial,
         stdin_pollable(),
-    )));
+    );
+    let (requests, on_started) = match control {
+        Some(c) => {
+            let wake = c.wake.try_clone().map_err(io_err("the control event"))?;
+            control_loop = control_loop.with_control_events(wake);
+            (Some(c.requests), Some(c.on_started))
+        }
+        None => (None, None),
+    };
     let mut events: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
         EventManager::new().map_err(VmError::EventLoop)?;
-    events.add_subscriber(control);
+    events.add_subscriber(Arc::new(Mutex::new(control_loop)));
+    let pause = Arc::new(Pause::default());
 
     let mut handles = Vec::with_capacity(fds.len());
-    for (id, fd) in fds.into_iter().enumerate() {
+    for (id, fd) in fds {
         let ctx = VcpuContext {
-            id: id as u8,
-            io_bus: io_bus.clone(),
-            mmio_bus: mmio_bus.clone(),
+            id,
+            io_bus: devices.io_bus().clone(),
+            mmio_bus: devices.mmio_bus().clone(),
             stop: stop.clone(),
             affinity: cfg.vcpu_affinity.clone(),
+            pause: pause.clone(),
         };
         match VcpuHandle::spawn(fd, ctx) {
             Ok(h) => handles.push(h),
@@ -299,15 +285,34 @@ pub fn run_image(
         start.elapsed().as_millis()
     );
 
+    if let Some(f) = on_started {
+        f();
+    }
+
     while !stop.is_requested() {
         events.run().map_err(VmError::EventLoop)?;
+        if let Some(rx) = &requests {
+            while let Ok(req) = rx.try_recv() {
+                let outcome = match req.action {
+                    RuntimeAction::Pause => pause_all(&handles, &pause, VCPU_PAUSE_TIMEOUT),
+                    RuntimeAction::Resume => {
+                        pause.release();
+                        Ok(())
+                    }
+                    RuntimeAction::Update { id, update } => devices.update_virtio(&id, &update),
+                };
+                let _ = req.reply.send(outcome);
+            }
+        }
     }
+    pause.release();
     for h in handles {
         h.stop(VCPU_STOP_TIMEOUT);
     }
     drop(raw_stdin);
-    // Resets the devices and unmaps guest RAM from their IOMMU (Passthrough's Drop).
-    drop(passthrough);
+    // Resets the devices, stops their threads and unmaps guest RAM from the IOMMU.
+    devices.shutdown();
+    drop(devices);
     // The VM goes before the RAM it maps.
     drop(events);
     drop(vm);
@@ -317,49 +322,10 @@ pub fn run_image(
         .unwrap_or(StopReason::VcpuError("stopped without a reason".into())))
 }
 
-/// Adds the ai_infer virtio-pci device, whose queues `ai-inferd` serves over vhost-user.
-fn add_ai_infer(
-    vm: &VmFd,
-    router: &Arc<MsiRouter>,
-    pci: &mut PciSegment,
-    ai: &AiInferConfig,
-    ram: &GuestRam,
-) -> Result<Arc<Mutex<VirtioPciDevice>>, VmError> {
-    let device = VhostUserDevice::new(
-        VhostUserDeviceConfig {
-            device_type: proto::VIRTIO_ID_AI_INFER,
-            num_queues: ai.queues as usize,
-            queue_max_size: ai.queue_size as u16,
-            config_len: proto::CONFIG_SPACE_LEN as u32,
-            allowed_features: proto::DEVICE_FEATURES,
-            socket: ai.socket.clone(),
-        },
-        ram.memory.clone(),
-    )
-    .map_err(|e| VmError::Device(e.to_string()))?;
-    let header = PciHeader {
-        vendor_id: proto::PCI_VENDOR_ID_VIRTIO,
-        device_id: proto::PCI_DEVICE_ID_AI_INFER,
-        revision_id: proto::PCI_REVISION_ID_AI_INFER,
-        class_code: (proto::PCI_CLASS_CODE_AI_INFER >> 16) as u8,
-        subclass: (proto::PCI_CLASS_CODE_AI_INFER >> 8) as u8,
-        prog_if: proto::PCI_CLASS_CODE_AI_INFER as u8,
-        subsystem_vendor_id: proto::PCI_SUBSYSTEM_VENDOR_ID,
-        subsystem_id: proto::PCI_SUBSYSTEM_ID_AI_INFER,
-        multi_function: false,
-    };
-    let (slot, transport) = pci.add_virtio(vm, router, Box::new(device), header)?;
-    log::info!(
-        "ai_infer device at PCI 00:{slot:02x}.0, backend socket {}",
-        ai.socket.display()
-    );
-    Ok(transport)
-}
-
 fn register_memory(vm: &VmFd, ram: &GuestRam) -> Result<(), VmError> {
-    for (slot, region) in ram.memory.iter().enumerate() {
+    for (slot, region) in (0u32..).zip(ram.memory.iter()) {
         let mem = kvm_userspace_memory_region {
-            slot: slot as u32,
+            slot,
             flags: 0,
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),

@@ -52,6 +52,9 @@ fn config(console: PathBuf, vcpus: u8, backing: Backing) -> ValidatedConfig {
             mode: ConsoleMode::File,
             path: Some(console),
         },
+        drives: Vec::new(),
+        net: Vec::new(),
+        vsock: None,
         ai_infer: None,
         passthrough: Vec::new(),
         memlock_raise: None,
@@ -185,6 +188,8 @@ fn pci_bus_shows_the_ai_infer_device_before_its_backend_connects() {
         socket: std::env::temp_dir().join(format!("aivmm-no-daemon-{}.sock", std::process::id())),
         queues: 1,
         queue_size: 256,
+        backend_uid: None,
+        backend_gid: None,
     });
     let mut code = Vec::new();
     code.extend(pci_read_to_serial(0, 0)); // host bridge id

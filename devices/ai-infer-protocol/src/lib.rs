@@ -54,7 +54,8 @@ mod spec;
 mod status;
 mod tensor;
 mod trace;
-pub mod virtio_pci;
+/// The virtio-pci transport layout ai_infer uses (`docs/ai_infer.md` §1).
+pub use virtio_pci_layout as virtio_pci;
 mod wire;
 
 pub use config::{negotiate_features, DeviceConfig};

@@ -29,11 +29,11 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use ai_infer_protocol::{PriorityClass, MAX_REQUEST_QUEUES};
+use ai_infer_scheduler::{ClassPolicy, TenantPolicy, DEFAULT_MAX_QUEUE};
 use serde::Deserialize;
 use thiserror::Error;
 
 use crate::metrics::MetricsEndpoint;
-use crate::scheduler::{ClassPolicy, TenantPolicy};
 
 /// Why the configuration cannot be used.
 #[derive(Debug, Error)]
@@ -92,6 +92,9 @@ pub enum ConfigError {
     /// `executor_cpus` lists a CPU number the kernel cannot address.
     #[error("daemon.executor_cpus contains {0}, beyond the highest CPU number {max}", max = libc::CPU_SETSIZE - 1)]
     ExecutorCpu(u32),
+    /// `handshake_timeout_ms` is 0 or beyond [`MAX_HANDSHAKE_TIMEOUT_MS`].
+    #[error("daemon.handshake_timeout_ms = {0} is out of range (1-{MAX_HANDSHAKE_TIMEOUT_MS})")]
+    HandshakeTimeout(u64),
     /// Both `numa_node` and `executor_numa_nodes` are set.
     #[error("daemon.numa_node and daemon.executor_numa_nodes are both set; use one")]
     NumaTwice,
@@ -104,6 +107,35 @@ pub enum ConfigError {
         class: &'static str,
         /// The value given.
         value: u64,
+    },
+    /// The tenants' guaranteed shares of a model queue add up to more than it holds.
+    #[error(
+        "tenant {tenant:?}: the queue shares (max_queued_per_model) of the tenants up to \
+         this one add up to {total}, above the {queue} requests a model queue holds"
+    )]
+    QueueShares {
+        /// The first tenant whose share does not fit.
+        tenant: String,
+        /// The shares up to and including that tenant.
+        total: u64,
+        /// The model queue size.
+        queue: u32,
+    },
+    /// A tenant's `max_in_flight` cannot be reached within its queue shares.
+    #[error(
+        "tenant {tenant:?}: max_in_flight = {max_in_flight} cannot be honoured: it may \
+         queue at most {share} requests (max_queued_per_model) on each of its {models} \
+         model(s); lower max_in_flight or raise max_queued_per_model"
+    )]
+    InFlightAboveShare {
+        /// The tenant.
+        tenant: String,
+        /// Its `max_in_flight`.
+        max_in_flight: u32,
+        /// Its share of one model queue.
+        share: u32,
+        /// Models it may use (1 for `["*"]`).
+        models: u32,
     },
     /// `reserved_executors` leaves no executor for the lower classes.
     #[error("daemon.reserved_executors = {reserved} must be below executor_threads = {threads}")]
@@ -172,7 +204,19 @@ pub struct DaemonSection {
     /// `[daemon.max_wait_ms]`: the starvation bound of each priority class.
     #[serde(default)]
     pub max_wait_ms: ClassWaitsMs,
+    /// Longest a new connection to a tenant socket may take to reach the handshake
+    /// milestone (GET_PROTOCOL_FEATURES), in milliseconds, 1–600000; a connection
+    /// that does not is closed and the tenant's slot freed. Default 5000.
+    #[serde(default = "default_handshake_timeout_ms")]
+    pub handshake_timeout_ms: u64,
 }
+
+fn default_handshake_timeout_ms() -> u64 {
+    5000
+}
+
+/// Longest `handshake_timeout_ms` accepted: ten minutes.
+pub const MAX_HANDSHAKE_TIMEOUT_MS: u64 = 600_000;
 
 /// Longest a queued request of each class waits, in milliseconds, before it is
 /// promoted ahead of every request still in time (0 = no bound: the class is only
@@ -319,6 +363,24 @@ pub struct TenantConfig {
     /// Request queues offered to the VM, 1–64. Default 1.
     #[serde(default = "default_queues")]
     pub num_request_queues: u16,
+    /// INFER requests this tenant may have queued for any one model, 1–1024 (the
+    /// model queue's size). Default: its weight's share of the queue,
+    /// max(1, 1024 × weight / sum of all tenants' weights). The tenants' shares may
+    /// add up to at most 1024, so no tenant can fill a queue against another.
+    #[serde(default)]
+    pub max_queued_per_model: Option<u32>,
+    /// The `max_queued_per_model` in effect, set by [`Config::parse`] (0 before:
+    /// no bound of its own).
+    #[serde(skip)]
+    pub queue_share: u32,
+    /// The only uid whose VMM may connect (`SO_PEERCRED`); absent = any peer that can
+    /// open the 0600 socket (the daemon's uid or root). A daemon running as root
+    /// gives the socket to this uid/gid.
+    #[serde(default)]
+    pub uid: Option<u32>,
+    /// The only gid whose VMM may connect; absent = any.
+    #[serde(default)]
+    pub gid: Option<u32>,
 }
 
 fn default_weight() -> u32 {
@@ -351,6 +413,7 @@ impl TenantConfig {
             rate_rps: self.rate_rps,
             burst: self.burst,
             accel_share: self.accel_share,
+            max_queued_per_model: (self.queue_share > 0).then_some(self.queue_share),
             ..TenantPolicy::default()
         }
     }
@@ -429,7 +492,7 @@ impl TenantConfig {
 impl Config {
     /// Parses and validates a config file's text. Relative paths stay relative.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             line: e
                 .span()
                 .and_then(|span| text.get(..span.start))
@@ -438,7 +501,57 @@ impl Config {
             message: e.message().trim().replace('\n', " "),
         })?;
         config.validate()?;
+        config.set_queue_shares()?;
         Ok(config)
+    }
+
+    /// Sets each tenant's share of a model queue, and refuses shares that do not fit
+    /// in the queue together and in-flight bounds the shares cannot hold.
+    fn set_queue_shares(&mut self) -> Result<(), ConfigError> {
+        let queue = DEFAULT_MAX_QUEUE;
+        let weights: u64 = self.tenants.iter().map(|t| u64::from(t.weight)).sum();
+        let mut total = 0u64;
+        for t in &mut self.tenants {
+            let share = match t.max_queued_per_model {
+                Some(n) if n == 0 || n > queue => {
+                    return Err(ConfigError::OutOfRange {
+                        tenant: t.name.clone(),
+                        field: "max_queued_per_model",
+                        value: n.to_string(),
+                        range: "1-1024",
+                    })
+                }
+                Some(n) => n,
+                // Below the queue size, as weight ≤ weights (validated ≥ 1 each).
+                None => u32::try_from(u64::from(queue) * u64::from(t.weight) / weights.max(1))
+                    .unwrap_or(queue)
+                    .max(1),
+            };
+            total += u64::from(share);
+            if total > u64::from(queue) {
+                return Err(ConfigError::QueueShares {
+                    tenant: t.name.clone(),
+                    total,
+                    queue,
+                });
+            }
+            // A tenant with no model has nothing in flight; "*" counts as one model,
+            // the fewest it can be given.
+            let models = match t.allowed() {
+                AllowedModels::All => 1,
+                AllowedModels::Named(names) => u32::try_from(names.len()).unwrap_or(u32::MAX),
+            };
+            if models > 0 && u64::from(t.max_in_flight) > u64::from(share) * u64::from(models) {
+                return Err(ConfigError::InFlightAboveShare {
+                    tenant: t.name.clone(),
+                    max_in_flight: t.max_in_flight,
+                    share,
+                    models,
+                });
+            }
+            t.queue_share = share;
+        }
+        Ok(())
     }
 
     /// Reads, parses and validates `path`; the models path is resolved against the
@@ -469,6 +582,9 @@ impl Config {
             .find(|c| **c as usize >= libc::CPU_SETSIZE as usize)
         {
             return Err(ConfigError::ExecutorCpu(*cpu));
+        }
+        if !(1..=MAX_HANDSHAKE_TIMEOUT_MS).contains(&d.handshake_timeout_ms) {
+            return Err(ConfigError::HandshakeTimeout(d.handshake_timeout_ms));
         }
         if d.numa_node.is_some() && !d.executor_numa_nodes.is_empty() {
             return Err(ConfigError::NumaTwice);
@@ -535,6 +651,30 @@ mod tests {
         format!(
             "[daemon]\nmodels = \"m.toml\"\n[[tenant]]\nname = \"t\"\nsocket = \"/tmp/t.sock\"\n{extra}\n"
         )
+    }
+
+    #[test]
+    fn peer_credentials_and_handshake_timeout() {
+        let c = Config::parse(&with_tenant("")).unwrap();
+        assert_eq!(c.daemon.handshake_timeout_ms, 5000);
+        assert_eq!((c.tenants[0].uid, c.tenants[0].gid), (None, None));
+        let c = Config::parse(&with_tenant("uid = 1000\ngid = 100")).unwrap();
+        assert_eq!(
+            (c.tenants[0].uid, c.tenants[0].gid),
+            (Some(1000), Some(100))
+        );
+        let timeout = |ms: u64| {
+            Config::parse(&format!(
+                "[daemon]\nmodels = \"m.toml\"\nhandshake_timeout_ms = {ms}\n\
+                 [[tenant]]\nname = \"t\"\nsocket = \"/tmp/t.sock\"\n"
+            ))
+        };
+        assert_eq!(timeout(250).unwrap().daemon.handshake_timeout_ms, 250);
+        assert!(matches!(timeout(0), Err(ConfigError::HandshakeTimeout(0))));
+        assert!(matches!(
+            timeout(MAX_HANDSHAKE_TIMEOUT_MS + 1),
+            Err(ConfigError::HandshakeTimeout(_))
+        ));
     }
 
     #[test]

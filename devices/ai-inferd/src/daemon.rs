@@ -5,15 +5,29 @@
 //! and serves it with a `VhostUserDaemon`. When the VMM disconnects, the tenant's
 //! queued work is dropped, running work is waited for (its results discarded), the
 //! guest memory mapping goes with the last reference, and the socket listens again.
+//!
+//! Sockets are 0600 in a directory only the daemon's uid may write
+//! ([`crate::tenant::socket`]). A connected peer whose credentials the tenant's
+//! `uid`/`gid` do not admit is closed before the device answers it; one that does not
+//! reach the handshake milestone within `handshake_timeout_ms` is closed; and while a
+//! VMM is connected, any further connection is accepted and closed at once, so none
+//! waits in the backlog. Each is logged and counted
+//! (`ai_inferd_tenant_connections_refused_total`).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
+use ai_infer_scheduler::{
+    render_prometheus_named, ExecutorId, ModelPolicy, Scheduler, SchedulerConfig, SeriesNames,
+    TenantId,
+};
 use log::{error, info, warn};
 use thiserror::Error;
 use vhost::vhost_user::{Error as VhostUserError, Listener};
@@ -23,18 +37,15 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use crate::backend::Backend;
 use crate::config::{Config, DaemonSection};
 use crate::device::TenantDevice;
+use crate::engine::Engine;
 use crate::executor;
-use crate::job::Job;
 use crate::metrics::{MetricsEndpoint, MetricsError, MetricsServer, MetricsSource};
 use crate::models::ModelServing;
 use crate::numa::{self, NumaError};
 use crate::registry::{ModelRegistry, RegistryError};
 use crate::reload::{self, ReloadError};
-use crate::scheduler::{
-    render_prometheus_named, ExecutorId, ModelPolicy, Scheduler, SchedulerConfig, SeriesNames,
-    TenantId,
-};
-use crate::tenant::{Tenant, TenantSpec};
+use crate::tenant::socket::{self, Door, GuardedDevice, PeerCred, SocketError};
+use crate::tenant::{Refusal, Tenant, TenantSpec};
 
 /// Why the daemon could not start.
 #[derive(Debug, Error)]
@@ -53,6 +64,9 @@ pub enum DaemonError {
         /// The error.
         source: vhost::vhost_user::Error,
     },
+    /// A tenant socket or its directory is unsafe or could not be created.
+    #[error(transparent)]
+    Socket(#[from] SocketError),
     /// The metrics endpoint could not be started.
     #[error(transparent)]
     Metrics(#[from] MetricsError),
@@ -68,10 +82,8 @@ pub enum DaemonError {
 
 /// What every thread of the daemon shares.
 pub struct Shared {
-    /// The cross-tenant scheduler; its jobs are admitted INFER requests.
-    pub scheduler: Scheduler<Job>,
-    /// The loaded models.
-    pub registry: ModelRegistry,
+    /// The scheduler and the models, which the tenant devices and executors use.
+    pub engine: Arc<Engine>,
     /// Every configured tenant; index = tenant id.
     pub tenants: Vec<Arc<Tenant>>,
     /// How each model is served (manifest settings), by model id.
@@ -142,13 +154,13 @@ impl Shared {
 
     fn apply(&self, new: Config) -> Result<String, ReloadError> {
         let mut running = lock(&self.running);
-        let plan = reload::plan(&running, new, &self.registry)?;
+        let plan = reload::plan(&running, new, &self.engine.registry)?;
         let daemon = &plan.config.daemon;
         // Grants change under the scheduler lock, as connections read them to
         // register: a tenant is never registered with a stale policy.
-        self.scheduler.with_core(|core| {
+        self.engine.scheduler.with_core(|core| {
             core.set_config(reload::scheduler_config(core.config(), daemon));
-            for backend in self.registry.iter() {
+            for backend in self.engine.registry.iter() {
                 let id = backend.info().id;
                 if core.model_policy(id).is_some() {
                     core.set_model(id, self.model_policy(backend.as_ref(), daemon));
@@ -173,10 +185,10 @@ impl Shared {
         for t in &self.tenants {
             names.tenants.insert(t.spec.id, t.spec.name.clone());
         }
-        for b in self.registry.iter() {
+        for b in self.engine.registry.iter() {
             names.models.insert(b.info().id, b.info().name.clone());
         }
-        let mut out = render_prometheus_named(&self.scheduler.stats(), &names);
+        let mut out = render_prometheus_named(&self.engine.scheduler.stats(), &names);
         let _ = writeln!(
             out,
             "# HELP ai_inferd_tenant_connected Whether the tenant's VMM is connected.\n\
@@ -192,6 +204,23 @@ impl Shared {
         }
         let _ = writeln!(
             out,
+            "# HELP ai_inferd_tenant_connections_refused_total Connections to a tenant socket \
+             closed at once: peer credentials not admitted, tenant busy, or handshake timeout.\n\
+             # TYPE ai_inferd_tenant_connections_refused_total counter"
+        );
+        for t in &self.tenants {
+            for why in Refusal::ALL {
+                let _ = writeln!(
+                    out,
+                    "ai_inferd_tenant_connections_refused_total{{tenant=\"{}\",reason=\"{}\"}} {}",
+                    t.spec.name,
+                    why.label(),
+                    t.refusals(why)
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
             "# HELP ai_inferd_reloads_total Configuration reloads, by result.\n\
              # TYPE ai_inferd_reloads_total counter\n\
              ai_inferd_reloads_total{{result=\"applied\"}} {}\n\
@@ -199,6 +228,7 @@ impl Shared {
             self.reloads[0].load(Ordering::Relaxed),
             self.reloads[1].load(Ordering::Relaxed)
         );
+        crate::executor::render_fault_metrics(&mut out);
         out
     }
 }
@@ -280,27 +310,33 @@ impl Daemon {
             &config.daemon,
         ));
 
-        // Bind every socket before starting anything, so a bad path fails start-up.
+        // Bind every socket before starting anything, so a bad path or an unsafe
+        // directory fails start-up.
         let mut listeners = Vec::new();
-        for t in &config.tenants {
-            let listener =
-                Listener::new(&t.socket, true).map_err(|source| DaemonError::Listen {
-                    path: t.socket.clone(),
-                    source,
-                })?;
-            listeners.push(listener);
+        for (t, tenant) in config.tenants.iter().zip(&tenants) {
+            match socket::bind(&t.socket, &tenant.grant().peer) {
+                Ok(listener) => listeners.push(Listener::from(listener)),
+                Err(e) => {
+                    for made in &config.tenants[..listeners.len()] {
+                        let _ = std::fs::remove_file(&made.socket);
+                    }
+                    return Err(e.into());
+                }
+            }
         }
         let shared = Arc::new(Shared {
-            scheduler,
-            registry,
+            engine: Arc::new(Engine {
+                scheduler,
+                registry,
+            }),
             tenants,
             serving,
             executors: executor_ids,
             running: Mutex::new(config.clone()),
             reloads: Default::default(),
         });
-        shared.scheduler.with_core(|core| {
-            for backend in shared.registry.iter() {
+        shared.engine.scheduler.with_core(|core| {
+            for backend in shared.engine.registry.iter() {
                 let policy = shared.model_policy(backend.as_ref(), &config.daemon);
                 core.set_model(backend.info().id, policy);
             }
@@ -316,11 +352,11 @@ impl Daemon {
             metrics: None,
         };
         for (&id, cpus) in shared.executors.iter().zip(placement) {
-            let (shared, stop) = (Arc::clone(&shared), Arc::clone(&stop));
+            let (engine, stop) = (Arc::clone(&shared.engine), Arc::clone(&stop));
             let name = format!("executor-{}", id.0);
             let handle = std::thread::Builder::new()
                 .name(name.clone())
-                .spawn(move || executor::run(&shared, id, cpus.as_deref(), &stop))
+                .spawn(move || executor::run(&engine, id, cpus.as_deref(), &stop))
                 .map_err(|source| DaemonError::Spawn { name, source });
             match handle {
                 Ok(h) => daemon.executors.push(h),
@@ -367,7 +403,7 @@ impl Daemon {
         info!(
             "serving {} tenant(s) with {} model(s) on {} executor(s), {} reserved",
             daemon.slots.len(),
-            daemon.shared.registry.iter().count(),
+            daemon.shared.engine.registry.iter().count(),
             daemon.executors.len(),
             config.daemon.reserved_executors
         );
@@ -416,7 +452,10 @@ impl Daemon {
         for h in self.listeners.drain(..) {
             let _ = h.join();
         }
-        self.shared.scheduler.with_core(|_| ());
+        for slot in &self.slots {
+            let _ = std::fs::remove_file(&slot.socket);
+        }
+        self.shared.engine.scheduler.with_core(|_| ());
         for h in self.executors.drain(..) {
             let _ = h.join();
         }
@@ -445,9 +484,14 @@ fn serve_tenant(
 ) {
     let name = tenant.spec.name.clone();
     while !stop.load(Ordering::SeqCst) {
-        let device = Arc::new(TenantDevice::new(Arc::clone(shared), Arc::clone(tenant)));
+        let device = Arc::new(TenantDevice::new(
+            Arc::clone(&shared.engine),
+            Arc::clone(tenant),
+        ));
+        let door = Arc::new(Door::new());
+        let guarded = GuardedDevice::new(Arc::clone(&device), Arc::clone(&door));
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let mut daemon = match VhostUserDaemon::new(name.clone(), Arc::clone(&device), mem) {
+        let mut daemon = match VhostUserDaemon::new(name.clone(), guarded, mem) {
             Ok(d) => d,
             Err(e) => {
                 error!("{name}: cannot create the vhost-user daemon: {e}");
@@ -455,23 +499,41 @@ fn serve_tenant(
             }
         };
         // Counters start when the connection is accepted; no chain can arrive before.
-        tenant.begin_connection(shared.scheduler.now());
+        tenant.begin_connection(shared.engine.scheduler.now());
         // The grant is read under the scheduler lock, which a reload holds while it
         // replaces grants.
         shared
+            .engine
             .scheduler
             .with_core(|core| core.set_tenant(tenant.spec.id, tenant.grant().policy.clone()));
         if let Err(e) = daemon.start(&mut listener) {
             error!("{name}: cannot accept a connection: {e}");
+            door.decide(false);
             end_connection(shared, tenant, &device, daemon);
             continue;
         }
+        if stop.load(Ordering::SeqCst) {
+            door.decide(false);
+            daemon.request_shutdown();
+            let _ = daemon.wait();
+            end_connection(shared, tenant, &device, daemon);
+            break;
+        }
+        // The device answers nothing until the door has the verdict.
+        let Some(conn) = admit(tenant, &slot.socket) else {
+            door.decide(false);
+            daemon.request_shutdown();
+            let _ = daemon.wait();
+            end_connection(shared, tenant, &device, daemon);
+            continue;
+        };
+        door.decide(true);
         *lock(&slot.connection) = daemon.shutdown_handle();
         tenant.set_connected(true);
-        if stop.load(Ordering::SeqCst) {
+        let timeout = Duration::from_millis(lock(&shared.running).daemon.handshake_timeout_ms);
+        watch_connection(tenant, &listener, &conn, &door, timeout, stop);
+        if !door.negotiated() || stop.load(Ordering::SeqCst) {
             daemon.request_shutdown();
-        } else {
-            info!("{name}: VMM connected");
         }
         match daemon.wait() {
             // A VMM that exits (or is killed) just closes the socket: routine.
@@ -490,13 +552,138 @@ fn serve_tenant(
     }
 }
 
+/// Checks the peer the vhost-user daemon just accepted on `socket` against the
+/// tenant's rule; logs and counts a refusal. The connection (a duplicate) if admitted.
+fn admit(tenant: &Tenant, socket: &Path) -> Option<UnixStream> {
+    let name = &tenant.spec.name;
+    let rule = tenant.grant().peer;
+    let Some(conn) = socket::find_accepted(socket) else {
+        // The peer already left (its connection is closed) before it was checked.
+        warn!("{name}: the new connection closed before its peer could be checked");
+        return None;
+    };
+    match socket::peer_cred(&conn) {
+        Ok(peer) if rule.admits(&peer) => {
+            info!("{name}: VMM connected ({peer})");
+            Some(conn)
+        }
+        Ok(peer) => {
+            warn!("{name}: refused a connection from {peer}: the tenant admits {rule}");
+            tenant.count_refusal(Refusal::Peer);
+            None
+        }
+        Err(e) => {
+            warn!("{name}: refused a connection whose credentials cannot be read: {e}");
+            tenant.count_refusal(Refusal::Peer);
+            None
+        }
+    }
+}
+
+/// How often a connected listener thread looks at the stop flag when nothing happens.
+const WATCH_TICK: Duration = Duration::from_secs(1);
+
+/// While `conn` is served: closes every further connection to the tenant socket at
+/// once, and ends the wait if the handshake milestone is not reached within
+/// `timeout`. Returns when the connection ends, the handshake timed out (then
+/// `door.negotiated()` is false) or the daemon stops.
+fn watch_connection(
+    tenant: &Tenant,
+    listener: &Listener,
+    conn: &UnixStream,
+    door: &Door,
+    timeout: Duration,
+    stop: &AtomicBool,
+) {
+    let name = &tenant.spec.name;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let wait = if door.negotiated() {
+            WATCH_TICK
+        } else {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                warn!(
+                    "{name}: closed a connection that did not complete the vhost-user \
+                     handshake within {} ms",
+                    timeout.as_millis()
+                );
+                tenant.count_refusal(Refusal::Handshake);
+                return;
+            }
+            left.min(WATCH_TICK)
+        };
+        let mut fds = [
+            libc::pollfd {
+                fd: listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: conn.as_raw_fd(),
+                events: libc::POLLRDHUP,
+                revents: 0,
+            },
+        ];
+        // At most WATCH_TICK (1 s): fits.
+        #[allow(clippy::cast_possible_truncation)]
+        let ms = wait.as_millis().max(1) as libc::c_int;
+        // SAFETY: `fds` is a valid array of two pollfd; both fds stay open for the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                warn!("{name}: cannot wait on the connection: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            continue;
+        }
+        if fds[1].revents != 0 {
+            // Hung up, or the handler ended and shut the socket down.
+            return;
+        }
+        if fds[0].revents & libc::POLLIN != 0 {
+            refuse_busy(tenant, listener, stop);
+        }
+    }
+}
+
+/// Accepts the pending connection and closes it: the tenant has its VMM.
+fn refuse_busy(tenant: &Tenant, listener: &Listener, stop: &AtomicBool) {
+    match listener.accept() {
+        Ok(Some(extra)) => {
+            if stop.load(Ordering::SeqCst) {
+                return;
+            }
+            let peer = socket::peer_cred(&extra).map_or_else(
+                |e| format!("unknown peer ({e})"),
+                |p: PeerCred| p.to_string(),
+            );
+            warn!(
+                "{}: refused a second connection from {peer}: a VMM is already connected",
+                tenant.spec.name
+            );
+            tenant.count_refusal(Refusal::Busy);
+            let _ = extra.shutdown(std::net::Shutdown::Both);
+        }
+        Ok(None) => {}
+        Err(e) => {
+            warn!("{}: cannot accept: {e}", tenant.spec.name);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
 /// After a disconnect: stop the vring workers, drop queued work, wait for running
 /// work (its results are discarded) and unregister the tenant from the scheduler.
 fn end_connection(
     shared: &Shared,
     tenant: &Tenant,
     device: &TenantDevice,
-    daemon: VhostUserDaemon<Arc<TenantDevice>>,
+    daemon: VhostUserDaemon<GuardedDevice>,
 ) {
     for handler in daemon.get_epoll_handlers() {
         handler.send_exit_event();
@@ -506,6 +693,7 @@ fn end_connection(
     device.abandon(|_| true);
     drop(
         shared
+            .engine
             .scheduler
             .with_core(|core| core.remove_tenant(tenant.spec.id)),
     );

@@ -25,7 +25,7 @@ use vmm_sys_util::event::{
 };
 
 use crate::chain;
-use crate::daemon::Shared;
+use crate::engine::Engine;
 use crate::intake;
 use crate::tenant::Tenant;
 use crate::ticket::{ChainTicket, Vring};
@@ -35,7 +35,7 @@ pub const RESET_WAIT: Duration = Duration::from_secs(60);
 
 /// The vhost-user backend for one tenant connection.
 pub struct TenantDevice {
-    shared: Arc<Shared>,
+    engine: Arc<Engine>,
     tenant: Arc<Tenant>,
     /// The tenant's limits when the connection started (its config space).
     limits: DeviceConfig,
@@ -47,11 +47,11 @@ pub struct TenantDevice {
 
 impl TenantDevice {
     /// A device for a new connection of `tenant`.
-    pub fn new(shared: Arc<Shared>, tenant: Arc<Tenant>) -> Self {
+    pub fn new(engine: Arc<Engine>, tenant: Arc<Tenant>) -> Self {
         let limits = tenant.grant().device_config;
         let queues = usize::from(limits.num_request_queues);
         TenantDevice {
-            shared,
+            engine,
             tenant,
             limits,
             mem: RwLock::new(None),
@@ -69,7 +69,7 @@ impl TenantDevice {
         for request_id in queued {
             // Dropping the job drops its memory reference; it is never completed.
             drop(
-                self.shared
+                self.engine
                     .scheduler
                     .with_core(|core| core.cancel(id, request_id)),
             );
@@ -92,13 +92,20 @@ impl TenantDevice {
         self.mem.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    fn mark_broken(&self, queue: u16, why: &str) {
+    fn mark_broken(&self, queue: u16, vring: &Vring, why: &str) {
         error!(
             "{}: queue {queue}: {why}; the queue is not served until the driver resets it",
             self.tenant.spec.name
         );
         if let Some(flag) = self.broken.get(usize::from(queue)) {
             flag.store(true, Ordering::SeqCst);
+        }
+        // Tell the VMM, which raises DEVICE_NEEDS_RESET (virtio 1.2 §2.1.2).
+        if let Err(e) = vring.signal_error() {
+            warn!(
+                "{}: queue {queue}: cannot report the broken queue to the VMM: {e}",
+                self.tenant.spec.name
+            );
         }
     }
 
@@ -179,12 +186,20 @@ impl TenantDevice {
                     .map(|c| (c.head_index(), size, desc_table, generation)),
                 Err(QueueError::InvalidAvailRingIndex) => {
                     drop(state);
-                    self.mark_broken(queue, "available index moved by more than the queue size");
+                    self.mark_broken(
+                        queue,
+                        vring,
+                        "available index moved by more than the queue size",
+                    );
                     return false;
                 }
                 Err(e) => {
                     drop(state);
-                    self.mark_broken(queue, &format!("cannot read the available ring: {e}"));
+                    self.mark_broken(
+                        queue,
+                        vring,
+                        &format!("cannot read the available ring: {e}"),
+                    );
                     return false;
                 }
             }
@@ -193,10 +208,14 @@ impl TenantDevice {
             return false;
         };
         if head >= size {
-            self.mark_broken(queue, &format!("head index {head} ≥ queue size {size}"));
+            self.mark_broken(
+                queue,
+                vring,
+                &format!("head index {head} ≥ queue size {size}"),
+            );
             return false;
         }
-        let arrival = self.shared.scheduler.now();
+        let arrival = self.engine.scheduler.now();
         let max_descriptors = self.limits.max_chain_descriptors;
         let walked = chain::walk(&*mem, GuestAddress(desc_table), size, head, max_descriptors);
         let ticket = |writable, writable_len| ChainTicket {
@@ -215,7 +234,7 @@ impl TenantDevice {
             Ok(walked) => {
                 let t = ticket(walked.writable, walked.writable_len);
                 intake::handle_chain(
-                    &self.shared,
+                    &self.engine,
                     &walked.readable,
                     walked.readable_len,
                     t,
@@ -275,7 +294,24 @@ impl VhostUserBackend for TenantDevice {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
-        *self.mem.write().unwrap_or_else(|p| p.into_inner()) = Some(mem);
+        let table = mem.memory().into_inner();
+        if let Err(e) = check_memory_table(&table) {
+            error!(
+                "{}: memory table refused, closing the connection: {e}",
+                self.tenant.spec.name
+            );
+            *self.mem.write().unwrap_or_else(|p| p.into_inner()) = None;
+            // The crate installed the table in the vrings before asking: take it out at
+            // once, so that nothing touches the refused mappings until the connection
+            // ends (the error returned here ends it).
+            match mem.lock() {
+                Ok(guard) => guard.replace(GuestMemoryMmap::new()),
+                Err(p) => p.into_inner().replace(GuestMemoryMmap::new()),
+            }
+            return Err(io::Error::new(io::ErrorKind::PermissionDenied, e));
+        }
+        // Chains are taken from this private copy, which only ever holds checked tables.
+        *self.mem.write().unwrap_or_else(|p| p.into_inner()) = Some(GuestMemoryAtomic::from(table));
         Ok(())
     }
 
@@ -324,5 +360,202 @@ impl VhostUserBackend for TenantDevice {
             self.serve_queue(device_event, vring);
         }
         Ok(())
+    }
+}
+
+/// Why a memory table (SET_MEM_TABLE) is refused. The daemon maps every region of
+/// every tenant; a region whose file can shrink under that mapping would turn the next
+/// access into SIGBUS for the whole daemon, so only files sealed against resizing and
+/// long enough for the region are accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryTableError {
+    /// The region has no file behind it.
+    #[error("region {index} at guest address {gpa:#x} ({len} bytes) has no file")]
+    NoFile {
+        /// Position in the table.
+        index: usize,
+        /// Guest-physical start.
+        gpa: u64,
+        /// Length.
+        len: u64,
+    },
+    /// The region's seals cannot be read (the file is not a memfd).
+    #[error("region {index} at guest address {gpa:#x}: cannot read the file's seals ({source}); guest memory must be a sealed memfd")]
+    Seals {
+        /// Position in the table.
+        index: usize,
+        /// Guest-physical start.
+        gpa: u64,
+        /// The fcntl error.
+        source: io::Error,
+    },
+    /// The region's file may still shrink or grow.
+    #[error("region {index} at guest address {gpa:#x}: the file is not sealed against shrinking and growing (seals {seals:#x}, F_SEAL_SHRINK | F_SEAL_GROW needed)")]
+    Unsealed {
+        /// Position in the table.
+        index: usize,
+        /// Guest-physical start.
+        gpa: u64,
+        /// The seals it has.
+        seals: libc::c_int,
+    },
+    /// The region's file cannot be examined.
+    #[error("region {index} at guest address {gpa:#x}: cannot stat the file: {source}")]
+    Stat {
+        /// Position in the table.
+        index: usize,
+        /// Guest-physical start.
+        gpa: u64,
+        /// The fstat error.
+        source: io::Error,
+    },
+    /// The region reaches past the end of its file.
+    #[error("region {index} at guest address {gpa:#x}: file offset {offset} + length {len} is beyond the {file_len}-byte file")]
+    TooShort {
+        /// Position in the table.
+        index: usize,
+        /// Guest-physical start.
+        gpa: u64,
+        /// Offset of the region in the file.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// The file's size.
+        file_len: u64,
+    },
+}
+
+/// Seals a region's file must carry: together they fix its size for good.
+pub const REQUIRED_SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+
+/// Checks every region of a memory table: backed by a file sealed against shrinking and
+/// growing, and lying entirely inside that file. With both, no access through the
+/// region's mapping can fault for lack of a page, whatever the frontend does with the fd.
+pub fn check_memory_table(mem: &GuestMemoryMmap) -> Result<(), MemoryTableError> {
+    use std::os::fd::AsRawFd;
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+    for (index, region) in mem.iter().enumerate() {
+        let gpa = region.start_addr().0;
+        let len = region.len();
+        let Some(file_offset) = region.file_offset() else {
+            return Err(MemoryTableError::NoFile { index, gpa, len });
+        };
+        let file = file_offset.file();
+        // SAFETY: F_GET_SEALS on an fd this mapping owns; it takes no argument and
+        // touches no memory of ours.
+        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals < 0 {
+            return Err(MemoryTableError::Seals {
+                index,
+                gpa,
+                source: io::Error::last_os_error(),
+            });
+        }
+        if seals & REQUIRED_SEALS != REQUIRED_SEALS {
+            return Err(MemoryTableError::Unsealed { index, gpa, seals });
+        }
+        let file_len = file
+            .metadata()
+            .map_err(|source| MemoryTableError::Stat { index, gpa, source })?
+            .len();
+        let offset = file_offset.start();
+        if offset.checked_add(len).is_none_or(|end| end > file_len) {
+            return Err(MemoryTableError::TooShort {
+                index,
+                gpa,
+                offset,
+                len,
+                file_len,
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs::File;
+    use std::os::fd::{AsRawFd, FromRawFd};
+
+    use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    /// A memfd of `len` bytes with `seals` added (none: not even sealable).
+    fn memfd(len: u64, seals: Option<libc::c_int>) -> File {
+        let flags = libc::MFD_CLOEXEC | seals.map_or(0, |_| libc::MFD_ALLOW_SEALING);
+        // SAFETY: a valid C string; the fd is checked below.
+        let fd = unsafe { libc::memfd_create(c"device-test".as_ptr(), flags) };
+        assert!(fd >= 0, "memfd_create: {}", io::Error::last_os_error());
+        // SAFETY: memfd_create returned a new fd that nothing else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(len).unwrap();
+        if let Some(seals) = seals {
+            // SAFETY: F_ADD_SEALS on our memfd with an int argument.
+            assert_eq!(
+                unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) },
+                0
+            );
+        }
+        file
+    }
+
+    /// A one-region table: `len` bytes at 1 GiB mapped from `file` at `offset`.
+    fn table(file: File, offset: u64, len: u64) -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges_with_files([(
+            GuestAddress(1 << 30),
+            usize::try_from(len).unwrap(),
+            Some(FileOffset::new(file, offset)),
+        )])
+        .unwrap()
+    }
+
+    #[test]
+    fn sealed_regions_inside_their_file_are_accepted() {
+        let sealed = memfd(2 * MIB, Some(REQUIRED_SEALS | libc::F_SEAL_SEAL));
+        check_memory_table(&table(sealed, 0, 2 * MIB)).unwrap();
+        let sealed = memfd(2 * MIB, Some(REQUIRED_SEALS));
+        check_memory_table(&table(sealed, MIB, MIB)).unwrap();
+        check_memory_table(&GuestMemoryMmap::new()).unwrap();
+    }
+
+    #[test]
+    fn regions_that_could_fault_are_refused() {
+        let err = check_memory_table(&table(memfd(MIB, None), 0, MIB)).unwrap_err();
+        assert!(
+            matches!(err, MemoryTableError::Unsealed { index: 0, gpa: 0x4000_0000, seals } if seals & REQUIRED_SEALS == 0),
+            "{err}"
+        );
+        // Sealed against shrinking only: it could still grow.
+        let half = memfd(MIB, Some(libc::F_SEAL_SHRINK));
+        let err = check_memory_table(&table(half, 0, MIB)).unwrap_err();
+        assert!(matches!(err, MemoryTableError::Unsealed { .. }), "{err}");
+        // Sealed, but the region reaches past the end of the file.
+        let short = memfd(MIB, Some(REQUIRED_SEALS));
+        let err = check_memory_table(&table(short, 0, 2 * MIB)).unwrap_err();
+        assert!(
+            matches!(err, MemoryTableError::TooShort { offset: 0, len, file_len, .. } if len == 2 * MIB && file_len == MIB),
+            "{err}"
+        );
+        let short = memfd(2 * MIB, Some(REQUIRED_SEALS));
+        let err = check_memory_table(&table(short, 2 * MIB - 4096, MIB)).unwrap_err();
+        assert!(matches!(err, MemoryTableError::TooShort { .. }), "{err}");
+        // Not a memfd at all: its seals cannot be read.
+        let path = std::env::temp_dir().join(format!("device-test-{}", std::process::id()));
+        let plain = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        plain.set_len(MIB).unwrap();
+        let err = check_memory_table(&table(plain, 0, MIB)).unwrap_err();
+        assert!(matches!(err, MemoryTableError::Seals { .. }), "{err}");
+        assert!(err.to_string().contains("sealed memfd"), "{err}");
     }
 }

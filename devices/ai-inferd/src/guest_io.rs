@@ -35,7 +35,19 @@ pub enum GuestIoError {
     /// A bounce buffer of this size cannot be allocated on this host.
     #[error("a bounce buffer of {0} bytes does not fit the host address space")]
     TooLarge(u64),
+    /// A bounce buffer above [`MAX_BOUNCE_LEN`] was asked for.
+    #[error("a bounce buffer of {0} bytes is above the {MAX_BOUNCE_LEN}-byte limit")]
+    BounceOverLimit(u64),
+    /// The host could not allocate the bounce buffer (the request fails, not the daemon).
+    #[error("cannot allocate a bounce buffer of {0} bytes")]
+    BounceAllocation(u64),
 }
+
+/// Largest bounce buffer: what one chain's device-writable part can hold (a used
+/// element reports at most `u32::MAX` bytes), and far above the default per-request
+/// limits (256 MiB), which normally bound tensors first. It only stops a tenant whose
+/// configured limits are larger from having the daemon reserve arbitrary amounts.
+pub const MAX_BOUNCE_LEN: u64 = u32::MAX as u64;
 
 /// The pieces of `segments` (a stream) that hold `offset .. offset + len`, in order,
 /// without allocating (the stream accessors run on every request).
@@ -180,13 +192,22 @@ pub struct BounceBuffer {
 }
 
 impl BounceBuffer {
-    /// A zeroed buffer of `len` bytes.
+    /// A zeroed buffer of `len` bytes (at most [`MAX_BOUNCE_LEN`]). The length comes
+    /// from the guest, so an allocation the host cannot make is an error for this
+    /// request, never an abort of the daemon.
     pub fn new(len: u64) -> Result<Self, GuestIoError> {
+        if len > MAX_BOUNCE_LEN {
+            return Err(GuestIoError::BounceOverLimit(len));
+        }
         let len_usize = usize::try_from(len).map_err(|_| GuestIoError::TooLarge(len))?;
         let total = len_usize
             .checked_add(7)
             .ok_or(GuestIoError::TooLarge(len))?;
-        let storage = vec![0u8; total];
+        let mut storage = Vec::new();
+        storage
+            .try_reserve_exact(total)
+            .map_err(|_| GuestIoError::BounceAllocation(len))?;
+        storage.resize(total, 0);
         let start = storage.as_ptr().align_offset(8).min(7);
         Ok(BounceBuffer {
             storage,
@@ -280,6 +301,21 @@ mod tests {
                 len: *len,
             })
             .collect()
+    }
+
+    #[test]
+    fn bounce_buffers_are_bounded_and_fallible() {
+        assert_eq!(
+            BounceBuffer::new(MAX_BOUNCE_LEN + 1).err(),
+            Some(GuestIoError::BounceOverLimit(MAX_BOUNCE_LEN + 1))
+        );
+        assert_eq!(
+            BounceBuffer::new(u64::MAX).err(),
+            Some(GuestIoError::BounceOverLimit(u64::MAX))
+        );
+        let b = BounceBuffer::new(4096).unwrap();
+        assert_eq!(b.bytes().len(), 4096);
+        assert!(b.bytes().iter().all(|&x| x == 0));
     }
 
     #[test]

@@ -12,13 +12,13 @@ use ai_infer_protocol::{
     RequestHeader, ResponseHeader, Status, TraceCounters, MAX_TENSORS, REQUEST_HEADER_LEN,
     TENSOR_DESC_LEN,
 };
+use ai_infer_scheduler::{JobMeta, Reject};
 use log::debug;
 
 use crate::chain::{writable_overlap, Segment};
-use crate::daemon::Shared;
+use crate::engine::Engine;
 use crate::guest_io::{read_stream, TensorPlace};
 use crate::job::Job;
-use crate::scheduler::{JobMeta, Reject};
 use crate::tenant::Record;
 use crate::ticket::ChainTicket;
 
@@ -26,8 +26,8 @@ use crate::ticket::ChainTicket;
 pub const REQUEST_PREFIX_MAX: usize = REQUEST_HEADER_LEN + 2 * MAX_TENSORS * TENSOR_DESC_LEN;
 
 /// A response header for a request that never ran, with `queue_ns` up to now.
-fn never_ran(shared: &Shared, ticket: &ChainTicket, mut header: ResponseHeader) -> ResponseHeader {
-    header.queue_ns = shared.scheduler.now().saturating_sub(ticket.arrival);
+fn never_ran(engine: &Engine, ticket: &ChainTicket, mut header: ResponseHeader) -> ResponseHeader {
+    header.queue_ns = engine.scheduler.now().saturating_sub(ticket.arrival);
     header
 }
 
@@ -49,7 +49,7 @@ fn infer_record(request_id: u64, header: &ResponseHeader, admitted: bool) -> Rec
 /// `readable_len` bytes) is its device-readable part; `ticket` holds the writable part
 /// and completes it.
 pub fn handle_chain(
-    shared: &Shared,
+    engine: &Engine,
     readable: &[Segment],
     readable_len: u64,
     ticket: ChainTicket,
@@ -63,13 +63,13 @@ pub fn handle_chain(
     let prefix = &mut prefix_buf[..prefix_len];
     if let Err(e) = read_stream(&ticket.mem, readable, 0, prefix) {
         debug!("{}: cannot read request: {e}", ticket.tenant.spec.name);
-        let h = never_ran(shared, &ticket, ResponseHeader::new(Status::BadRequest, 0));
+        let h = never_ran(engine, &ticket, ResponseHeader::new(Status::BadRequest, 0));
         ticket.respond(&h, Record::Other);
         return;
     }
     let request_id = RequestHeader::peek_request_id(prefix).unwrap_or(0);
     let fail = |e: &ProtocolError, record_infer: bool| {
-        let h = never_ran(shared, &ticket, ResponseHeader::from_error(request_id, e));
+        let h = never_ran(engine, &ticket, ResponseHeader::from_error(request_id, e));
         let record = if record_infer {
             infer_record(request_id, &h, false)
         } else {
@@ -90,7 +90,7 @@ pub fn handle_chain(
     // Step 8: no writable buffer aliases another buffer.
     if writable_overlap(readable, &ticket.writable) {
         let h = never_ran(
-            shared,
+            engine,
             &ticket,
             ResponseHeader::new(Status::BadRequest, request_id),
         );
@@ -103,23 +103,23 @@ pub fn handle_chain(
         return;
     }
     match req.header.opcode {
-        Opcode::Models => models(shared, &ticket, &layout, request_id),
-        Opcode::Trace => trace(shared, &ticket, &layout, request_id),
-        Opcode::Cancel => cancel(shared, &ticket, req.header.cancel_id, request_id),
-        Opcode::Infer => infer(shared, ticket, readable, req, layout),
+        Opcode::Models => models(engine, &ticket, &layout, request_id),
+        Opcode::Trace => trace(engine, &ticket, &layout, request_id),
+        Opcode::Cancel => cancel(engine, &ticket, req.header.cancel_id, request_id),
+        Opcode::Infer => infer(engine, ticket, readable, req, layout),
     }
 }
 
-fn models(shared: &Shared, ticket: &ChainTicket, layout: &ChainLayout, request_id: u64) {
+fn models(engine: &Engine, ticket: &ChainTicket, layout: &ChainLayout, request_id: u64) {
     let list = ModelList {
-        models: shared.registry.infos(&ticket.tenant.grant().allowed_ids),
+        models: engine.registry.infos(&ticket.tenant.grant().allowed_ids),
     };
     let needed = list.encoded_len() as u64;
     let mut header = ResponseHeader::new(Status::Ok, request_id);
     header.payload_len = needed;
     if needed > layout.payload.len {
         header.status = Status::BufferTooSmall;
-        ticket.respond(&never_ran(shared, ticket, header), Record::Other);
+        ticket.respond(&never_ran(engine, ticket, header), Record::Other);
         return;
     }
     let mut payload = vec![0u8; list.encoded_len()];
@@ -127,25 +127,25 @@ fn models(shared: &Shared, ticket: &ChainTicket, layout: &ChainLayout, request_i
         // The registry validated every model; this would be a daemon bug.
         log::error!("cannot encode the model list: {e}");
         let h = ResponseHeader::new(Status::BackendError, request_id);
-        ticket.respond(&never_ran(shared, ticket, h), Record::Other);
+        ticket.respond(&never_ran(engine, ticket, h), Record::Other);
         return;
     }
-    let header = never_ran(shared, ticket, header);
+    let header = never_ran(engine, ticket, header);
     ticket.respond_with_payload(layout.payload.offset, &payload, &header, Record::Other);
 }
 
-fn trace(shared: &Shared, ticket: &ChainTicket, layout: &ChainLayout, request_id: u64) {
+fn trace(engine: &Engine, ticket: &ChainTicket, layout: &ChainLayout, request_id: u64) {
     let mut header = ResponseHeader::new(Status::Ok, request_id);
     header.payload_len = TraceCounters::LEN as u64;
     if (TraceCounters::LEN as u64) > layout.payload.len {
         header.status = Status::BufferTooSmall;
-        ticket.respond(&never_ran(shared, ticket, header), Record::Other);
+        ticket.respond(&never_ran(engine, ticket, header), Record::Other);
         return;
     }
     let id = ticket.tenant.spec.id;
-    let mut counters = ticket.tenant.trace(shared.scheduler.now());
+    let mut counters = ticket.tenant.trace(engine.scheduler.now());
     // The scheduler clamps priorities, so its count is the one source of truth.
-    counters.priority_clamped = shared
+    counters.priority_clamped = engine
         .scheduler
         .inspect(|core| core.tenant_snapshot(id))
         .map_or(0, |s| s.stats.priority_clamped);
@@ -153,14 +153,14 @@ fn trace(shared: &Shared, ticket: &ChainTicket, layout: &ChainLayout, request_id
     if counters.encode(&mut payload).is_err() {
         header.status = Status::BackendError;
         header.payload_len = 0;
-        ticket.respond(&never_ran(shared, ticket, header), Record::Other);
+        ticket.respond(&never_ran(engine, ticket, header), Record::Other);
         return;
     }
-    let header = never_ran(shared, ticket, header);
+    let header = never_ran(engine, ticket, header);
     ticket.respond_with_payload(layout.payload.offset, &payload, &header, Record::Other);
 }
 
-fn cancel(shared: &Shared, ticket: &ChainTicket, target: u64, request_id: u64) {
+fn cancel(engine: &Engine, ticket: &ChainTicket, target: u64, request_id: u64) {
     let tenant = &ticket.tenant;
     let (outcome, cancelled) = {
         let st = tenant.lock();
@@ -169,7 +169,7 @@ fn cancel(shared: &Shared, ticket: &ChainTicket, target: u64, request_id: u64) {
             Some(f) if f.running => (CancelOutcome::AlreadyRunning, None),
             Some(_) => {
                 // Tenant lock, then scheduler lock: the order every path uses.
-                let removed = shared
+                let removed = engine
                     .scheduler
                     .with_core(|core| core.cancel(tenant.spec.id, target));
                 match removed {
@@ -182,17 +182,17 @@ fn cancel(shared: &Shared, ticket: &ChainTicket, target: u64, request_id: u64) {
     };
     // The target's used element is published before the CANCEL's (§10.4).
     if let Some(job) = cancelled {
-        complete_rejected(shared, job, Reject::Cancelled);
+        complete_rejected(engine, job, Reject::Cancelled);
     }
-    let header = never_ran(shared, ticket, ResponseHeader::cancel(request_id, outcome));
+    let header = never_ran(engine, ticket, ResponseHeader::cancel(request_id, outcome));
     ticket.respond(&header, Record::Other);
 }
 
 /// Completes an admitted job that will not run, with `reject`'s status.
-pub fn complete_rejected(shared: &Shared, job: Job, reject: Reject) {
+pub fn complete_rejected(engine: &Engine, job: Job, reject: Reject) {
     let request_id = job.request.header.request_id;
     let h = never_ran(
-        shared,
+        engine,
         &job.ticket,
         ResponseHeader::new(reject.status(), request_id),
     );
@@ -215,7 +215,7 @@ fn locate_all(
 }
 
 fn infer(
-    shared: &Shared,
+    engine: &Engine,
     ticket: ChainTicket,
     readable: &[Segment],
     req: Request,
@@ -223,11 +223,11 @@ fn infer(
 ) {
     let request_id = req.header.request_id;
     let reject_now = |ticket: &ChainTicket, header: ResponseHeader| {
-        let h = never_ran(shared, ticket, header);
+        let h = never_ran(engine, ticket, header);
         ticket.respond(&h, infer_record(request_id, &h, false));
     };
     // Step 9: the model, then this tenant's right to it.
-    let Some(backend) = shared.registry.get(req.header.model_id) else {
+    let Some(backend) = engine.registry.get(req.header.model_id) else {
         return reject_now(
             &ticket,
             ResponseHeader::new(Status::UnknownModel, request_id),
@@ -288,7 +288,7 @@ fn infer(
         if st.conn.in_flight.contains_key(&request_id) {
             Some((job, ResponseHeader::new(Status::BadRequest, request_id)))
         } else {
-            match shared.scheduler.submit(meta, job) {
+            match engine.scheduler.submit(meta, job) {
                 Ok(()) => {
                     st.add_in_flight(request_id, queue);
                     None

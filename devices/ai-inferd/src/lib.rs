@@ -3,20 +3,23 @@
 //! One process per host. Every tenant VM's aivmm connects over vhost-user to the
 //! tenant's own socket and shares its guest memory ([`device`], [`daemon`]); the
 //! daemon walks and validates each request chain ([`chain`], [`intake`]), hands
-//! admitted INFER requests to the [`scheduler`], and [`executor`] threads run the
-//! scheduled batches on a [`backend`], reading inputs from and writing outputs to
-//! guest memory in place ([`guest_io`]), pinned next to their device ([`numa`]).
-//! The operator watches it through [`metrics`] and [`top`] and changes tenant
-//! policies live ([`reload`]). [`test_frontend`] is a small vhost-user frontend and
-//! virtio driver for integration tests and load generation; [`mod@bench`] measures the
-//! scheduler's figures with it.
+//! admitted INFER requests to the scheduler of its [`engine`] (the
+//! `ai-infer-scheduler` crate), and [`executor`] threads run the scheduled batches on
+//! a [`backend`], reading inputs from and writing outputs to guest memory in place
+//! ([`guest_io`]), pinned next to their device ([`numa`]). The operator watches it
+//! through [`metrics`] (and the binary's `top`) and changes tenant policies live
+//! ([`reload`]).
+//!
+//! This library is the daemon only. The `ai-inferd` binary (`src/bin/ai-inferd/`)
+//! adds the `top` client and the `bench` command; the vhost-user test frontend that
+//! the tests and the bench drive the daemon with is the `ai-infer-test-frontend` crate.
 
 pub mod backend;
-pub mod bench;
 pub mod chain;
 pub mod config;
 pub mod daemon;
 pub mod device;
+pub mod engine;
 pub mod executor;
 pub mod guest_io;
 pub mod intake;
@@ -26,10 +29,8 @@ pub mod models;
 pub mod numa;
 pub mod registry;
 pub mod reload;
-pub mod scheduler;
 pub mod tenant;
-pub mod test_frontend;
 #[cfg(test)]
 mod test_models;
 pub mod ticket;
-pub mod top;
+pub mod vring;

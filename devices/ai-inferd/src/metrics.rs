@@ -6,6 +6,11 @@
 //! - an HTTP request: `GET`/`HEAD` (any path) get an HTTP/1.0 response with the
 //!   text; `POST /-/reload` reloads the configuration (200 or 500 with one line);
 //! - the line `reload`: reloads and answers one line, `ok: …` or `error: …`;
+//!
+//! Reading is open to whoever reaches the endpoint; reloading is the daemon owner's
+//! only: on a unix socket the peer's uid (`SO_PEERCRED`) must be the daemon's or
+//! root's (else 403 / `error:`), and over TCP, which carries no credentials, reload
+//! is refused (405 / `error:`): send SIGHUP, or use a unix metrics socket.
 //! - nothing (the client half-closes its side or stays silent), or the line
 //!   `metrics`: the raw text, so `socat - UNIX-CONNECT:/run/ai-inferd/metrics.sock`
 //!   or `nc -U` show it.
@@ -14,6 +19,10 @@
 //! loopback address (TCP, enforced when the config is parsed) keep guests and
 //! remote hosts out. A client can still only read statistics and ask for the
 //! configuration file to be read again.
+//!
+//! The client side: [`fetch`] asks an endpoint, [`scrape::Scrape`] reads its text.
+
+pub mod scrape;
 
 use std::fmt;
 use std::io::{ErrorKind, Read, Write};
@@ -396,10 +405,49 @@ fn http_response(status: &str, body: &str, head: bool) -> Vec<u8> {
     out
 }
 
+/// Whether the client of `stream` may reload: the daemon's owner (or root) on a
+/// unix socket; nobody over TCP. `Err` says why not.
+fn reload_allowed(stream: &Stream) -> Result<(), (&'static str, String)> {
+    match stream {
+        Stream::Tcp(_) => Err((
+            "405 Method Not Allowed",
+            "reload is not accepted over TCP (no peer credentials); send SIGHUP to the \
+             daemon or use a unix metrics socket"
+                .into(),
+        )),
+        Stream::Unix(s) => {
+            let owner = crate::tenant::socket::daemon_uid();
+            match crate::tenant::socket::peer_cred(s) {
+                Ok(peer) if peer.uid == owner || peer.uid == 0 => Ok(()),
+                Ok(peer) => {
+                    warn!("metrics: refused a reload from {peer}: not the daemon's uid {owner}");
+                    Err((
+                        "403 Forbidden",
+                        format!("reload is only for the daemon's uid {owner} or root"),
+                    ))
+                }
+                Err(e) => Err(("403 Forbidden", format!("peer credentials unknown: {e}"))),
+            }
+        }
+    }
+}
+
 fn answer(mut stream: Stream, source: &dyn MetricsSource) -> std::io::Result<()> {
     stream.set_timeouts(REQUEST_WAIT, WRITE_TIMEOUT)?;
     let request = read_request(&mut stream)?;
-    let response = match classify(&request) {
+    let ask = classify(&request);
+    if matches!(ask, Ask::RawReload | Ask::HttpReload) {
+        if let Err((status, reason)) = reload_allowed(&stream) {
+            let response = if ask == Ask::HttpReload {
+                http_response(status, &format!("error: {reason}\n"), false)
+            } else {
+                format!("error: {reason}\n").into_bytes()
+            };
+            stream.write_all(&response)?;
+            return stream.flush();
+        }
+    }
+    let response = match ask {
         Ask::Raw => source.render().into_bytes(),
         Ask::RawReload => match source.reload() {
             Ok(summary) => format!("ok: {summary}\n").into_bytes(),
@@ -546,13 +594,25 @@ mod tests {
             assert!(http.starts_with("HTTP/1.0 200 OK\r\n"), "{http}");
             assert!(http.contains("Content-Length: 19\r\n"), "{http}");
             assert!(http.ends_with("\r\n\r\n# TYPE x gauge\nx 1\n"), "{http}");
-            assert_eq!(
-                fetch(&at, "reload\n", wait).unwrap(),
-                "ok: 1 tenant changed\n"
-            );
-            let refused = fetch(&at, "POST /-/reload HTTP/1.0\r\n\r\n", wait).unwrap();
-            assert!(refused.starts_with("HTTP/1.0 500"), "{refused}");
-            assert!(refused.ends_with("error: bad config\n"), "{refused}");
+            if let MetricsEndpoint::Unix(_) = &at {
+                // The owner (this process's uid) may reload.
+                assert_eq!(
+                    fetch(&at, "reload\n", wait).unwrap(),
+                    "ok: 1 tenant changed\n"
+                );
+                let refused = fetch(&at, "POST /-/reload HTTP/1.0\r\n\r\n", wait).unwrap();
+                assert!(refused.starts_with("HTTP/1.0 500"), "{refused}");
+                assert!(refused.ends_with("error: bad config\n"), "{refused}");
+            } else {
+                // TCP carries no credentials: read-only.
+                let raw = fetch(&at, "reload\n", wait).unwrap();
+                assert!(
+                    raw.starts_with("error: reload is not accepted over TCP"),
+                    "{raw}"
+                );
+                let post = fetch(&at, "POST /-/reload HTTP/1.0\r\n\r\n", wait).unwrap();
+                assert!(post.starts_with("HTTP/1.0 405"), "{post}");
+            }
             assert!(fetch(&at, "what\n", wait)
                 .unwrap()
                 .starts_with("error: unknown"));

@@ -29,13 +29,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ai_infer_protocol::{check_model_name, MAX_MODELS};
+use ai_infer_scheduler::MAX_BATCH;
 use serde::Deserialize;
 use thiserror::Error;
 
 use crate::backend::bert::{BertBackend, BertError, BertOptions};
 use crate::backend::onnx::{OnnxBackend, OnnxError, OnnxOptions};
 use crate::backend::Backend;
-use crate::scheduler::MAX_BATCH;
 
 /// Environment variable that replaces the manifest's `models_dir`.
 pub const MODELS_DIR_ENV: &str = "AIVMM_MODELS_DIR";

@@ -15,13 +15,16 @@
 //! the config space shows the new `max_in_flight` from the next connection on),
 //! and daemon-wide `max_batch_delay_us`, `reserved_executors`,
 //! `reserved_min_class` and the class wait bounds (`max_wait_ms`).
+//! A tenant's `uid`/`gid` and the daemon's `handshake_timeout_ms` apply from the
+//! next connection on (the socket's owner, set when it was created, stays).
 
 use ai_infer_protocol::DeviceConfig;
+use ai_infer_scheduler::{ExecutorId, SchedulerConfig};
 use thiserror::Error;
 
 use crate::config::{Config, ConfigError, DaemonSection, TenantConfig};
 use crate::registry::{ModelRegistry, RegistryError};
-use crate::scheduler::{ExecutorId, SchedulerConfig};
+use crate::tenant::socket::PeerRule;
 use crate::tenant::Grant;
 
 /// Why a reload was refused (the running configuration stays).
@@ -68,6 +71,10 @@ pub fn grant(t: &TenantConfig, registry: &ModelRegistry) -> Result<Grant, Regist
             num_request_queues: t.num_request_queues,
             max_in_flight: t.max_in_flight,
             ..DeviceConfig::default()
+        },
+        peer: PeerRule {
+            uid: t.uid,
+            gid: t.gid,
         },
     })
 }
@@ -212,6 +219,11 @@ pub fn plan(
             a.max_wait_ms.to_string(),
             b.max_wait_ms.to_string(),
         ),
+        (
+            "handshake_timeout_ms",
+            a.handshake_timeout_ms.to_string(),
+            b.handshake_timeout_ms.to_string(),
+        ),
     ] {
         if from != to {
             changes.push(format!("daemon: {what} {from} -> {to}"));
@@ -274,6 +286,8 @@ pub fn plan(
             format!("{:?}", old.allowed_models),
             format!("{:?}", t.allowed_models),
         );
+        note("uid", format!("{:?}", old.uid), format!("{:?}", t.uid));
+        note("gid", format!("{:?}", old.gid), format!("{:?}", t.gid));
         if !changed.is_empty() {
             changes.push(format!("{}: {}", t.name, changed.join(", ")));
             grants.push((index, new_grant));

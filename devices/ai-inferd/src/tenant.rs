@@ -9,8 +9,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use ai_infer_protocol::{DeviceConfig, Status, TraceCounters, MAX_REQUEST_QUEUES};
+use ai_infer_scheduler::{Nanos, TenantId, TenantPolicy};
 
-use crate::scheduler::{Nanos, TenantId, TenantPolicy};
+pub mod socket;
+
+use self::socket::PeerRule;
 
 /// A tenant's fixed identity, from the config.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -31,6 +34,33 @@ pub struct Grant {
     /// The limits the device enforces (its config space), fixed for a connection
     /// when it starts; `max_in_flight` is also enforced live through `policy`.
     pub device_config: DeviceConfig,
+    /// Which peers may connect as this tenant (checked at each accept).
+    pub peer: PeerRule,
+}
+
+/// Why a connection to a tenant socket was closed at once (a metric label each).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The peer's uid/gid is not the tenant's.
+    Peer,
+    /// A VMM is already connected.
+    Busy,
+    /// The peer did not complete the handshake in time.
+    Handshake,
+}
+
+impl Refusal {
+    /// Every reason, in metric order.
+    pub const ALL: [Refusal; 3] = [Refusal::Peer, Refusal::Busy, Refusal::Handshake];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::Peer => "peer",
+            Refusal::Busy => "busy",
+            Refusal::Handshake => "handshake_timeout",
+        }
+    }
 }
 
 /// An in-flight INFER of the current connection.
@@ -141,6 +171,8 @@ pub struct Tenant {
     /// Read often, replaced only by a reload; never held while taking another lock.
     grant: RwLock<Arc<Grant>>,
     connected: AtomicBool,
+    /// Connections closed at once, by [`Refusal`].
+    refusals: [AtomicU64; 3],
     /// Per queue; moved only under the state lock (so a check under it is stable), read
     /// without it where the vring lock is held (taking a chain), which must not wait for
     /// the tenant lock: completions hold the tenant lock while they publish to the vring.
@@ -156,6 +188,7 @@ impl Tenant {
             spec,
             grant: RwLock::new(Arc::new(grant)),
             connected: AtomicBool::new(false),
+            refusals: Default::default(),
             generations: std::array::from_fn(|_| AtomicU64::new(0)),
             state: Mutex::new(TenantState {
                 running: [0; MAX_REQUEST_QUEUES],
@@ -183,6 +216,16 @@ impl Tenant {
     /// Records that a VMM connected or left.
     pub fn set_connected(&self, connected: bool) {
         self.connected.store(connected, Ordering::Relaxed);
+    }
+
+    /// Counts a connection closed at once.
+    pub fn count_refusal(&self, why: Refusal) {
+        self.refusals[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Connections closed at once for `why` since start.
+    pub fn refusals(&self, why: Refusal) -> u64 {
+        self.refusals[why as usize].load(Ordering::Relaxed)
     }
 
     /// Locks the state (a panicked holder leaves consistent counters behind).
@@ -316,6 +359,7 @@ mod tests {
                 },
                 allowed_ids: vec![1],
                 device_config: DeviceConfig::default(),
+                peer: PeerRule::default(),
             },
         )
     }

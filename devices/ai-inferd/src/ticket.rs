@@ -15,17 +15,17 @@ use ai_infer_protocol::{
     response_range, Response, ResponseHeader, TensorDesc, MAX_TENSORS, RESPONSE_HEADER_LEN,
     TENSOR_DESC_LEN,
 };
+use ai_infer_scheduler::Nanos;
 use log::warn;
-use vhost_user_backend::{VringRwLock, VringT};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vhost_user_backend::VringT;
+use vm_memory::GuestMemoryMmap;
 
 use crate::chain::Segment;
 use crate::guest_io::write_stream;
-use crate::scheduler::Nanos;
 use crate::tenant::{Record, Tenant};
 
 /// The vring type the daemon uses.
-pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemoryMmap>>;
+pub type Vring = crate::vring::ReportingVring;
 
 /// How to complete one chain.
 pub struct ChainTicket {

@@ -1,5 +1,5 @@
 //! The daemon end to end: a real `Daemon` (in-process threads) on temporary tenant
-//! sockets, driven by `test_frontend` over vhost-user with memfd guest memory.
+//! sockets, driven by `ai_infer_test_frontend` over vhost-user with memfd guest memory.
 
 mod common;
 
@@ -10,9 +10,7 @@ use std::time::Duration;
 use ai_infer_protocol::{
     CancelOutcome, DType, PriorityClass, Request, Status, TensorDesc, TraceCounters, DETAIL_NONE,
 };
-use ai_inferd::test_frontend::{
-    Buffer, Completed, FrontendOptions, Pending, RawDesc, TestFrontend,
-};
+use ai_infer_test_frontend::{Buffer, Completed, FrontendOptions, Pending, RawDesc, TestFrontend};
 use common::*;
 use virtio_bindings::bindings::virtio_ring::{
     VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
@@ -179,7 +177,7 @@ fn send(
     fe: &mut TestFrontend,
     r: &[&[u8]],
     w_lens: &[u32],
-) -> (ai_inferd::test_frontend::UsedElem, Vec<u8>) {
+) -> (ai_infer_test_frontend::UsedElem, Vec<u8>) {
     let rb = bufs(fe, r);
     let w_fill: Vec<Vec<u8>> = w_lens.iter().map(|l| vec![0xaa; *l as usize]).collect();
     let w_refs: Vec<&[u8]> = w_fill.iter().map(|v| v.as_slice()).collect();
@@ -207,7 +205,7 @@ fn send(
     (used, w)
 }
 
-fn status_of(used: ai_inferd::test_frontend::UsedElem, w: &[u8]) -> (Status, u32, u64) {
+fn status_of(used: ai_infer_test_frontend::UsedElem, w: &[u8]) -> (Status, u32, u64) {
     assert_eq!(used.len as usize, w.len(), "used.len must be the whole W");
     let h = ai_infer_protocol::ResponseHeader::decode(&w[w.len() - 48..]).unwrap();
     (h.status, h.detail, h.request_id)
@@ -792,6 +790,7 @@ fn per_model_delay_and_instances_shape_the_policies_and_survive_a_reload() {
     let policy = |id| {
         daemon
             .shared()
+            .engine
             .scheduler
             .with_core(|core| core.model_policy(id).cloned().unwrap())
     };

@@ -8,15 +8,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ai_infer_protocol::{CancelOutcome, PriorityClass, Status};
+use ai_infer_scheduler::{Reject, SchedulerStats, TenantId};
+use ai_infer_test_frontend::load::{self, Load, Pattern};
+use ai_infer_test_frontend::{Pending, TestFrontend};
 use ai_inferd::backend::synthetic::SyntheticModel;
 use ai_inferd::backend::Backend;
-use ai_inferd::bench::load::{self, Load, Pattern};
 use ai_inferd::config::Config;
+use ai_inferd::metrics::scrape::Scrape;
 use ai_inferd::metrics::{self, MetricsEndpoint};
 use ai_inferd::reload::ReloadError;
-use ai_inferd::scheduler::{Reject, SchedulerStats, TenantId};
-use ai_inferd::test_frontend::{Pending, TestFrontend};
-use ai_inferd::top::Scrape;
 use common::*;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -130,9 +130,9 @@ fn saturating_tenants_get_accelerator_time_by_weight() {
         .collect();
     let running = load::spawn(&loads, Duration::from_secs(4)).unwrap();
     running.sleep_until(Duration::from_millis(500));
-    let before = h.daemon().shared().scheduler.stats();
+    let before = h.daemon().shared().engine.scheduler.stats();
     running.sleep_until(Duration::from_millis(3_500));
-    let after = h.daemon().shared().scheduler.stats();
+    let after = h.daemon().shared().engine.scheduler.stats();
     let runs = running.join().unwrap();
     for run in &runs {
         assert_eq!(run.count(Status::Ok), run.outcomes.len(), "all OK");
@@ -194,7 +194,7 @@ fn realtime_overtakes_queued_batch_work_and_the_ceiling_applies() {
 
 /// Submits one request and returns its status and how long it took to come back.
 fn timed(
-    fe: &mut ai_inferd::test_frontend::TestFrontend,
+    fe: &mut ai_infer_test_frontend::TestFrontend,
     req: &ai_infer_protocol::Request,
 ) -> (Status, Duration) {
     let start = Instant::now();
@@ -246,7 +246,7 @@ fn throttled_queue_full_and_deadline_come_back_at_once() {
             Status::Ok
         );
     }
-    let stats = h.daemon().shared().scheduler.stats();
+    let stats = h.daemon().shared().engine.scheduler.stats();
     let rejected = |id: u32, r: Reject| stats.tenants[id as usize].stats.rejected[r.index()];
     assert_eq!(rejected(0, Reject::QueueFull), 1);
     assert_eq!(rejected(1, Reject::Throttled), 1);
@@ -256,6 +256,7 @@ fn throttled_queue_full_and_deadline_come_back_at_once() {
 fn queued_now(h: &Harness) -> u64 {
     h.daemon()
         .shared()
+        .engine
         .scheduler
         .stats()
         .models
@@ -392,7 +393,7 @@ fn a_reload_changes_weights_live_and_a_bad_one_changes_nothing() {
         closed(&h, "x", PriorityClass::Normal, 32),
         closed(&h, "y", PriorityClass::Normal, 32),
     ];
-    let stats = || h.daemon().shared().scheduler.stats();
+    let stats = || h.daemon().shared().engine.scheduler.stats();
     // One load for the whole test: the same two connections before and after.
     let running = load::spawn(&loads, Duration::from_secs(6)).unwrap();
     running.sleep_until(Duration::from_millis(500));
@@ -597,9 +598,9 @@ fn a_reload_from_the_file_applies_allowed_models_and_limits() {
     ];
     let daemon = ai_inferd::daemon::Daemon::start(&config, backends).unwrap();
     let mut fe =
-        ai_inferd::test_frontend::TestFrontend::connect(&dir.join("a.sock"), Default::default())
+        ai_infer_test_frontend::TestFrontend::connect(&dir.join("a.sock"), Default::default())
             .unwrap();
-    let status = |fe: &mut ai_inferd::test_frontend::TestFrontend, id| {
+    let status = |fe: &mut ai_infer_test_frontend::TestFrontend, id| {
         let done = fe
             .call(0, &add_one_request(id, SECRET, 1), &[&f32_bytes(&[1.0])], 0)
             .unwrap();

@@ -4,14 +4,15 @@
 mod common;
 
 use std::fs::File;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ai_infer_protocol::{Request, ResponseHeader, Status, RESPONSE_HEADER_LEN};
 use common::*;
 use devices::virtio::{
-    ActivateParams, QueueConfig, VhostUserDevice, VhostUserDeviceConfig, VirtioDevice,
-    VIRTIO_F_VERSION_1,
+    ActivateParams, Queue, QueueT, VhostUserDevice, VhostUserDeviceConfig, VirtioDevice,
+    VirtioInterrupt, VIRTIO_F_VERSION_1,
 };
 use vm_memory::{Address, Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -30,11 +31,17 @@ const VRING_DESC_F_WRITE: u16 = 2;
 fn guest_memory() -> GuestMemoryMmap {
     let name = std::ffi::CString::new("vmm-frontend-test").unwrap();
     // SAFETY: memfd_create with a valid C string; the new fd is checked below.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
     // SAFETY: memfd_create returned a new fd that nothing else owns.
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(MEM_SIZE as u64).unwrap();
+    // Sealed as aivmm seals its zones: the daemon refuses memory that could shrink.
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: F_ADD_SEALS on the memfd we own, with an int argument.
+    let ret = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) };
+    assert_eq!(ret, 0, "F_ADD_SEALS: {}", std::io::Error::last_os_error());
     GuestMemoryMmap::from_ranges_with_files([(
         GuestAddress(0),
         MEM_SIZE,
@@ -83,15 +90,9 @@ fn wait_used(mem: &GuestMemoryMmap, timeout: Duration) -> Option<ResponseHeader>
     None
 }
 
-/// A guest driver that kicks the moment DRIVER_OK returns is served, activation after
-/// activation: every request the frontend sends during activation waits for the
-/// backend's acknowledgement (REPLY_ACK), so the ring is enabled before the guest runs
-/// on, and a reset leaves nothing behind that stops the next start.
-#[test]
-fn a_kick_right_after_activation_is_never_lost() {
-    let h = Harness::start(1, &[TenantOpts::new("a", "[\"*\"]")]);
-    let mem = guest_memory();
-    let mut device = VhostUserDevice::new(
+/// aivmm's vhost-user frontend for tenant `a` of `h`, connected to the daemon.
+fn connected_device(h: &Harness, mem: &GuestMemoryMmap) -> VhostUserDevice {
+    let device = VhostUserDevice::new(
         VhostUserDeviceConfig {
             device_type: ai_infer_protocol::VIRTIO_ID_AI_INFER,
             num_queues: 1,
@@ -99,6 +100,7 @@ fn a_kick_right_after_activation_is_never_lost() {
             config_len: ai_infer_protocol::CONFIG_SPACE_LEN as u32,
             allowed_features: VIRTIO_F_VERSION_1,
             socket: h.socket("a"),
+            backend_peer: Default::default(),
         },
         mem.clone(),
     )
@@ -108,24 +110,36 @@ fn a_kick_right_after_activation_is_never_lost() {
         assert!(Instant::now() < deadline, "the frontend never connected");
         std::thread::sleep(Duration::from_millis(10));
     }
+    device
+}
+
+/// A guest driver that kicks the moment DRIVER_OK returns is served, activation after
+/// activation: every request the frontend sends during activation waits for the
+/// backend's acknowledgement (REPLY_ACK), so the ring is enabled before the guest runs
+/// on, and a reset leaves nothing behind that stops the next start.
+#[test]
+fn a_kick_right_after_activation_is_never_lost() {
+    let h = Harness::start(1, &[TenantOpts::new("a", "[\"*\"]")]);
+    let mem = guest_memory();
+    let mut device = connected_device(&h, &mem);
     let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    let queue = QueueConfig {
-        size: QUEUE_SIZE,
-        desc_table: DESC,
-        avail_ring: AVAIL,
-        used_ring: USED,
-        enabled: true,
+    let queue = || {
+        let mut q = Queue::new(QUEUE_SIZE).unwrap();
+        q.try_set_desc_table_address(GuestAddress(DESC)).unwrap();
+        q.try_set_avail_ring_address(GuestAddress(AVAIL)).unwrap();
+        q.try_set_used_ring_address(GuestAddress(USED)).unwrap();
+        q.set_ready(true);
+        q
     };
     for round in 0..200u64 {
         write_ring_with_models_request(&mem, round);
         device
             .activate(ActivateParams {
                 features: VIRTIO_F_VERSION_1 & device.features(),
-                queues: &[queue],
-                kicks: std::slice::from_ref(&kick),
-                calls: std::slice::from_ref(&call),
-                config_irq: None,
+                memory: mem.clone(),
+                queues: vec![queue()],
+                kicks: vec![kick.try_clone().unwrap()],
+                interrupt: Arc::new(VirtioInterrupt::unconnected(1).unwrap()),
             })
             .unwrap();
         kick.write(1).unwrap();
@@ -134,4 +148,52 @@ fn a_kick_right_after_activation_is_never_lost() {
         assert_eq!((header.status, header.request_id), (Status::Ok, round));
         device.reset();
     }
+}
+
+/// A guest that makes a head index beyond the queue size available breaks the queue: the
+/// daemon stops serving it and reports it on the ring's error eventfd, and the device
+/// then needs a reset and raises the configuration interrupt (virtio 1.2 §2.1.2).
+#[test]
+fn a_broken_queue_makes_the_device_need_a_reset() {
+    let h = Harness::start(1, &[TenantOpts::new("a", "[\"*\"]")]);
+    let mem = guest_memory();
+    let mut device = connected_device(&h, &mem);
+    write_ring_with_models_request(&mem, 1);
+    // ring[0] names descriptor 200 of a 16-entry table.
+    mem.write_obj(200u16, GuestAddress(AVAIL + 4)).unwrap();
+    let mut q = Queue::new(QUEUE_SIZE).unwrap();
+    q.try_set_desc_table_address(GuestAddress(DESC)).unwrap();
+    q.try_set_avail_ring_address(GuestAddress(AVAIL)).unwrap();
+    q.try_set_used_ring_address(GuestAddress(USED)).unwrap();
+    q.set_ready(true);
+    let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let config_irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    device
+        .activate(ActivateParams {
+            features: VIRTIO_F_VERSION_1 & device.features(),
+            memory: mem.clone(),
+            queues: vec![q],
+            kicks: vec![kick.try_clone().unwrap()],
+            interrupt: Arc::new(VirtioInterrupt::new(
+                vec![EventFd::new(libc::EFD_NONBLOCK).unwrap()],
+                Some(config_irq.try_clone().unwrap()),
+            )),
+        })
+        .unwrap();
+    assert!(!device.needs_reset());
+    kick.write(1).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !device.needs_reset() {
+        assert!(
+            Instant::now() < deadline,
+            "the broken queue was never reported: the device does not need a reset"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(config_irq.read().unwrap(), 1, "the configuration interrupt");
+    let used: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
+    assert_eq!(used, 0, "nothing of the broken queue was completed");
+    // After the driver's reset the device serves again.
+    device.reset();
+    assert!(!device.needs_reset());
 }

@@ -274,7 +274,7 @@ mod tests {
         let (mut console, _interrupt) = console_with(Box::new(io::sink()));
         let capacity = console.fifo_capacity();
         assert!(capacity > 0);
-        let input: Vec<u8> = (0..capacity + 10).map(|i| i as u8).collect();
+        let input: Vec<u8> = (0..capacity + 10).map(|i| i.to_le_bytes()[0]).collect();
 
         assert_eq!(console.enqueue_input(&input).unwrap(), capacity);
         assert_eq!(console.fifo_capacity(), 0);

@@ -117,7 +117,7 @@ mod tests {
             self.config.decoded_bars()
         }
         fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
-            data.fill(bar as u8 * 16 + offset as u8);
+            data.fill(bar.to_le_bytes()[0] * 16 + offset.to_le_bytes()[0]);
         }
         fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
             self.last_write = Some((bar, offset, data.to_vec()));

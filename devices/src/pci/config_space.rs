@@ -12,7 +12,7 @@
 
 use thiserror::Error;
 
-use super::{extract_bytes, is_dword_access};
+use super::{extract_bytes, is_dword_access, low_u32};
 
 /// Registers (dwords) in conventional config space.
 pub const NUM_CONFIGURATION_REGISTERS: usize = 64;
@@ -299,7 +299,8 @@ impl PciConfiguration {
 
     /// The command register.
     pub fn command(&self) -> u16 {
-        self.registers[COMMAND_STATUS_REG] as u16
+        let [lo, hi, _, _] = self.registers[COMMAND_STATUS_REG].to_le_bytes();
+        u16::from_le_bytes([lo, hi])
     }
 
     /// The status register.
@@ -330,7 +331,7 @@ impl PciConfiguration {
 
     /// The interrupt line the guest wrote (its IRQ routing note).
     pub fn interrupt_line(&self) -> u8 {
-        self.registers[INTERRUPT_REG] as u8
+        self.registers[INTERRUPT_REG].to_le_bytes()[0]
     }
 
     /// Registers BAR `index` of `size` bytes (a power of two). A [`BarKind::Mmio64`]
@@ -375,7 +376,7 @@ impl PciConfiguration {
         match kind {
             BarKind::Io => {
                 self.registers[reg] = BAR_IO_SPACE;
-                self.writable[reg] = address_mask as u32 & !BAR_IO_TYPE_MASK;
+                self.writable[reg] = low_u32(address_mask) & !BAR_IO_TYPE_MASK;
             }
             BarKind::Mmio32 | BarKind::Mmio64 => {
                 let mut type_bits = 0;
@@ -386,7 +387,7 @@ impl PciConfiguration {
                     type_bits |= BAR_MEM_PREFETCHABLE;
                 }
                 self.registers[reg] = type_bits;
-                self.writable[reg] = address_mask as u32 & !BAR_MEM_TYPE_MASK;
+                self.writable[reg] = low_u32(address_mask) & !BAR_MEM_TYPE_MASK;
                 if kind == BarKind::Mmio64 {
                     self.registers[reg + 1] = 0;
                     self.writable[reg + 1] = (address_mask >> 32) as u32;
@@ -423,7 +424,7 @@ impl PciConfiguration {
             });
         }
         let reg = BAR0_REG + index;
-        self.registers[reg] = (self.registers[reg] & !self.writable[reg]) | addr as u32;
+        self.registers[reg] = (self.registers[reg] & !self.writable[reg]) | low_u32(addr);
         if bar.kind == BarKind::Mmio64 {
             self.registers[reg + 1] = (addr >> 32) as u32;
         }
@@ -492,22 +493,25 @@ impl PciConfiguration {
             return Err(PciConfigError::CapabilityTooShort(data.len()));
         }
         let offset = self.next_capability_offset;
+        let full = || PciConfigError::CapabilitySpaceFull {
+            offset,
+            len: data.len(),
+        };
         let end = offset
             .checked_add(data.len())
             .filter(|&end| end <= CAPABILITY_END)
-            .ok_or(PciConfigError::CapabilitySpaceFull {
-                offset,
-                len: data.len(),
-            })?;
+            .ok_or_else(full)?;
+        // Below the end of conventional config space (256 bytes), so it fits a pointer.
+        let pointer = u8::try_from(offset).map_err(|_| full())?;
 
         for (i, &byte) in data.iter().enumerate() {
             let value = if i == 1 { 0 } else { byte };
             self.set_byte(offset + i, value);
         }
         match self.capabilities.last() {
-            Some(&previous) => self.set_byte(previous + 1, offset as u8),
+            Some(&previous) => self.set_byte(previous + 1, pointer),
             None => {
-                self.set_byte(CAPABILITY_POINTER_REG * 4, offset as u8);
+                self.set_byte(CAPABILITY_POINTER_REG * 4, pointer);
                 self.set_status_bits(STATUS_CAPABILITY_LIST);
             }
         }
@@ -802,7 +806,7 @@ mod tests {
         while ptr != 0 && walked.len() < 48 {
             assert_eq!(ptr % 4, 0);
             let header = config.read_reg(ptr / 4);
-            walked.push((ptr, header as u8));
+            walked.push((ptr, header.to_le_bytes()[0]));
             ptr = ((header >> 8) & 0xff) as usize;
         }
         assert_eq!(walked, vec![(0x40, 0x05), (0x48, 0x11), (0x4c, 0x09)]);

@@ -28,6 +28,17 @@ pub(crate) fn is_dword_access(offset: u64, len: usize) -> bool {
 /// Copies the bytes of `value` at `offset` (a valid [`is_dword_access`]) into `data`.
 pub(crate) fn extract_bytes(value: u32, offset: u64, data: &mut [u8]) {
     let bytes = value.to_le_bytes();
-    let start = offset as usize;
-    data.copy_from_slice(&bytes[start..start + data.len()]);
+    let src = usize::try_from(offset)
+        .ok()
+        .and_then(|start| bytes.get(start..start.checked_add(data.len())?));
+    if let Some(src) = src {
+        data.copy_from_slice(src);
+    }
+}
+
+/// The low dword of `value`: what a 32-bit register, or the lower half of a 64-bit
+/// BAR or address pair, holds.
+pub(crate) fn low_u32(value: u64) -> u32 {
+    let [b0, b1, b2, b3, ..] = value.to_le_bytes();
+    u32::from_le_bytes([b0, b1, b2, b3])
 }

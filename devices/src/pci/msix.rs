@@ -121,6 +121,8 @@ impl MsixLayout {
 /// The MSI-X state of one function.
 pub struct Msix {
     table: Vec<TableEntry>,
+    /// `table.len()`, which is at most [`MAX_MSIX_VECTORS`].
+    num_vectors: u16,
     layout: MsixLayout,
     enabled: bool,
     function_masked: bool,
@@ -141,15 +143,19 @@ impl Msix {
     /// MSI-X with one table entry per vector of `vectors` (at most
     /// [`MAX_MSIX_VECTORS`]), every vector masked, MSI-X disabled — the reset state.
     pub fn new(vectors: Arc<dyn MsiVectors>, layout: MsixLayout) -> Self {
-        let count = vectors.len().clamp(1, usize::from(MAX_MSIX_VECTORS));
+        // More vectors than a u16 holds are more than the maximum as well.
+        let count = u16::try_from(vectors.len())
+            .unwrap_or(MAX_MSIX_VECTORS)
+            .clamp(1, MAX_MSIX_VECTORS);
         Self {
             table: vec![
                 TableEntry {
                     control: VECTOR_MASKED,
                     ..TableEntry::default()
                 };
-                count
+                usize::from(count)
             ],
+            num_vectors: count,
             layout,
             enabled: false,
             function_masked: false,
@@ -159,7 +165,7 @@ impl Msix {
 
     /// Number of vectors.
     pub fn num_vectors(&self) -> u16 {
-        self.table.len() as u16
+        self.num_vectors
     }
 
     /// Bytes the table takes in its BAR.
@@ -226,7 +232,7 @@ impl Msix {
         let Some((entry, field)) = self.locate(offset, data.len()) else {
             return;
         };
-        let e = &self.table[entry];
+        let e = &self.table[usize::from(entry)];
         let words = [e.addr_lo, e.addr_hi, e.data, e.control];
         match data.len() {
             4 => data.copy_from_slice(&words[field].to_le_bytes()),
@@ -253,9 +259,10 @@ impl Msix {
             b.copy_from_slice(chunk);
             *word = u32::from_le_bytes(b);
         }
-        let before = self.table[entry];
+        let index = usize::from(entry);
+        let before = self.table[index];
         for (i, word) in words.iter().take(data.len() / 4).enumerate() {
-            let e = &mut self.table[entry];
+            let e = &mut self.table[index];
             match field + i {
                 0 => e.addr_lo = *word,
                 1 => e.addr_hi = *word,
@@ -264,11 +271,11 @@ impl Msix {
                 _ => e.control = *word & VECTOR_MASKED,
             }
         }
-        let after = self.table[entry];
+        let after = self.table[index];
         // The spec lets software change a masked entry's message freely; a change to an
         // unmasked entry takes effect now as well (Linux does that when it migrates IRQs).
         if after != before {
-            self.route(entry as u16);
+            self.route(entry);
         }
     }
 
@@ -299,14 +306,15 @@ impl Msix {
     }
 
     /// Entry index and first 32-bit field of an access, if well-formed.
-    fn locate(&self, offset: u64, len: usize) -> Option<(usize, usize)> {
+    fn locate(&self, offset: u64, len: usize) -> Option<(u16, usize)> {
         if !(len == 4 || len == 8) || !offset.is_multiple_of(len as u64) {
             return None;
         }
         if offset.checked_add(len as u64)? > self.table_len() {
             return None;
         }
-        let entry = (offset / MSIX_TABLE_ENTRY_SIZE) as usize;
+        // Inside a table of at most `MAX_MSIX_VECTORS` entries, so the index fits.
+        let entry = u16::try_from(offset / MSIX_TABLE_ENTRY_SIZE).ok()?;
         let field = ((offset % MSIX_TABLE_ENTRY_SIZE) / 4) as usize;
         Some((entry, field))
     }

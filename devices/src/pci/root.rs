@@ -224,7 +224,7 @@ impl PciConfigIo {
     fn selected(&self) -> Option<(u8, u8, u8, usize)> {
         let addr = self.config_address;
         (addr & CONFIG_ADDRESS_ENABLE != 0).then_some((
-            (addr >> 16) as u8,
+            addr.to_le_bytes()[2],
             ((addr >> 11) & 0x1f) as u8,
             ((addr >> 8) & 0x7) as u8,
             ((addr >> 2) & 0x3f) as usize,
@@ -300,8 +300,13 @@ impl PciConfigMmio {
     /// (bus, device, function, register, byte offset in the register) of an ECAM
     /// offset, or `None` past the 256-bus window.
     fn decode(offset: u64) -> Option<(u8, u8, u8, usize, u64)> {
-        (offset < PCI_ECAM_SIZE_ALL_BUSES).then_some((
-            (offset >> 20) as u8,
+        if offset >= PCI_ECAM_SIZE_ALL_BUSES {
+            return None;
+        }
+        // 1 MiB per bus: inside the window the bus number fits a byte.
+        let bus = u8::try_from(offset >> 20).ok()?;
+        Some((
+            bus,
             ((offset >> 15) & 0x1f) as u8,
             ((offset >> 12) & 0x7) as u8,
             ((offset >> 2) & 0x3ff) as usize,

@@ -85,6 +85,8 @@ impl MsiLayout {
 
     /// The read-only part of Message Control (everything but enable and MME).
     pub fn control(&self) -> u16 {
+        // A u16 has at most 16 trailing zeros.
+        #[allow(clippy::cast_possible_truncation)]
         let mmc = self.max_vectors.trailing_zeros() as u16;
         (mmc << MSI_CTRL_MMC_SHIFT)
             | if self.is_64bit { MSI_CTRL_64BIT } else { 0 }
@@ -164,9 +166,9 @@ mod tests {
 
     fn config_with(caps: &[(usize, u8, u8)]) -> [u8; CONFIG_SPACE_LEN] {
         let mut c = [0u8; CONFIG_SPACE_LEN];
-        c[6] = STATUS_CAPABILITY_LIST as u8;
+        c[6] = STATUS_CAPABILITY_LIST.to_le_bytes()[0];
         if let Some(&(first, _, _)) = caps.first() {
-            c[CAP_POINTER_OFFSET] = first as u8;
+            c[CAP_POINTER_OFFSET] = u8::try_from(first).unwrap();
         }
         for &(off, id, next) in caps {
             c[off] = id;

@@ -201,7 +201,10 @@ impl VirtualConfig {
     ) -> Result<(), VirtualConfigError> {
         let mut index = 0;
         while index < NUM_BARS {
-            let size = backend.region(index as u32).map_or(0, |r| r.size);
+            let size = u32::try_from(index)
+                .ok()
+                .and_then(|region| backend.region(region))
+                .map_or(0, |r| r.size);
             let reg = u32_at(snap, 0x10 + 4 * index);
             let (kind, prefetchable) = if reg & 0x1 != 0 {
                 (BarKind::Io, false)
@@ -346,7 +349,10 @@ impl VirtualConfig {
         if !is_dword_access(offset, data.len()) || reg_idx >= self.shadow.num_registers() {
             return ConfigTarget::Other;
         }
-        let start = reg_idx * 4 + offset as usize;
+        let Ok(byte) = usize::try_from(offset) else {
+            return ConfigTarget::Other;
+        };
+        let start = reg_idx * 4 + byte;
         let len = data.len();
         if reg_idx == COMMAND_STATUS_REG {
             self.shadow.write_reg(reg_idx, offset, data);

@@ -55,7 +55,7 @@ impl FakeVfio {
                         mmap: true,
                         sparse: None,
                     },
-                    vec![0u8; size as usize],
+                    vec![0u8; usize::try_from(size).unwrap()],
                 )
             };
             s.regions = vec![
@@ -138,7 +138,9 @@ impl VfioBackend for FakeVfio {
     fn config_read(&self, offset: u64, data: &mut [u8]) {
         data.fill(0xff);
         let s = self.state();
-        let start = offset as usize;
+        let Ok(start) = usize::try_from(offset) else {
+            return;
+        };
         if let Some(src) = s.config.get(start..start + data.len()) {
             data.copy_from_slice(src);
         }
@@ -155,7 +157,9 @@ impl VfioBackend for FakeVfio {
     fn region_read(&self, bar: u32, offset: u64, data: &mut [u8]) {
         data.fill(0xff);
         let s = self.state();
-        let start = offset as usize;
+        let Ok(start) = usize::try_from(offset) else {
+            return;
+        };
         if let Some(src) = s
             .regions
             .get(bar as usize)
@@ -167,7 +171,9 @@ impl VfioBackend for FakeVfio {
 
     fn region_write(&self, bar: u32, offset: u64, data: &[u8]) {
         let mut s = self.state();
-        let start = offset as usize;
+        let Ok(start) = usize::try_from(offset) else {
+            return;
+        };
         if let Some(dst) = s
             .regions
             .get_mut(bar as usize)
@@ -199,11 +205,12 @@ impl VfioBackend for FakeVfio {
     }
 
     fn mmap_region(&self, _bar: u32, _offset: u64, len: u64) -> io::Result<DeviceMapping> {
+        let len = usize::try_from(len).map_err(io::Error::other)?;
         // SAFETY: a fresh anonymous mapping, checked below.
         let addr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                len as usize,
+                len,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
                 -1,
@@ -215,7 +222,7 @@ impl VfioBackend for FakeVfio {
         }
         let addr = NonNull::new(addr.cast()).ok_or_else(|| io::Error::other("null mapping"))?;
         // SAFETY: the mapping was just created and is owned by nobody else.
-        Ok(unsafe { DeviceMapping::from_raw(addr, len as usize) })
+        Ok(unsafe { DeviceMapping::from_raw(addr, len) })
     }
 
     fn reset(&self) {

@@ -31,10 +31,16 @@ fn read_bytes(shadow: &PciConfiguration, offset: usize, len: usize) -> u32 {
     }
 }
 
+/// The 16-bit field at byte `offset` of config space.
+fn read_u16(shadow: &PciConfiguration, offset: usize) -> u16 {
+    let [lo, hi, ..] = read_bytes(shadow, offset, 2).to_le_bytes();
+    u16::from_le_bytes([lo, hi])
+}
+
 impl MsiState {
     pub fn read(cap: &MsiCap, shadow: &PciConfiguration) -> Self {
         let layout = cap.layout;
-        let ctrl = read_bytes(shadow, cap.offset + 2, 2) as u16;
+        let ctrl = read_u16(shadow, cap.offset + 2);
         let mme = (ctrl & MSI_CTRL_MME_MASK) >> MSI_CTRL_MME_SHIFT;
         let requested = 1u16 << mme.min(5);
         let lo = u64::from(read_bytes(shadow, cap.offset + 4, 4));
@@ -45,7 +51,7 @@ impl MsiState {
             enabled: ctrl & MSI_CTRL_ENABLE != 0,
             count: requested.min(layout.max_vectors),
             address: lo | (hi << 32),
-            data: read_bytes(shadow, cap.offset + layout.data(), 2) as u16,
+            data: read_u16(shadow, cap.offset + layout.data()),
             mask: layout
                 .mask()
                 .map_or(0, |o| read_bytes(shadow, cap.offset + o, 4)),

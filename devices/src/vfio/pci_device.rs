@@ -422,7 +422,8 @@ impl VfioPciDevice {
                     .map_or(BarTarget::Nothing, BarTarget::MsixPba);
             }
         }
-        BarTarget::Region
+        // VFIO numbers the BAR regions like the BARs.
+        u32::try_from(bar).map_or(BarTarget::Nothing, BarTarget::Region)
     }
 
     fn msix_ranges(&self) -> Option<(BarRange, BarRange)> {
@@ -450,8 +451,8 @@ enum BarTarget {
     MsixTable(u64),
     /// The emulated MSI-X PBA, at this offset into it.
     MsixPba(u64),
-    /// The device's region (through VFIO).
-    Region,
+    /// The device's region with this VFIO index (through VFIO).
+    Region(u32),
     /// Nowhere: outside the BAR, or straddling the start of the table or PBA (reads
     /// all-ones, writes dropped).
     Nothing,
@@ -484,14 +485,15 @@ fn clamp_u16(n: u32) -> u16 {
 fn map_bars(backend: &dyn VfioBackend, config: &VirtualConfig) -> Vec<BarMmap> {
     let page = host_page_size();
     let mut out = Vec::new();
-    for bar in 0..NUM_BARS {
+    // VFIO numbers the BAR regions like the BARs.
+    for (bar, region_index) in (0..NUM_BARS).zip(0u32..) {
         let Some(vbar) = config.bar(bar) else {
             continue;
         };
         if vbar.kind == BarKind::Io {
             continue;
         }
-        let Some(region) = backend.region(bar as u32) else {
+        let Some(region) = backend.region(region_index) else {
             continue;
         };
         let mut trapped = Vec::new();
@@ -504,7 +506,7 @@ fn map_bars(backend: &dyn VfioBackend, config: &VirtualConfig) -> Vec<BarMmap> {
             }
         }
         for (offset, len) in mappable_areas(&region, &trapped, page) {
-            match backend.mmap_region(bar as u32, offset, len) {
+            match backend.mmap_region(region_index, offset, len) {
                 Ok(mapping) => out.push(BarMmap::new(bar, offset, mapping)),
                 Err(e) => log::warn!(
                     "cannot mmap BAR {bar} offset {offset:#x} ({len:#x} bytes), it stays trapped: {e}"
@@ -546,7 +548,7 @@ impl PciDevice for VfioPciDevice {
                     msix.read_pba(rel, data);
                 }
             }
-            BarTarget::Region => self.backend.region_read(bar as u32, offset, data),
+            BarTarget::Region(region) => self.backend.region_read(region, offset, data),
             BarTarget::Nothing => {}
         }
     }
@@ -560,7 +562,7 @@ impl PciDevice for VfioPciDevice {
             }
             // The PBA is read-only.
             BarTarget::MsixPba(_) | BarTarget::Nothing => {}
-            BarTarget::Region => self.backend.region_write(bar as u32, offset, data),
+            BarTarget::Region(region) => self.backend.region_write(region, offset, data),
         }
     }
 }
@@ -598,7 +600,7 @@ mod tests {
         let mut ptr = (read32(dev, 0x34) & 0xfc) as usize;
         while ptr != 0 && out.len() < 48 {
             let header = read32(dev, ptr);
-            out.push((header as u8, ptr));
+            out.push((header.to_le_bytes()[0], ptr));
             ptr = ((header >> 8) & 0xfc) as usize;
         }
         out

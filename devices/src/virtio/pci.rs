@@ -16,14 +16,21 @@
 
 use std::sync::Arc;
 
-use ai_infer_protocol::virtio_pci::{
+use std::io;
+
+use thiserror::Error;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::pci_layout::{
     cfg_type, common, PCI_CAP_ID_VNDR, VIRTIO_MSI_NO_VECTOR, VIRTIO_PCI_CAP_EXT_LEN,
     VIRTIO_PCI_CAP_LEN,
 };
-use thiserror::Error;
-use vmm_sys_util::eventfd::EventFd;
-
-use super::{status, ActivateParams, QueueConfig, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{
+    status, ActivateParams, QueueConfig, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+};
 use crate::pci::config_space::{NUM_BARS, NUM_CONFIGURATION_REGISTERS};
 use crate::pci::{
     BarKind, MsiVectors, Msix, MsixLayout, PciBarRange, PciConfigError, PciConfiguration,
@@ -63,6 +70,9 @@ pub enum VirtioPciError {
         /// Vectors given.
         got: usize,
     },
+    /// The device's largest ring size is not a power of two.
+    #[error("a virtio queue's maximum size must be a power of two, not {0}")]
+    QueueMaxSize(u16),
     /// Config space could not be built.
     #[error("cannot build the virtio-pci config space: {0}")]
     Config(#[from] PciConfigError),
@@ -71,8 +81,17 @@ pub enum VirtioPciError {
     EventFd(std::io::Error),
 }
 
+/// Registers queue notifications with the hypervisor as ioeventfds: a guest write at
+/// `addr` then signals the eventfd without leaving the kernel.
+pub trait NotificationRegistrar: Send {
+    /// Starts delivering writes at guest-physical `addr` to `evt`.
+    fn register(&self, addr: u64, evt: &EventFd) -> io::Result<()>;
+    /// Stops it.
+    fn unregister(&self, addr: u64, evt: &EventFd) -> io::Result<()>;
+}
+
 #[derive(Clone, Copy, Debug)]
-struct Queue {
+struct QueueRegs {
     config: QueueConfig,
     vector: u16,
 }
@@ -84,8 +103,12 @@ pub struct VirtioPciDevice {
     msix: Msix,
     msix_cap_reg: usize,
     pci_cfg_cap: usize,
-    queues: Vec<Queue>,
+    queues: Vec<QueueRegs>,
     kicks: Vec<EventFd>,
+    memory: GuestMemoryMmap,
+    /// Where the notifications are registered as ioeventfds, and at which BAR 0 address.
+    registrar: Option<Box<dyn NotificationRegistrar>>,
+    registered_at: Option<u64>,
     /// Handed to the device for queues without a vector: nobody listens.
     no_vector_call: EventFd,
     device_feature_select: u32,
@@ -109,11 +132,13 @@ impl std::fmt::Debug for VirtioPciDevice {
 
 impl VirtioPciDevice {
     /// Puts `device` on PCI with `header` identification; `vectors` must have at least
-    /// one vector per queue plus one for configuration changes.
+    /// one vector per queue plus one for configuration changes. `memory` is the guest's,
+    /// handed to the device at activation.
     pub fn new(
         device: Box<dyn VirtioDevice>,
         header: PciHeader,
         vectors: Arc<dyn MsiVectors>,
+        memory: GuestMemoryMmap,
     ) -> Result<Self, VirtioPciError> {
         let num_queues = device.num_queues();
         if num_queues == 0 || num_queues > MAX_QUEUES {
@@ -173,6 +198,9 @@ impl VirtioPciDevice {
             .map_err(VirtioPciError::EventFd)?;
         let no_vector_call = EventFd::new(libc::EFD_NONBLOCK).map_err(VirtioPciError::EventFd)?;
         let max = device.queue_max_size();
+        if !max.is_power_of_two() {
+            return Err(VirtioPciError::QueueMaxSize(max));
+        }
         Ok(Self {
             config,
             device,
@@ -180,7 +208,7 @@ impl VirtioPciDevice {
             msix_cap_reg: msix_cap / 4,
             pci_cfg_cap,
             queues: vec![
-                Queue {
+                QueueRegs {
                     config: QueueConfig {
                         size: max,
                         ..QueueConfig::default()
@@ -190,6 +218,9 @@ impl VirtioPciDevice {
                 num_queues
             ],
             kicks,
+            memory,
+            registrar: None,
+            registered_at: None,
             no_vector_call,
             device_feature_select: 0,
             driver_feature_select: 0,
@@ -200,6 +231,17 @@ impl VirtioPciDevice {
             config_generation: 0,
             activated: false,
         })
+    }
+
+    /// Applies a control-plane change to the device behind this transport.
+    pub fn update_device(&mut self, update: &super::DeviceUpdate) -> Result<(), String> {
+        self.device.update(update)
+    }
+
+    /// Stops the device for good at VM teardown (its threads end, it lets go of guest
+    /// memory); the guest may not run afterwards.
+    pub fn shutdown(&mut self) {
+        self.reset();
     }
 
     /// Places BAR 0 at `addr` (the VMM's allocation, before the guest runs).
@@ -228,7 +270,13 @@ impl VirtioPciDevice {
 
     fn reset(&mut self) {
         if self.activated {
-            self.device.reset();
+            // The queues come back from the device; their registers are reset below.
+            if self.device.reset().is_none() {
+                log::debug!(
+                    "virtio device {}: reset returned no queues",
+                    self.device.device_type()
+                );
+            }
         }
         self.activated = false;
         self.status = 0;
@@ -239,7 +287,7 @@ impl VirtioPciDevice {
         self.config_vector = VIRTIO_MSI_NO_VECTOR;
         let max = self.device.queue_max_size();
         for q in &mut self.queues {
-            *q = Queue {
+            *q = QueueRegs {
                 config: QueueConfig {
                     size: max,
                     ..QueueConfig::default()
@@ -297,8 +345,18 @@ impl VirtioPciDevice {
         }
     }
 
-    fn activate(&mut self) -> std::io::Result<()> {
-        let configs: Vec<QueueConfig> = self.queues.iter().map(|q| q.config).collect();
+    fn activate(&mut self) -> io::Result<()> {
+        let event_idx = self.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
+        let mut queues = Vec::with_capacity(self.queues.len());
+        for (index, regs) in self.queues.iter().enumerate() {
+            queues.push(build_queue(
+                index,
+                regs.config,
+                self.device.queue_max_size(),
+                event_idx,
+                &self.memory,
+            )?);
+        }
         let calls = self
             .queues
             .iter()
@@ -309,18 +367,73 @@ impl VirtioPciDevice {
                     .try_clone()
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let config_irq = self
+            .msix
+            .notifier(self.config_vector)
+            .map(EventFd::try_clone)
+            .transpose()?;
+        let kicks = self
+            .kicks
+            .iter()
+            .map(EventFd::try_clone)
+            .collect::<Result<Vec<_>, _>>()?;
         self.device.activate(ActivateParams {
             features: self.driver_features,
-            queues: &configs,
-            kicks: &self.kicks,
-            calls: &calls,
-            config_irq: self.msix.notifier(self.config_vector),
+            memory: self.memory.clone(),
+            queues,
+            kicks,
+            interrupt: Arc::new(VirtioInterrupt::new(calls, config_irq)),
         })?;
         self.activated = true;
         Ok(())
     }
 
-    fn selected(&mut self) -> Option<&mut Queue> {
+    /// Gives the transport the hypervisor's ioeventfd registration: from now on the
+    /// queue notifications are registered at wherever BAR 0 decodes, and follow it when
+    /// the guest moves the BAR or turns memory decoding off.
+    pub fn attach_registrar(&mut self, registrar: Box<dyn NotificationRegistrar>) {
+        self.registrar = Some(registrar);
+        self.registered_at = None;
+        self.sync_notifications();
+    }
+
+    /// Brings the ioeventfd registrations in line with where BAR 0 decodes now.
+    fn sync_notifications(&mut self) {
+        let Some(registrar) = self.registrar.as_ref() else {
+            return;
+        };
+        let at = self.config.decoded_bars()[0].map(|bar| bar.addr);
+        if at == self.registered_at {
+            return;
+        }
+        let slots = |base: u64| {
+            self.kicks.iter().enumerate().map(move |(q, evt)| {
+                (
+                    base + NOTIFY_OFFSET + q as u64 * u64::from(NOTIFY_OFF_MULTIPLIER),
+                    evt,
+                )
+            })
+        };
+        if let Some(old) = self.registered_at {
+            for (addr, evt) in slots(old) {
+                if let Err(e) = registrar.unregister(addr, evt) {
+                    log::error!("virtio-pci: cannot unregister the notification at {addr:#x}: {e}");
+                }
+            }
+        }
+        self.registered_at = None;
+        if let Some(new) = at {
+            for (addr, evt) in slots(new) {
+                if let Err(e) = registrar.register(addr, evt) {
+                    // Writes then reach the transport through the BAR router: slower, correct.
+                    log::warn!("virtio-pci: cannot register the notification at {addr:#x}: {e}");
+                }
+            }
+            self.registered_at = Some(new);
+        }
+    }
+
+    fn selected(&mut self) -> Option<&mut QueueRegs> {
         self.queues.get_mut(usize::from(self.queue_select))
     }
 
@@ -375,10 +488,15 @@ impl VirtioPciDevice {
         let mut bytes = [0u8; 8];
         bytes[..data.len()].copy_from_slice(data);
         let value = u64::from_le_bytes(bytes);
+        // The same value at the register widths, for the 1-, 2- and 4-byte registers.
+        let [b0, b1, b2, b3, ..] = bytes;
+        let byte = b0;
+        let word = u16::from_le_bytes([b0, b1]);
+        let dword = u32::from_le_bytes([b0, b1, b2, b3]);
         let running = self.status & status::DRIVER_OK != 0;
         match (offset, data.len()) {
-            (common::DEVICE_FEATURE_SELECT, 4) => self.device_feature_select = value as u32,
-            (common::DRIVER_FEATURE_SELECT, 4) => self.driver_feature_select = value as u32,
+            (common::DEVICE_FEATURE_SELECT, 4) => self.device_feature_select = dword,
+            (common::DRIVER_FEATURE_SELECT, 4) => self.driver_feature_select = dword,
             (common::DRIVER_FEATURE, 4) if self.status & status::FEATURES_OK == 0 => {
                 match self.driver_feature_select {
                     0 => self.driver_features = (self.driver_features & !0xffff_ffff) | value,
@@ -386,11 +504,11 @@ impl VirtioPciDevice {
                     _ => {}
                 }
             }
-            (common::CONFIG_MSIX_VECTOR, 2) => self.config_vector = self.valid_vector(value as u16),
-            (common::DEVICE_STATUS, 1) => self.set_status(value as u8),
-            (common::QUEUE_SELECT, 2) => self.queue_select = value as u16,
+            (common::CONFIG_MSIX_VECTOR, 2) => self.config_vector = self.valid_vector(word),
+            (common::DEVICE_STATUS, 1) => self.set_status(byte),
+            (common::QUEUE_SELECT, 2) => self.queue_select = word,
             (common::QUEUE_MSIX_VECTOR, 2) => {
-                let vector = self.valid_vector(value as u16);
+                let vector = self.valid_vector(word);
                 if let Some(q) = self.selected() {
                     q.vector = vector;
                 }
@@ -403,7 +521,7 @@ impl VirtioPciDevice {
                 let c = &mut q.config;
                 match (off, len) {
                     (common::QUEUE_SIZE, 2) => {
-                        let size = value as u16;
+                        let size = word;
                         if size.is_power_of_two() && size <= max {
                             c.size = size;
                         } else {
@@ -429,7 +547,7 @@ impl VirtioPciDevice {
     /// Forwards an access through the PCI configuration access capability's window.
     fn pci_cfg_window(&mut self, data: Option<&[u8]>) -> [u8; 4] {
         let reg = self.pci_cfg_cap / 4;
-        let bar = self.config.read_reg(reg + 1) as u8;
+        let bar = self.config.read_reg(reg + 1).to_le_bytes()[0];
         let offset = u64::from(self.config.read_reg(reg + 2));
         let len = self.config.read_reg(reg + 3) as usize;
         let mut out = [0u8; 4];
@@ -455,7 +573,45 @@ fn set_hi(old: u64, value: u64) -> u64 {
     (old & 0xffff_ffff) | (value << 32)
 }
 
+/// A `virtio_queue::Queue` from the registers the driver programmed; an enabled queue
+/// whose rings are not inside guest memory fails the activation.
+fn build_queue(
+    index: usize,
+    regs: QueueConfig,
+    max_size: u16,
+    event_idx: bool,
+    memory: &GuestMemoryMmap,
+) -> io::Result<Queue> {
+    let invalid = |what: &str| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("queue {index}: {what}"),
+        )
+    };
+    let mut q = Queue::new(max_size).map_err(|e| invalid(&e.to_string()))?;
+    if !regs.enabled {
+        return Ok(q);
+    }
+    q.try_set_size(regs.size)
+        .map_err(|_| invalid(&format!("size {} is not valid", regs.size)))?;
+    q.try_set_desc_table_address(GuestAddress(regs.desc_table))
+        .map_err(|_| invalid(&format!("descriptor table at {:#x}", regs.desc_table)))?;
+    q.try_set_avail_ring_address(GuestAddress(regs.avail_ring))
+        .map_err(|_| invalid(&format!("available ring at {:#x}", regs.avail_ring)))?;
+    q.try_set_used_ring_address(GuestAddress(regs.used_ring))
+        .map_err(|_| invalid(&format!("used ring at {:#x}", regs.used_ring)))?;
+    q.set_event_idx(event_idx);
+    q.set_ready(true);
+    if !q.is_valid(memory) {
+        return Err(invalid("rings are not inside guest memory"));
+    }
+    Ok(q)
+}
+
 /// A `struct virtio_pci_cap` of `cap_len` bytes (16, or 20 with one extra dword).
+// Offsets and lengths lie inside the 32 KiB BAR 0 and `cap_len` is 16 or 20: no cast
+// truncates.
+#[allow(clippy::cast_possible_truncation)]
 fn virtio_cap(kind: u8, offset: u64, len: u64, cap_len: usize) -> Vec<u8> {
     let mut cap = vec![PCI_CAP_ID_VNDR, 0, cap_len as u8, kind, 0, 0, 0, 0];
     cap.extend_from_slice(&(offset as u32).to_le_bytes());
@@ -484,6 +640,8 @@ impl PciDevice for VirtioPciDevice {
             let control = (self.config.read_reg(reg_idx) >> 16) as u16;
             self.msix.set_control(control);
         }
+        // A BAR or command register write may have moved BAR 0 or stopped its decoding.
+        self.sync_notifications();
     }
 
     fn bars(&self) -> [Option<PciBarRange>; NUM_BARS] {
@@ -528,8 +686,9 @@ impl PciDevice for VirtioPciDevice {
             }
             o if (NOTIFY_OFFSET..NOTIFY_OFFSET + NOTIFY_LEN).contains(&o) => {
                 // Only reached when the ioeventfd is not registered (yet).
-                let queue = ((o - NOTIFY_OFFSET) / u64::from(NOTIFY_OFF_MULTIPLIER)) as usize;
-                if let Some(kick) = self.kicks.get(queue) {
+                let queue = (o - NOTIFY_OFFSET) / u64::from(NOTIFY_OFF_MULTIPLIER);
+                let kick = usize::try_from(queue).ok().and_then(|q| self.kicks.get(q));
+                if let Some(kick) = kick {
                     let _ = kick.write(1);
                 }
             }
@@ -551,6 +710,17 @@ mod tests {
     struct Seen {
         activated: Option<(u64, Vec<QueueConfig>)>,
         resets: usize,
+    }
+
+    /// What a queue handed to the device says about itself.
+    fn regs_of(q: &Queue) -> QueueConfig {
+        QueueConfig {
+            size: q.size(),
+            desc_table: q.desc_table(),
+            avail_ring: q.avail_ring(),
+            used_ring: q.used_ring(),
+            enabled: q.ready(),
+        }
     }
 
     struct FakeDevice {
@@ -576,18 +746,20 @@ mod tests {
         }
         fn read_config(&self, offset: u64, data: &mut [u8]) {
             for (i, b) in data.iter_mut().enumerate() {
-                *b = (offset as u8).wrapping_add(i as u8);
+                *b = offset.to_le_bytes()[0].wrapping_add(i.to_le_bytes()[0]);
             }
         }
         fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-        fn activate(&mut self, p: ActivateParams<'_>) -> std::io::Result<()> {
+        fn activate(&mut self, p: ActivateParams) -> std::io::Result<()> {
             assert_eq!(p.kicks.len(), 2);
-            assert_eq!(p.calls.len(), 2);
-            self.seen.lock().unwrap().activated = Some((p.features, p.queues.to_vec()));
+            assert!(p.interrupt.queue_eventfd(1).is_some());
+            let queues = p.queues.iter().map(regs_of).collect();
+            self.seen.lock().unwrap().activated = Some((p.features, queues));
             Ok(())
         }
-        fn reset(&mut self) {
+        fn reset(&mut self) -> Option<Vec<Queue>> {
             self.seen.lock().unwrap().resets += 1;
+            None
         }
     }
 
@@ -602,7 +774,9 @@ mod tests {
             device_id: 0x107c,
             ..PciHeader::default()
         };
-        let t = VirtioPciDevice::new(Box::new(dev), header, RecordingVectors::new(3)).unwrap();
+        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let t =
+            VirtioPciDevice::new(Box::new(dev), header, RecordingVectors::new(3), memory).unwrap();
         (t, seen)
     }
 
@@ -623,7 +797,7 @@ mod tests {
         let mut guard = 0;
         while ptr != 0 && guard < 48 {
             let dw0 = t.config_read(ptr / 4);
-            if dw0 as u8 == PCI_CAP_ID_VNDR {
+            if dw0.to_le_bytes()[0] == PCI_CAP_ID_VNDR {
                 let cfg_type = (dw0 >> 24) as u8;
                 caps.push((cfg_type, t.config_read(ptr / 4 + 2)));
             }
@@ -660,7 +834,7 @@ mod tests {
         w(t, common::DRIVER_FEATURE_SELECT, 1, 4);
         w(t, common::DRIVER_FEATURE, features >> 32, 4);
         w(t, common::DEVICE_STATUS, 11, 1);
-        r(t, common::DEVICE_STATUS, 1) as u8
+        u8::try_from(r(t, common::DEVICE_STATUS, 1)).unwrap()
     }
 
     #[test]
@@ -701,7 +875,7 @@ mod tests {
         assert_eq!(r(&mut t, common::QUEUE_SIZE, 2), 256, "above the maximum");
         w(&mut t, common::QUEUE_SIZE, 64, 2);
         w(&mut t, common::QUEUE_DESC_LO, 0x1000, 4);
-        w(&mut t, common::QUEUE_DESC_HI, 0x1, 4);
+        w(&mut t, common::QUEUE_DESC_HI, 0, 4);
         w(&mut t, common::QUEUE_DRIVER_LO, 0x2000, 4);
         w(&mut t, common::QUEUE_DEVICE_LO, 0x3000, 4);
         w(&mut t, common::QUEUE_MSIX_VECTOR, 1, 2);
@@ -724,7 +898,7 @@ mod tests {
             queues[1],
             QueueConfig {
                 size: 64,
-                desc_table: 0x1_0000_1000,
+                desc_table: 0x1000,
                 avail_ring: 0x2000,
                 used_ring: 0x3000,
                 enabled: true
@@ -753,7 +927,11 @@ mod tests {
         // Read the device config through the PCI_CFG capability window.
         let cap = t.pci_cfg_cap / 4;
         t.config_write(cap + 1, 0, &[0]);
-        t.config_write(cap + 2, 0, &((DEVICE_CFG_OFFSET + 8) as u32).to_le_bytes());
+        t.config_write(
+            cap + 2,
+            0,
+            &u32::try_from(DEVICE_CFG_OFFSET + 8).unwrap().to_le_bytes(),
+        );
         t.config_write(cap + 3, 0, &4u32.to_le_bytes());
         assert_eq!(t.config_read(cap + 4), 0x0b0a_0908);
         // Garbage in unused parts of the BAR reads zero and writes vanish.
@@ -762,5 +940,73 @@ mod tests {
         w(&mut t, 0x1800, 0xdead, 4);
         w(&mut t, common::DEVICE_STATUS, 0xdead, 4);
         assert_eq!(r(&mut t, common::DEVICE_STATUS, 1), 0);
+    }
+
+    #[test]
+    fn rings_outside_guest_memory_fail_activation_with_needs_reset() {
+        let (mut t, seen) = transport(true);
+        negotiate(&mut t, VIRTIO_F_VERSION_1);
+        w(&mut t, common::QUEUE_SELECT, 0, 2);
+        w(&mut t, common::QUEUE_SIZE, 64, 2);
+        w(&mut t, common::QUEUE_DESC_LO, 0x1000, 4);
+        w(&mut t, common::QUEUE_DESC_HI, 0x1, 4);
+        w(&mut t, common::QUEUE_DRIVER_LO, 0x2000, 4);
+        w(&mut t, common::QUEUE_DEVICE_LO, 0x3000, 4);
+        w(&mut t, common::QUEUE_ENABLE, 1, 2);
+        w(&mut t, common::DEVICE_STATUS, 15, 1);
+        let status = u8::try_from(r(&mut t, common::DEVICE_STATUS, 1)).unwrap();
+        assert_eq!(status & status::DRIVER_OK, 0);
+        assert_ne!(status & status::DEVICE_NEEDS_RESET, 0);
+        assert!(seen.lock().unwrap().activated.is_none());
+    }
+
+    #[derive(Default)]
+    struct Registrations(Mutex<Vec<(bool, u64)>>);
+
+    struct Recorder(Arc<Registrations>);
+
+    impl NotificationRegistrar for Recorder {
+        fn register(&self, addr: u64, _evt: &EventFd) -> io::Result<()> {
+            self.0 .0.lock().unwrap().push((true, addr));
+            Ok(())
+        }
+        fn unregister(&self, addr: u64, _evt: &EventFd) -> io::Result<()> {
+            self.0 .0.lock().unwrap().push((false, addr));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn notifications_follow_bar_0_when_the_guest_moves_it() {
+        let (mut t, _) = transport(true);
+        t.set_bar_address(0xc000_0000).unwrap();
+        let seen = Arc::new(Registrations::default());
+        t.attach_registrar(Box::new(Recorder(seen.clone())));
+        assert!(seen.0.lock().unwrap().is_empty(), "memory decoding is off");
+        // Command register: memory decoding on.
+        t.config_write(1, 0, &[0x2, 0]);
+        assert_eq!(
+            *seen.0.lock().unwrap(),
+            vec![(true, 0xc000_3000), (true, 0xc000_3004)]
+        );
+        seen.0.lock().unwrap().clear();
+        // The guest moves BAR 0 (low dword at register 4).
+        t.config_write(4, 0, &0xd000_0000u32.to_le_bytes());
+        assert_eq!(
+            *seen.0.lock().unwrap(),
+            vec![
+                (false, 0xc000_3000),
+                (false, 0xc000_3004),
+                (true, 0xd000_3000),
+                (true, 0xd000_3004)
+            ]
+        );
+        seen.0.lock().unwrap().clear();
+        // Decoding off: nothing registered any more.
+        t.config_write(1, 0, &[0, 0]);
+        assert_eq!(
+            *seen.0.lock().unwrap(),
+            vec![(false, 0xd000_3000), (false, 0xd000_3004)]
+        );
     }
 }

@@ -2,7 +2,9 @@
 //!
 //! `models`, `infer`, `trace` and `bench` go through the agent daemon when its socket
 //! exists, else drive the device directly (exclusively). `daemon` owns the device and
-//! serves the other guest processes (started by the guest's init).
+//! serves the other guest processes (started by the guest's init). `serve` is an
+//! inference HTTP endpoint (Open Inference Protocol, OpenAI embeddings) over TCP and
+//! vsock, reaching the device the same way.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,6 +17,7 @@ use guest_agent::api::{Agent, AgentOptions, Buffer, InferResult, Mode};
 use guest_agent::dma::{DmaPool, HUGE_PAGE_SIZE};
 use guest_agent::engine::{Engine, EngineOptions, InferOptions};
 use guest_agent::ipc::{Daemon, DaemonOptions, SessionMemory, DEFAULT_SOCKET};
+use guest_agent::serve::{self, Limits, ListenAddr, ServeOptions};
 use guest_agent::tensor_io::{f32_values, input_desc, output_desc, parse_dtype, parse_shape};
 
 #[path = "ai-agent/garbage.rs"]
@@ -42,9 +45,9 @@ struct Cli {
     /// MiB of huge pages for the device owner's DMA pool (default 16 direct, 4 daemon).
     #[arg(long, global = true)]
     pool_mb: Option<usize>,
-    /// MiB of shared tensor memory to ask the daemon for.
-    #[arg(long, global = true, default_value_t = 2)]
-    session_mb: usize,
+    /// MiB of shared tensor memory to ask the daemon for (default 2, serve 8).
+    #[arg(long, global = true)]
+    session_mb: Option<usize>,
     /// Seconds to wait for the device's host backend to connect.
     #[arg(long, global = true, default_value_t = 60)]
     connect_timeout: u64,
@@ -78,6 +81,8 @@ enum Command {
     /// not while the agent daemon owns it), report each answer, then check the device
     /// still serves this tenant. For tests of the device's validation.
     Garbage,
+    /// Serve inference over HTTP (Open Inference Protocol, OpenAI embeddings).
+    Serve(ServeArgs),
     /// Own the device and serve other guest processes on the socket.
     Daemon {
         /// Largest session a client may ask for, in MiB.
@@ -134,6 +139,31 @@ struct InferArgs {
     output_bytes: Option<u64>,
 }
 
+#[derive(Args, Debug, Clone)]
+struct ServeArgs {
+    /// Where to listen: tcp:HOST:PORT or vsock:PORT (repeatable).
+    #[arg(long = "listen", required = true)]
+    listen: Vec<ListenAddr>,
+    /// Largest request body in bytes.
+    #[arg(long, default_value_t = 16 << 20)]
+    max_body_bytes: u64,
+    /// Largest request head (request line and headers) in bytes.
+    #[arg(long, default_value_t = 16 << 10)]
+    max_header_bytes: usize,
+    /// Most header fields in a request.
+    #[arg(long, default_value_t = 64)]
+    max_headers: usize,
+    /// Most connections served at once; more get 503.
+    #[arg(long, default_value_t = 64)]
+    max_connections: usize,
+    /// Seconds a client has to send a whole request once it started.
+    #[arg(long, default_value_t = 30)]
+    request_timeout: u64,
+    /// Seconds an open connection may wait between requests.
+    #[arg(long, default_value_t = 30)]
+    idle_timeout: u64,
+}
+
 /// Errors are printed once, by main.
 type CliResult<T> = Result<T, String>;
 
@@ -179,7 +209,10 @@ fn open_agent(cli: &Cli) -> CliResult<Agent> {
     let options = AgentOptions {
         mode,
         socket: cli.socket.clone(),
-        session_bytes: cli.session_mb << 20,
+        session_bytes: cli.session_mb.unwrap_or(match cli.command {
+            Command::Serve(_) => 8,
+            _ => 2,
+        }) << 20,
         engine: engine_options(cli, 16),
     };
     Agent::open(&options).map_err(err)
@@ -454,6 +487,22 @@ fn daemon(cli: &Cli, max_session_mb: usize) -> CliResult<()> {
     Arc::new(daemon).run().map_err(err)
 }
 
+fn serve(agent: Agent, a: &ServeArgs) -> CliResult<()> {
+    let options = ServeOptions {
+        limits: Limits {
+            max_head_bytes: a.max_header_bytes.max(256),
+            max_headers: a.max_headers.max(1),
+            max_body_bytes: a.max_body_bytes,
+            request_timeout: Duration::from_secs(a.request_timeout.max(1)),
+            idle_timeout: Duration::from_secs(a.idle_timeout.max(1)),
+            write_timeout: Duration::from_secs(a.request_timeout.max(1)),
+        },
+        max_connections: a.max_connections.max(1),
+        ..ServeOptions::default()
+    };
+    serve::run(Arc::new(agent), &a.listen, options).map_err(err)
+}
+
 fn run_garbage(cli: &Cli) -> CliResult<ExitCode> {
     let engine = Engine::open(&engine_options(cli, 16)).map_err(|e| e.to_string())?;
     let (passed, total) = garbage::run(&engine)?;
@@ -500,6 +549,7 @@ fn main() -> ExitCode {
                 count,
                 concurrency,
             } => bench(Arc::new(agent), infer, *count, *concurrency).map(|_| ExitCode::SUCCESS),
+            Command::Serve(a) => serve(agent, a).map(|_| ExitCode::SUCCESS),
             Command::Daemon { .. } | Command::Garbage => Ok(ExitCode::SUCCESS),
         }),
     };

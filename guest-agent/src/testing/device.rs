@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use ai_infer_protocol::virtio_pci::{common, status};
 use ai_infer_protocol::{
     CancelOutcome, ChainLayout, DType, DeviceConfig, DimRange, ModelInfo, ModelList, Opcode,
-    ProtocolError, Request, Response, ResponseHeader, Shape, Status, TensorDesc, TensorSpec,
-    TraceCounters, DEVICE_FEATURES, RESPONSE_HEADER_LEN,
+    PriorityClass, ProtocolError, Request, Response, ResponseHeader, Shape, Status, TensorDesc,
+    TensorSpec, TraceCounters, DEVICE_FEATURES, RESPONSE_HEADER_LEN,
 };
 
 use super::ring::{device_read, device_write};
@@ -102,6 +102,8 @@ pub struct FakeState {
     pub corruption: Option<Corruption>,
     /// Request ids of INFERs seen, in processing order.
     pub seen: Vec<u64>,
+    /// Priority and deadline of each INFER seen, in processing order.
+    pub infer_options: Vec<(PriorityClass, u64)>,
     pool: DmaPool,
     /// More guest memory the device can reach (daemon session pools).
     pub extra_pools: Vec<DmaPool>,
@@ -191,6 +193,7 @@ impl FakeVirtioPci {
                 trace: TraceCounters::default(),
                 corruption: None,
                 seen: Vec::new(),
+                infer_options: Vec::new(),
                 pool,
                 extra_pools: Vec::new(),
             })),
@@ -347,6 +350,8 @@ fn serve(
     match req.header.opcode {
         Opcode::Infer => {
             st.seen.push(id);
+            st.infer_options
+                .push((req.header.priority, req.header.deadline_us));
             let Some(model) = st.models.iter().find(|m| m.id == req.header.model_id) else {
                 return Ok(Response {
                     header: ResponseHeader::new(Status::UnknownModel, id),

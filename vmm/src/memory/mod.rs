@@ -12,7 +12,7 @@ use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 use crate::arch::layout::{MMIO_HOLE_END, MMIO_HOLE_START};
 use crate::config::MemoryZoneConfig;
 use crate::host::HostTopology;
-pub use zone::{ZoneBacking, ZoneError};
+pub use zone::{ZoneBacking, ZoneError, ZONE_SEALS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
@@ -88,7 +88,10 @@ impl GuestRam {
         for p in &placements {
             let zone = &zones[p.zone];
             let cpus = zone.config.host_node.and_then(|n| host.node_cpus(n));
-            let mmap = zone.map(p.zone_offset, p.len as usize, cpus.as_ref())?;
+            let len = usize::try_from(p.len).map_err(|_| {
+                MemoryError::Regions(format!("region of {:#x} bytes is too large", p.len))
+            })?;
+            let mmap = zone.map(p.zone_offset, len, cpus.as_ref())?;
             let region =
                 GuestRegionMmap::new(mmap, GuestAddress(p.guest_addr)).ok_or_else(|| {
                     MemoryError::Regions(format!("region at {:#x} overflows", p.guest_addr))
@@ -102,6 +105,16 @@ impl GuestRam {
             zones,
             placements,
         })
+    }
+
+    /// Fails naming the first file-backed zone that could not be sealed against
+    /// resizing: a VM sharing its RAM with ai-inferd calls this at start, since the daemon
+    /// refuses unsealed memory at SET_MEM_TABLE.
+    pub fn require_sealed(&self) -> Result<(), MemoryError> {
+        self.zones
+            .iter()
+            .try_for_each(ZoneBacking::require_sealed)
+            .map_err(MemoryError::from)
     }
 
     /// Total RAM in bytes.
@@ -203,6 +216,112 @@ mod tests {
         assert_eq!(v, 0xdead_beef);
         assert!(ram.zones[0].file.is_none());
         assert!(ram.zones[1].file.is_some());
+    }
+
+    /// The seals on `file` (F_GET_SEALS).
+    fn seals(file: &std::fs::File) -> libc::c_int {
+        use std::os::fd::AsRawFd;
+        // SAFETY: F_GET_SEALS on an open fd; it takes no argument and touches no memory.
+        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+        assert!(
+            seals >= 0,
+            "F_GET_SEALS: {}",
+            std::io::Error::last_os_error()
+        );
+        seals
+    }
+
+    #[test]
+    fn shareable_zones_are_sealed_against_resizing() {
+        use crate::config::Backing;
+        use vm_memory::Bytes;
+        let host = crate::host::SysfsHost::default();
+        let zone = |id: &str, backing| MemoryZoneConfig {
+            id: id.into(),
+            size_mib: 4,
+            backing,
+            host_node: None,
+            prefault: false,
+            lock: false,
+            transparent_hugepages: false,
+        };
+        let zones = vec![zone("m", Backing::Memfd), zone("a", Backing::Anonymous)];
+        let ram = GuestRam::create(&zones, &host).expect("create guest RAM");
+        ram.require_sealed().expect("every zone sealed");
+        assert!(ram.zones[1].file.is_none(), "anonymous zones stay private");
+        // Hugetlb memfds accept seals since Linux 4.16. Creating the backing sizes and
+        // seals it without mapping it, so no page of the host's pool is needed.
+        let mut backings: Vec<&ZoneBacking> = vec![&ram.zones[0]];
+        let mut huge = Vec::new();
+        for (dir, backing) in [
+            ("hugepages-2048kB", Backing::Hugetlb2M),
+            ("hugepages-1048576kB", Backing::Hugetlb1G),
+        ] {
+            if std::path::Path::new("/sys/kernel/mm/hugepages")
+                .join(dir)
+                .exists()
+            {
+                let mut z = zone("h", backing);
+                z.size_mib = backing.page_size() >> 20;
+                huge.push(ZoneBacking::create(&z).expect("create a hugetlb backing"));
+            } else {
+                eprintln!("{dir}: not on this host, skipped");
+            }
+        }
+        backings.extend(huge.iter());
+        for z in backings {
+            let id = format!("{} ({:?})", z.config.id, z.config.backing);
+            z.require_sealed().unwrap();
+            let file = z.file.as_deref().unwrap();
+            assert_eq!(seals(file) & ZONE_SEALS, ZONE_SEALS, "zone {id}");
+            let size = z.config.size_mib << 20;
+            // Page-aligned lengths: hugetlbfs refuses others (EINVAL) before seals count.
+            let page = z.config.backing.page_size();
+            for len in [size - page, 0, size * 2] {
+                let err = file.set_len(len).expect_err("a sealed zone was resized");
+                assert_eq!(err.raw_os_error(), Some(libc::EPERM), "zone {id}");
+            }
+            assert_eq!(file.metadata().unwrap().len(), size);
+            // F_SEAL_SEAL: no further seal (say, one that forbids future writes).
+            // SAFETY: F_ADD_SEALS on an open fd with an int argument.
+            let ret = unsafe {
+                libc::fcntl(
+                    std::os::fd::AsRawFd::as_raw_fd(file),
+                    libc::F_ADD_SEALS,
+                    libc::F_SEAL_FUTURE_WRITE,
+                )
+            };
+            assert_eq!(ret, -1, "zone {id} accepted another seal");
+        }
+        // The guest still reads and writes every zone.
+        for gpa in [0, 4 * MIB] {
+            ram.memory.write_obj(0x5ea1_u32, GuestAddress(gpa)).unwrap();
+            let v: u32 = ram.memory.read_obj(GuestAddress(gpa)).unwrap();
+            assert_eq!(v, 0x5ea1);
+        }
+    }
+
+    #[test]
+    fn an_unsealed_zone_is_reported_by_require_sealed() {
+        use crate::config::Backing;
+        let host = crate::host::SysfsHost::default();
+        let mut ram = GuestRam::create(
+            &[MemoryZoneConfig {
+                id: "z".into(),
+                size_mib: 2,
+                backing: Backing::Memfd,
+                host_node: None,
+                prefault: false,
+                lock: false,
+                transparent_hugepages: false,
+            }],
+            &host,
+        )
+        .unwrap();
+        ram.zones[0].unsealed = Some("refused by the kernel".into());
+        let err = ram.require_sealed().unwrap_err().to_string();
+        assert!(err.contains("memory zone 'z' cannot be sealed"), "{err}");
+        assert!(err.contains("refused by the kernel"), "{err}");
     }
 
     /// The kernel's VMA flags ("VmFlags:" in /proc/self/smaps) of the mapping at `addr`.

@@ -1,10 +1,14 @@
 //! One memory zone: the host backing (anonymous, memfd, hugetlb memfd), its NUMA binding,
 //! prefaulting and locking.
+//!
+//! File-backed zones are sealed against shrinking and growing before anything maps them:
+//! their fds go to vhost-user backends (ai-inferd) that map the whole file, and a file
+//! that shrank under such a mapping would kill the backend with SIGBUS on its next access.
 
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::Arc;
 
 use vm_memory::{FileOffset, MmapRegion};
@@ -55,7 +59,17 @@ pub enum ZoneError {
         len: usize,
         source: io::Error,
     },
+    #[error(
+        "memory zone '{id}' cannot be sealed against resizing ({reason}); ai-inferd refuses \
+         unsealed guest memory: use backing = \"memfd\", or a kernel that seals hugetlb \
+         memfds (4.16 or later)"
+    )]
+    Unsealed { id: String, reason: String },
 }
+
+/// The seals every shareable zone carries: its size is fixed for good, and no other seal
+/// (such as `F_SEAL_FUTURE_WRITE`, which would break later mappings) can be added.
+pub const ZONE_SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
 
 const POOL_HINT: &str = " (the hugepage pool is too small: reserve more hugepages)";
 
@@ -64,13 +78,15 @@ pub struct ZoneBacking {
     pub config: MemoryZoneConfig,
     /// `None` for anonymous zones; shared with vhost-user backends later.
     pub file: Option<Arc<File>>,
+    /// Why a file-backed zone carries no [`ZONE_SEALS`] (this kernel refused them), if so.
+    pub unsealed: Option<String>,
 }
 
 impl ZoneBacking {
     pub fn create(config: &MemoryZoneConfig) -> Result<Self, ZoneError> {
         let size = config.size_mib << 20;
-        let file = match config.backing {
-            Backing::Anonymous => None,
+        let (file, unsealed) = match config.backing {
+            Backing::Anonymous => (None, None),
             b => {
                 let flags = libc::MFD_CLOEXEC
                     | match b {
@@ -80,29 +96,63 @@ impl ZoneBacking {
                     };
                 let name = CString::new(format!("aivmm-{}", config.id))
                     .unwrap_or_else(|_| CString::from(c"aivmm-zone"));
-                // SAFETY: `name` is a valid NUL-terminated string; memfd_create returns a new
-                // fd or -1 and touches no memory of ours.
-                let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
-                if fd < 0 {
-                    return Err(ZoneError::Create {
-                        id: config.id.clone(),
-                        source: io::Error::last_os_error(),
-                    });
-                }
-                // SAFETY: fd was just returned by memfd_create and is owned by nobody else.
-                let file = unsafe { File::from_raw_fd(fd) };
+                let created = memfd_create(&name, flags | libc::MFD_ALLOW_SEALING);
+                // Kernels before 4.16 refuse sealing on hugetlb memfds (EINVAL): such a
+                // zone still works for a VM that shares it with nobody.
+                let (file, unsealed) = match created {
+                    Ok(file) => (file, None),
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                        let file =
+                            memfd_create(&name, flags).map_err(|source| ZoneError::Create {
+                                id: config.id.clone(),
+                                source,
+                            })?;
+                        (
+                            file,
+                            Some(format!("memfd_create with MFD_ALLOW_SEALING: {e}")),
+                        )
+                    }
+                    Err(source) => {
+                        return Err(ZoneError::Create {
+                            id: config.id.clone(),
+                            source,
+                        })
+                    }
+                };
                 file.set_len(size).map_err(|source| ZoneError::Truncate {
                     id: config.id.clone(),
                     size,
                     source,
                 })?;
-                Some(Arc::new(file))
+                let unsealed = match unsealed {
+                    Some(why) => Some(why),
+                    None => add_seals(&file, ZONE_SEALS)
+                        .err()
+                        .map(|e| format!("F_ADD_SEALS: {e}")),
+                };
+                if let Some(why) = &unsealed {
+                    log::warn!("memory zone '{}' is not sealed: {why}", config.id);
+                }
+                (Some(Arc::new(file)), unsealed)
             }
         };
         Ok(ZoneBacking {
             config: config.clone(),
             file,
+            unsealed,
         })
+    }
+
+    /// Fails for a file-backed zone without [`ZONE_SEALS`]: what a VM that shares its
+    /// memory with ai-inferd checks at start, since the daemon would refuse the zone.
+    pub fn require_sealed(&self) -> Result<(), ZoneError> {
+        match &self.unsealed {
+            Some(reason) => Err(ZoneError::Unsealed {
+                id: self.config.id.clone(),
+                reason: reason.clone(),
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Maps `len` bytes of the zone starting at `offset` into this process, bound to the
@@ -157,17 +207,14 @@ impl ZoneBacking {
             }
         }
         if self.config.prefault || hugetlb {
-            prefault(
-                addr,
-                len,
-                self.config.backing.page_size() as usize,
-                prefault_cpus,
-            )
-            .map_err(|source| ZoneError::Prefault {
-                id: id.clone(),
-                hint: if hugetlb { POOL_HINT } else { "" },
-                source,
-            })?;
+            usize::try_from(self.config.backing.page_size())
+                .map_err(io::Error::other)
+                .and_then(|page_size| prefault(addr, len, page_size, prefault_cpus))
+                .map_err(|source| ZoneError::Prefault {
+                    id: id.clone(),
+                    hint: if hugetlb { POOL_HINT } else { "" },
+                    source,
+                })?;
         }
         if self.config.lock {
             // SAFETY: locks pages of a mapping we own for its whole length.
@@ -181,6 +228,28 @@ impl ZoneBacking {
         }
         Ok(region)
     }
+}
+
+/// A new memfd named `name` created with `flags`.
+fn memfd_create(name: &CString, flags: libc::c_uint) -> io::Result<File> {
+    // SAFETY: `name` is a valid NUL-terminated string; memfd_create returns a new fd or -1
+    // and touches no memory of ours.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned by memfd_create and is owned by nobody else.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// Adds `seals` to the memfd `file`.
+fn add_seals(file: &File, seals: libc::c_int) -> io::Result<()> {
+    // SAFETY: F_ADD_SEALS on an fd we own; it takes an int argument and touches no memory.
+    let ret = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Faults in `[addr, addr+len)` from several threads, each pinned to `cpus` (the zone's

@@ -98,7 +98,11 @@ pub trait Backend: Send + Sync {
     /// Runs `batch` (1 ..= `max_batch` requests, each already validated against
     /// [`Backend::info`]) in as few runtime calls as possible and writes each request's
     /// outputs into its buffers. Returns one outcome per request, in order; a failure
-    /// of one request must not fail the others.
+    /// of one request must not fail the others. A backend that runs the batch in one
+    /// runtime call may fail every request with [`BackendError::Runtime`] when that
+    /// call fails: the executor then runs each such request again alone, so only the
+    /// bad one fails. It does the same after a panic, so `run` may be called again
+    /// after it panicked and must stay usable (no state left half-updated).
     fn run(&self, batch: &mut [RequestTensors<'_>]) -> Vec<RequestOutcome>;
 }
 

@@ -10,15 +10,28 @@
 //! [`SyntheticModel::with_weights`] makes it hold that many bytes of written
 //! memory, standing in for a model's weights when a benchmark measures how much
 //! host memory one shared instance needs.
+//!
+//! [`SyntheticModel::with_faults`] (tests only: no manifest or config can set it)
+//! makes a request whose first input value is [`PANIC_INPUT`] panic the backend
+//! call, and one whose first value is [`FAIL_INPUT`] fail its whole batch with a
+//! runtime error, as a runtime that runs a batch in one call does.
 
 use std::time::{Duration, Instant};
 
 use ai_infer_protocol::{DType, DimRange, ModelInfo, TensorSpec};
+use vm_memory::Bytes;
 
 use super::{Backend, BackendError, RequestOutcome, RequestTensors};
 
 /// Largest element count per request.
 pub const MAX_ELEMENTS: u64 = 1024;
+
+/// First input value that makes a model [`SyntheticModel::with_faults`] panic.
+pub const PANIC_INPUT: f32 = -7777.0;
+
+/// First input value that makes a model [`SyntheticModel::with_faults`] fail the
+/// request's whole batch.
+pub const FAIL_INPUT: f32 = -8888.0;
 
 /// A model of cost `fixed + per_request × n` per batch of `n`.
 pub struct SyntheticModel {
@@ -27,6 +40,7 @@ pub struct SyntheticModel {
     fixed: Duration,
     per_request: Duration,
     weights: Vec<u8>,
+    faults: bool,
 }
 
 impl SyntheticModel {
@@ -56,6 +70,7 @@ impl SyntheticModel {
             fixed,
             per_request,
             weights: Vec::new(),
+            faults: false,
         }
     }
 
@@ -67,6 +82,21 @@ impl SyntheticModel {
         }
         self.weights = weights;
         self
+    }
+
+    /// Reacts to [`PANIC_INPUT`] and [`FAIL_INPUT`]: for tests of the daemon's fault
+    /// containment only.
+    pub fn with_faults(mut self) -> Self {
+        self.faults = true;
+        self
+    }
+
+    /// The first input value of `req`, if it has one.
+    fn first_value(req: &RequestTensors<'_>) -> Option<f32> {
+        let mut bytes = [0u8; 4];
+        let input = req.inputs.first()?;
+        input.data.read_slice(&mut bytes, 0).ok()?;
+        Some(f32::from_le_bytes(bytes))
     }
 
     /// The time a batch of `n` takes.
@@ -108,6 +138,16 @@ impl Backend for SyntheticModel {
 
     fn run(&self, batch: &mut [RequestTensors<'_>]) -> Vec<RequestOutcome> {
         let until = Instant::now() + self.cost(batch.len());
+        if self.faults {
+            let firsts: Vec<_> = batch.iter().map(Self::first_value).collect();
+            if firsts.contains(&Some(PANIC_INPUT)) {
+                panic!("synthetic fault: a request asked for a panic");
+            }
+            if firsts.contains(&Some(FAIL_INPUT)) {
+                let fail = || Err(BackendError::Runtime("synthetic fault in the batch".into()));
+                return batch.iter().map(|_| fail()).collect();
+            }
+        }
         let outcomes = batch.iter_mut().map(Self::copy_one).collect();
         // Keeps the weights alive and resident (the optimiser cannot drop them).
         std::hint::black_box(self.weights.first());

@@ -9,10 +9,10 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use ai_infer_protocol::{DType, DimRange, ModelInfo, Request, Shape, TensorDesc, TensorSpec};
+use ai_infer_test_frontend::{FrontendOptions, TestFrontend};
 use ai_inferd::backend::{Backend, BackendError, RequestOutcome, RequestTensors};
 use ai_inferd::config::Config;
 use ai_inferd::daemon::Daemon;
-use ai_inferd::test_frontend::{FrontendOptions, TestFrontend};
 use vm_memory::Bytes;
 
 pub const ADD_ONE: u32 = 7;
@@ -184,6 +184,8 @@ pub fn test_dir() -> PathBuf {
         COUNTER.fetch_add(1, Ordering::SeqCst)
     ));
     std::fs::create_dir_all(&dir).unwrap();
+    // The daemon refuses a socket directory others may write (whatever the umask).
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
     dir
 }
 

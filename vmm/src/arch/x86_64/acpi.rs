@@ -8,7 +8,7 @@
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::layout::{
-    pci_intx_gsi, Mmio64Window, IOAPIC_ADDR, LAPIC_ADDR, PCI_ECAM_SIZE, PCI_ECAM_START,
+    addr32, pci_intx_gsi, Mmio64Window, IOAPIC_ADDR, LAPIC_ADDR, PCI_ECAM_SIZE, PCI_ECAM_START,
     PCI_IO_WINDOW_LAST, PCI_IO_WINDOW_START, PCI_MMIO32_SIZE, PCI_MMIO32_START,
 };
 
@@ -32,10 +32,22 @@ pub const SLEEP_STATUS_PORT: u16 = 0x3c1;
 pub const S5_SLP_TYP: u8 = 5;
 pub const SLP_EN: u8 = 1 << 5;
 /// The ACPI SCI: unused in hardware-reduced mode but kept off the timer's IRQ 0.
-const SCI_IRQ: u16 = 9;
+const SCI_IRQ: u8 = 9;
 /// Device slots on PCI bus 0 (all of the root's), each with INTA#-INTD# in the `_PRT`.
 const PCI_SLOTS: u8 = devices::pci::root::NUM_DEVICES;
 const PCI_INTX_PINS: u8 = 4;
+
+/// The 32-bit address fields of the tables.
+const LAPIC_ADDR32: u32 = addr32(LAPIC_ADDR);
+const IOAPIC_ADDR32: u32 = addr32(IOAPIC_ADDR);
+const PCI_MMIO32_FIRST: u32 = addr32(PCI_MMIO32_START);
+const PCI_MMIO32_LAST: u32 = addr32(PCI_MMIO32_START + PCI_MMIO32_SIZE - 1);
+/// Last bus of the ECAM window (1 MiB per bus); the build fails if it is not a bus number.
+const ECAM_LAST_BUS: u8 = {
+    let last = (PCI_ECAM_SIZE >> 20) - 1;
+    assert!(last <= u8::MAX as u64, "ECAM window of more than 256 buses");
+    last.to_le_bytes()[0]
+};
 
 const OEM_ID: &[u8; 6] = b"AIVMM ";
 const OEM_TABLE_ID: &[u8; 8] = b"AIVMMVM ";
@@ -104,6 +116,8 @@ impl Sdt {
     }
 
     fn finish(mut self) -> Vec<u8> {
+        // A table is a few KiB at most: the DSDT is fixed, the MADT has at most 255 vCPUs.
+        #[allow(clippy::cast_possible_truncation)]
         let len = self.0.len() as u32;
         self.0[4..8].copy_from_slice(&len.to_le_bytes());
         self.0[9] = checksum(&self.0);
@@ -144,10 +158,11 @@ fn fadt(dsdt: u64) -> Vec<u8> {
     const BOOT_ARCH_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
     let mut t = Sdt::new(b"FACP", 6);
     t.u32(0) // FIRMWARE_CTRL
-        .u32(dsdt as u32)
+        // The 32-bit pointer; 0 (X_DSDT alone) were the table above 4 GiB.
+        .u32(u32::try_from(dsdt).unwrap_or(0))
         .u8(0) // reserved
         .u8(0) // preferred PM profile: unspecified
-        .u16(SCI_IRQ)
+        .u16(u16::from(SCI_IRQ))
         .u32(0) // SMI_CMD: no SMM
         .bytes(&[0; 4]) // ACPI_ENABLE, ACPI_DISABLE, S4BIOS_REQ, PSTATE_CNT
         .bytes(&[0; 32]) // PM1a/b EVT, PM1a/b CNT, PM2 CNT, PM TMR, GPE0, GPE1 blocks
@@ -216,10 +231,7 @@ fn pci0(mmio64: &Mmio64Window) -> Vec<u8> {
         aml::io_port(0xcf8, 8),
         aml::word_io(0x0000, 0x0cf7),
         aml::word_io(PCI_IO_WINDOW_START, PCI_IO_WINDOW_LAST),
-        aml::dword_memory(
-            PCI_MMIO32_START as u32,
-            (PCI_MMIO32_START + PCI_MMIO32_SIZE - 1) as u32,
-        ),
+        aml::dword_memory(PCI_MMIO32_FIRST, PCI_MMIO32_LAST),
     ];
     if mmio64.size > 0 {
         crs.push(aml::qword_memory(mmio64.start, mmio64.end() - 1));
@@ -267,7 +279,7 @@ fn mcfg() -> Vec<u8> {
         .u64(PCI_ECAM_START)
         .u16(0) // segment
         .u8(0) // start bus
-        .u8(((PCI_ECAM_SIZE >> 20) - 1) as u8) // end bus
+        .u8(ECAM_LAST_BUS) // end bus
         .u32(0);
     t.finish()
 }
@@ -280,19 +292,18 @@ mod aml {
     /// PkgLength of `body_len` bytes of content (the encoding counts its own bytes).
     pub fn pkg_length(body_len: usize) -> Vec<u8> {
         if body_len + 1 < 0x40 {
-            return vec![(body_len + 1) as u8];
+            return vec![(body_len + 1).to_le_bytes()[0]];
         }
         let (n, total) = if body_len + 2 < 1 << 12 {
-            (1, body_len + 2)
+            (1u8, body_len + 2)
         } else if body_len + 3 < 1 << 20 {
             (2, body_len + 3)
         } else {
             (3, body_len + 4)
         };
-        let mut v = vec![((n as u8) << 6) | (total & 0xf) as u8];
-        for i in 0..n {
-            v.push((total >> (4 + 8 * i)) as u8);
-        }
+        // The lead byte: follow-byte count and bits 0-3; then bits 4-11, 12-19, 20-27.
+        let mut v = vec![(n << 6) | (total.to_le_bytes()[0] & 0xf)];
+        v.extend_from_slice(&(total >> 4).to_le_bytes()[..usize::from(n)]);
         v
     }
 
@@ -314,9 +325,9 @@ mod aml {
         match v {
             0 => vec![0x00],
             1 => vec![0x01],
-            2..=0xff => byte(v as u8),
-            0x100..=0xffff => [&[0x0b][..], &(v as u16).to_le_bytes()].concat(),
-            0x1_0000..=0xffff_ffff => [&[0x0c][..], &(v as u32).to_le_bytes()].concat(),
+            2..=0xff => byte(v.to_le_bytes()[0]),
+            0x100..=0xffff => [&[0x0b][..], &v.to_le_bytes()[..2]].concat(),
+            0x1_0000..=0xffff_ffff => [&[0x0c][..], &v.to_le_bytes()[..4]].concat(),
             _ => [&[0x0e][..], &v.to_le_bytes()].concat(),
         }
     }
@@ -324,7 +335,10 @@ mod aml {
     /// `Package` of up to 255 elements (NumElements is one byte; callers stay below it).
     pub fn package(elements: &[Vec<u8>]) -> Vec<u8> {
         debug_assert!(elements.len() <= 255);
-        let body = [&[elements.len() as u8][..], &elements.concat()].concat();
+        // Callers pass at most 255 elements (asserted above).
+        #[allow(clippy::cast_possible_truncation)]
+        let count = elements.len() as u8;
+        let body = [&[count][..], &elements.concat()].concat();
         with_pkg(&[0x12], &body)
     }
 
@@ -376,15 +390,8 @@ mod aml {
         min: u64,
         max: u64,
     ) -> Vec<u8> {
-        let len = 3 + 5 * width;
-        let mut v = vec![
-            tag,
-            len as u8,
-            (len >> 8) as u8,
-            kind,
-            PRODUCER_FIXED,
-            type_flags,
-        ];
+        let [len_lo, len_hi, ..] = (3 + 5 * width).to_le_bytes();
+        let mut v = vec![tag, len_lo, len_hi, kind, PRODUCER_FIXED, type_flags];
         for field in [0, min, max, 0, max - min + 1] {
             v.extend_from_slice(&field.to_le_bytes()[..width]);
         }
@@ -421,23 +428,18 @@ mod aml {
 fn madt(vcpus: u8) -> Vec<u8> {
     const PCAT_COMPAT: u32 = 1;
     let mut t = Sdt::new(b"APIC", 5);
-    t.u32(LAPIC_ADDR as u32).u32(PCAT_COMPAT);
+    t.u32(LAPIC_ADDR32).u32(PCAT_COMPAT);
     for cpu in 0..vcpus {
         // Processor Local APIC: ACPI processor uid, APIC id, enabled.
         t.u8(0).u8(8).u8(cpu).u8(cpu).u32(1);
     }
     // I/O APIC: id after the last vCPU, GSI base 0.
-    t.u8(1)
-        .u8(12)
-        .u8(vcpus)
-        .u8(0)
-        .u32(IOAPIC_ADDR as u32)
-        .u32(0);
+    t.u8(1).u8(12).u8(vcpus).u8(0).u32(IOAPIC_ADDR32).u32(0);
     // Interrupt source override for the SCI: ISA IRQ 9 → GSI 9, active high, level.
     t.u8(2)
         .u8(10)
         .u8(0)
-        .u8(SCI_IRQ as u8)
+        .u8(SCI_IRQ)
         .u32(u32::from(SCI_IRQ))
         .u16(0x000d);
     // Local APIC NMI on LINT1 of every processor.
@@ -623,14 +625,14 @@ mod tests {
         aml.find_name(b"_CRS");
         assert_eq!(aml.byte(), 0x11, "BufferOp");
         let end = aml.pkg_end();
-        let size = aml.integer() as usize;
+        let size = usize::try_from(aml.integer()).unwrap();
         assert_eq!(aml.at + size, end, "buffer size and PkgLength agree");
         let mut out = Vec::new();
         while aml.at < end {
             let start = aml.at;
             let tag = aml.byte();
             let len = if tag & 0x80 != 0 {
-                3 + aml.le(2) as usize
+                3 + usize::try_from(aml.le(2)).unwrap()
             } else {
                 1 + usize::from(tag & 7)
             };
@@ -725,13 +727,14 @@ mod tests {
         let m = madt(3);
         assert!(sums_to_zero(&m));
         assert_eq!(m.len(), 44 + 3 * 8 + 12 + 10 + 6);
-        for cpu in 0..3usize {
-            let e = &m[44 + cpu * 8..52 + cpu * 8];
-            assert_eq!((e[0], e[1], e[3], e[4]), (0, 8, cpu as u8, 1));
+        for cpu in 0..3u8 {
+            let at = 44 + usize::from(cpu) * 8;
+            let e = &m[at..at + 8];
+            assert_eq!((e[0], e[1], e[3], e[4]), (0, 8, cpu, 1));
         }
         let io = &m[44 + 24..44 + 36];
         assert_eq!((io[0], io[2]), (1, 3));
-        assert_eq!(&io[4..8], &(IOAPIC_ADDR as u32).to_le_bytes());
+        assert_eq!(&io[4..8], &IOAPIC_ADDR32.to_le_bytes());
     }
 
     #[test]

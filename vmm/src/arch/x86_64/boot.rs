@@ -47,6 +47,8 @@ pub enum BootError {
         path: String,
         source: vm_memory::GuestMemoryError,
     },
+    #[error("initrd at {addr:#x} ({size} bytes) does not fit the zero page's 32-bit fields")]
+    InitrdAbove4GiB { addr: u64, size: u64 },
     #[error("guest RAM has {0} ranges, more than the boot protocol's memory map holds")]
     TooManyRanges(usize),
     #[error("cannot write boot parameters into guest memory: {0}")]
@@ -74,6 +76,8 @@ const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
 const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
 const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
 const ELF_MAGIC: [u8; 4] = [0x7f, b'E', b'L', b'F'];
+/// The zero page's 32-bit command line pointer.
+const CMDLINE_ADDR32: u32 = addr32(CMDLINE_ADDR);
 
 #[derive(Clone, Copy, Default)]
 #[repr(transparent)]
@@ -212,7 +216,8 @@ fn load_initrd(
     if addr < kernel_end.next_multiple_of(0x1000) {
         return Err(too_large());
     }
-    mem.read_exact_volatile_from(GuestAddress(addr), &mut f, size as usize)
+    let len = usize::try_from(size).map_err(|_| too_large())?;
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut f, len)
         .map_err(|source| BootError::InitrdCopy {
             path: path.display().to_string(),
             source,
@@ -259,14 +264,20 @@ fn write_zero_page(
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
     params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
     params.hdr.header = KERNEL_HDR_MAGIC;
-    params.hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
-    params.hdr.cmdline_size = cmdline_len as u32 + 1;
+    params.hdr.cmd_line_ptr = CMDLINE_ADDR32;
+    params.hdr.cmdline_size =
+        u32::try_from(cmdline_len + 1).map_err(|_| BootError::CmdlineTooLong {
+            len: cmdline_len,
+            max: CMDLINE_MAX_SIZE - 1,
+        })?;
     if params.hdr.kernel_alignment == 0 {
         params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT;
     }
     if let Some((addr, size)) = initrd {
-        params.hdr.ramdisk_image = addr as u32;
-        params.hdr.ramdisk_size = size as u32;
+        // load_initrd keeps it below the kernel's initrd_addr_max, a 32-bit value.
+        let above = || BootError::InitrdAbove4GiB { addr, size };
+        params.hdr.ramdisk_image = u32::try_from(addr).map_err(|_| above())?;
+        params.hdr.ramdisk_size = u32::try_from(size).map_err(|_| above())?;
     }
     let entries = e820_entries(ram);
     if entries.len() > params.e820_table.len() {
@@ -279,7 +290,8 @@ fn write_zero_page(
             r#type: type_,
         };
     }
-    params.e820_entries = entries.len() as u8;
+    params.e820_entries =
+        u8::try_from(entries.len()).map_err(|_| BootError::TooManyRanges(entries.len()))?;
     mem.write_obj(params, GuestAddress(ZERO_PAGE_ADDR))
         .map_err(BootError::GuestMemory)
 }
@@ -309,7 +321,8 @@ fn write_start_info(
         version: 1,
         cmdline_paddr: CMDLINE_ADDR,
         memmap_paddr: PVH_MEMMAP_ADDR,
-        memmap_entries: entries.len() as u32,
+        memmap_entries: u32::try_from(entries.len())
+            .map_err(|_| BootError::TooManyRanges(entries.len()))?,
         rsdp_paddr: acpi_rsdp.unwrap_or(0),
         ..Default::default()
     };
@@ -335,7 +348,7 @@ mod tests {
     const MIB: u64 = 1 << 20;
 
     fn guest(size: u64) -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)]).unwrap()
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), usize::try_from(size).unwrap())]).unwrap()
     }
 
     #[test]
@@ -362,7 +375,7 @@ mod tests {
         .unwrap();
         let p: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_ADDR)).unwrap();
         assert_eq!({ p.hdr.boot_flag }, KERNEL_BOOT_FLAG_MAGIC);
-        assert_eq!({ p.hdr.cmd_line_ptr }, CMDLINE_ADDR as u32);
+        assert_eq!({ p.hdr.cmd_line_ptr }, CMDLINE_ADDR32);
         assert_eq!({ p.hdr.cmdline_size }, 11);
         assert_eq!({ p.hdr.ramdisk_image }, 0x300_0000);
         assert_eq!({ p.hdr.ramdisk_size }, 0x1234);

@@ -22,7 +22,7 @@ pub fn guest_phys_bits(cpuid: &CpuId) -> u8 {
         .as_slice()
         .iter()
         .find(|e| e.function == 0x8000_0008 && e.index == 0)
-        .map(|e| e.eax as u8)
+        .map(|e| e.eax.to_le_bytes()[0])
         .filter(|&bits| bits != 0)
         .unwrap_or(DEFAULT_PHYS_BITS)
 }

@@ -25,7 +25,7 @@ pub const PVH_INFO_ADDR: u64 = 0x6000;
 pub const PVH_MODLIST_ADDR: u64 = 0x6040;
 pub const PVH_MEMMAP_ADDR: u64 = 0x6060;
 /// PVH memory map entries that fit between the start_info and the zero page.
-pub const PVH_MEMMAP_MAX_ENTRIES: usize = (ZERO_PAGE_ADDR - PVH_MEMMAP_ADDR) as usize / 24;
+pub const PVH_MEMMAP_MAX_ENTRIES: usize = addr32(ZERO_PAGE_ADDR - PVH_MEMMAP_ADDR) as usize / 24;
 pub const ZERO_PAGE_ADDR: u64 = 0x7000;
 pub const BOOT_STACK_TOP: u64 = 0x8ff0;
 pub const PML4_ADDR: u64 = 0x9000;
@@ -45,6 +45,17 @@ pub const LAPIC_ADDR: u64 = 0xfee0_0000;
 /// the hole, where no device is mapped.
 pub const KVM_TSS_ADDR: usize = 0xfffb_d000;
 pub const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
+
+/// `addr` as the 32-bit value a firmware table or boot structure stores for it. For
+/// addresses (and distances between them) below 4 GiB: used in a `const`, anything
+/// above fails the build.
+pub const fn addr32(addr: u64) -> u32 {
+    assert!(addr <= u32::MAX as u64, "address above 4 GiB");
+    // Checked just above.
+    #[allow(clippy::cast_possible_truncation)]
+    let low = addr as u32;
+    low
+}
 
 /// The smallest guest we can lay out: the boot structures, the kernel and some headroom.
 pub const MIN_RAM: u64 = 16 << 20;

@@ -33,8 +33,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError, GuestMemoryM
 
 /// The MP floating pointer structure sits at the start of the EBDA, where Linux scans.
 pub const MPTABLE_START: u64 = EBDA_START;
-const IOAPIC_ADDR: u32 = layout::IOAPIC_ADDR as u32;
-const APIC_ADDR: u32 = layout::LAPIC_ADDR as u32;
+const IOAPIC_ADDR: u32 = layout::addr32(layout::IOAPIC_ADDR);
+const APIC_ADDR: u32 = layout::addr32(layout::LAPIC_ADDR);
+/// The configuration table follows the floating pointer.
+const CONFIG_TABLE_ADDR: u32 = layout::addr32(MPTABLE_START + FLOATING_POINTER_LEN as u64);
 /// First byte past the EBDA; the MP table must end at or before it.
 const EBDA_END: u64 = 0xa0000;
 
@@ -141,7 +143,8 @@ pub const MAX_CPUS: u8 = {
     } else {
         MAX_APIC_ID
     };
-    max as u8
+    // At most MAX_APIC_ID (0xfe): the low byte is the whole value.
+    max.to_le_bytes()[0]
 };
 
 // The largest table must end inside the EBDA.
@@ -209,9 +212,7 @@ pub fn setup_mptable(mem: &GuestMemoryMmap, num_cpus: u8) -> Result<(), MptableE
 /// `num_cpus` vCPUs (1..=`MAX_CPUS`), as they are laid out from `MPTABLE_START`.
 fn build_mptable(num_cpus: u8) -> Vec<u8> {
     let ioapic_id = num_cpus;
-    let config_addr = MPTABLE_START + FLOATING_POINTER_LEN as u64;
-
-    let mut entries = Vec::with_capacity(mptable_size(num_cpus) as usize);
+    let mut entries = Vec::with_capacity(FIXED_LEN + usize::from(num_cpus) * PROCESSOR_ENTRY_LEN);
     let mut entry_count: u16 = 0;
 
     for cpu in 0..num_cpus {
@@ -258,6 +259,7 @@ fn build_mptable(num_cpus: u8) -> Vec<u8> {
     }
 
     // Fits: the table is at most 1 KiB (checked against MAX_CPUS by the caller).
+    #[allow(clippy::cast_possible_truncation)]
     let base_table_len = (CONFIG_HEADER_LEN + entries.len()) as u16;
     let header = ConfigTableHeader {
         base_table_len,
@@ -265,7 +267,7 @@ fn build_mptable(num_cpus: u8) -> Vec<u8> {
         local_apic_addr: APIC_ADDR,
     };
     let floating_pointer = FloatingPointer {
-        config_table_addr: config_addr as u32,
+        config_table_addr: CONFIG_TABLE_ADDR,
     };
 
     let mut table = Vec::with_capacity(FLOATING_POINTER_LEN + base_table_len as usize);
@@ -687,7 +689,7 @@ mod tests {
     #[test]
     fn guest_memory_ending_inside_the_table_is_an_error_and_writes_nothing() {
         // RAM ends 64 bytes into the table.
-        let mem = guest_memory(0, MPTABLE_START as usize + 64);
+        let mem = guest_memory(0, usize::try_from(MPTABLE_START).unwrap() + 64);
         assert!(matches!(
             setup_mptable(&mem, 2),
             Err(MptableError::NotInGuestMemory { .. })

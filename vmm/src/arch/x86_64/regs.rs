@@ -61,6 +61,8 @@ fn gdt_table() -> [u64; 5] {
 
 fn segment(entry: u64, index: u16) -> kvm_segment {
     let g = ((entry >> 55) & 1) as u8;
+    // The 20-bit limit: bits 0-15 and 48-51 of the descriptor.
+    #[allow(clippy::cast_possible_truncation)]
     let limit_raw = ((entry & 0xffff) | ((entry >> 32) & 0xf_0000)) as u32;
     kvm_segment {
         base: ((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000),
@@ -119,7 +121,10 @@ pub fn boot_sregs(mut sregs: kvm_sregs, mode: EntryMode) -> kvm_sregs {
     let data = segment(gdt[2], 2);
     let tss = segment(gdt[4], 4);
     sregs.gdt.base = GDT_ADDR;
-    sregs.gdt.limit = (gdt.len() * 8 - 1) as u16;
+    // Five 8-byte descriptors: the limit is 39.
+    #[allow(clippy::cast_possible_truncation)]
+    let gdt_limit = (gdt.len() * 8 - 1) as u16;
+    sregs.gdt.limit = gdt_limit;
     sregs.idt.base = IDT_ADDR;
     sregs.idt.limit = 7;
     sregs.cs = code;
