@@ -15,5 +15,6 @@ pub mod virtio;
 pub use bus::{Bus, BusDevice, BusError};
 pub use legacy::{
     BootTimer, EventFdTrigger, SerialConsole, SerialError, SleepControl, BOOT_TIMER_MAGIC,
-    BOOT_TIMER_PORT, I8042, I8042_PORT, I8042_PORT_LEN, SERIAL_PORT, SERIAL_PORT_LEN,
+    BOOT_TIMER_PORT, I8042, I8042_KEYBOARD_IRQ, I8042_PORT, I8042_PORT_LEN, SERIAL_PORT,
+    SERIAL_PORT_LEN,
 };

@@ -73,7 +73,7 @@ fn check_guest(rig: &Rig, run: &ScenarioRun) {
     rig.check(
         run,
         run.rc == Some(0),
-        "aivmm did not exit 0 after the guest powered off",
+        "aivmm did not exit 0 after the guest stopped",
     );
     rig.check(
         run,
@@ -168,6 +168,20 @@ fn a_tenant_configured_over_the_api_socket_boots_and_is_controlled() {
         &format!("GET /metrics/prometheus has no samples: {prom}"),
     );
     check_guest(rig, run);
+    // Its checks done, the guest waited for Ctrl+Alt+Del: the keys made it reboot, where it
+    // would otherwise have powered off.
+    rig.check(
+        run,
+        run.fact("await_cad") == Some("0"),
+        "the guest never waited for Ctrl+Alt+Del",
+    );
+    expect_status(rig, run, "cad", 204);
+    let stopped = run.fact("stopped").unwrap_or("");
+    rig.check(
+        run,
+        stopped.contains("reset the machine"),
+        &format!("after SendCtrlAltDel the VM stopped with `{stopped}`, not a reboot"),
+    );
     rig.check(
         run,
         run.fact("socket_left") == Some("0"),

@@ -39,6 +39,8 @@ pub enum RuntimeAction {
     /// A change to the virtio device the config calls `id` (a PATCH of a drive or an
     /// interface).
     Update { id: String, update: DeviceUpdate },
+    /// Ctrl+Alt+Del pressed on the i8042's keyboard.
+    CtrlAltDel,
 }
 
 /// A runtime action and where its outcome goes.
@@ -300,6 +302,7 @@ pub fn run_controlled(
                         Ok(())
                     }
                     RuntimeAction::Update { id, update } => devices.update_virtio(&id, &update),
+                    RuntimeAction::CtrlAltDel => devices.send_ctrl_alt_del(),
                 };
                 let _ = req.reply.send(outcome);
             }

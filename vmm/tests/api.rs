@@ -69,6 +69,19 @@ const DOTS: [u8; 18] = [
 /// i8042 CPU reset, then hlt forever.
 const RESET: [u8; 7] = [0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd];
 
+/// Polls the i8042 for keyboard bytes until Ctrl's release (0x9d, the last of Ctrl+Alt+Del
+/// in scancode set 1), then resets through it; interrupts stay off.
+const AWAIT_CTRL_ALT_DEL: [u8; 19] = [
+    0xe4, 0x64, // in al, 0x64 (status)
+    0xa8, 0x01, // test al, 1 (output buffer full)
+    0x74, 0xfa, // jz back to the status read
+    0xe4, 0x60, // in al, 0x60 (data)
+    0x3c, 0x9d, // cmp al, 0x9d
+    0x75, 0xf4, // jne back to the status read
+    0xb0, 0xfe, 0xe6, 0x64, // i8042 CPU reset
+    0xf4, 0xeb, 0xfd, // hlt forever
+];
+
 /// An ELF64 image of one PT_LOAD segment at 1 MiB, entered in 64-bit mode.
 fn elf_kernel(path: &Path, code: &[u8]) {
     let (ehdr_len, phdr_len) = (64u16, 56u16);
@@ -393,4 +406,53 @@ fn a_json_config_file_boots_without_a_socket() {
     let err = std::fs::read_to_string(&stderr).unwrap();
     assert_eq!(status.code(), Some(2), "{err}");
     assert!(err.contains("unknown field `balloon`"), "{err}");
+}
+
+#[test]
+fn send_ctrl_alt_del_reaches_the_guest_through_the_i8042() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = Scratch::new("cad");
+    let (sock, kernel, console, stderr) = (
+        dir.path("api.sock"),
+        dir.path("kernel.elf"),
+        dir.path("console"),
+        dir.path("stderr"),
+    );
+    elf_kernel(&kernel, &guest_code(&AWAIT_CTRL_ALT_DEL));
+    let mut vmm = aivmm(&["--api-sock", sock.to_str().unwrap()], &console, &stderr);
+    wait_for("the API socket", Duration::from_secs(10), || {
+        UnixStream::connect(&sock).is_ok()
+    });
+    let cad = r#"{"action_type": "SendCtrlAltDel"}"#;
+    let m = json(&expect(&sock, "PUT", "/actions", cad, 400));
+    assert!(m["fault_message"]
+        .as_str()
+        .unwrap()
+        .contains("after the VM starts"));
+    let boot = format!(
+        r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0"}}"#,
+        kernel.display()
+    );
+    expect(&sock, "PUT", "/boot-source", &boot, 204);
+    let machine = r#"{"vcpu_count": 1, "mem_size_mib": 32}"#;
+    expect(&sock, "PUT", "/machine-config", machine, 204);
+    let start = r#"{"action_type": "InstanceStart"}"#;
+    expect(&sock, "PUT", "/actions", start, 204);
+    wait_for("the guest's first output", Duration::from_secs(10), || {
+        file_len(&console) >= 3
+    });
+    // The guest polls the keyboard and stays until the keys come.
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        vmm.0.try_wait().unwrap(),
+        None,
+        "the guest stopped on its own"
+    );
+    expect(&sock, "PUT", "/actions", cad, 204);
+    let status = wait_exit(&mut vmm, Duration::from_secs(10));
+    let err = std::fs::read_to_string(&stderr).unwrap();
+    assert_eq!(status.code(), Some(0), "{err}");
+    assert!(err.contains("the guest reset the machine"), "{err}");
 }

@@ -9,13 +9,21 @@
 //!   as "no mouse port". Every unanswered command costs the guest a 0.5 s timeout (an
 //!   unanswered CTR read cost 1.3-1.8 s of boot in the nested rig).
 //!
-//! There is no keyboard behind it: keyboard commands are ignored and no interrupt is raised.
+//! - a keyboard ([`super::keyboard`]) that answers `atkbd`'s probe, so that the VMM can press
+//!   Ctrl+Alt+Del (Firecracker's `SendCtrlAltDel`); its bytes raise IRQ 1.
+//!
+//! A guest only drives the keyboard when it probes the controller (`i8042.nopnp`, or
+//! Firecracker's usual `i8042.nopnp i8042.dumbkbd`); otherwise key presses stay queued.
 
 use vm_superio::I8042Device;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::keyboard::{BufferFull, Keyboard};
 use super::trigger::EventFdTrigger;
 use crate::bus::BusDevice;
+
+/// The keyboard's ISA interrupt.
+pub const I8042_KEYBOARD_IRQ: u32 = 1;
 
 /// Base port of the controller (the data port).
 pub const I8042_PORT: u16 = 0x60;
@@ -59,28 +67,81 @@ const AUX_TEST_FAILED: u8 = 0x01;
 /// loopback" at once, then runs the interface test.
 const AUX_LOOP_NONE: u8 = 0x00;
 
+/// Where the byte on the data port came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    Controller,
+    Keyboard,
+}
+
 /// An i8042 controller that signals `reset_evt` when the guest resets the CPU.
 pub struct I8042 {
     device: I8042Device<EventFdTrigger>,
-    /// Whether a failure to signal the reset has been logged already.
+    /// Whether a failure to signal the reset, or the keyboard interrupt, has been logged.
     reset_error_logged: bool,
+    irq_error_logged: bool,
     /// The controller configuration byte.
     ctr: u8,
     /// A byte waiting for the guest on the data port.
-    output: Option<u8>,
+    output: Option<(u8, Source)>,
     /// The last command, when it waits for a data byte (write CTR, aux loopback).
     pending: Option<u8>,
+    keyboard: Keyboard,
+    /// Written for every keyboard byte put on the data port (IRQ 1's irqfd).
+    keyboard_irq: EventFd,
 }
 
 impl I8042 {
-    /// Creates a controller that writes 1 to `reset_evt` on every CPU reset command.
-    pub fn new(reset_evt: EventFd) -> Self {
+    /// Creates a controller that writes 1 to `reset_evt` on every CPU reset command and to
+    /// `keyboard_irq` for every keyboard byte it hands the guest.
+    pub fn new(reset_evt: EventFd, keyboard_irq: EventFd) -> Self {
         Self {
             device: I8042Device::new(EventFdTrigger::new(reset_evt)),
             reset_error_logged: false,
+            irq_error_logged: false,
             ctr: CTR_DEFAULT,
             output: None,
             pending: None,
+            keyboard: Keyboard::new(),
+            keyboard_irq,
+        }
+    }
+
+    /// Presses and releases Ctrl+Alt+Del on the keyboard (Firecracker's `SendCtrlAltDel`).
+    /// Fails when the guest has left earlier key presses unread.
+    pub fn send_ctrl_alt_del(&mut self) -> Result<(), BufferFull> {
+        self.keyboard
+            .press_ctrl_alt_del(self.ctr & CTR_TRANSLATE != 0)?;
+        self.feed_keyboard_byte();
+        Ok(())
+    }
+
+    /// A controller answer for the data port. It goes ahead of a keyboard byte still
+    /// waiting there, which is handed out again afterwards.
+    fn answer(&mut self, byte: u8) {
+        if let Some((kbd, Source::Keyboard)) = self.output {
+            self.keyboard.unpop(kbd);
+        }
+        self.output = Some((byte, Source::Controller));
+    }
+
+    /// Moves the keyboard's next byte to the empty data port, with its interrupt, unless
+    /// the guest disabled the keyboard.
+    fn feed_keyboard_byte(&mut self) {
+        if self.output.is_some() || self.ctr & CTR_KBD_DISABLED != 0 {
+            return;
+        }
+        let Some(byte) = self.keyboard.pop() else {
+            return;
+        };
+        self.output = Some((byte, Source::Keyboard));
+        if self.ctr & CTR_KBD_INT != 0 {
+            if let Err(e) = self.keyboard_irq.write(1) {
+                if !self.irq_error_logged {
+                    self.irq_error_logged = true;
+                    log::error!("Failed to raise the i8042 keyboard interrupt: {e}");
+                }
+            }
         }
     }
 
@@ -109,11 +170,11 @@ impl I8042 {
         // A new command cancels one still waiting for its data byte.
         self.pending = None;
         match cmd {
-            CMD_READ_CTR => self.output = Some(self.ctr),
+            CMD_READ_CTR => self.answer(self.ctr),
             CMD_WRITE_CTR | CMD_AUX_LOOP => self.pending = Some(cmd),
-            CMD_SELF_TEST => self.output = Some(SELF_TEST_OK),
-            CMD_KBD_TEST => self.output = Some(KBD_TEST_OK),
-            CMD_AUX_TEST => self.output = Some(AUX_TEST_FAILED),
+            CMD_SELF_TEST => self.answer(SELF_TEST_OK),
+            CMD_KBD_TEST => self.answer(KBD_TEST_OK),
+            CMD_AUX_TEST => self.answer(AUX_TEST_FAILED),
             CMD_DISABLE_AUX => self.ctr |= CTR_AUX_DISABLED,
             CMD_ENABLE_AUX => self.ctr &= !CTR_AUX_DISABLED,
             CMD_DISABLE_KBD => self.ctr |= CTR_KBD_DISABLED,
@@ -127,9 +188,8 @@ impl I8042 {
     fn data(&mut self, value: u8) {
         match self.pending.take() {
             Some(CMD_WRITE_CTR) => self.ctr = value,
-            Some(_) => self.output = Some(AUX_LOOP_NONE),
-            // A keyboard command: no keyboard answers it.
-            None => {}
+            Some(_) => self.answer(AUX_LOOP_NONE),
+            None => self.keyboard.receive(value),
         }
     }
 }
@@ -139,7 +199,10 @@ impl BusDevice for I8042 {
     /// port reads the status. Other sizes and offsets read all ones.
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         match (u8::try_from(offset), data) {
-            (Ok(DATA), [byte]) => *byte = self.output.take().unwrap_or(0),
+            (Ok(DATA), [byte]) => {
+                *byte = self.output.take().map_or(0, |(b, _)| b);
+                self.feed_keyboard_byte();
+            }
             (Ok(COMMAND), [byte]) => *byte = self.status(),
             (Ok(register), [byte]) if u64::from(register) < I8042_PORT_LEN => *byte = 0,
             (_, data) => data.fill(0xff),
@@ -156,6 +219,8 @@ impl BusDevice for I8042 {
             DATA => self.data(*value),
             _ => return,
         }
+        // An enabled keyboard, an answer to a keyboard command or a freed data port.
+        self.feed_keyboard_byte();
         if let Err(e) = self.device.write(register, *value) {
             if !self.reset_error_logged {
                 self.reset_error_logged = true;
@@ -183,8 +248,24 @@ mod tests {
     }
 
     fn i8042() -> (I8042, EventFd) {
-        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        (I8042::new(evt.try_clone().unwrap()), evt)
+        let (dev, reset, _irq) = i8042_with_irq();
+        (dev, reset)
+    }
+
+    fn i8042_with_irq() -> (I8042, EventFd, EventFd) {
+        let reset = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let dev = I8042::new(reset.try_clone().unwrap(), irq.try_clone().unwrap());
+        (dev, reset, irq)
+    }
+
+    /// Interrupts raised since the last call.
+    fn irqs(evt: &EventFd) -> u64 {
+        match evt.read() {
+            Ok(count) => count,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => panic!("reading the IRQ EventFd failed: {e}"),
+        }
     }
 
     #[test]
@@ -281,11 +362,70 @@ mod tests {
         );
         assert_eq!(read(&mut dev, 0), AUX_LOOP_NONE);
         assert_eq!(answer(&mut dev, CMD_AUX_TEST), Some(AUX_TEST_FAILED));
-        // No keyboard: its commands get no answer; unknown commands neither.
-        dev.write(0, &[0xf2]);
-        assert_eq!(read(&mut dev, COMMAND) & STATUS_OUTPUT_FULL, 0);
+        // Unknown controller commands get no answer.
         assert_eq!(answer(&mut dev, 0xd1), None);
         assert!(!reset_pending(&evt));
+    }
+
+    /// What Linux's i8042 interrupt handler does: one status read, one data read.
+    fn interrupt_byte(dev: &mut I8042) -> Option<u8> {
+        (read(dev, COMMAND) & STATUS_OUTPUT_FULL != 0).then(|| read(dev, 0))
+    }
+
+    #[test]
+    fn keyboard_commands_are_answered_one_byte_per_interrupt() {
+        let (mut dev, _reset, irq) = i8042_with_irq();
+        // atkbd's identify command.
+        dev.write(0, &[0xf2]);
+        let mut got = Vec::new();
+        while let Some(b) = interrupt_byte(&mut dev) {
+            got.push(b);
+        }
+        assert_eq!(got, [0xfa, 0xab, 0x83]);
+        assert_eq!(irqs(&irq), 3);
+    }
+
+    #[test]
+    fn ctrl_alt_del_reaches_the_guest_in_the_scancode_set_it_reads() {
+        let (mut dev, reset, irq) = i8042_with_irq();
+        dev.send_ctrl_alt_del().unwrap();
+        let mut got = Vec::new();
+        while let Some(b) = interrupt_byte(&mut dev) {
+            got.push(b);
+        }
+        assert_eq!(got, [0x1d, 0x38, 0xe0, 0x53, 0xe0, 0xd3, 0xb8, 0x9d]);
+        assert_eq!(irqs(&irq), 8);
+        // Translation off: set 2 codes.
+        dev.write(COMMAND, &[CMD_WRITE_CTR]);
+        dev.write(0, &[CTR_KBD_INT | CTR_SYSTEM]);
+        dev.send_ctrl_alt_del().unwrap();
+        assert_eq!(interrupt_byte(&mut dev), Some(0x14));
+        assert!(!reset_pending(&reset));
+    }
+
+    #[test]
+    fn a_disabled_keyboard_holds_its_bytes_and_answers_go_first() {
+        let (mut dev, _reset, irq) = i8042_with_irq();
+        dev.write(COMMAND, &[CMD_DISABLE_KBD]);
+        dev.send_ctrl_alt_del().unwrap();
+        assert_eq!(interrupt_byte(&mut dev), None);
+        assert_eq!(irqs(&irq), 0);
+        dev.write(COMMAND, &[CMD_ENABLE_KBD]);
+        assert_eq!(irqs(&irq), 1);
+        // A controller command answered while Ctrl's press waits on the data port: the
+        // answer is read first, then Ctrl, nothing lost.
+        dev.write(COMMAND, &[CMD_SELF_TEST]);
+        assert_eq!(interrupt_byte(&mut dev), Some(SELF_TEST_OK));
+        assert_eq!(interrupt_byte(&mut dev), Some(0x1d));
+        // With the interrupt bit cleared, bytes still arrive but raise nothing.
+        dev.write(COMMAND, &[CMD_WRITE_CTR]);
+        dev.write(0, &[CTR_SYSTEM | CTR_TRANSLATE]);
+        irqs(&irq);
+        assert_eq!(interrupt_byte(&mut dev), Some(0x38));
+        assert_eq!(irqs(&irq), 0);
+        // A guest that never reads: the buffer fills and further presses are refused.
+        while dev.send_ctrl_alt_del().is_ok() {}
+        assert!(dev.send_ctrl_alt_del().is_err());
     }
 
     #[test]
@@ -293,8 +433,9 @@ mod tests {
         let (mut dev, _evt) = i8042();
         dev.write(COMMAND, &[CMD_WRITE_CTR]);
         dev.write(COMMAND, &[CMD_ENABLE_AUX]);
-        // This data byte is a keyboard command now, not the CTR.
+        // This data byte is a keyboard command now (acknowledged), not the CTR.
         dev.write(0, &[0x00]);
+        assert_eq!(interrupt_byte(&mut dev), Some(0xfa));
         assert_eq!(answer(&mut dev, CMD_READ_CTR), Some(CTR_DEFAULT));
     }
 }

@@ -7,8 +7,9 @@
 #   api_sock  the API boot. Facts: socket_ms (process start to the socket answering curl's
 #             GET /, polled), socket_ready (aivmm's own wall and CPU time to the socket),
 #             get_load (200 GET / while the guest runs: rig-io http-load's line),
-#             start_call_ms (aivmm's start to the InstanceStart call).
-#             Each call prints `API-CALL <name> status=<code> body=<hex>`; the guest runs
+#             start_call_ms (aivmm's start to the InstanceStart call), await_cad (0 when
+#             the guest, its checks done, waited for Ctrl+Alt+Del), cad_exit_ms
+#             (SendCtrlAltDel to aivmm's exit). Each call prints `API-CALL <name> status=<code> body=<hex>`; the guest runs
 #             net-check.sh and vsock-check.sh (1 MiB each way), L1's side of each transfer
 #             is a fact host_<step>.
 #   api_json  the config-file boot: the same guest checks.
@@ -32,9 +33,21 @@ api_call() {
     echo "API-CALL $1 status=${code:-0} body=$(od -An -v -tx1 "$body" 2>/dev/null | tr -d ' \n')"
 }
 
-# api_guest_args: the guest's command line (the checks read their settings from it).
+# api_cmdline [WORDS]: the guest's command line (the checks read their settings from it),
+# with WORDS appended.
 api_cmdline() {
-    echo "console=ttyS0 reboot=k panic=-1 quiet 8250.nr_uarts=1 aivmm.script=/scripts/api-check.sh net.guest=169.254.82.2/30 net.host=169.254.82.1 net.bytes=$API_BYTES vsock.bytes=$API_BYTES rigio.timeout=$RIG_VM_TIMEOUT"
+    echo "console=ttyS0 reboot=k panic=-1 quiet 8250.nr_uarts=1 aivmm.script=/scripts/api-check.sh net.guest=169.254.82.2/30 net.host=169.254.82.1 net.bytes=$API_BYTES vsock.bytes=$API_BYTES rigio.timeout=$RIG_VM_TIMEOUT${1:+ $1}"
+}
+
+# api_await NAME PATTERN PID: until the guest prints PATTERN (0), aivmm ends (1) or
+# RIG_VM_TIMEOUT passes (2).
+api_await() {
+    deadline=$(($(now_ms) + RIG_VM_TIMEOUT * 1000))
+    until grep -q "$2" "$RIG_TMP/$1.out" 2>/dev/null; do
+        alive "$3" || return 1
+        [ "$(now_ms)" -lt "$deadline" ] || return 2
+        sleep 0.2
+    done
 }
 
 # api_hosts NAME: L1's side of the guest's transfers, in the background.
@@ -88,7 +101,7 @@ scenario_api() {
     done
     fact api_sock socket_ms $(($(now_ms) - t0))
     api_call info_before GET /
-    api_call boot_source PUT /boot-source "{\"kernel_image_path\": \"$L2_KERNEL\", \"initrd_path\": \"$L2_BOOT_INITRD\", \"boot_args\": \"$(api_cmdline)\"}"
+    api_call boot_source PUT /boot-source "{\"kernel_image_path\": \"$L2_KERNEL\", \"initrd_path\": \"$L2_BOOT_INITRD\", \"boot_args\": \"$(api_cmdline "i8042.nopnp aivmm.await_cad=1")\"}"
     # 2 MiB hugepages: never migrated by L1's NUMA balancing, which this rig's emulated
     # nested paging does not survive (docs/PERFORMANCE.md, "Nested rig reliability").
     api_call machine PUT /machine-config '{"vcpu_count": 2, "mem_size_mib": 256, "huge_pages": "2M"}'
@@ -118,8 +131,14 @@ scenario_api() {
     api_call flush PUT /actions '{"action_type": "FlushMetrics"}'
     fact api_sock metrics_lines "$(wc -l <"$RIG_TMP/api.metrics" 2>/dev/null || echo 0)"
     api_call prometheus GET /metrics/prometheus
-    # The guest powers off after its checks; aivmm then exits.
+    # After its checks the guest waits for Ctrl+Alt+Del (it drives the i8042: i8042.nopnp);
+    # the kernel reboots, which ends aivmm (reboot=k). Without the keys it would power off.
+    api_await api_sock AIVMM-API-AWAIT-CAD "$pid"
+    fact api_sock await_cad "$?"
+    t_cad=$(now_ms)
+    api_call cad PUT /actions '{"action_type": "SendCtrlAltDel"}'
     vm_wait api_sock "$pid" "$RIG_VM_TIMEOUT"
+    fact api_sock cad_exit_ms $(($(now_ms) - t_cad))
     api_host_facts api_sock
     stderr_facts api_sock api_sock
     # aivmm's own figure: "API socket ... ready N us after start (M us of CPU)".

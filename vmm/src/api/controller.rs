@@ -458,10 +458,13 @@ impl Controller {
                 self.flush_metrics().map_err(Response::bad_request)?;
                 Ok(Response::no_content())
             }
-            ActionType::SendCtrlAltDel => Err(Response::bad_request(
-                "SendCtrlAltDel is not supported by aivmm: its i8042 has no keyboard to send \
-                 keys from (stop the VM with SIGTERM, or have the guest power off)",
-            )),
+            ActionType::SendCtrlAltDel => {
+                self.post_boot("SendCtrlAltDel")?;
+                self.backend
+                    .runtime(RuntimeAction::CtrlAltDel)
+                    .map_err(|e| Response::bad_request(format!("SendCtrlAltDel failed: {e}")))?;
+                Ok(Response::no_content())
+            }
         }
     }
 }
@@ -836,18 +839,23 @@ mod tests {
         let mut r = rig("pause");
         let m = r.fault("PATCH", "/vm", r#"{"state": "Paused"}"#);
         assert!(m.contains("only allowed after"), "{m}");
+        let m = r.fault("PUT", "/actions", r#"{"action_type": "SendCtrlAltDel"}"#);
+        assert!(m.contains("only allowed after"), "{m}");
         r.boot_source("console=ttyS0");
         r.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
         r.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
         assert_eq!(r.get("/")["state"], "Paused");
         r.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
         assert_eq!(r.get("/")["state"], "Running");
+        r.ok("PUT", "/actions", r#"{"action_type": "SendCtrlAltDel"}"#);
         assert_eq!(
             *r.actions.lock().unwrap(),
-            [RuntimeAction::Pause, RuntimeAction::Resume]
+            [
+                RuntimeAction::Pause,
+                RuntimeAction::Resume,
+                RuntimeAction::CtrlAltDel
+            ]
         );
-        let m = r.fault("PUT", "/actions", r#"{"action_type": "SendCtrlAltDel"}"#);
-        assert!(m.contains("SendCtrlAltDel"), "{m}");
         let m = r.fault("PUT", "/actions", r#"{"action_type": "FlushMetrics"}"#);
         assert!(m.contains("PUT /metrics"), "{m}");
     }

@@ -1,12 +1,13 @@
 //! The legacy devices on the port I/O bus: the serial console (COM1), the i8042 (its
-//! reset line), the ACPI sleep control (power off) and the boot timer.
+//! reset line and a keyboard for Ctrl+Alt+Del), the ACPI sleep control (power off) and the
+//! boot timer.
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use devices::{
-    BootTimer, SerialConsole, SleepControl, BOOT_TIMER_PORT, I8042, I8042_PORT, I8042_PORT_LEN,
-    SERIAL_PORT, SERIAL_PORT_LEN,
+    BootTimer, SerialConsole, SleepControl, BOOT_TIMER_PORT, I8042, I8042_KEYBOARD_IRQ, I8042_PORT,
+    I8042_PORT_LEN, SERIAL_PORT, SERIAL_PORT_LEN,
 };
 use vmm_sys_util::eventfd::EventFd;
 
@@ -39,17 +40,15 @@ impl DeviceManager {
         console_cfg: &ConsoleConfig,
         start: Instant,
     ) -> Result<LegacyEvents, DeviceManagerError> {
-        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("the serial IRQ"))?;
-        self.vm
-            .register_irqfd(&serial_irq, SERIAL_IRQ)
-            .map_err(|source| DeviceManagerError::Kvm {
-                what: "register the serial irqfd",
-                source,
-            })?;
+        let serial_irq = self.isa_irq(SERIAL_IRQ, "the serial IRQ")?;
         let out = console::output(console_cfg).map_err(io_err("the console output"))?;
         let serial = Arc::new(Mutex::new(SerialConsole::new(serial_irq, out)));
         let reset = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("the reset event"))?;
-        let i8042 = I8042::new(reset.try_clone().map_err(io_err("the reset event"))?);
+        let keyboard_irq = self.isa_irq(I8042_KEYBOARD_IRQ, "the keyboard IRQ")?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(
+            reset.try_clone().map_err(io_err("the reset event"))?,
+            keyboard_irq,
+        )));
         let boot_timer = BootTimer::new(start).on_init_reached(|t| {
             eprintln!("aivmm: guest reached init in {} ms", t.as_millis());
         });
@@ -67,11 +66,9 @@ impl DeviceManager {
         )?;
         self.io_bus
             .insert(serial.clone(), u64::from(SERIAL_PORT), SERIAL_PORT_LEN)?;
-        self.io_bus.insert(
-            Arc::new(Mutex::new(i8042)),
-            u64::from(I8042_PORT),
-            I8042_PORT_LEN,
-        )?;
+        self.io_bus
+            .insert(i8042.clone(), u64::from(I8042_PORT), I8042_PORT_LEN)?;
+        self.i8042 = Some(i8042);
         self.io_bus.insert(
             Arc::new(Mutex::new(boot_timer)),
             u64::from(BOOT_TIMER_PORT),
@@ -82,5 +79,34 @@ impl DeviceManager {
             poweroff,
             serial,
         })
+    }
+
+    /// An `EventFd` that raises ISA interrupt `irq` when written.
+    fn isa_irq(&self, irq: u32, what: &'static str) -> Result<EventFd, DeviceManagerError> {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err(what))?;
+        self.vm
+            .register_irqfd(&evt, irq)
+            .map_err(|source| DeviceManagerError::Kvm {
+                what: "register a legacy irqfd",
+                source,
+            })?;
+        Ok(evt)
+    }
+
+    /// Presses Ctrl+Alt+Del on the i8042's keyboard (Firecracker's `SendCtrlAltDel`).
+    pub fn send_ctrl_alt_del(&self) -> Result<(), String> {
+        let i8042 = self
+            .i8042
+            .as_ref()
+            .ok_or("the VM has no i8042 controller")?;
+        i8042
+            .lock()
+            .map_err(|_| "the i8042 controller is poisoned".to_string())?
+            .send_ctrl_alt_del()
+            .map_err(|_| {
+                "the guest has not read the keys sent before (does its command line have \
+                 i8042.nopnp, so that it drives the i8042?)"
+                    .to_string()
+            })
     }
 }

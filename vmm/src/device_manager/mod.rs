@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use devices::virtio::{DeviceUpdate, VirtioPciDevice};
-use devices::Bus;
+use devices::{Bus, I8042};
 use kvm_ioctls::VmFd;
 use vm_memory::GuestMemoryMmap;
 
@@ -99,6 +99,8 @@ pub struct DeviceManager {
     virtio: Vec<VirtioEntry>,
     /// Dropped (devices reset, DMA unmapped) before the RAM, on every path.
     passthrough: Option<Passthrough>,
+    /// Kept for the control API's Ctrl+Alt+Del.
+    i8042: Option<Arc<Mutex<I8042>>>,
 }
 
 impl DeviceManager {
@@ -122,6 +124,7 @@ impl DeviceManager {
             pci,
             virtio: Vec::new(),
             passthrough: None,
+            i8042: None,
         })
     }
 
