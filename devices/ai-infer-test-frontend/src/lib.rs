@@ -138,6 +138,31 @@ impl Default for FrontendOptions {
     }
 }
 
+/// The descriptors of a chain over `buffers` placed in `slots` (ring or indirect-table
+/// indices, one per buffer): each links to the next slot, and the last ends the chain.
+fn chain_descriptors<'a>(
+    buffers: &'a [Buffer],
+    slots: &'a [u16],
+) -> impl Iterator<Item = (usize, RawDesc)> + 'a {
+    buffers.iter().enumerate().map(move |(i, b)| {
+        let next = slots.get(i + 1).copied();
+        let mut flags = 0u16;
+        if b.writable {
+            flags |= VRING_DESC_F_WRITE as u16;
+        }
+        if next.is_some() {
+            flags |= VRING_DESC_F_NEXT as u16;
+        }
+        let d = RawDesc {
+            addr: b.addr,
+            len: b.len,
+            flags,
+            next: next.unwrap_or(0),
+        };
+        (i, d)
+    })
+}
+
 /// One descriptor as the driver writes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RawDesc {
@@ -592,27 +617,11 @@ impl TestFrontend {
     /// Builds a chain over `buffers` (direct, or through an indirect table if the
     /// options say so), makes it available and kicks. Returns the head index.
     pub fn submit_chain(&mut self, q: u16, buffers: &[Buffer]) -> Result<u16, FrontendError> {
-        let flags_of = |b: &Buffer, last: bool| {
-            let mut f = 0u16;
-            if b.writable {
-                f |= VRING_DESC_F_WRITE as u16;
-            }
-            if !last {
-                f |= VRING_DESC_F_NEXT as u16;
-            }
-            f
-        };
         let head = if self.options.indirect {
             let table_len = 16 * buffers.len() as u64;
             let table = self.alloc_aligned(table_len, 16)?;
-            for (i, b) in buffers.iter().enumerate() {
-                let last = i + 1 == buffers.len();
-                let d = RawDesc {
-                    addr: b.addr,
-                    len: b.len,
-                    flags: flags_of(b, last),
-                    next: if last { 0 } else { i as u16 + 1 },
-                };
+            let table_slots: Vec<u16> = (0..buffers.len() as u16).collect();
+            for (i, d) in chain_descriptors(buffers, &table_slots) {
                 self.write_raw_desc(table + 16 * i as u64, d)?;
             }
             let slots = self.alloc_descriptors(q, 1)?;
@@ -630,14 +639,7 @@ impl TestFrontend {
             slots[0]
         } else {
             let slots = self.alloc_descriptors(q, buffers.len())?;
-            for (i, b) in buffers.iter().enumerate() {
-                let last = i + 1 == buffers.len();
-                let d = RawDesc {
-                    addr: b.addr,
-                    len: b.len,
-                    flags: flags_of(b, last),
-                    next: if last { 0 } else { slots[i + 1] },
-                };
+            for (i, d) in chain_descriptors(buffers, &slots) {
                 self.write_descriptor(q, slots[i], d)?;
             }
             let head = slots[0];

@@ -52,6 +52,31 @@ pub struct Controller {
 
 /// A PATCH's limiters are checked before anything reaches the running device, so a bad
 /// one changes nothing (not even the rest of the same request).
+/// The device a runtime PATCH names.
+struct PatchTarget<'a> {
+    /// The API resource (`drives`, `network-interfaces`).
+    resource: &'a str,
+    /// The device kind, for messages.
+    what: &'a str,
+    /// The id in the path and the one in the body.
+    id: &'a str,
+    body_id: &'a str,
+    /// Whether the config has a device with that id.
+    exists: bool,
+}
+
+impl<'a> PatchTarget<'a> {
+    fn new(resource: &'a str, what: &'a str, id: &'a str, body_id: &'a str, exists: bool) -> Self {
+        Self {
+            resource,
+            what,
+            id,
+            body_id,
+            exists,
+        }
+    }
+}
+
 fn check_limiters(limiters: &[Option<RateLimiterConfig>]) -> Result<(), Response> {
     for l in limiters.iter().flatten() {
         l.validate().map_err(fails)?;
@@ -164,6 +189,21 @@ impl Controller {
         Ok(Response::no_content())
     }
 
+    /// [`Self::change`] for a change that cannot be refused itself.
+    fn set(
+        &mut self,
+        apply: impl FnOnce(&mut VmConfig),
+        check: impl FnOnce(&VmConfig, &SysfsHost, usize) -> Result<(), ConfigError>,
+    ) -> Result<Response, Response> {
+        self.change(
+            |c| {
+                apply(c);
+                Ok(())
+            },
+            check,
+        )
+    }
+
     fn dispatch(&mut self, req: Request) -> Result<Response, Response> {
         match req {
             Request::GetInstanceInfo => Ok(Response::json(&InstanceInfo {
@@ -187,11 +227,8 @@ impl Controller {
             ))),
             Request::PutBootSource(b) => {
                 self.pre_boot("PUT /boot-source")?;
-                self.change(
-                    |c| {
-                        convert::apply_boot_source(c, &b);
-                        Ok(())
-                    },
+                self.set(
+                    |c| convert::apply_boot_source(c, &b),
                     |c, _, _| c.check_boot(),
                 )
             }
@@ -207,24 +244,19 @@ impl Controller {
                 self.pre_boot("PUT /drives")?;
                 convert::check_path_id("drive", &id, &d.drive_id).map_err(fails)?;
                 let drive = convert::drive_config(&d).map_err(fails)?;
-                self.change(
-                    |c| {
-                        convert::upsert(&mut c.drives, drive, |x| x.id == id);
-                        Ok(())
-                    },
+                self.set(
+                    |c| convert::upsert(&mut c.drives, drive, |x| x.id == id),
                     |c, _, _| c.check_drives(),
                 )
             }
             Request::PatchDrive(id, d) => {
-                self.post_boot("PATCH /drives")?;
-                convert::check_path_id("drive", &id, &d.drive_id).map_err(fails)?;
-                self.known("drive", self.config.drives.iter().any(|x| x.id == id), &id)?;
-                check_limiters(&[d.rate_limiter])?;
+                let exists = self.config.drives.iter().any(|x| x.id == id);
                 let update = DeviceUpdate::Drive {
                     path: d.path_on_host.clone(),
                     rate_limiter: d.rate_limiter,
                 };
-                self.update_device("drives", &id, update)?;
+                let target = PatchTarget::new("drives", "drive", &id, &d.drive_id, exists);
+                self.patch_device(target, &[d.rate_limiter], update)?;
                 if let Some(drive) = self.config.drives.iter_mut().find(|x| x.id == id) {
                     if let Some(p) = d.path_on_host {
                         drive.path = p;
@@ -239,28 +271,25 @@ impl Controller {
                 self.pre_boot("PUT /network-interfaces")?;
                 convert::check_path_id("network interface", &id, &n.iface_id).map_err(fails)?;
                 let net = convert::net_config(&n).map_err(fails)?;
-                self.change(
-                    |c| {
-                        convert::upsert(&mut c.net, net, |x| x.id == id);
-                        Ok(())
-                    },
+                self.set(
+                    |c| convert::upsert(&mut c.net, net, |x| x.id == id),
                     |c, host, _| c.check_net(host),
                 )
             }
             Request::PatchNet(id, n) => {
-                self.post_boot("PATCH /network-interfaces")?;
-                convert::check_path_id("network interface", &id, &n.iface_id).map_err(fails)?;
-                self.known(
-                    "network interface",
-                    self.config.net.iter().any(|x| x.id == id),
-                    &id,
-                )?;
-                check_limiters(&[n.rx_rate_limiter, n.tx_rate_limiter])?;
+                let exists = self.config.net.iter().any(|x| x.id == id);
                 let update = DeviceUpdate::Net {
                     rx_rate_limiter: n.rx_rate_limiter,
                     tx_rate_limiter: n.tx_rate_limiter,
                 };
-                self.update_device("network-interfaces", &id, update)?;
+                let target = PatchTarget::new(
+                    "network-interfaces",
+                    "network interface",
+                    &id,
+                    &n.iface_id,
+                    exists,
+                );
+                self.patch_device(target, &[n.rx_rate_limiter, n.tx_rate_limiter], update)?;
                 if let Some(net) = self.config.net.iter_mut().find(|x| x.id == id) {
                     if n.rx_rate_limiter.is_some() {
                         net.rx_rate_limiter = n.rx_rate_limiter;
@@ -274,13 +303,7 @@ impl Controller {
             Request::PutVsock(v) => {
                 self.pre_boot("PUT /vsock")?;
                 let vsock = convert::vsock_config(&v);
-                self.change(
-                    |c| {
-                        c.vsock = Some(vsock);
-                        Ok(())
-                    },
-                    |c, _, _| c.check_vsock(),
-                )
+                self.set(|c| c.vsock = Some(vsock), |c, _, _| c.check_vsock())
             }
             Request::PutLogger(l) => {
                 self.pre_boot("PUT /logger")?;
@@ -303,29 +326,20 @@ impl Controller {
             }
             Request::PutAiInfer(ai) => {
                 self.pre_boot("PUT /ai-infer")?;
-                self.change(
-                    |c| {
-                        c.ai_infer = Some(ai);
-                        Ok(())
-                    },
-                    |c, _, _| c.check_ai_infer(),
-                )
+                self.set(|c| c.ai_infer = Some(ai), |c, _, _| c.check_ai_infer())
             }
             Request::PutPassthrough(id, p) => {
                 self.pre_boot("PUT /passthrough")?;
                 convert::check_path_id("passthrough", &id, &p.id).map_err(fails)?;
                 let mut ids = self.passthrough_ids.clone();
                 let entry = convert::passthrough_config(&p);
-                let response = self.change(
-                    |c| {
-                        match ids.iter().position(|x| *x == id) {
-                            Some(i) => c.passthrough[i] = entry,
-                            None => {
-                                ids.push(id.clone());
-                                c.passthrough.push(entry);
-                            }
+                let response = self.set(
+                    |c| match ids.iter().position(|x| *x == id) {
+                        Some(i) => c.passthrough[i] = entry,
+                        None => {
+                            ids.push(id.clone());
+                            c.passthrough.push(entry);
                         }
-                        Ok(())
                     },
                     |c, host, _| c.check_passthrough(host),
                 )?;
@@ -338,14 +352,13 @@ impl Controller {
                 let was_default = convert::full_config(&self.config, &[])
                     .memory_zones
                     .is_empty();
-                self.change(
+                self.set(
                     |c| {
                         // The first explicit zone replaces machine-config's implicit one.
                         if was_default {
                             c.memory.zones.clear();
                         }
                         convert::upsert(&mut c.memory.zones, z, |x| x.id == id);
-                        Ok(())
                     },
                     |c, host, _| c.check_memory(host),
                 )
@@ -353,13 +366,26 @@ impl Controller {
         }
     }
 
-    /// Asks the running VM to apply `update` to device `id` (`PATCH /<resource>/<id>`).
-    fn update_device(
+    /// A runtime `PATCH /<resource>/<id>`: post-boot only, the path's id must match the
+    /// body's and name a configured device, and the limits must be valid before the VM is
+    /// asked to apply `update`.
+    fn patch_device(
         &mut self,
-        resource: &str,
-        id: &str,
+        target: PatchTarget<'_>,
+        limiters: &[Option<RateLimiterConfig>],
         update: DeviceUpdate,
     ) -> Result<(), Response> {
+        let PatchTarget {
+            resource,
+            what,
+            id,
+            body_id,
+            exists,
+        } = target;
+        self.post_boot(&format!("PATCH /{resource}"))?;
+        convert::check_path_id(what, id, body_id).map_err(fails)?;
+        self.known(what, exists, id)?;
+        check_limiters(limiters)?;
         self.backend
             .runtime(RuntimeAction::Update {
                 id: id.to_string(),

@@ -231,20 +231,25 @@ mod tests {
         seals
     }
 
-    #[test]
-    fn shareable_zones_are_sealed_against_resizing() {
-        use crate::config::Backing;
-        use vm_memory::Bytes;
-        let host = crate::host::SysfsHost::default();
-        let zone = |id: &str, backing| MemoryZoneConfig {
+    /// A 4 MiB zone, unbound, neither prefaulted nor locked.
+    fn small_zone(id: &str, backing: crate::config::Backing, thp: bool) -> MemoryZoneConfig {
+        MemoryZoneConfig {
             id: id.into(),
             size_mib: 4,
             backing,
             host_node: None,
             prefault: false,
             lock: false,
-            transparent_hugepages: false,
-        };
+            transparent_hugepages: thp,
+        }
+    }
+
+    #[test]
+    fn shareable_zones_are_sealed_against_resizing() {
+        use crate::config::Backing;
+        use vm_memory::Bytes;
+        let host = crate::host::SysfsHost::default();
+        let zone = |id: &str, backing| small_zone(id, backing, false);
         let zones = vec![zone("m", Backing::Memfd), zone("a", Backing::Anonymous)];
         let ram = GuestRam::create(&zones, &host).expect("create guest RAM");
         ram.require_sealed().expect("every zone sealed");
@@ -357,15 +362,7 @@ mod tests {
             return;
         }
         let host = crate::host::SysfsHost::default();
-        let zone = |id: &str, backing, thp| MemoryZoneConfig {
-            id: id.into(),
-            size_mib: 4,
-            backing,
-            host_node: None,
-            prefault: false,
-            lock: false,
-            transparent_hugepages: thp,
-        };
+        let zone = small_zone;
         let zones = vec![
             zone("memfd-thp", Backing::Memfd, true),
             zone("anon-thp", Backing::Anonymous, true),

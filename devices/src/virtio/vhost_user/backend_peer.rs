@@ -3,8 +3,9 @@
 //! that put its own socket at the backend's path is never sent guest memory.
 
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
+
+use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 
 /// The credentials the backend process must have; `None` fields are not checked.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -21,30 +22,10 @@ pub fn check_backend_peer(stream: &UnixStream, expected: &BackendPeer) -> io::Re
     if expected.uid.is_none() && expected.gid.is_none() {
         return Ok(());
     }
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    // Fits: ucred is 12 bytes.
-    #[allow(clippy::cast_possible_truncation)]
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: the fd is valid while `stream` is borrowed; `cred` and `len` are valid
-    // out pointers and `len` is the size of `cred`.
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            std::ptr::addr_of_mut!(cred).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let uid_ok = expected.uid.is_none_or(|u| u == cred.uid);
-    let gid_ok = expected.gid.is_none_or(|g| g == cred.gid);
+    let cred = getsockopt(stream, PeerCredentials).map_err(io::Error::from)?;
+    let (pid, uid, gid) = (cred.pid(), cred.uid(), cred.gid());
+    let uid_ok = expected.uid.is_none_or(|u| u == uid);
+    let gid_ok = expected.gid.is_none_or(|g| g == gid);
     if uid_ok && gid_ok {
         return Ok(());
     }
@@ -53,9 +34,9 @@ pub fn check_backend_peer(stream: &UnixStream, expected: &BackendPeer) -> io::Re
         io::ErrorKind::PermissionDenied,
         format!(
             "the backend is pid {} uid {} gid {}, expected uid {} gid {}",
-            cred.pid,
-            cred.uid,
-            cred.gid,
+            pid,
+            uid,
+            gid,
             show(expected.uid),
             show(expected.gid)
         ),
