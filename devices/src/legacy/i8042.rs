@@ -2,18 +2,16 @@
 //! - the CPU reset command (0xFE written to port 0x64), which Linux uses to reboot (via
 //!   `vm-superio`); the VMM treats a reset as the guest asking to stop, so it watches the
 //!   reset `EventFd` and exits when it fires;
-//! - the controller commands Linux's i8042 driver sends when it probes the ports directly
-//!   (`i8042.nopnp`, common in microVM command lines; without it the guest believes the FADT,
-//!   which says there is no 8042, and never probes): read and write the configuration byte
-//!   (CTR), self-tests, port enable/disable, and the auxiliary (mouse) port checks, answered
-//!   as "no mouse port". Every unanswered command costs the guest a 0.5 s timeout (an
+//! - the controller commands Linux's i8042 driver sends when it probes: read and write the
+//!   configuration byte (CTR), self-tests, port enable/disable, and the auxiliary (mouse)
+//!   port checks, answered as "no mouse port". Every unanswered command costs the guest a 0.5 s timeout (an
 //!   unanswered CTR read cost 1.3-1.8 s of boot in the nested rig).
 //!
 //! - a keyboard ([`super::keyboard`]) that answers `atkbd`'s probe, so that the VMM can press
 //!   Ctrl+Alt+Del (Firecracker's `SendCtrlAltDel`); its bytes raise IRQ 1.
 //!
-//! A guest only drives the keyboard when it probes the controller (`i8042.nopnp`, or
-//! Firecracker's usual `i8042.nopnp i8042.dumbkbd`); otherwise key presses stay queued.
+//! Linux finds the keyboard through the DSDT (`PS2K`, PNP0303, IRQ 1); Firecracker's usual
+//! `i8042.nopnp i8042.dumbkbd` makes it probe the ports directly instead.
 
 use vm_superio::I8042Device;
 use vmm_sys_util::eventfd::EventFd;

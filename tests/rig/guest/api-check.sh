@@ -4,7 +4,7 @@
 # both ways over its interface and a stream each way over vsock (net-check.sh,
 # vsock-check.sh, which read their settings from the kernel command line). Ends with
 # AIVMM-API-DONE rc=<n> (0 when every check passed). With aivmm.await_cad=1 it then waits for
-# the host to press Ctrl+Alt+Del, which makes the kernel reboot.
+# the host to press Ctrl+Alt+Del, at which init (guest-image/init) shuts the guest down.
 
 # shellcheck source=tests/rig/guest/lib.sh
 . /scripts/lib.sh
@@ -16,9 +16,13 @@ sh /scripts/net-check.sh || rc=1
 sh /scripts/vsock-check.sh || rc=1
 echo "AIVMM-API-DONE rc=$rc"
 if grep -q 'aivmm.await_cad=1' /proc/cmdline; then
+    # What the kernel made of the i8042 and its keyboard, and what Ctrl+Alt+Del will do
+    # (ctrl-alt-del 1: restart at once, 0: SIGINT to init).
+    echo "AIVMM-API-KBD $(dmesg | grep -E 'i8042|serio|atkbd' | tr '\n' ';')"
+    echo "AIVMM-API-INPUT $(grep -h '^N: ' /proc/bus/input/devices 2>/dev/null | tr '\n' ';') cad=$(cat /proc/sys/kernel/ctrl-alt-del 2>/dev/null)"
     echo "AIVMM-API-AWAIT-CAD"
-    # The kernel restarts at the keys; should they not come, the guest powers off instead,
-    # which the host tells apart (aivmm's stop reason).
+    # Init ends this script at the keys; should they not come, the script ends on its own
+    # and the guest powers off without init's Ctrl+Alt+Del line.
     sleep 120
 fi
 exit "$rc"

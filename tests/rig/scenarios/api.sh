@@ -101,7 +101,7 @@ scenario_api() {
     done
     fact api_sock socket_ms $(($(now_ms) - t0))
     api_call info_before GET /
-    api_call boot_source PUT /boot-source "{\"kernel_image_path\": \"$L2_KERNEL\", \"initrd_path\": \"$L2_BOOT_INITRD\", \"boot_args\": \"$(api_cmdline "i8042.nopnp aivmm.await_cad=1")\"}"
+    api_call boot_source PUT /boot-source "{\"kernel_image_path\": \"$L2_KERNEL\", \"initrd_path\": \"$L2_BOOT_INITRD\", \"boot_args\": \"$(api_cmdline aivmm.await_cad=1)\"}"
     # 2 MiB hugepages: never migrated by L1's NUMA balancing, which this rig's emulated
     # nested paging does not survive (docs/PERFORMANCE.md, "Nested rig reliability").
     api_call machine PUT /machine-config '{"vcpu_count": 2, "mem_size_mib": 256, "huge_pages": "2M"}'
@@ -131,8 +131,7 @@ scenario_api() {
     api_call flush PUT /actions '{"action_type": "FlushMetrics"}'
     fact api_sock metrics_lines "$(wc -l <"$RIG_TMP/api.metrics" 2>/dev/null || echo 0)"
     api_call prometheus GET /metrics/prometheus
-    # After its checks the guest waits for Ctrl+Alt+Del (it drives the i8042: i8042.nopnp);
-    # the kernel reboots, which ends aivmm (reboot=k). Without the keys it would power off.
+    # After its checks the guest waits for Ctrl+Alt+Del; its init then shuts it down.
     api_await api_sock AIVMM-API-AWAIT-CAD "$pid"
     fact api_sock await_cad "$?"
     t_cad=$(now_ms)

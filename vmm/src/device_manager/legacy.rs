@@ -104,8 +104,8 @@ impl DeviceManager {
             .map_err(|_| "the i8042 controller is poisoned".to_string())?
             .send_ctrl_alt_del()
             .map_err(|_| {
-                "the guest has not read the keys sent before (does its command line have \
-                 i8042.nopnp, so that it drives the i8042?)"
+                "the guest has not read the keys sent before (does its kernel have the i8042 \
+                 and AT keyboard drivers?)"
                     .to_string()
             })
     }

@@ -187,10 +187,12 @@ fn fadt(dsdt: u64) -> Vec<u8> {
     t.finish()
 }
 
-/// DSDT: `\_S5_` (the sleep type for power-off) and `\_SB_.COM1`, the serial port with
-/// its I/O range and IRQ 4. A hardware-reduced platform has no legacy PIC, so Linux maps
-/// ISA IRQs only for devices the namespace describes; without COM1 here the console's
-/// interrupt never reaches the guest and only polled kernel printk shows.
+/// DSDT: `\_S5_` (the sleep type for power-off), `\_SB_.COM1`, the serial port with its
+/// I/O range and IRQ 4, and `\_SB_.PS2K`, the i8042's keyboard with its two ports and IRQ 1.
+/// A hardware-reduced platform has no legacy PIC, so Linux maps ISA IRQs only for devices
+/// the namespace describes: without COM1 the console's interrupt never reaches the guest
+/// (only polled kernel printk shows), and without PS2K the i8042 driver cannot request its
+/// IRQ and the control API's Ctrl+Alt+Del has no keyboard to arrive on.
 fn dsdt(mmio64: &Mmio64Window) -> Vec<u8> {
     let s5 = aml::name(
         b"_S5_",
@@ -215,9 +217,28 @@ fn dsdt(mmio64: &Mmio64Window) -> Vec<u8> {
         ]
         .concat(),
     );
+    let ps2k = aml::device(
+        b"PS2K",
+        &[
+            aml::name(b"_HID", &aml::eisa_id(*b"PNP0303")),
+            aml::name(
+                b"_CRS",
+                &aml::buffer(
+                    &[
+                        aml::io_port(0x60, 1),
+                        aml::io_port(0x64, 1),
+                        aml::irq_no_flags(1),
+                        aml::END_TAG.to_vec(),
+                    ]
+                    .concat(),
+                ),
+            ),
+        ]
+        .concat(),
+    );
     let mut t = Sdt::new(b"DSDT", 2);
     t.bytes(&s5)
-        .bytes(&aml::scope(b"_SB_", &[com1, pci0(mmio64)].concat()));
+        .bytes(&aml::scope(b"_SB_", &[com1, ps2k, pci0(mmio64)].concat()));
     t.finish()
 }
 
@@ -720,6 +741,11 @@ mod tests {
         let body = &d[36..];
         assert!(body.windows(4).any(|w| w == b"COM1"));
         assert!(body.windows(4).any(|w| w == b"_S5_"));
+        // The keyboard: PNP0303 with IRQ 1.
+        assert!(body.windows(4).any(|w| w == b"PS2K"));
+        let pnp0303 = aml::eisa_id(*b"PNP0303");
+        assert!(body.windows(pnp0303.len()).any(|w| w == pnp0303));
+        assert!(body.windows(3).any(|w| w == aml::irq_no_flags(1)));
     }
 
     #[test]
