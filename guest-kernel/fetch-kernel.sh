@@ -9,7 +9,9 @@
 #
 #   guest-kernel/fetch-kernel.sh [OUTDIR]        (default: <repo>/target/guest-kernel)
 #
-# Produces OUTDIR/vmlinuz, OUTDIR/config, OUTDIR/modules/*.ko (uncompressed, because busybox
+# Produces OUTDIR/vmlinuz (the bzImage), OUTDIR/vmlinux (the ELF kernel inside it,
+# decompressed, with its PVH entry note: what aivmm boots by default, skipping the guest's
+# own decompression), OUTDIR/config, OUTDIR/modules/*.ko (uncompressed, because busybox
 # insmod may not decompress) and OUTDIR/modules/load-order (file names, dependencies first),
 # then prints the paths. Idempotent: a second run with the same package does nothing.
 # Environment: AIVMM_KERNEL_PKG overrides the package name (e.g. linux-image-6.1.0-56-cloud-amd64);
@@ -39,7 +41,7 @@ exec 9>"$out/.lock"
 flock 9
 
 print_paths() {
-    echo "kernel:  $out/vmlinuz ($(cat "$out/package"))"
+    echo "kernel:  $out/vmlinux (ELF, PVH), $out/vmlinuz (bzImage) ($(cat "$out/package"))"
     echo "config:  $out/config"
     echo "modules: $out/modules ($(tr '\n' ' ' <"$out/modules/load-order"))"
 }
@@ -62,7 +64,7 @@ if [ -z "$pkg" ]; then
     fi
 fi
 
-if [ "$(cat "$out/package" 2>/dev/null)" = "$pkg" ] && [ -f "$out/vmlinuz" ] &&
+if [ "$(cat "$out/package" 2>/dev/null)" = "$pkg" ] && [ -f "$out/vmlinuz" ] && [ -f "$out/vmlinux" ] &&
     [ -f "$out/config" ] && [ -f "$out/modules/load-order" ] &&
     [ "$(cat "$out/modules/roots" 2>/dev/null)" = "$roots" ]; then
     print_paths
@@ -88,6 +90,38 @@ vmlinuz=$(first "$tree"/boot/vmlinuz-*) || { echo "$0: no boot/vmlinuz-* in $deb
 kconfig=$(first "$tree"/boot/config-*) || { echo "$0: no boot/config-* in $deb" >&2; exit 1; }
 moddir=$(first "$tree"/lib/modules/*/kernel || first "$tree"/usr/lib/modules/*/kernel) ||
     { echo "$0: no lib/modules/*/kernel in $deb" >&2; exit 1; }
+
+# extract_vmlinux BZIMAGE OUT: the ELF kernel a bzImage carries, decompressed. The payload
+# starts at the first magic of the compressor the kernel was built with (Debian's is LZ4);
+# the decompressor stops at its end and complains about the bzImage's trailer, so success
+# is judged by the result: an ELF whose notes hold the PVH entry (Xen note type 18).
+extract_vmlinux() {
+    local img=$1 dst=$2 tmp=$2.tmp off name pkgname magic f
+    local -a formats=(
+        'lz4 lz4 \x02\x21\x4c\x18'
+        'zstd zstd \x28\xb5\x2f\xfd'
+        'xz xz-utils \xfd\x37\x7a\x58\x5a\x00'
+        'gzip gzip \x1f\x8b\x08'
+    )
+    for f in "${formats[@]}"; do
+        read -r name pkgname magic <<<"$f"
+        # The byte offset of the first occurrence of the magic.
+        off=$(LC_ALL=C grep -obUaP "$magic" "$img" | head -n 1 | cut -d: -f1) || true
+        [ -n "$off" ] || continue
+        need_cmd "$name" "$pkgname"
+        tail -c +$((off + 1)) "$img" | "$name" -dc >"$tmp" 2>/dev/null || true
+        if [ "$(head -c 4 "$tmp" | od -An -tx1 | tr -d ' \n')" = 7f454c46 ]; then
+            if command -v readelf >/dev/null 2>&1 && ! readelf -n "$tmp" | grep -q 'Xen.*0x00000012'; then
+                echo "$0: warning: $dst has no PVH entry note; aivmm boots it through its 64-bit entry" >&2
+            fi
+            mv "$tmp" "$dst"
+            return 0
+        fi
+    done
+    rm -f "$tmp"
+    echo "$0: cannot find the ELF kernel inside $img" >&2
+    exit 1
+}
 
 # Module names treat '-' and '_' alike (kvm-amd.ko is the module kvm_amd).
 norm() { echo "$1" | tr '-' '_'; }
@@ -142,6 +176,7 @@ printf '%s\n' "${order[@]}" >"$out/modules.new/load-order"
 echo "$roots" >"$out/modules.new/roots"
 
 cp "$vmlinuz" "$out/vmlinuz"
+extract_vmlinux "$out/vmlinuz" "$out/vmlinux"
 cp "$kconfig" "$out/config"
 rm -rf "$out/modules"
 mv "$out/modules.new" "$out/modules"

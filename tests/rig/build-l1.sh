@@ -9,7 +9,8 @@
 #   /init               tests/rig/l1-init (modules, hugepages, runs the scenario script)
 #   /bin/aivmm          AIVMM_BIN with its shared libraries and dynamic loader
 #   /bin/rig-kvm-hold   tests/rig/kvm-hold (built here): keeps one KVM VM open in L1
-#   /l2/vmlinuz         the L2 kernel (same kernel)
+#   /l2/vmlinux         the L2 kernel (same kernel), ELF with its PVH entry: the default
+#   /l2/vmlinuz         the same as a bzImage (the boot scenario and the benchmarks)
 #   /l2/initrd.gz       the L2 initramfs (guest-kernel/build-initramfs.sh, with
 #                       tests/rig/guest/* under /scripts/; AIVMM_AGENT adds the guest agent)
 #   /mods/              KVM and VFIO modules, /mods/load-order
@@ -102,6 +103,7 @@ fi
     --init "$here/l1-init" \
     --bin "$aivmm:/bin/aivmm" \
     --bin "$target/debug/rig-kvm-hold:/bin/rig-kvm-hold" \
+    --add "$kdir/vmlinux:/l2/vmlinux" \
     --add "$kdir/vmlinuz:/l2/vmlinuz" \
     --add "$out/l2-initrd.gz:/l2/initrd.gz" \
     --add "$kdir/modules:/mods" \

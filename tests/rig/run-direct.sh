@@ -33,7 +33,7 @@ if [ "$free" -lt "$want" ]; then
 fi
 
 log=$out/direct-console.log
-RIG_MODE=direct AIVMM=$aivmm L2_KERNEL=$kdir/vmlinuz L2_INITRD=$out/l2-initrd.gz \
+RIG_MODE=direct AIVMM=$aivmm L2_KERNEL=$kdir/vmlinux L2_BZIMAGE=$kdir/vmlinuz L2_INITRD=$out/l2-initrd.gz \
     L2_ROOTFS=$out/l2-rootfs.ext4.gz L2_BOOT_INITRD=$out/l2-boot-initrd.gz \
     RIG_IO=${RIG_IO_BIN:-/bin/rig-io} RIG_CONFIGS=$here/configs RIG_TMP=$out/tmp \
     sh "$here/scenarios.sh" "$@" 2>&1 | tee "$log"

@@ -22,7 +22,9 @@
 # Runs in L1 under busybox sh (nested mode), or on the host in direct mode; POSIX sh only.
 # Environment (defaults are the L1 layout made by build-l1.sh):
 #   AIVMM        the aivmm binary                        (/bin/aivmm)
-#   L2_KERNEL    the guest kernel                        (/l2/vmlinuz)
+#   L2_KERNEL    the guest kernel, ELF with PVH entry    (/l2/vmlinux; the boot
+#                scenario boots the bzImage L2_BZIMAGE)
+#   L2_BZIMAGE   the same kernel as a bzImage            (/l2/vmlinuz)
 #   L2_INITRD    the guest initramfs                     (/l2/initrd.gz)
 #   RIG_CONFIGS  the rig configs (tests/rig/configs)     (/configs)
 #   RIG_TMP      scratch directory for logs              (/tmp/rig)
@@ -35,7 +37,8 @@
 set -u
 
 AIVMM=${AIVMM:-/bin/aivmm}
-L2_KERNEL=${L2_KERNEL:-/l2/vmlinuz}
+L2_KERNEL=${L2_KERNEL:-/l2/vmlinux}
+L2_BZIMAGE=${L2_BZIMAGE:-/l2/vmlinuz}
 L2_INITRD=${L2_INITRD:-/l2/initrd.gz}
 RIG_CONFIGS=${RIG_CONFIGS:-/configs}
 RIG_TMP=${RIG_TMP:-/tmp/rig}

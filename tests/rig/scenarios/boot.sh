@@ -6,7 +6,9 @@ scenario_boot() {
     fact boot host_node "$NODE"
     hp_facts boot before
     # shellcheck disable=SC2046 # guest_args is a list of words without spaces
-    vm_start boot "$(config boot.toml)" $(guest_args)
+    # The bzImage: the other scenarios boot the ELF vmlinux through its PVH entry.
+    fact boot kernel "$L2_BZIMAGE"
+    vm_start boot "$(config boot.toml)" $(guest_args "$L2_BZIMAGE")
     pid=$VM_PID
     wait_guest boot AIVMM-GUEST-INIT "$pid" "$RIG_VM_TIMEOUT"
     case $? in

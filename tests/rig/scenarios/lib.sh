@@ -129,8 +129,9 @@ memory_facts() {
     fact "$name" thread_cpus "$cpus"
 }
 
-# aivmm overrides so the same configs work in L1 and on a host (direct mode).
-guest_args() { echo "--kernel $L2_KERNEL --initrd $L2_INITRD"; }
+# guest_args [KERNEL]: aivmm overrides so the same configs work in L1 and on a host (direct
+# mode); KERNEL replaces L2_KERNEL.
+guest_args() { echo "--kernel ${1:-$L2_KERNEL} --initrd $L2_INITRD"; }
 
 # The rig's passthrough target, QEMU's `edu` (1234:11e8): prints its PCI address, fails when
 # the host has none.
