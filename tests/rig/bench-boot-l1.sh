@@ -4,7 +4,8 @@
 # scenario script (tests/rig/bench-boot.sh builds the L1 with it and reads what it prints).
 #
 # aivmm and QEMU boot the same L2 guest (same bzImage, same initramfs, same kernel command
-# line, 256 MiB, 2 vCPUs) with KVM, interleaved round by round: aivmm (memfd), aivmm-2m
+# line, 256 MiB, 2 vCPUs) with KVM, interleaved round by round: aivmm (memfd), aivmm-vmlinux
+# (memfd, the same kernel as an ELF vmlinux through its PVH entry: aivmm's default), aivmm-2m
 # (hugetlb), QEMU `-M microvm` (and microvm with one guest command-line word more, see
 # VARIANTS), QEMU `-M q35`, then again.
 # Every run is timed the same way (tests/rig/bench-run.sh): L1's clock (/proc/uptime) just
@@ -24,7 +25,7 @@
 #   BENCH-DONE
 #
 # Environment (l1-init sets the first three; /bench/bench.env, written by bench-boot.sh, may
-# set the rest): AIVMM, L2_KERNEL, L2_INITRD, BENCH_RUNS (10; `bench.runs=N` on L1's kernel
+# set the rest): AIVMM, L2_KERNEL, L2_INITRD, L2_VMLINUX (/l2/vmlinux), BENCH_RUNS (10; `bench.runs=N` on L1's kernel
 # command line wins), BENCH_QEMU
 # (/usr/bin/qemu-system-x86_64), BENCH_TIMEOUT (120 s per measured run), BENCH_DIAG (1: one
 # extra run of each VMM without `quiet`, console printed, for kernel timestamps),
@@ -38,6 +39,7 @@ set -u
 [ -r /bench/bench.env ] && . /bench/bench.env
 AIVMM=${AIVMM:-/bin/aivmm}
 L2_KERNEL=${L2_KERNEL:-/l2/vmlinuz}
+L2_VMLINUX=${L2_VMLINUX:-/l2/vmlinux}
 L2_INITRD=${L2_INITRD:-/l2/initrd.gz}
 QEMU=${BENCH_QEMU:-/usr/bin/qemu-system-x86_64}
 RUNS=${BENCH_RUNS:-10}
@@ -132,7 +134,7 @@ mem_marker() {
 # good as a QEMU microvm or q35 run started (console silent, both L1 vCPUs busy; once a QEMU
 # thread blocked in D state), and once an aivmm vCPU thread tripped L1's soft-lockup detector for 74 s (that run was
 # killed, L1 carried on). bench-boot.sh stops a stuck L1 and reports the rounds done.
-VARIANTS=${BENCH_VARIANTS:-aivmm aivmm-2m microvm-min microvm microvm-nocmos q35}
+VARIANTS=${BENCH_VARIANTS:-aivmm aivmm-vmlinux aivmm-2m microvm-min microvm microvm-nocmos q35}
 machine_of() {
     case $1 in
     microvm | microvm-nocmos) echo microvm,x-option-roms=off,isa-serial=on ;;
@@ -165,6 +167,10 @@ launch() {
     case $v in
     aivmm)
         one_run "$v" "$2" "$3" "$AIVMM" --kernel "$L2_KERNEL" --initrd "$INITRD" \
+            --cmdline "$4" --memory 256 --vcpus 2
+        ;;
+    aivmm-vmlinux)
+        one_run "$v" "$2" "$3" "$AIVMM" --kernel "$L2_VMLINUX" --initrd "$INITRD" \
             --cmdline "$4" --memory 256 --vcpus 2
         ;;
     aivmm-2m)

@@ -12,7 +12,7 @@
 # The L1 console is kept in OUTDIR/l1-console.log, the table in OUTDIR/results.md.
 #
 # Environment: BENCH_RUNS (10), BENCH_TIMEOUT (120 s per VMM run inside L1), BENCH_DIAG (1),
-# BENCH_VARIANTS (default: aivmm aivmm-2m microvm-min microvm microvm-nocmos q35; also
+# BENCH_VARIANTS (default: aivmm aivmm-vmlinux aivmm-2m microvm-min microvm microvm-nocmos q35; also
 # microvm-rtc: see tests/rig/bench-boot-l1.sh),
 # BENCH_STALL (420 s of L1 console silence before a stuck L1 is stopped), BENCH_L1_ATTEMPTS
 # (3 L1 boots at most: a stuck L1 is replaced by a new one that runs the missing rounds),

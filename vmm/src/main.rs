@@ -227,9 +227,12 @@ fn run_with_api(cli: &Cli, start: Instant) -> ExitCode {
         );
     }
 
-    // With a config file the VM starts at once; a failure ends aivmm (exit 2).
+    // With a config file the VM starts at once; a failure ends aivmm (exit 2). The owner
+    // waits on this thread's start request, so the exit happens here, and the socket file,
+    // which the main thread's guard would remove, goes first.
     if cli.config_file.is_some() {
         let ctl = controller.clone();
+        let socket_path = cli.api_sock.clone();
         let starter = std::thread::Builder::new()
             .name("config-start".into())
             .spawn(move || {
@@ -245,6 +248,9 @@ fn run_with_api(cli: &Cli, start: Instant) -> ExitCode {
                     .and_then(|v| v["fault_message"].as_str().map(str::to_owned))
                     .unwrap_or_default();
                     eprintln!("aivmm: error: {msg}");
+                    if let Some(p) = socket_path {
+                        let _ = std::fs::remove_file(p);
+                    }
                     std::process::exit(i32::from(exit_code::BAD_INPUT));
                 }
             });

@@ -406,6 +406,30 @@ fn a_json_config_file_boots_without_a_socket() {
     let err = std::fs::read_to_string(&stderr).unwrap();
     assert_eq!(status.code(), Some(2), "{err}");
     assert!(err.contains("unknown field `balloon`"), "{err}");
+
+    // A VM that cannot start (more memory than the host has) ends aivmm with exit 2, and
+    // the API socket it had opened is gone.
+    std::fs::write(
+        &cfg,
+        text.replace("\"mem_size_mib\": 32", "\"mem_size_mib\": 1073741824"),
+    )
+    .unwrap();
+    let sock = dir.path("api.sock");
+    let mut vmm = aivmm(
+        &[
+            "--config-file",
+            cfg.to_str().unwrap(),
+            "--api-sock",
+            sock.to_str().unwrap(),
+        ],
+        &console,
+        &stderr,
+    );
+    let status = wait_exit(&mut vmm, Duration::from_secs(30));
+    let err = std::fs::read_to_string(&stderr).unwrap();
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(err.contains("aivmm: error:"), "{err}");
+    assert!(!sock.exists(), "the API socket was left behind: {err}");
 }
 
 #[test]
