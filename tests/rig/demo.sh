@@ -12,7 +12,11 @@
 # The scenario is `serving` (tests/rig/scenarios/serving.sh); the raw rig output goes to the
 # log file, the screen gets the story.
 #   AIVMM_DEMO_KEEP=1     keep the tenants serving after the summary, until Ctrl-C
-#   AIVMM_DEMO_SECS=N     seconds of shared load (default 30; MiniLM embeddings)
+#   AIVMM_DEMO_SECS=N     seconds of shared load (default 30)
+#   AIVMM_DEMO_LOAD=mlp|embeddings  what the shared load sends (default mlp: under the
+#                         nested rig's emulation one MiniLM batch takes tens of seconds, so
+#                         an embeddings load yields a handful of requests, and on a slow host
+#                         they queue past the clients' 60 s timeout)
 #   AIVMM_DEMO_CLIENTS=N  concurrent clients per tenant in the load (default 4)
 #   AIVMM_DEMO=boot       boot configs/tenant-demo.toml alone instead (no inference)
 # Exit code: 0 when every request of the well-behaved clients succeeded and the daemon and
@@ -66,6 +70,7 @@ set -e
 say "$reason"
 keep=${AIVMM_DEMO_KEEP:-0}
 export SRV_LOAD_SECS=${AIVMM_DEMO_SECS:-30}
+export SRV_LOAD=${AIVMM_DEMO_LOAD:-mlp}
 export SRV_CONCURRENCY=${AIVMM_DEMO_CLIENTS:-4}
 base=${AIVMM_DEMO_PORT:-8001}
 
@@ -117,7 +122,7 @@ if [ "$direct" -eq 0 ]; then
     say "aivmm and ai-inferd on this host"
     log=$out/direct-console.log
     : >"$log"
-    SRV_PUBLISH=1 SRV_PUBLISH_PORT=$base SRV_KEEP=$keep SRV_LOAD=embeddings AI_INFERD=$target/debug/ai-inferd AI_MODELS=$root/target/models \
+    SRV_PUBLISH=1 SRV_PUBLISH_PORT=$base SRV_KEEP=$keep AI_INFERD=$target/debug/ai-inferd AI_MODELS=$root/target/models \
         AI_MANIFEST=$root/configs/models.toml \
         setsid "$here/run-direct.sh" "$out" "$aivmm" serving >/dev/null 2>&1 &
     rig=$!
@@ -133,7 +138,7 @@ else
     for i in 1 2 3 4; do
         fwd+=",hostfwd=tcp:127.0.0.1:${ports[$((i - 1))]}-:1800$i"
     done
-    append="rig.serve_publish=1 rig.serve_load=embeddings rig.serve_secs=$SRV_LOAD_SECS"
+    append="rig.serve_publish=1 rig.serve_load=$SRV_LOAD rig.serve_secs=$SRV_LOAD_SECS"
     append+=" rig.serve_clients=$SRV_CONCURRENCY"
     [ "$keep" = 1 ] && append+=" rig.serve_keep=1"
     # A lost L1 (run-l1.sh found it wedged: exit 125) is booted once more, as the e2e rig does
