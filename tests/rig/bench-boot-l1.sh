@@ -7,7 +7,8 @@
 # line, 256 MiB, 2 vCPUs) with KVM, interleaved round by round: aivmm (memfd), aivmm-vmlinux
 # (memfd, the same kernel as an ELF vmlinux through its PVH entry: aivmm's default), aivmm-2m
 # (hugetlb), QEMU `-M microvm` (and microvm with one guest command-line word more, see
-# VARIANTS), QEMU `-M q35`, then again.
+# VARIANTS), QEMU `-M q35`, then again. When bench-boot.sh put them into L1 and BENCH_VARIANTS
+# names them: Cloud Hypervisor and Firecracker, each with the bzImage and with the vmlinux.
 # Every run is timed the same way (tests/rig/bench-run.sh): L1's clock (/proc/uptime) just
 # before the VMM is started, its console (stdout) goes through a FIFO to a reader made of shell
 # builtins only (no polling, no fork per check), which takes the clock again when the guest
@@ -18,17 +19,20 @@
 # Machine-readable lines (the rest of the output is context):
 #   BENCH-FACT <key>=<value>
 #   BENCH-RUN vmm=<name> run=<n|probe|diag> boot_ms=<n|na> exit_ms=<n|na> rc=<n>
-#             guest_uptime=<s|na> vmm_init_ms=<n|na>
+#             guest_uptime=<s|na> vmm_init_ms=<n|na> halted=<0|1>
 #   BENCH-MEM vmm=<name> when=<marker|later> VmRSS_kb=.. RssAnon_kb=.. RssFile_kb=..
 #             RssShmem_kb=.. VmHWM_kb=.. HugetlbPages_kb=.. Threads=.. guest_rss_kb=..
 #             guest_thp_kb=.. (of it, mapped in transparent hugepages)
+#   BENCH-ROLLUP vmm=<name> when=<marker|later> Rss_kb=.. Pss_kb=.. Anonymous_kb=..
+#             Private_Dirty_kb=..   (smaps_rollup: the page walk)
+#   BENCH-VMA vmm=<name> when=.. size_kb=.. rss_kb=.. <perms> <path>   (mappings >= 64 KiB RSS)
 #   BENCH-DONE
 #
 # Environment (l1-init sets the first three; /bench/bench.env, written by bench-boot.sh, may
 # set the rest): AIVMM, L2_KERNEL, L2_INITRD, L2_VMLINUX (/l2/vmlinux), BENCH_RUNS (10; `bench.runs=N` on L1's kernel
 # command line wins), BENCH_QEMU
 # (/usr/bin/qemu-system-x86_64), BENCH_TIMEOUT (120 s per measured run), BENCH_DIAG (1: one
-# extra run of each VMM without `quiet`, console printed, for kernel timestamps),
+# extra run of each VMM that prints the kernel log after init, for kernel timestamps),
 # BENCH_VARIANTS (the VMMs to run, default all);
 # for trying it outside L1: BENCH_TMP, BENCH_L2_EXTRA, BENCH_RUN_SH, BENCH_ACCEL (kvm),
 # BENCH_CPU (host).
@@ -42,6 +46,9 @@ L2_KERNEL=${L2_KERNEL:-/l2/vmlinuz}
 L2_VMLINUX=${L2_VMLINUX:-/l2/vmlinux}
 L2_INITRD=${L2_INITRD:-/l2/initrd.gz}
 QEMU=${BENCH_QEMU:-/usr/bin/qemu-system-x86_64}
+# The peer VMMs, when bench-boot.sh put them into L1 (CH_BIN, FC_BIN on the host).
+CH=${BENCH_CH:-/bin/cloud-hypervisor}
+FC=${BENCH_FC:-/bin/firecracker}
 RUNS=${BENCH_RUNS:-10}
 # A later L1 boot of the same benchmark (bench-boot.sh resumes after a stuck L1) asks for the
 # rounds still missing on the kernel command line: bench.runs=N.
@@ -66,7 +73,11 @@ cat "$L2_INITRD" "${BENCH_L2_EXTRA:-/bench/l2-extra.cpio.gz}" >"$INITRD"
 BASE_CMDLINE="console=ttyS0 reboot=k panic=-1 pci=off nomodule 8250.nr_uarts=1"
 CMDLINE="$BASE_CMDLINE quiet aivmm.script=/bench/exit.sh"
 MEM_CMDLINE="$BASE_CMDLINE quiet aivmm.script=/bench/sleep.sh"
-DIAG_CMDLINE="$BASE_CMDLINE aivmm.script=/bench/exit.sh"
+# The diagnostic runs boot as quietly as the measured ones and print the kernel log (dmesg)
+# after init: printing it as it is written would slow the guest down by the serial port's
+# exits and distort the timestamps. BENCH_DIAG_EXTRA: words added to their command line only
+# (initcall_debug to time each initcall: docs/PERFORMANCE.md).
+DIAG_CMDLINE="$BASE_CMDLINE quiet aivmm.script=/bench/dmesg.sh${BENCH_DIAG_EXTRA:+ $BENCH_DIAG_EXTRA}"
 
 QEMU_COMMON="-accel ${BENCH_ACCEL:-kvm} -cpu ${BENCH_CPU:-host} -m 256 -smp 2 -nodefaults -no-user-config -display none -no-reboot -serial stdio"
 
@@ -78,6 +89,8 @@ fact l2_initrd_bytes "$(wc -c <"$INITRD")"
 fact cmdline "$CMDLINE"
 fact runs "$RUNS"
 fact qemu_version "$("$QEMU" --version 2>&1 | head -n 1)"
+[ -x "$CH" ] && fact ch_version "$("$CH" --version 2>&1 | head -n 1)"
+[ -x "$FC" ] && fact fc_version "$("$FC" --version 2>&1 | head -n 1)"
 # busybox date has no %N; /proc/uptime (10 ms) is the clock.
 fact clock /proc/uptime
 fact l1_thp "$(cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null)"
@@ -96,6 +109,16 @@ mem_sample() {
                  $1 ~ /^(AnonHugePages|ShmemPmdMapped|FilePmdMapped):$/ && big { h += $2 }
                  END { printf "guest_rss_kb=%d guest_thp_kb=%d", g, h }' "/proc/$3/smaps" 2>/dev/null)
     echo "BENCH-MEM vmm=$1 when=$2 ${kv:-gone} ${guest:-guest_rss_kb=na guest_thp_kb=na}"
+    # The page walk: smaps_rollup sums what the page tables map, whatever the counters in
+    # status say (they lag, and on L1's kernel anonymous guest RAM lands in RssAnon). The VMM's
+    # overhead is its Rss minus guest_rss_kb.
+    roll=$(awk '$1 ~ /^(Rss|Pss|Anonymous|Private_Dirty):$/ { sub(":", "", $1); printf "%s_kb=%s ", $1, $2 }' "/proc/$3/smaps_rollup" 2>/dev/null)
+    echo "BENCH-ROLLUP vmm=$1 when=$2 ${roll:-gone}"
+    # Where it goes: every mapping with 64 KiB or more resident, guest RAM included.
+    awk -v v="$1" -v w="$2" '/^[0-9a-f]+-[0-9a-f]+ / { hdr = $2 " " $6; size = 0 }
+         $1 == "Size:" { size = $2 }
+         $1 == "Rss:" && $2 >= 64 { printf "BENCH-VMA vmm=%s when=%s size_kb=%s rss_kb=%s %s\n", v, w, size, $2, hdr }' \
+        "/proc/$3/smaps" 2>/dev/null
 }
 
 # one_run NAME RUN MEM CMD...: start CMD (a VMM) and time it (vmm_run, see the top).
@@ -105,12 +128,29 @@ one_run() {
     name=$1
     run=$2
     if [ "$3" = 1 ]; then VMM_RUN_ON_MARKER=mem_marker; else VMM_RUN_ON_MARKER=; fi
+    HALTED=0
+    case $name in firecracker*) VMM_RUN_ON_LINE=fc_on_line ;; *) VMM_RUN_ON_LINE= ;; esac
     shift 3
     vmm_run "$name" "$run" "$@"
-    echo "BENCH-RUN vmm=$name run=$run boot_ms=$BOOT_MS exit_ms=$EXIT_MS rc=$RC guest_uptime=$GUEST_UP vmm_init_ms=$INIT_MS"
+    # Firecracker stopped at the guest's halt (see fc_on_line) counts as a clean exit.
+    [ "$HALTED" = 1 ] && [ "$RC" = 137 ] && RC=0
+    echo "BENCH-RUN vmm=$name run=$run boot_ms=$BOOT_MS exit_ms=$EXIT_MS rc=$RC guest_uptime=$GUEST_UP vmm_init_ms=$INIT_MS halted=$HALTED"
     if [ "$BOOT_MS" = na ] || [ "$RC" != 0 ]; then
         vmm_run_dump "$name" "$run"
+        [ -f "$RUN_BASE.fclog" ] && tail -n 20 "$RUN_BASE.fclog"
     fi
+}
+
+# fc_on_line NAME PID LINE (vmm_run's hook): Firecracker presents no ACPI power-off (its
+# FADT has no sleep registers), so the guest's `poweroff -f` ends in "reboot: System halted"
+# and Firecracker keeps running; it is stopped at that line instead of 30 s later.
+fc_on_line() {
+    case $3 in
+    *"reboot: System halted"*)
+        HALTED=1
+        kill -KILL "$2"
+        ;;
+    esac
 }
 
 # mem_marker NAME PID (vmm_run's hook): the memory samples of a MEM=1 run.
@@ -135,6 +175,17 @@ mem_marker() {
 # thread blocked in D state), and once an aivmm vCPU thread tripped L1's soft-lockup detector for 74 s (that run was
 # killed, L1 carried on). bench-boot.sh stops a stuck L1 and reports the rounds done.
 VARIANTS=${BENCH_VARIANTS:-aivmm aivmm-vmlinux aivmm-2m microvm-min microvm microvm-nocmos q35}
+# The peers (cloud-hypervisor, cloud-hypervisor-vmlinux, firecracker, firecracker-vmlinux)
+# run only when asked for by name, and only when their binary is in L1.
+ok=
+for v in $VARIANTS; do
+    case $v in
+    cloud-hypervisor*) [ -x "$CH" ] || { fact "dropped_$v" "no $CH in L1 (CH_BIN)"; continue; } ;;
+    firecracker*) [ -x "$FC" ] || { fact "dropped_$v" "no $FC in L1 (FC_BIN)"; continue; } ;;
+    esac
+    ok="$ok $v"
+done
+VARIANTS=$ok
 machine_of() {
     case $1 in
     microvm | microvm-nocmos) echo microvm,x-option-roms=off,isa-serial=on ;;
@@ -176,6 +227,31 @@ launch() {
     aivmm-2m)
         one_run "$v" "$2" "$3" "$AIVMM" --config "$TMP/aivmm-2m.toml" --kernel "$L2_KERNEL" \
             --initrd "$INITRD" --cmdline "$4" --memory 256 --vcpus 2
+        ;;
+    cloud-hypervisor | cloud-hypervisor-vmlinux)
+        # Its defaults otherwise: anonymous guest RAM, a virtio-rng PCI device (unseen with
+        # pci=off), its seccomp filters on. -vmlinux: the ELF through its PVH entry.
+        k=$L2_KERNEL
+        [ "$v" = cloud-hypervisor-vmlinux ] && k=$L2_VMLINUX
+        one_run "$v" "$2" "$3" "$CH" --kernel "$k" --initramfs "$INITRD" \
+            --cmdline "$4" --cpus boot=2 --memory size=256M --serial tty --console off
+        ;;
+    firecracker | firecracker-vmlinux)
+        # Anonymous guest RAM (no huge pages); Firecracker appends " pci=off" to boot_args
+        # (already there). Its log goes to a file: stdout is the guest's console.
+        k=$L2_KERNEL
+        [ "$v" = firecracker-vmlinux ] && k=$L2_VMLINUX
+        cfg=$TMP/$v-$2.json
+        cat >"$cfg" <<EOF3
+{
+  "boot-source": { "kernel_image_path": "$k", "initrd_path": "$INITRD", "boot_args": "$4" },
+  "machine-config": { "vcpu_count": 2, "mem_size_mib": 256 },
+  "drives": []
+}
+EOF3
+        : >"$TMP/$v-$2.fclog"
+        one_run "$v" "$2" "$3" "$FC" --no-api --config-file "$cfg" \
+            --log-path "$TMP/$v-$2.fclog" --level Info
         ;;
     *)
         machine=$(machine_of "$v")
@@ -232,7 +308,7 @@ for v in $VARIANTS; do
     launch "$v" mem 1 "$MEM_CMDLINE"
 done
 
-# Where the time goes: the kernel's own timestamps (printk) without `quiet`.
+# Where the time goes: the kernel's own timestamps (its log, printed after init).
 if [ "$DIAG" = 1 ]; then
     for v in $VARIANTS; do
         launch "$v" diag 0 "$DIAG_CMDLINE"

@@ -12,11 +12,16 @@
 # The L1 console is kept in OUTDIR/l1-console.log, the table in OUTDIR/results.md.
 #
 # Environment: BENCH_RUNS (10), BENCH_TIMEOUT (120 s per VMM run inside L1), BENCH_DIAG (1),
+# BENCH_DIAG_EXTRA (words for the diagnostic runs' guest command line, e.g. initcall_debug;
+# tests/rig/initcall-compare.sh compares two of their kernel logs),
 # BENCH_VARIANTS (default: aivmm aivmm-vmlinux aivmm-2m microvm-min microvm microvm-nocmos q35; also
 # microvm-rtc: see tests/rig/bench-boot-l1.sh),
 # BENCH_STALL (420 s of L1 console silence before a stuck L1 is stopped), BENCH_L1_ATTEMPTS
 # (3 L1 boots at most: a stuck L1 is replaced by a new one that runs the missing rounds),
-# BENCH_L1_TIMEOUT (3600 s for the whole L1), AIVMM_BIN (skip the build, use this binary).
+# BENCH_L1_TIMEOUT (3600 s for the whole L1), AIVMM_BIN (skip the build, use this binary),
+# CH_BIN / FC_BIN (Cloud Hypervisor / Firecracker binaries for the peer variants
+# cloud-hypervisor, cloud-hypervisor-vmlinux, firecracker, firecracker-vmlinux: name them in
+# BENCH_VARIANTS; the project does not download or build them).
 # Exit code: 0 when every measured run reached the marker and exited 0, 1 otherwise.
 set -euo pipefail
 
@@ -51,6 +56,8 @@ printf '#!/bin/sh\n# Boot-time runs: nothing to do, the init powers off.\nexit 0
     >"$stage/l2/bench/exit.sh"
 printf '#!/bin/sh\n# Memory runs: stay up while L1 samples the VMM.\necho BENCH-GUEST-SLEEPING\nsleep 5\nexit 0\n' \
     >"$stage/l2/bench/sleep.sh"
+printf '#!/bin/sh\n# Diagnostic runs: the kernel log, whose timestamps the console did not slow down.\necho BENCH-DMESG-BEGIN\ndmesg\necho BENCH-DMESG-END\nexit 0\n' \
+    >"$stage/l2/bench/dmesg.sh"
 chmod 0755 "$stage/l2/bench/"*.sh
 (cd "$stage/l2" && find . -mindepth 1 -print0 | LC_ALL=C sort -z |
     cpio --null --create --format=newc --owner=0:0 --reproducible --quiet) |
@@ -65,12 +72,28 @@ EOF
 if [ -n "${BENCH_VARIANTS:-}" ]; then
     echo "BENCH_VARIANTS='$BENCH_VARIANTS'" >>"$stage/bench.env"
 fi
+if [ -n "${BENCH_DIAG_EXTRA:-}" ]; then
+    echo "BENCH_DIAG_EXTRA='$BENCH_DIAG_EXTRA'" >>"$stage/bench.env"
+fi
 
 add=(
     --add "$here/bench-run.sh:/rig/bench-run.sh"
     --add "$stage/l2-extra.cpio.gz:/bench/l2-extra.cpio.gz"
     --add "$stage/bench.env:/bench/bench.env"
 )
+
+# The peer VMMs, when given: release builds of Cloud Hypervisor (CH_BIN) and Firecracker
+# (FC_BIN), built from their source as docs/PERFORMANCE.md describes; they go into L1 with
+# their shared libraries and run as the variants cloud-hypervisor[-vmlinux] and
+# firecracker[-vmlinux].
+if [ -n "${CH_BIN:-}" ]; then
+    add+=(--bin "$CH_BIN:/bin/cloud-hypervisor")
+    echo "BENCH_CH=/bin/cloud-hypervisor" >>"$stage/bench.env"
+fi
+if [ -n "${FC_BIN:-}" ]; then
+    add+=(--bin "$FC_BIN:/bin/firecracker")
+    echo "BENCH_FC=/bin/firecracker" >>"$stage/bench.env"
+fi
 
 # QEMU, its libraries and firmware go into L1 at their paths (build-l1.sh).
 RIG_L1_QEMU=$qemu "$here/build-l1.sh" "$out" "$aivmm" "$here/bench-boot-l1.sh" "${add[@]}"
@@ -102,6 +125,11 @@ awk -v runs="$runs" "$AWK_KV$AWK_STATS"'
     if (g != "na") { ng[vmm]++; gu[vmm, ng[vmm]] = g * 1000; pre[vmm, ng[vmm]] = b - g * 1000 }
     i = kv($0, "vmm_init_ms"); if (i != "na" && i != "") { ni[vmm]++; vi[vmm, ni[vmm]] = i + 0 }
 }
+/^BENCH-ROLLUP / {
+    vmm = kv($0, "vmm"); w = kv($0, "when")
+    roll[vmm, w] = kv($0, "Rss_kb")
+    next
+}
 /^BENCH-MEM / {
     vmm = kv($0, "vmm"); w = kv($0, "when")
     if (!(vmm in mseen)) { mseen[vmm] = 1; morder[++nm] = vmm }
@@ -128,6 +156,18 @@ END {
         printf "| %s | %.0f | %d..%d | %s | %s | %s | %s |\n", v, med[v], lo[v], hi[v], gm, pm, r1, r2
         if (missed[v] + 0 > 0 || bad[v] + 0 > 0) notes = notes sprintf("%s: %d of %d runs without the marker, %d with a non-zero exit\n", v, missed[v] + 0, total[v], bad[v] + 0)
     }
+    # aivmm (its default PVH vmlinux) against the faster peer, each peer in its fastest form.
+    for (k = 1; k <= nv; k++) {
+        v = order[k]
+        if (v ~ /^(cloud-hypervisor|firecracker)/ && (v in med) && (peer == "" || med[v] < med[peer])) peer = v
+    }
+    if (peer != "" && ("aivmm-vmlinux" in med)) {
+        printf "\nFastest peer: %s, median %.0f ms. aivmm-vmlinux / %s = %.2f (target: <= 0.8)\n", peer, med[peer], peer, med["aivmm-vmlinux"] / med[peer]
+        for (k = 1; k <= nv; k++) {
+            v = order[k]
+            if (v ~ /^(cloud-hypervisor|firecracker)/ && (v in med)) printf "aivmm-vmlinux / %s = %.2f (medians %.0f / %.0f ms)\n", v, med["aivmm-vmlinux"] / med[v], med["aivmm-vmlinux"], med[v]
+        }
+    }
     if (best != "") {
         printf "\nFastest microvm option set: %s (%s), median %.0f ms.", best, fact["machine_" best], med[best]
         if ("aivmm" in med) printf " aivmm / microvm = %.2f", med["aivmm"] / med[best]
@@ -146,15 +186,16 @@ END {
     if (exitline != "") printf "Start to VMM exit (guest powered off), median: %s\n", exitline
     if (notes != "") printf "\n%s", notes
     printf "\nVMM memory after boot (KiB, /proc/<pid>/status and smaps). Guest RAM is 256 MiB: a memfd (resident part in RssShmem and in the guest-RAM column) or hugetlb (HugetlbPages, outside VmRSS). L1'"'"'s root file system is the initramfs, so binaries and libraries count as RssShmem there, not RssFile: the VMM overhead is VmRSS minus the guest RAM'"'"'s resident part\n\n"
-    printf "| VMM | sampled | VmRSS | guest RAM resident | of it in THP | VMM overhead = VmRSS - guest RAM | RssAnon | RssFile | RssShmem | HugetlbPages | VmHWM |\n"
-    printf "|-----|---------|------:|------:|------:|------:|------:|------:|------:|------:|------:|\n"
+    printf "| VMM | sampled | VmRSS | guest RAM resident | of it in THP | VMM overhead = VmRSS - guest RAM | by page walk = smaps_rollup Rss - guest RAM | RssAnon | RssFile | RssShmem | HugetlbPages | VmHWM |\n"
+    printf "|-----|---------|------:|------:|------:|------:|------:|------:|------:|------:|------:|------:|\n"
     for (k = 1; k <= nm; k++) {
         v = morder[k]
         split("marker later", ws, " ")
         for (j = 1; j <= 2; j++) {
             if (!((v, ws[j]) in mem)) continue
             split(mem[v, ws[j]], f, ",")
-            printf "| %s | %s | %s | %s | %s | %d KiB (%.2f MiB) | %s | %s | %s | %s | %s |\n", v, (ws[j] == "marker" ? "at the marker" : "3 s later"), f[1], f[7], (f[8] == "" ? "n/a" : f[8]), f[1] - f[7], (f[1] - f[7]) / 1024, f[2], f[3], f[4], f[5], f[6]
+            pw = ((v, ws[j]) in roll && roll[v, ws[j]] != "") ? sprintf("%d KiB (%.2f MiB)", roll[v, ws[j]] - f[7], (roll[v, ws[j]] - f[7]) / 1024) : "n/a"
+            printf "| %s | %s | %s | %s | %s | %d KiB (%.2f MiB) | %s | %s | %s | %s | %s | %s |\n", v, (ws[j] == "marker" ? "at the marker" : "3 s later"), f[1], f[7], (f[8] == "" ? "n/a" : f[8]), f[1] - f[7], (f[1] - f[7]) / 1024, pw, f[2], f[3], f[4], f[5], f[6]
         }
     }
     printf "\n"
@@ -163,6 +204,8 @@ END {
         if (("machine_" v) in fact) printf "%s: -M %s\n", v, fact["machine_" v]
         if (("cmdline_extra_" v) in fact) printf "%s: guest command line plus: %s (not the common command line)\n", v, fact["cmdline_extra_" v]
     }
+    if ("ch_version" in fact) printf "cloud-hypervisor: %s\n", fact["ch_version"]
+    if ("fc_version" in fact) printf "firecracker: %s\n", fact["fc_version"]
     if ("aivmm_2m_config" in fact) printf "aivmm-2m: --config with %s\n", fact["aivmm_2m_config"]
     printf "L1: kernel %s, THP %s, shmem THP %s; %s\nguest cmdline: %s\n", fact["l1_kernel"], fact["l1_thp"], fact["l1_shmem_thp"], fact["qemu_version"], fact["cmdline"]
 }' "$out/bench-lines.txt" | tee "$out/results.md"

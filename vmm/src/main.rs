@@ -233,27 +233,24 @@ fn run_with_api(cli: &Cli, start: Instant) -> ExitCode {
     if cli.config_file.is_some() {
         let ctl = controller.clone();
         let socket_path = cli.api_sock.clone();
-        let starter = std::thread::Builder::new()
-            .name("config-start".into())
-            .spawn(move || {
-                let r = ctl
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .handle(Request::PutAction(ActionType::InstanceStart));
-                if r.status >= 400 {
-                    let msg = serde_json::from_str::<serde_json::Value>(
-                        r.body.as_deref().unwrap_or("{}"),
-                    )
-                    .ok()
-                    .and_then(|v| v["fault_message"].as_str().map(str::to_owned))
-                    .unwrap_or_default();
-                    eprintln!("aivmm: error: {msg}");
-                    if let Some(p) = socket_path {
-                        let _ = std::fs::remove_file(p);
-                    }
-                    std::process::exit(i32::from(exit_code::BAD_INPUT));
+        let starter = devices::thread::named("config-start").spawn(move || {
+            let r = ctl
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .handle(Request::PutAction(ActionType::InstanceStart));
+            if r.status >= 400 {
+                let msg =
+                    serde_json::from_str::<serde_json::Value>(r.body.as_deref().unwrap_or("{}"))
+                        .ok()
+                        .and_then(|v| v["fault_message"].as_str().map(str::to_owned))
+                        .unwrap_or_default();
+                eprintln!("aivmm: error: {msg}");
+                if let Some(p) = socket_path {
+                    let _ = std::fs::remove_file(p);
                 }
-            });
+                std::process::exit(i32::from(exit_code::BAD_INPUT));
+            }
+        });
         if let Err(e) = starter {
             return fail(
                 exit_code::RUNTIME_ERROR,

@@ -240,9 +240,7 @@ pub struct VcpuHandle {
 impl VcpuHandle {
     pub fn spawn(fd: VcpuFd, ctx: VcpuContext) -> std::io::Result<Self> {
         let id = ctx.id;
-        let thread = std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || run(fd, ctx))?;
+        let thread = devices::thread::named(format!("vcpu{id}")).spawn(move || run(fd, ctx))?;
         Ok(VcpuHandle { id, thread })
     }
 

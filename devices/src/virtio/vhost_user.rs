@@ -318,8 +318,7 @@ impl VhostUserDevice {
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            std::thread::Builder::new()
-                .name(format!("vhost-user-{name}"))
+            crate::thread::named(format!("vhost-user-{name}"))
                 .spawn(move || worker.run())
                 .map_err(setup("device thread"))?
         };
@@ -445,8 +444,7 @@ impl DeviceThread {
     /// Runs the device thread and its watchdog until the device is dropped.
     fn run(self) {
         std::thread::scope(|scope| {
-            let watchdog = std::thread::Builder::new()
-                .name("vhost-user-wdog".into())
+            let watchdog = crate::thread::named("vhost-user-wdog")
                 .spawn_scoped(scope, || self.state.watchdog());
             if let Err(e) = watchdog {
                 log::error!("cannot start the vhost-user watchdog: {e}; the device stays offline");

@@ -82,9 +82,7 @@ impl<T: WorkerLoop> VirtioWorker<T> {
             epoll_add(&epoll, kick, EventSet::IN, index as u64)?;
         }
         epoll_add(&epoll, &stop, EventSet::IN, STOP_TOKEN)?;
-        let thread = std::thread::Builder::new()
-            .name(name.to_string())
-            .spawn(move || run(epoll, kicks, state))?;
+        let thread = crate::thread::named(name).spawn(move || run(epoll, kicks, state))?;
         Ok(Self {
             stop,
             thread: Some(thread),

@@ -84,20 +84,17 @@ impl ApiServer {
         let server = Arc::new(server);
         let in_flight = Arc::new(AtomicUsize::new(0));
         let (srv, ctl) = (server.clone(), controller.clone());
-        let accept = std::thread::Builder::new()
-            .name("api-server".into())
+        let accept = devices::thread::named("api-server")
             .spawn(move || accept_loop(&srv, &ctl, &in_flight))?;
-        std::thread::Builder::new()
-            .name("api-metrics".into())
-            .spawn(move || loop {
-                std::thread::sleep(FLUSH_INTERVAL);
-                let mut c = lock(&controller);
-                if c.metrics_configured() {
-                    if let Err(e) = c.flush_metrics() {
-                        log::warn!("{e}");
-                    }
+        devices::thread::named("api-metrics").spawn(move || loop {
+            std::thread::sleep(FLUSH_INTERVAL);
+            let mut c = lock(&controller);
+            if c.metrics_configured() {
+                if let Err(e) = c.flush_metrics() {
+                    log::warn!("{e}");
                 }
-            })?;
+            }
+        })?;
         Ok(ApiServer {
             server,
             accept: Some(accept),
@@ -129,12 +126,10 @@ fn accept_loop(
             continue;
         }
         let (ctl, count) = (ctl.clone(), in_flight.clone());
-        let spawned = std::thread::Builder::new()
-            .name("api-request".into())
-            .spawn(move || {
-                serve(rq, &ctl);
-                count.fetch_sub(1, Ordering::SeqCst);
-            });
+        let spawned = devices::thread::named("api-request").spawn(move || {
+            serve(rq, &ctl);
+            count.fetch_sub(1, Ordering::SeqCst);
+        });
         if let Err(e) = spawned {
             in_flight.fetch_sub(1, Ordering::SeqCst);
             log::warn!("API: cannot start a request thread: {e}");

@@ -273,7 +273,7 @@ pub fn prefault(
             .filter(|&start| start < len)
             .map(|start| {
                 let this_len = chunk.min(len - start);
-                s.spawn(move || {
+                devices::thread::named("prefault").spawn_scoped(s, move || {
                     if let Some(c) = cpus {
                         // Best effort: placement is enforced by mbind, pinning only speeds up.
                         let _ = numa::pin_current_thread(c);
@@ -285,7 +285,7 @@ pub fn prefault(
         handles
             .into_iter()
             .map(|h| {
-                h.join()
+                h?.join()
                     .unwrap_or_else(|_| Err(io::Error::other("prefault thread panicked")))
             })
             .collect::<io::Result<Vec<()>>>()
