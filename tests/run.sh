@@ -5,6 +5,8 @@
 #   2. cargo build --workspace --all-targets (the e2e rig then reuses the same aivmm build)
 #   3. cargo test --workspace (unit tests, real-/dev/kvm tests, and the e2e tests: one rig
 #      run, nested under QEMU TCG on hosts whose KVM cannot boot Linux)
+#   4. a smoke run of every fuzz target (fuzz/smoke.sh: FUZZ_SECONDS, 15 s each; cargo-fuzz is
+#      installed on first use; AIVMM_TEST_FUZZ=0 skips it)
 # Ends with a summary: per test binary results, failed tests, where the rig's log is.
 set -euo pipefail
 
@@ -33,6 +35,15 @@ cargo test --workspace --no-fail-fast 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
 
+fuzz_rc=0
+if [ "${AIVMM_TEST_FUZZ:-1}" != 0 ]; then
+    step "fuzz smoke (fuzz/smoke.sh)"
+    set +e
+    FUZZ_SECONDS=${FUZZ_SECONDS:-15} fuzz/smoke.sh 2>&1 | tee target/fuzz-smoke.log
+    fuzz_rc=${PIPESTATUS[0]}
+    set -e
+fi
+
 step "summary"
 awk '
     /^     Running / {
@@ -54,6 +65,16 @@ awk '
 for l in target/rig/l1-console.log target/rig/direct-console.log; do
     [ -f "$l" ] && echo "rig log: $l"
 done
+if [ "${AIVMM_TEST_FUZZ:-1}" != 0 ]; then
+    grep -E '^smoke: (all|failed)' target/fuzz-smoke.log || echo "fuzz smoke: no result line (target/fuzz-smoke.log)"
+fi
 echo "full output: $log; $((SECONDS - t0)) s"
-if [ "$rc" -eq 0 ]; then echo "RESULT: PASS"; else echo "RESULT: FAIL (cargo test exit code $rc)"; fi
-exit "$rc"
+if [ "$rc" -ne 0 ]; then
+    echo "RESULT: FAIL (cargo test exit code $rc)"
+    exit "$rc"
+fi
+if [ "$fuzz_rc" -ne 0 ]; then
+    echo "RESULT: FAIL (fuzz smoke exit code $fuzz_rc)"
+    exit "$fuzz_rc"
+fi
+echo "RESULT: PASS"
