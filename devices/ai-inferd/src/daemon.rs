@@ -42,6 +42,7 @@ use crate::executor;
 use crate::metrics::{MetricsEndpoint, MetricsError, MetricsServer, MetricsSource};
 use crate::models::ModelServing;
 use crate::numa::{self, NumaError};
+use crate::privilege::{self, PrivilegeError, RunAs};
 use crate::registry::{ModelRegistry, RegistryError};
 use crate::reload::{self, ReloadError};
 use crate::tenant::socket::{self, Door, GuardedDevice, PeerCred, SocketError};
@@ -70,6 +71,9 @@ pub enum DaemonError {
     /// The metrics endpoint could not be started.
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    /// The switch to the unprivileged user failed.
+    #[error(transparent)]
+    Privilege(#[from] PrivilegeError),
     /// A thread could not be started.
     #[error("cannot start thread {name}: {source}")]
     Spawn {
@@ -250,6 +254,9 @@ impl MetricsSource for DaemonMetrics {
 struct TenantSlot {
     socket: PathBuf,
     connection: Mutex<Option<ShutdownHandle>>,
+    /// The listening socket (a second descriptor of it): shutting it down wakes the
+    /// listener thread's accept(), whatever user the daemon runs as by then.
+    wake: std::os::unix::net::UnixListener,
 }
 
 /// A running daemon; [`Daemon::shutdown`] stops it.
@@ -271,6 +278,7 @@ impl Daemon {
             backends,
             BTreeMap::new(),
             Path::new(numa::NODE_ROOT),
+            None,
         )
     }
 
@@ -281,15 +289,33 @@ impl Daemon {
         backends: Vec<Arc<dyn Backend>>,
         serving: BTreeMap<u32, ModelServing>,
     ) -> Result<Daemon, DaemonError> {
-        Self::start_with(config, backends, serving, Path::new(numa::NODE_ROOT))
+        Self::start_with(config, backends, serving, Path::new(numa::NODE_ROOT), None)
     }
 
-    /// [`Daemon::start_serving`] with the NUMA nodes listed under `node_root`.
+    /// [`Daemon::start_serving`] that becomes `run_as` (see [`privilege`]) once the tenant
+    /// sockets are bound, before any of its threads starts.
+    pub fn start_serving_as(
+        config: &Config,
+        backends: Vec<Arc<dyn Backend>>,
+        serving: BTreeMap<u32, ModelServing>,
+        run_as: Option<RunAs>,
+    ) -> Result<Daemon, DaemonError> {
+        Self::start_with(
+            config,
+            backends,
+            serving,
+            Path::new(numa::NODE_ROOT),
+            run_as,
+        )
+    }
+
+    /// [`Daemon::start_serving_as`] with the NUMA nodes listed under `node_root`.
     pub fn start_with(
         config: &Config,
         backends: Vec<Arc<dyn Backend>>,
         serving: BTreeMap<u32, ModelServing>,
         node_root: &Path,
+        run_as: Option<RunAs>,
     ) -> Result<Daemon, DaemonError> {
         let registry = ModelRegistry::new(backends)?;
         let mut tenants = Vec::new();
@@ -315,7 +341,19 @@ impl Daemon {
         let mut listeners = Vec::new();
         for (t, tenant) in config.tenants.iter().zip(&tenants) {
             match socket::bind(&t.socket, &tenant.grant().peer) {
-                Ok(listener) => listeners.push(Listener::from(listener)),
+                Ok(listener) => match listener.try_clone() {
+                    Ok(wake) => listeners.push((Listener::from(listener), wake)),
+                    Err(e) => {
+                        let _ = std::fs::remove_file(&t.socket);
+                        for made in &config.tenants[..listeners.len()] {
+                            let _ = std::fs::remove_file(&made.socket);
+                        }
+                        return Err(DaemonError::Spawn {
+                            name: format!("tenant-{}", t.name),
+                            source: e,
+                        });
+                    }
+                },
                 Err(e) => {
                     for made in &config.tenants[..listeners.len()] {
                         let _ = std::fs::remove_file(&made.socket);
@@ -323,6 +361,15 @@ impl Daemon {
                     return Err(e.into());
                 }
             }
+        }
+        if let Some(to) = run_as {
+            if let Err(e) = privilege::drop_to(to) {
+                for made in &config.tenants {
+                    let _ = std::fs::remove_file(&made.socket);
+                }
+                return Err(e.into());
+            }
+            info!("running as uid:gid {to}, no-new-privs");
         }
         let shared = Arc::new(Shared {
             engine: Arc::new(Engine {
@@ -366,10 +413,11 @@ impl Daemon {
                 }
             }
         }
-        for (tenant, listener) in shared.tenants.iter().zip(listeners) {
+        for (tenant, (listener, wake)) in shared.tenants.iter().zip(listeners) {
             let slot = Arc::new(TenantSlot {
                 socket: listener_path(config, tenant.spec.id),
                 connection: Mutex::new(None),
+                wake,
             });
             let tenant = Arc::clone(tenant);
             let (shared, stop, slot2) = (Arc::clone(&shared), Arc::clone(&stop), Arc::clone(&slot));
@@ -446,8 +494,12 @@ impl Daemon {
             if let Some(conn) = lock(&slot.connection).as_ref() {
                 conn.shutdown();
             }
-            // Wakes a listener blocked in accept(); it sees the stop flag next.
-            let _ = UnixStream::connect(&slot.socket);
+            // Wakes a listener blocked in accept() (it fails with EINVAL); it sees the
+            // stop flag next. No connection is made: connecting to the socket would hand
+            // the listener a peer to serve, and once the daemon runs as another user
+            // (`--run-as`) the socket's mode may shut it out.
+            let _ =
+                nix::sys::socket::shutdown(slot.wake.as_raw_fd(), nix::sys::socket::Shutdown::Both);
         }
         for h in self.listeners.drain(..) {
             let _ = h.join();
@@ -507,7 +559,9 @@ fn serve_tenant(
             .scheduler
             .with_core(|core| core.set_tenant(tenant.spec.id, tenant.grant().policy.clone()));
         if let Err(e) = daemon.start(&mut listener) {
-            error!("{name}: cannot accept a connection: {e}");
+            if !stop.load(Ordering::SeqCst) {
+                error!("{name}: cannot accept a connection: {e}");
+            }
             door.decide(false);
             end_connection(shared, tenant, &device, daemon);
             continue;

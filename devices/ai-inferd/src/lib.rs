@@ -27,6 +27,7 @@ pub mod job;
 pub mod metrics;
 pub mod models;
 pub mod numa;
+pub mod privilege;
 pub mod registry;
 pub mod reload;
 pub mod tenant;

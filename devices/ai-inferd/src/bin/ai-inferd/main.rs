@@ -19,6 +19,7 @@ use ai_inferd::daemon::{Daemon, DaemonError};
 use ai_inferd::metrics::scrape::Scrape;
 use ai_inferd::metrics::{self, MetricsEndpoint};
 use ai_inferd::models::Manifest;
+use ai_inferd::privilege::RunAs;
 use clap::{Parser, Subcommand};
 use log::{info, LevelFilter};
 
@@ -47,6 +48,11 @@ enum Command {
         /// Most verbose log level written to stderr.
         #[arg(long, default_value = "info", value_parser = parse_level)]
         log_level: LevelFilter,
+        /// Start as root, then run as this user (`UID:GID`, numeric) once the models are
+        /// loaded and the tenant sockets bound, with no-new-privs. The metrics socket and
+        /// sockets of tenants added by a reload are created as that user.
+        #[arg(long, value_name = "UID:GID")]
+        run_as: Option<RunAs>,
     },
     /// Show a daemon's tenants and models live, from its metrics endpoint.
     Top {
@@ -153,7 +159,7 @@ fn wait_for_signal(set: &libc::sigset_t) -> i32 {
     }
 }
 
-fn serve(config_path: &Path) -> ExitCode {
+fn serve(config_path: &Path, run_as: Option<RunAs>) -> ExitCode {
     let config = match Config::load(config_path) {
         Ok(c) => c,
         Err(e) => {
@@ -178,9 +184,9 @@ fn serve(config_path: &Path) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let daemon = match Daemon::start_serving(&config, backends, serving) {
+    let daemon = match Daemon::start_serving_as(&config, backends, serving, run_as) {
         Ok(d) => d,
-        Err(e @ (DaemonError::Registry(_) | DaemonError::Numa(_))) => {
+        Err(e @ (DaemonError::Registry(_) | DaemonError::Numa(_) | DaemonError::Privilege(_))) => {
             eprintln!("ai-inferd: {e}");
             return ExitCode::from(2);
         }
@@ -293,10 +299,14 @@ fn run_bench(seconds: u64, no_memory: bool, weights_mib: u32, only: Vec<Phase>) 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { config, log_level } => {
+        Command::Serve {
+            config,
+            log_level,
+            run_as,
+        } => {
             let _ = log::set_logger(&LOGGER);
             log::set_max_level(log_level);
-            serve(&config)
+            serve(&config, run_as)
         }
         Command::Top {
             metrics,
