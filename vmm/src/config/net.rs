@@ -174,7 +174,8 @@ fn check_tap(n: &NetConfig, host: &dyn NetInterfaces) -> Result<(), ConfigError>
         });
     }
     match host.interface(t) {
-        NetInterface::Tap => Ok(()),
+        // Unknown: checked when the device opens the tap.
+        NetInterface::Tap | NetInterface::Unknown => Ok(()),
         NetInterface::Missing => Err(ConfigError::NoSuchTap {
             id: n.id.clone(),
             tap: n.tap.clone(),

@@ -13,6 +13,9 @@ pub enum NetInterface {
     Tun,
     /// Any other interface: a NIC, a bridge, a veth, loopback.
     Other,
+    /// Not known here: there is no `/sys/class/net` (aivmm runs in a jail without sysfs).
+    /// Opening the tap checks it then: by name in the network namespace, and by mode.
+    Unknown,
 }
 
 impl NetInterface {
@@ -23,6 +26,7 @@ impl NetInterface {
             NetInterface::Tap => "a tap device",
             NetInterface::Tun => "a tun device (IP packets without Ethernet header)",
             NetInterface::Other => "not a tun/tap device",
+            NetInterface::Unknown => "unknown (no /sys/class/net here)",
         }
     }
 }
@@ -51,7 +55,11 @@ impl NetInterfaces for SysfsHost {
         if name.is_empty() || name == "." || name == ".." || name.contains('/') {
             return NetInterface::Missing;
         }
-        let dir = self.root.join("class/net").join(name);
+        let class = self.root.join("class/net");
+        if !class.is_dir() {
+            return NetInterface::Unknown;
+        }
+        let dir = class.join(name);
         if !dir.exists() {
             return NetInterface::Missing;
         }
@@ -96,5 +104,14 @@ mod tests {
         assert_eq!(parse_tun_flags("0x0002"), Some(2));
         assert_eq!(parse_tun_flags("2"), None);
         let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn without_sysfs_an_interface_is_unknown_but_a_bad_name_still_missing() {
+        // A jail has no /sys: the tap is checked when it is opened instead.
+        let root = std::env::temp_dir().join(format!("aivmm-no-sysfs-{}", std::process::id()));
+        let host = SysfsHost::with_root(&root);
+        assert_eq!(host.interface("tap0"), NetInterface::Unknown);
+        assert_eq!(host.interface("../tap0"), NetInterface::Missing);
     }
 }

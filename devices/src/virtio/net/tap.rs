@@ -9,12 +9,10 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::{AsRawFd, RawFd};
-use std::path::Path;
 
 use super::VNET_HDR_LEN;
 
 const TUN_DEVICE: &str = "/dev/net/tun";
-const SYS_CLASS_NET: &str = "/sys/class/net";
 
 /// Errors opening or configuring a tap.
 #[derive(Debug, thiserror::Error)]
@@ -112,11 +110,12 @@ impl Tap {
     /// Attaches to the existing tap `name`.
     ///
     /// The interface must already exist: TUNSETIFF on an unknown name would create a new
-    /// tap, and aivmm does not set up host networking, so the name is checked in
-    /// `/sys/class/net` first.
+    /// tap, and aivmm does not set up host networking, so the name is looked up in the
+    /// network namespace first.
     pub fn open(name: &str) -> Result<Tap, TapError> {
         let ifr_name = interface_name(name)?;
-        if !Path::new(SYS_CLASS_NET).join(name).exists() {
+        // By index in this network namespace, not through /sys, which a jail lacks.
+        if nix::net::if_::if_nametoindex(name).is_err() {
             return Err(TapError::NoSuchInterface(name.to_string()));
         }
         let file = OpenOptions::new()
