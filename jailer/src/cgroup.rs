@@ -8,8 +8,9 @@
 //! moves the calling process in.
 
 use std::collections::BTreeSet;
-use std::fs;
+use std::fs::{self, DirBuilder};
 use std::io;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use crate::cli::CgroupValue;
@@ -99,7 +100,12 @@ impl CgroupPlan {
     /// process (and so everything it starts) in.
     pub fn apply(&self) -> Result<(), CgroupError> {
         let leaf = self.path();
-        fs::create_dir_all(&leaf).map_err(|e| CgroupError::Create(leaf.clone(), e))?;
+        // Only root may add cgroups below the microVM's (the jailer runs with umask 0).
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(&leaf)
+            .map_err(|e| CgroupError::Create(leaf.clone(), e))?;
         let needed: BTreeSet<&str> = self.values.iter().filter_map(|v| v.controller()).collect();
         // Each controller must be enabled in the subtree_control of every ancestor of the
         // leaf, from the mount's root down to the parent cgroup.

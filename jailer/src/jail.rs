@@ -120,6 +120,23 @@ impl Jail {
             .ok_or_else(|| exec_err("its file name is not UTF-8".into()))?
             .to_string();
         let runtime_files = libs::runtime_files(&exec_file)?;
+        // The program sits in the jail's root beside the directories the jailer makes.
+        let taken =
+            ["dev", "run"]
+                .into_iter()
+                .map(String::from)
+                .chain(runtime_files.iter().filter_map(|f| {
+                    f.components()
+                        .nth(1)
+                        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                }));
+        for name in taken {
+            if name == exec_name {
+                return Err(exec_err(format!(
+                    "its file name collides with the jail's /{name}: link or copy it under another name"
+                )));
+            }
+        }
         let netns = match &cli.netns {
             Some(path) => Some(File::open(path).map_err(|e| JailError::Netns(path.clone(), e))?),
             None => None,

@@ -322,6 +322,23 @@ fn bad_command_lines_are_refused_before_anything_is_created() {
         b,
     ];
     assert_refused(&dir, "not a regular file", &base.0);
+    // A program named like a directory the jail needs.
+    let named_dev = TempDir::new("named-dev");
+    let dev = named_dev.0.join("dev");
+    fs::copy(probe, &dev).unwrap();
+    let dev_args = [
+        "--id",
+        "x",
+        "--exec-file",
+        dev.to_str().unwrap(),
+        "--uid",
+        "1",
+        "--gid",
+        "1",
+        "--chroot-base-dir",
+        b,
+    ];
+    assert_refused(&dev_args, "collides with the jail's /dev", &base.0);
     // A controller the cgroup2 hierarchy does not offer is refused up front.
     assert_refused(
         &with(&["--cgroup", "nosuchcontroller.max=1"], "x"),
@@ -544,6 +561,7 @@ fn a_jailed_program_sees_only_its_jail_with_its_netns_cgroup_and_ids() {
         cgroup.lines().any(|l| l == expected),
         "{expected} not in {cgroup}"
     );
+    assert_eq!(fs::metadata(&leaf).unwrap().mode() & 0o777, 0o755);
     assert_eq!(
         fs::read_to_string(leaf.join("cgroup.max.descendants"))
             .unwrap()
