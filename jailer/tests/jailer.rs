@@ -512,7 +512,11 @@ fn a_jailed_program_sees_only_its_jail_with_its_netns_cgroup_and_ids() {
     args.extend(["--".into(), "hello".into(), "world".into()]);
 
     let leaf = cgroups.leaf("t1");
-    let mut child: Child = jailer()
+    // Through a shell that leaves descriptor 7 open: the jailer must not pass it on.
+    let mut child: Child = Command::new("/bin/sh")
+        .arg("-c")
+        .arg("exec 7</dev/null; exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_aivmm-jailer"))
         .args(&args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -540,6 +544,17 @@ fn a_jailed_program_sees_only_its_jail_with_its_netns_cgroup_and_ids() {
     assert_eq!(status_field(pid, "Gid"), "1234 1234 1234 1234");
     assert_eq!(status_field(pid, "Groups"), "");
     assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+    let mut fds: Vec<String> = fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    fds.sort();
+    assert_eq!(
+        fds,
+        ["0", "1", "2"],
+        "descriptors beyond stdio reached the program"
+    );
     let limits = fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
     let line = |name: &str| {
         limits
