@@ -13,6 +13,7 @@ use nix::sched::{setns, unshare, CloneFlags};
 use nix::sys::prctl;
 use nix::sys::resource::{setrlimit, Resource, RLIM_INFINITY};
 use nix::sys::stat::{makedev, mknod, umask, Mode, SFlag};
+use nix::sys::statfs::{fstatfs, NSFS_MAGIC};
 use nix::unistd::{self, ForkResult, Gid, Pid, Uid};
 
 use crate::cgroup::{CgroupError, CgroupPlan};
@@ -121,24 +122,17 @@ impl Jail {
             .to_string();
         let runtime_files = libs::runtime_files(&exec_file)?;
         // The program sits in the jail's root beside the directories the jailer makes.
-        let taken =
-            ["dev", "run"]
-                .into_iter()
-                .map(String::from)
-                .chain(runtime_files.iter().filter_map(|f| {
-                    f.components()
-                        .nth(1)
-                        .map(|c| c.as_os_str().to_string_lossy().into_owned())
-                }));
-        for name in taken {
-            if name == exec_name {
-                return Err(exec_err(format!(
-                    "its file name collides with the jail's /{name}: link or copy it under another name"
-                )));
-            }
+        let mut library_dirs = runtime_files.iter().filter_map(|f| f.components().nth(1));
+        if ["dev", "run"].contains(&exec_name.as_str())
+            || library_dirs.any(|dir| dir.as_os_str() == exec_name.as_str())
+        {
+            return Err(exec_err(format!(
+                "its file name collides with the jail's /{exec_name}: link or copy it under \
+                 another name"
+            )));
         }
         let netns = match &cli.netns {
-            Some(path) => Some(File::open(path).map_err(|e| JailError::Netns(path.clone(), e))?),
+            Some(path) => Some(open_netns(path)?),
             None => None,
         };
         let cgroup = CgroupPlan::new(&cli.parent_cgroup, &cli.id, &cli.cgroups)?;
@@ -440,6 +434,22 @@ fn device_nodes(daemonize: bool) -> Result<Vec<DeviceNode>, JailError> {
         nodes.extend(found);
     }
     Ok(nodes)
+}
+
+/// Opens a network namespace file; anything but a namespace file is refused here rather
+/// than by setns once the jail is half built.
+fn open_netns(path: &Path) -> Result<File, JailError> {
+    let file = File::open(path).map_err(|e| JailError::Netns(path.to_path_buf(), e))?;
+    let fs = fstatfs(&file).map_err(|e| JailError::Netns(path.to_path_buf(), e.into()))?;
+    if fs.filesystem_type() != NSFS_MAGIC {
+        return Err(JailError::Netns(
+            path.to_path_buf(),
+            io::Error::other(
+                "not a namespace file (e.g. /var/run/netns/NAME from `ip netns add NAME`)",
+            ),
+        ));
+    }
+    Ok(file)
 }
 
 /// Creates `dir` (mode 0700) owned by uid:gid; an existing directory is re-owned.

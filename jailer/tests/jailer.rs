@@ -322,6 +322,11 @@ fn bad_command_lines_are_refused_before_anything_is_created() {
         b,
     ];
     assert_refused(&dir, "not a regular file", &base.0);
+    assert_refused(
+        &with(&["--netns", "/etc/hostname"], "x"),
+        "not a namespace file",
+        &base.0,
+    );
     // A program named like a directory the jail needs.
     let named_dev = TempDir::new("named-dev");
     let dev = named_dev.0.join("dev");
