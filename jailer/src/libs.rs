@@ -182,6 +182,51 @@ mod tests {
         );
     }
 
+    /// An ELF64 LE header with `phnum` program headers of 56 bytes at offset 64.
+    fn elf_header(phnum: u16) -> Vec<u8> {
+        let mut h = vec![0u8; 64];
+        h[..4].copy_from_slice(b"\x7fELF");
+        h[4] = 2;
+        h[5] = 1;
+        h[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
+        h[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+        h[0x38..0x3a].copy_from_slice(&phnum.to_le_bytes());
+        h
+    }
+
+    #[test]
+    fn static_and_malformed_elf_files() {
+        let dir = std::env::temp_dir().join(format!("aivmm-jailer-elf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("static");
+        std::fs::write(&file, elf_header(0)).unwrap();
+        assert_eq!(interpreter(&file).unwrap(), None);
+        assert!(runtime_files(&file).unwrap().is_empty());
+        // Two program headers promised, none there.
+        std::fs::write(&file, elf_header(2)).unwrap();
+        assert!(matches!(interpreter(&file), Err(LibsError::BadHeaders(_))));
+        // A PT_INTERP whose path runs past the end of the file.
+        let mut elf = elf_header(1);
+        let mut ph = [0u8; 56];
+        ph[..4].copy_from_slice(&PT_INTERP.to_le_bytes());
+        ph[8..16].copy_from_slice(&120u64.to_le_bytes());
+        ph[32..40].copy_from_slice(&100u64.to_le_bytes());
+        elf.extend_from_slice(&ph);
+        std::fs::write(&file, &elf).unwrap();
+        assert!(matches!(interpreter(&file), Err(LibsError::BadHeaders(_))));
+        // The same with the path there.
+        elf.extend_from_slice(b"/lib64/ld-test.so\0");
+        elf.resize(220, 0);
+        std::fs::write(&file, &elf).unwrap();
+        assert_eq!(
+            interpreter(&file).unwrap(),
+            Some(PathBuf::from("/lib64/ld-test.so"))
+        );
+        std::fs::write(&file, b"#!/bin/sh\n").unwrap();
+        assert!(matches!(interpreter(&file), Err(LibsError::NotElf(_))));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn reads_the_interpreter_of_this_test() {
         let me = std::env::current_exe().unwrap();
