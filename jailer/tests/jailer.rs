@@ -800,3 +800,90 @@ fn aivmm_starts_inside_a_jail() {
     let root = base.0.join("aivmm/t3/root");
     assert!(root.join("aivmm").is_file());
 }
+
+#[test]
+fn controllers_are_enabled_from_the_root_down_to_the_parent_cgroup() {
+    assert_root();
+    let mount = cgroup2_mount();
+    let candidates = [
+        ("pids", "pids.max", "64"),
+        ("memory", "memory.max", "536870912"),
+        ("cpu", "cpu.max", "50000 100000"),
+        ("hugetlb", "hugetlb.2MB.max", "2097152"),
+    ];
+    let Some(&(controller, file, value)) = candidates.iter().find(|(c, _, _)| {
+        controller_available(c)
+            && (*c != "hugetlb" || Path::new("/sys/kernel/mm/hugepages/hugepages-2048kB").exists())
+    }) else {
+        println!(
+            "note: the cgroup2 hierarchy at {} offers none of pids, memory, cpu, hugetlb: \
+             nothing to enable",
+            mount.display()
+        );
+        return;
+    };
+    println!("enabling {controller} and writing {file}={value}");
+    let root_control = mount.join("cgroup.subtree_control");
+    let enabled_before = fs::read_to_string(&root_control)
+        .unwrap_or_default()
+        .split_whitespace()
+        .any(|c| c == controller);
+
+    let base = TempDir::new("controllers");
+    let mut cgroups = ParentCgroup::new("controllers");
+    // A nested parent: the controller must be enabled at every level.
+    let outer = cgroups.name.clone();
+    cgroups.name = format!("{outer}/inner");
+    let leaf = cgroups.leaf("t6");
+    let probe = probe();
+    let mut child = jailer()
+        .args([
+            "--id",
+            "t6",
+            "--exec-file",
+            probe.to_str().unwrap(),
+            "--uid",
+            "1234",
+        ])
+        .args([
+            "--gid",
+            "1234",
+            "--chroot-base-dir",
+            base.0.to_str().unwrap(),
+        ])
+        .args([
+            "--parent-cgroup",
+            &cgroups.name,
+            "--cgroup",
+            &format!("{file}={value}"),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the jailer");
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let report = ProbeReport::read(&mut stdout);
+    assert_eq!(report.get("uid"), UID.to_string());
+    let result = std::panic::catch_unwind(|| {
+        assert_eq!(fs::read_to_string(leaf.join(file)).unwrap().trim(), value);
+        for dir in [mount.clone(), mount.join(&outer), mount.join(&cgroups.name)] {
+            let control = fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap();
+            assert!(
+                control.split_whitespace().any(|c| c == controller),
+                "{controller} not enabled in {}: {control:?}",
+                dir.display()
+            );
+        }
+    });
+    drop(child.stdin.take());
+    assert!(child.wait().unwrap().success());
+    drop(cgroups);
+    let _ = fs::remove_dir(mount.join(&outer));
+    if !enabled_before {
+        let _ = fs::write(&root_control, format!("-{controller}"));
+    }
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
