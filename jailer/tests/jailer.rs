@@ -13,6 +13,10 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 const UID: u32 = 1234;
+
+/// Held by the tests that enable controllers in the cgroup2 root (one of them restores the
+/// root's `cgroup.subtree_control` afterwards).
+static CONTROLLERS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 const GID: u32 = 1234;
 
 fn jailer() -> Command {
@@ -457,6 +461,7 @@ fn assert_only_jail_contents(paths: &BTreeSet<String>, program: &str, extra_devi
 #[test]
 fn a_jailed_program_sees_only_its_jail_with_its_netns_cgroup_and_ids() {
     assert_root();
+    let _controllers = CONTROLLERS.lock().unwrap_or_else(|e| e.into_inner());
     let base = TempDir::new("e2e");
     let netns = Netns::new("e2e");
     let mut cgroups = ParentCgroup::new("e2e");
@@ -804,6 +809,7 @@ fn aivmm_starts_inside_a_jail() {
 #[test]
 fn controllers_are_enabled_from_the_root_down_to_the_parent_cgroup() {
     assert_root();
+    let _controllers = CONTROLLERS.lock().unwrap_or_else(|e| e.into_inner());
     let mount = cgroup2_mount();
     let candidates = [
         ("pids", "pids.max", "64"),
