@@ -233,51 +233,24 @@ fn bad_command_lines_are_refused_before_anything_is_created() {
         b,
     ];
     assert_refused(&missing, "/nonexistent/aivmm", &base.0);
-    assert_refused(
-        &with(&["--cgroup", "../pids.max=1"], "x"),
-        "may not contain '/' or '..'",
-        &base.0,
-    );
-    assert_refused(
-        &with(&["--cgroup", "x/pids.max=1"], "x"),
-        "may not contain '/' or '..'",
-        &base.0,
-    );
-    assert_refused(
-        &with(&["--cgroup", "pids.max"], "x"),
-        "is not FILE=VALUE",
-        &base.0,
-    );
-    assert_refused(
-        &with(&["--cgroup", "pids.max="], "x"),
-        "has no value",
-        &base.0,
-    );
-    assert_refused(
-        &with(&["--cgroup-version", "1"], "x"),
-        "only cgroup v2",
-        &base.0,
-    );
-    assert_refused(
-        &with(&["--cgroup-version", "3"], "x"),
-        "only 2 is supported",
-        &base.0,
-    );
-    assert_refused(
-        &with(&["--parent-cgroup", "../x"], "x"),
-        "parent cgroup",
-        &base.0,
-    );
-    assert_refused(
-        &with(&["--resource-limit", "nofile=3"], "x"),
-        "use fsize or no-file",
-        &base.0,
-    );
-    assert_refused(
-        &with(&["--resource-limit", "fsize=big"], "x"),
-        "not a number",
-        &base.0,
-    );
+    // Options that are each refused with this message.
+    let refused_options: [(&[&'static str], &str); 9] = [
+        (
+            &["--cgroup", "../pids.max=1"],
+            "may not contain '/' or '..'",
+        ),
+        (&["--cgroup", "x/pids.max=1"], "may not contain '/' or '..'"),
+        (&["--cgroup", "pids.max"], "is not FILE=VALUE"),
+        (&["--cgroup", "pids.max="], "has no value"),
+        (&["--cgroup-version", "1"], "only cgroup v2"),
+        (&["--cgroup-version", "3"], "only 2 is supported"),
+        (&["--parent-cgroup", "../x"], "parent cgroup"),
+        (&["--resource-limit", "nofile=3"], "use fsize or no-file"),
+        (&["--resource-limit", "fsize=big"], "not a number"),
+    ];
+    for (extra, expected) in refused_options {
+        assert_refused(&with(extra, "x"), expected, &base.0);
+    }
     let bad_uid = [
         "--id",
         "x",
