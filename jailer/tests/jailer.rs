@@ -152,6 +152,16 @@ fn controller_available(controller: &str) -> bool {
         .any(|c| c == controller)
 }
 
+/// The jailer with the probe as `--id ID`, uid and gid 1234, jails under `base`.
+fn probe_jailer(id: &str, probe: &Path, base: &Path) -> Command {
+    let mut c = jailer();
+    c.args(["--id", id, "--exec-file"])
+        .arg(probe)
+        .args(["--uid", "1234", "--gid", "1234", "--chroot-base-dir"])
+        .arg(base);
+    c
+}
+
 fn stderr_line(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr)
         .trim_end()
@@ -639,21 +649,7 @@ fn new_pid_ns_makes_the_program_pid_1_and_records_its_pid() {
     let mut cgroups = ParentCgroup::new("pidns");
     let _leaf = cgroups.leaf("t2");
     let probe = probe();
-    let mut child = jailer()
-        .args([
-            "--id",
-            "t2",
-            "--exec-file",
-            probe.to_str().unwrap(),
-            "--uid",
-            "1234",
-        ])
-        .args([
-            "--gid",
-            "1234",
-            "--chroot-base-dir",
-            base.0.to_str().unwrap(),
-        ])
+    let mut child = probe_jailer("t2", &probe, &base.0)
         .args(["--parent-cgroup", &cgroups.name, "--new-pid-ns"])
         .args([
             "--resource-limit",
@@ -706,21 +702,7 @@ fn daemonize_detaches_to_dev_null() {
     let mut cgroups = ParentCgroup::new("daemon");
     let _leaf = cgroups.leaf("t4");
     let probe = probe();
-    let output = jailer()
-        .args([
-            "--id",
-            "t4",
-            "--exec-file",
-            probe.to_str().unwrap(),
-            "--uid",
-            "1234",
-        ])
-        .args([
-            "--gid",
-            "1234",
-            "--chroot-base-dir",
-            base.0.to_str().unwrap(),
-        ])
+    let output = probe_jailer("t4", &probe, &base.0)
         .args(["--parent-cgroup", &cgroups.name, "--daemonize"])
         .output()
         .expect("run the jailer");
@@ -815,21 +797,7 @@ fn controllers_are_enabled_from_the_root_down_to_the_parent_cgroup() {
     cgroups.name = format!("{outer}/inner");
     let leaf = cgroups.leaf("t6");
     let probe = probe();
-    let mut child = jailer()
-        .args([
-            "--id",
-            "t6",
-            "--exec-file",
-            probe.to_str().unwrap(),
-            "--uid",
-            "1234",
-        ])
-        .args([
-            "--gid",
-            "1234",
-            "--chroot-base-dir",
-            base.0.to_str().unwrap(),
-        ])
+    let mut child = probe_jailer("t6", &probe, &base.0)
         .args([
             "--parent-cgroup",
             &cgroups.name,
