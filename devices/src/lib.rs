@@ -9,6 +9,7 @@ pub mod bus;
 pub mod legacy;
 pub mod pci;
 pub mod rate_limiter;
+pub mod thread_start;
 pub mod vfio;
 pub mod virtio;
 
