@@ -1,0 +1,283 @@
+//! Per-thread seccomp filters.
+//!
+//! The filters are data: `vmm/seccomp/x86_64.json` (seccompiler's JSON format, one named
+//! filter per thread type, every syscall with the reason it is needed), compiled when
+//! aivmm starts. Each thread installs its own filter when it starts, before it touches
+//! guest memory or anything the guest controls; a thread's children inherit its filter
+//! (filters stack, and the stricter wins), so threads are started by a thread whose
+//! filter is not yet installed, or that lets them do what they need:
+//!
+//! - the main thread sets up the VM unfiltered and installs `main` once the vCPUs run;
+//! - `vcpu` on each vCPU thread, before its first `KVM_RUN`;
+//! - `api` on the API server's thread, which then starts the HTTP server's threads and one
+//!   thread per request (they inherit it), and on the metrics thread;
+//! - `config_start` on the thread that starts the VM from `--config-file`;
+//! - `virtio_worker` and `vhost_user` on the device threads, started with their devices
+//!   during setup (`devices::thread_start`), never at activation on a vCPU thread.
+//!
+//! A syscall outside a thread's filter raises SIGSYS; the handler writes one line naming
+//! the thread and the syscall number and ends the process with
+//! [`crate::exit_code::SECCOMP_VIOLATION`]. `--no-seccomp` leaves the filters off.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::io;
+use std::sync::OnceLock;
+
+use devices::thread_start::{self, DeviceThread};
+use seccompiler::{BpfProgram, TargetArch};
+
+use crate::exit_code;
+
+/// The reviewed filters.
+pub const FILTERS_JSON: &str = include_str!("../seccomp/x86_64.json");
+
+/// The thread types, each with its own filter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ThreadKind {
+    /// The main thread once the VM runs: the event loop, runtime requests, teardown.
+    Main,
+    /// A vCPU thread.
+    Vcpu,
+    /// The API server, its HTTP and request threads, and the metrics thread.
+    Api,
+    /// The thread that starts the VM from `--config-file`.
+    ConfigStart,
+    /// An in-process virtio device's queue thread (virtio-blk, virtio-net, vsock).
+    VirtioWorker,
+    /// The vhost-user (ai_infer) device thread and its watchdog.
+    VhostUser,
+}
+
+impl ThreadKind {
+    /// Every thread type.
+    pub const ALL: [ThreadKind; 6] = [
+        ThreadKind::Main,
+        ThreadKind::Vcpu,
+        ThreadKind::Api,
+        ThreadKind::ConfigStart,
+        ThreadKind::VirtioWorker,
+        ThreadKind::VhostUser,
+    ];
+
+    /// The filter's name in the JSON.
+    pub fn filter_name(self) -> &'static str {
+        match self {
+            ThreadKind::Main => "main",
+            ThreadKind::Vcpu => "vcpu",
+            ThreadKind::Api => "api",
+            ThreadKind::ConfigStart => "config_start",
+            ThreadKind::VirtioWorker => "virtio_worker",
+            ThreadKind::VhostUser => "vhost_user",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    #[error("cannot compile the seccomp filters: {0}")]
+    Compile(String),
+    #[error("the seccomp filters have no filter named {0:?}")]
+    Missing(&'static str),
+    #[error("cannot install the SIGSYS handler: {0}")]
+    Handler(io::Error),
+    #[error("cannot install the {kind} seccomp filter: {source}")]
+    Install {
+        kind: &'static str,
+        source: seccompiler::Error,
+    },
+}
+
+/// The compiled filters, one per [`ThreadKind`].
+pub struct Filters {
+    programs: HashMap<ThreadKind, BpfProgram>,
+}
+
+impl Filters {
+    /// Compiles [`FILTERS_JSON`] for this host's architecture.
+    pub fn compile() -> Result<Self, SeccompError> {
+        let arch = TargetArch::try_from(std::env::consts::ARCH)
+            .map_err(|e| SeccompError::Compile(e.to_string()))?;
+        let mut map = seccompiler::compile_from_json(FILTERS_JSON.as_bytes(), arch)
+            .map_err(|e| SeccompError::Compile(e.to_string()))?;
+        let mut programs = HashMap::new();
+        for kind in ThreadKind::ALL {
+            let program = map
+                .remove(kind.filter_name())
+                .ok_or(SeccompError::Missing(kind.filter_name()))?;
+            programs.insert(kind, program);
+        }
+        Ok(Self { programs })
+    }
+
+    /// The BPF program of `kind`.
+    pub fn program(&self, kind: ThreadKind) -> &BpfProgram {
+        &self.programs[&kind]
+    }
+
+    /// Installs the filter of `kind` on the calling thread (for good).
+    pub fn install(&self, kind: ThreadKind) -> Result<(), SeccompError> {
+        remember_thread_name();
+        seccompiler::apply_filter(self.program(kind)).map_err(|source| SeccompError::Install {
+            kind: kind.filter_name(),
+            source,
+        })
+    }
+}
+
+static FILTERS: OnceLock<Filters> = OnceLock::new();
+
+/// Turns the filters on for this process: compiles them, installs the SIGSYS handler and
+/// the device threads' start hook. Threads then install theirs with [`apply`].
+pub fn enable() -> Result<(), SeccompError> {
+    let filters = Filters::compile()?;
+    install_sigsys_handler().map_err(SeccompError::Handler)?;
+    let _ = FILTERS.set(filters);
+    thread_start::set_start_hook(device_thread_start);
+    Ok(())
+}
+
+/// Whether [`enable`] has run.
+pub fn enabled() -> bool {
+    FILTERS.get().is_some()
+}
+
+/// Installs the filter of `kind` on the calling thread when the filters are enabled;
+/// does nothing otherwise.
+pub fn apply(kind: ThreadKind) -> Result<(), SeccompError> {
+    let Some(filters) = FILTERS.get() else {
+        return Ok(());
+    };
+    filters.install(kind)?;
+    log::info!(
+        "seccomp: {} filter installed on thread {}",
+        kind.filter_name(),
+        std::thread::current().name().unwrap_or("(unnamed)")
+    );
+    Ok(())
+}
+
+fn device_thread_start(kind: DeviceThread) -> io::Result<()> {
+    let kind = match kind {
+        DeviceThread::VirtioWorker => ThreadKind::VirtioWorker,
+        DeviceThread::VhostUser => ThreadKind::VhostUser,
+    };
+    apply(kind).map_err(io::Error::other)
+}
+
+/// The longest thread name the violation line shows.
+const NAME_MAX: usize = 32;
+
+thread_local! {
+    /// The thread's name (or id), kept where the SIGSYS handler can read it without a
+    /// syscall or an allocation.
+    static THREAD_NAME: Cell<([u8; NAME_MAX], usize)> = const { Cell::new(([0; NAME_MAX], 0)) };
+}
+
+fn remember_thread_name() {
+    let mut buf = [0u8; NAME_MAX];
+    let name = match std::thread::current().name() {
+        Some(n) => n.to_string(),
+        None => format!("tid {}", gettid()),
+    };
+    let len = name.len().min(NAME_MAX);
+    buf[..len].copy_from_slice(&name.as_bytes()[..len]);
+    THREAD_NAME.with(|n| n.set((buf, len)));
+}
+
+fn gettid() -> i64 {
+    // SAFETY: gettid has no arguments and cannot fail.
+    unsafe { libc::syscall(libc::SYS_gettid) }
+}
+
+/// The start of the kernel's `siginfo_t` for SIGSYS (`_sigsys` in the union): the
+/// libc crate does not expose `si_syscall`.
+#[repr(C)]
+struct SigsysInfo {
+    signo: libc::c_int,
+    errno: libc::c_int,
+    code: libc::c_int,
+    call_addr: *mut libc::c_void,
+    syscall: libc::c_int,
+    arch: libc::c_uint,
+}
+
+/// Writes `aivmm: seccomp: thread <name> made syscall <nr>, outside its filter; exiting`
+/// and ends the process. Only write(2) and _exit(2), which every filter allows.
+extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo_t for an SA_SIGINFO handler, and for
+    // SIGSYS its union holds `_sigsys`, laid out as `SigsysInfo`.
+    let nr = unsafe { (*info.cast::<SigsysInfo>()).syscall };
+    let mut line = [0u8; 160];
+    let mut len = 0;
+    let mut put = |bytes: &[u8]| {
+        let n = bytes.len().min(line.len() - len);
+        line[len..len + n].copy_from_slice(&bytes[..n]);
+        len += n;
+    };
+    put(b"aivmm: seccomp: thread ");
+    let (name, name_len) = THREAD_NAME.with(Cell::get);
+    if name_len == 0 {
+        put(b"(unnamed)");
+    } else {
+        put(&name[..name_len]);
+    }
+    put(b" made syscall ");
+    let mut digits = [0u8; 12];
+    put(decimal(i64::from(nr), &mut digits));
+    put(b", outside its filter; exiting\n");
+    // SAFETY: write(2) from a buffer we own, of its filled length; async-signal-safe.
+    unsafe { libc::write(libc::STDERR_FILENO, line.as_ptr().cast(), len) };
+    // SAFETY: _exit(2) is async-signal-safe and does not return.
+    unsafe { libc::_exit(i32::from(exit_code::SECCOMP_VIOLATION)) };
+}
+
+/// `n` in decimal, in `buf`, without allocating.
+fn decimal(n: i64, buf: &mut [u8; 12]) -> &[u8] {
+    let negative = n < 0;
+    let mut v = n.unsigned_abs();
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + u8::try_from(v % 10).unwrap_or(0);
+        v /= 10;
+        if v == 0 || i == 1 {
+            break;
+        }
+    }
+    if negative {
+        i -= 1;
+        buf[i] = b'-';
+    }
+    &buf[i..]
+}
+
+fn install_sigsys_handler() -> io::Result<()> {
+    // SAFETY: a zeroed sigaction is a valid value to fill in.
+    let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+    let handler: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) = on_sigsys;
+    action.sa_sigaction = handler as usize;
+    action.sa_flags = libc::SA_SIGINFO;
+    // SAFETY: sigemptyset on the mask of the struct we own.
+    unsafe { libc::sigemptyset(&mut action.sa_mask) };
+    // SAFETY: a valid sigaction for SIGSYS, whose handler only calls async-signal-safe
+    // functions; the old action is not wanted.
+    if unsafe { libc::sigaction(libc::SIGSYS, &action, std::ptr::null_mut()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimal_writes_numbers() {
+        let mut b = [0u8; 12];
+        assert_eq!(decimal(0, &mut b), b"0");
+        assert_eq!(decimal(41, &mut b), b"41");
+        assert_eq!(decimal(-7, &mut b), b"-7");
+        assert_eq!(decimal(2147483647, &mut b), b"2147483647");
+    }
+}
