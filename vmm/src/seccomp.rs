@@ -271,6 +271,189 @@ fn install_sigsys_handler() -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use seccompiler::sock_filter;
+
+    const KVM_RUN: u64 = 0xae80;
+    const KVM_CREATE_VM: u64 = 0xae01;
+    const KVM_SET_GSI_ROUTING: u64 = 0x4008_ae6a;
+    const KVM_IRQFD: u64 = 0x4020_ae76;
+    const KVM_IOEVENTFD: u64 = 0x4040_ae79;
+    const VFIO_IOMMU_UNMAP_DMA: u64 = 0x3b72;
+    const TCSETS: u64 = 0x5402;
+    const TIOCSTI: u64 = 0x5412;
+
+    /// What `program` answers for syscall `nr` with `args` on x86_64: runs the classic
+    /// BPF the kernel would, over a `seccomp_data` built here.
+    fn verdict(program: &[sock_filter], nr: i64, args: [u64; 6]) -> u32 {
+        let mut data = [0u8; 64];
+        data[0..4].copy_from_slice(&u32::try_from(nr).unwrap().to_le_bytes());
+        // AUDIT_ARCH_X86_64
+        data[4..8].copy_from_slice(&0xc000_003e_u32.to_le_bytes());
+        for (i, a) in args.iter().enumerate() {
+            data[16 + 8 * i..24 + 8 * i].copy_from_slice(&a.to_le_bytes());
+        }
+        let (mut acc, mut pc) = (0u32, 0usize);
+        loop {
+            let ins = &program[pc];
+            pc += 1;
+            match ins.code {
+                // BPF_LD | BPF_W | BPF_ABS
+                0x20 => {
+                    let k = usize::try_from(ins.k).unwrap();
+                    acc = u32::from_le_bytes(data[k..k + 4].try_into().unwrap());
+                }
+                // BPF_ALU | BPF_AND | BPF_K
+                0x54 => acc &= ins.k,
+                // BPF_JMP | BPF_JA
+                0x05 => pc += usize::try_from(ins.k).unwrap(),
+                // BPF_JMP | BPF_JEQ / BPF_JGT / BPF_JGE | BPF_K
+                0x15 | 0x25 | 0x35 => {
+                    let taken = match ins.code {
+                        0x15 => acc == ins.k,
+                        0x25 => acc > ins.k,
+                        _ => acc >= ins.k,
+                    };
+                    pc += usize::from(if taken { ins.jt } else { ins.jf });
+                }
+                // BPF_RET | BPF_K
+                0x06 => return ins.k,
+                other => panic!("instruction {other:#x} not understood by this test"),
+            }
+        }
+    }
+
+    const ALLOW: u32 = libc::SECCOMP_RET_ALLOW;
+    const TRAP: u32 = libc::SECCOMP_RET_TRAP;
+
+    fn check(filters: &Filters, kind: ThreadKind, nr: i64, args: [u64; 6]) -> u32 {
+        verdict(filters.program(kind), nr, args) & libc::SECCOMP_RET_ACTION_FULL
+    }
+
+    fn ioctl(req: u64) -> [u64; 6] {
+        [3, req, 0, 0, 0, 0]
+    }
+
+    #[test]
+    fn every_filter_compiles_and_traps_what_it_does_not_list() {
+        let filters = Filters::compile().unwrap();
+        for kind in ThreadKind::ALL {
+            assert!(!filters.program(kind).is_empty(), "{kind:?}");
+            // Nothing aivmm does after setup: module loading, ptrace, a new program.
+            for nr in [libc::SYS_init_module, libc::SYS_ptrace, libc::SYS_execve] {
+                assert_eq!(check(&filters, kind, nr, [0; 6]), TRAP, "{kind:?} {nr}");
+            }
+            // What the SIGSYS handler itself needs, and any thread's exit.
+            for nr in [libc::SYS_write, libc::SYS_exit_group, libc::SYS_futex] {
+                assert_eq!(check(&filters, kind, nr, [0; 6]), ALLOW, "{kind:?} {nr}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_vcpu_filter_allows_its_kvm_ioctls_and_nothing_like_a_socket() {
+        let f = Filters::compile().unwrap();
+        let vcpu = ThreadKind::Vcpu;
+        for req in [KVM_RUN, KVM_SET_GSI_ROUTING, KVM_IRQFD, KVM_IOEVENTFD] {
+            assert_eq!(
+                check(&f, vcpu, libc::SYS_ioctl, ioctl(req)),
+                ALLOW,
+                "{req:#x}"
+            );
+        }
+        for req in [KVM_CREATE_VM, VFIO_IOMMU_UNMAP_DMA, TIOCSTI] {
+            assert_eq!(
+                check(&f, vcpu, libc::SYS_ioctl, ioctl(req)),
+                TRAP,
+                "{req:#x}"
+            );
+        }
+        for nr in [
+            libc::SYS_socket,
+            libc::SYS_connect,
+            libc::SYS_openat,
+            libc::SYS_clone,
+            libc::SYS_clone3,
+        ] {
+            assert_eq!(check(&f, vcpu, nr, [1, 1, 0, 0, 0, 0]), TRAP, "{nr}");
+        }
+        // No executable mappings.
+        let rw = u64::try_from(libc::PROT_READ | libc::PROT_WRITE).unwrap();
+        let rwx = rw | u64::try_from(libc::PROT_EXEC).unwrap();
+        assert_eq!(
+            check(&f, vcpu, libc::SYS_mmap, [0, 4096, rw, 0, 0, 0]),
+            ALLOW
+        );
+        assert_eq!(
+            check(&f, vcpu, libc::SYS_mmap, [0, 4096, rwx, 0, 0, 0]),
+            TRAP
+        );
+        assert_eq!(
+            check(&f, vcpu, libc::SYS_mprotect, [0, 4096, rwx, 0, 0, 0]),
+            TRAP
+        );
+    }
+
+    #[test]
+    fn device_and_control_filters_allow_what_their_threads_do() {
+        let f = Filters::compile().unwrap();
+        let allowed = |kind, nr, args| check(&f, kind, nr, args) == ALLOW;
+        let unix = [libc::AF_UNIX as u64, 1, 0, 0, 0, 0];
+        let inet = [libc::AF_INET as u64, 1, 0, 0, 0, 0];
+        // virtio-blk, virtio-net and vsock serve their queues; vsock connects to unix
+        // sockets only.
+        let worker = ThreadKind::VirtioWorker;
+        for nr in [
+            libc::SYS_epoll_wait,
+            libc::SYS_preadv,
+            libc::SYS_pwritev,
+            libc::SYS_fdatasync,
+            libc::SYS_readv,
+            libc::SYS_writev,
+            libc::SYS_accept4,
+        ] {
+            assert!(allowed(worker, nr, [0; 6]), "{nr}");
+        }
+        assert!(allowed(worker, libc::SYS_socket, unix));
+        assert!(!allowed(worker, libc::SYS_socket, inet));
+        assert!(!allowed(worker, libc::SYS_ioctl, ioctl(KVM_RUN)));
+        assert!(!allowed(worker, libc::SYS_openat, [0; 6]));
+        // The vhost-user thread talks to ai-inferd and starts its watchdog.
+        let vu = ThreadKind::VhostUser;
+        for nr in [libc::SYS_sendmsg, libc::SYS_recvmsg, libc::SYS_clone3] {
+            assert!(allowed(vu, nr, [0; 6]), "{nr}");
+        }
+        assert!(allowed(vu, libc::SYS_socket, unix));
+        assert!(!allowed(vu, libc::SYS_socket, inet));
+        // The API serves its socket and starts request threads.
+        let api = ThreadKind::Api;
+        for nr in [libc::SYS_accept4, libc::SYS_clone3, libc::SYS_recvfrom] {
+            assert!(allowed(api, nr, [0; 6]), "{nr}");
+        }
+        assert!(!allowed(api, libc::SYS_ioctl, ioctl(KVM_RUN)));
+        // The main thread: the event loop, vCPU kicks, KVM and VFIO teardown.
+        let main = ThreadKind::Main;
+        for nr in [libc::SYS_epoll_wait, libc::SYS_tgkill] {
+            assert!(allowed(main, nr, [0; 6]), "{nr}");
+        }
+        for req in [KVM_IRQFD, VFIO_IOMMU_UNMAP_DMA, TCSETS] {
+            assert!(allowed(main, libc::SYS_ioctl, ioctl(req)), "{req:#x}");
+        }
+        assert!(!allowed(main, libc::SYS_ioctl, ioctl(TIOCSTI)));
+        assert!(!allowed(main, libc::SYS_socket, inet));
+    }
+
+    #[test]
+    fn every_rule_says_why() {
+        let json: serde_json::Value = serde_json::from_str(FILTERS_JSON).unwrap();
+        for kind in ThreadKind::ALL {
+            let rules = json[kind.filter_name()]["filter"].as_array().unwrap();
+            assert!(!rules.is_empty(), "{kind:?}");
+            for rule in rules {
+                let comment = rule["comment"].as_str().unwrap_or_default();
+                assert!(!comment.is_empty(), "{kind:?}: {rule} has no comment");
+            }
+        }
+    }
 
     #[test]
     fn decimal_writes_numbers() {
