@@ -132,6 +132,7 @@ static FILTERS: OnceLock<Filters> = OnceLock::new();
 pub fn enable() -> Result<(), SeccompError> {
     let filters = Filters::compile()?;
     install_sigsys_handler().map_err(SeccompError::Handler)?;
+    warm_up_allocator();
     let _ = FILTERS.set(filters);
     thread_start::set_start_hook(device_thread_start);
     Ok(())
@@ -155,6 +156,26 @@ pub fn apply(kind: ThreadKind) -> Result<(), SeccompError> {
         std::thread::current().name().unwrap_or("(unnamed)")
     );
     Ok(())
+}
+
+/// glibc's allocator reads `/proc/sys/vm/overcommit_memory` the first time it shrinks
+/// the heap of a thread's arena, and keeps the answer. Left alone, that first time can be
+/// a filtered thread freeing its memory at exit (seen on virtio worker threads), which no
+/// filter should have to allow `openat` for: a short thread shrinks its arena's heap here,
+/// before any filter is installed.
+fn warm_up_allocator() {
+    let warm_up = std::thread::Builder::new()
+        .name("seccomp-warm-up".into())
+        .spawn(|| {
+            let blocks: Vec<Vec<u8>> = (0..64)
+                .map(|_| std::hint::black_box(vec![1u8; 64 << 10]))
+                .collect();
+            drop(std::hint::black_box(blocks));
+        });
+    match warm_up.map(std::thread::JoinHandle::join) {
+        Ok(Ok(())) => {}
+        _ => log::warn!("seccomp: the allocator warm-up thread failed"),
+    }
 }
 
 fn device_thread_start(kind: DeviceThread) -> io::Result<()> {
