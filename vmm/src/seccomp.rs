@@ -158,12 +158,22 @@ pub fn apply(kind: ThreadKind) -> Result<(), SeccompError> {
     Ok(())
 }
 
-/// glibc's allocator reads `/proc/sys/vm/overcommit_memory` the first time it shrinks
-/// the heap of a thread's arena, and keeps the answer. Left alone, that first time can be
-/// a filtered thread freeing its memory at exit (seen on virtio worker threads), which no
-/// filter should have to allow `openat` for: a short thread shrinks its arena's heap here,
-/// before any filter is installed.
+/// glibc's allocator reads two files lazily, each once per process: the number of CPUs
+/// (`/sys/devices/system/cpu/online`) when a thread needs a new arena beyond the eighth,
+/// and `/proc/sys/vm/overcommit_memory` the first time it shrinks a thread arena's heap.
+/// Left alone, either can first happen on a filtered thread (an API request thread's
+/// first allocation; a virtio worker freeing its memory at exit, seen in the rig), and no
+/// filter should allow `openat` for it. So the arena limit is set here to glibc's own
+/// default (8 per CPU), which it then never computes, and a short thread shrinks its
+/// arena's heap before any filter is installed.
 fn warm_up_allocator() {
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let arenas = libc::c_int::try_from(cpus.saturating_mul(8)).unwrap_or(libc::c_int::MAX);
+    // SAFETY: mallopt only sets an allocator parameter; M_ARENA_MAX takes any positive
+    // count.
+    if unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) } != 1 {
+        log::warn!("seccomp: cannot set the allocator's arena limit");
+    }
     let warm_up = std::thread::Builder::new()
         .name("seccomp-warm-up".into())
         .spawn(|| {
