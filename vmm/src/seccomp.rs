@@ -460,6 +460,19 @@ mod tests {
         for nr in [libc::SYS_accept4, libc::SYS_clone3, libc::SYS_recvfrom] {
             assert!(allowed(api, nr, [0; 6]), "{nr}");
         }
+        // clone(2) makes threads only: without CLONE_THREAD it would be a fork.
+        let thread_flags = u64::try_from(
+            libc::CLONE_VM
+                | libc::CLONE_FS
+                | libc::CLONE_FILES
+                | libc::CLONE_SIGHAND
+                | libc::CLONE_THREAD
+                | libc::CLONE_SYSVSEM,
+        )
+        .unwrap();
+        assert!(allowed(api, libc::SYS_clone, [thread_flags, 0, 0, 0, 0, 0]));
+        let sigchld = u64::try_from(libc::SIGCHLD).unwrap();
+        assert!(!allowed(api, libc::SYS_clone, [sigchld, 0, 0, 0, 0, 0]));
         assert!(!allowed(api, libc::SYS_ioctl, ioctl(KVM_RUN)));
         // The main thread: the event loop, vCPU kicks, KVM and VFIO teardown.
         let main = ThreadKind::Main;
