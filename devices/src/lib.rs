@@ -10,6 +10,7 @@ pub mod legacy;
 pub mod pci;
 pub mod rate_limiter;
 pub mod thread;
+pub mod thread_start;
 pub mod vfio;
 pub mod virtio;
 

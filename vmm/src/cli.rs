@@ -62,6 +62,9 @@ pub struct Cli {
     /// created at UDS_PATH (replaces the config's `[vsock]`).
     #[arg(long, value_name = "CID:UDS_PATH", value_parser = parse_vsock)]
     pub vsock: Option<VsockConfig>,
+    /// Run without the per-thread seccomp filters (for debugging; docs/security.md).
+    #[arg(long)]
+    pub no_seccomp: bool,
     /// Log level: error, warn, info, debug.
     #[arg(long, default_value = "warn", value_parser = parse_level)]
     pub log_level: log::LevelFilter,

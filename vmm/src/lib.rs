@@ -15,6 +15,7 @@ pub mod logger;
 pub mod memory;
 pub mod passthrough;
 pub mod placement;
+pub mod seccomp;
 pub mod vcpu;
 pub mod vm;
 
@@ -29,4 +30,7 @@ pub mod exit_code {
     pub const RUNTIME_ERROR: u8 = 1;
     /// Bad input: the config, a path, a resource the host cannot provide.
     pub const BAD_INPUT: u8 = 2;
+    /// A thread made a system call outside its seccomp filter (the SIGSYS handler ends
+    /// the process with this code).
+    pub const SECCOMP_VIOLATION: u8 = 3;
 }

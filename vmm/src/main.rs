@@ -45,6 +45,11 @@ fn main() -> ExitCode {
         }
     };
     vmm::logger::init(cli.log_level);
+    if cli.no_seccomp {
+        log::warn!("seccomp filters are off (--no-seccomp)");
+    } else if let Err(e) = vmm::seccomp::enable() {
+        return fail(exit_code::RUNTIME_ERROR, e);
+    }
     if cli.api_sock.is_some() || cli.config_file.is_some() {
         return run_with_api(&cli, start);
     }
@@ -234,6 +239,10 @@ fn run_with_api(cli: &Cli, start: Instant) -> ExitCode {
         let ctl = controller.clone();
         let socket_path = cli.api_sock.clone();
         let starter = devices::thread::named("config-start").spawn(move || {
+            if let Err(e) = vmm::seccomp::apply(vmm::seccomp::ThreadKind::ConfigStart) {
+                eprintln!("aivmm: error: {e}");
+                std::process::exit(i32::from(exit_code::RUNTIME_ERROR));
+            }
             let r = ctl
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())

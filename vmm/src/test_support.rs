@@ -31,6 +31,8 @@ impl FakeSys {
         }
         std::fs::create_dir_all(root.join("devices/system/cpu")).unwrap();
         std::fs::write(root.join("devices/system/cpu/online"), "0-1\n").unwrap();
+        // A host with sysfs and no interface yet (without the directory, taps are unknown).
+        std::fs::create_dir_all(root.join("class/net")).unwrap();
         std::fs::write(root.join("vmlinuz"), b"kernel").unwrap();
         FakeSys { root }
     }

@@ -299,6 +299,12 @@ fn run(mut fd: VcpuFd, ctx: VcpuContext) {
             log::warn!("cannot pin vCPU {} to CPUs {cpus}: {e}", ctx.id);
         }
     }
+    // Before the first KVM_RUN: from here on the guest drives this thread.
+    if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::Vcpu) {
+        ctx.stop
+            .request(StopReason::VcpuError(format!("vCPU {}: {e}", ctx.id)));
+        return;
+    }
     while !ctx.stop.is_requested() {
         if ctx.pause.is_requested() {
             ctx.pause.park(&ctx.stop);

@@ -286,6 +286,11 @@ pub fn run_controlled(
         handles.len(),
         start.elapsed().as_millis()
     );
+    // Every thread this one starts is running: from here on it serves the event loop,
+    // runtime requests and teardown under its own filter.
+    if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::Main) {
+        stop.request(StopReason::VcpuError(e.to_string()));
+    }
 
     if let Some(f) = on_started {
         f();

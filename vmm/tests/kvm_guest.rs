@@ -82,7 +82,12 @@ fn outs(seq: &[(u16, u8)]) -> Vec<u8> {
 
 const HLT_LOOP: [u8; 3] = [0xf4, 0xeb, 0xfd]; // hlt; jmp back to hlt
 
+/// Runs the VM with the seccomp filters on, as the binary does: the vCPU and device
+/// threads get theirs, and the test's thread the main thread's once the vCPUs run (each
+/// test runs on a thread of its own, which ends with the test).
 fn run(code: &[u8], cfg: &ValidatedConfig, kvm: &Kvm) -> StopReason {
+    static FILTERS: std::sync::Once = std::sync::Once::new();
+    FILTERS.call_once(|| vmm::seccomp::enable().expect("seccomp filters"));
     let host = SysfsHost::default();
     run_image(
         cfg,

@@ -29,7 +29,7 @@ pub use interrupt::VirtioInterrupt;
 pub use pci::{VirtioPciDevice, VirtioPciError, VIRTIO_PCI_BAR_SIZE};
 pub use vhost_user::{VhostUserDevice, VhostUserDeviceConfig};
 pub use virtio_queue::{Queue, QueueT};
-pub use worker::{VirtioWorker, WorkerLoop};
+pub use worker::{VirtioWorker, WorkerLoop, WorkerThread};
 
 /// Device status bits (virtio 1.2 §2.1).
 pub use pci_layout::status;

@@ -6,10 +6,15 @@
 //! eventfd. vCPU threads never run device I/O: a guest notification is an ioeventfd that
 //! wakes this thread. [`VirtioWorker::stop`] ends the thread and gives the state back,
 //! so reset can return the queues to the transport.
+//!
+//! The thread itself is a [`WorkerThread`], started with the device and idle between
+//! activations: activation runs on a vCPU thread, and a thread started there would
+//! inherit the vCPU's seccomp filter (see [`crate::thread_start`]).
 
 use std::io;
 use std::os::unix::io::AsRawFd;
-use std::thread::JoinHandle;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::mpsc::{self, Receiver, Sender};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -67,40 +72,93 @@ pub fn epoll_delete(epoll: &Epoll, fd: &impl AsRawFd) -> io::Result<()> {
     )
 }
 
-/// A running worker thread owning a device's state `T`.
+/// Work for a [`WorkerThread`]: one activation's serving loop.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A device's worker thread, started when the device is created. It runs the device's
+/// start hook (its seccomp filter) first, then serves one activation at a time.
+pub struct WorkerThread {
+    jobs: Sender<Job>,
+}
+
+impl WorkerThread {
+    /// Starts thread `name` and waits until its start hook has run; an error of the hook
+    /// is returned and the thread has ended.
+    pub fn spawn(name: &str) -> io::Result<Self> {
+        let (jobs, receiver) = mpsc::channel::<Job>();
+        let (ready, started) = mpsc::channel();
+        let thread = crate::thread::named(name).spawn(move || {
+            let hook = crate::thread_start::run_start_hook(
+                crate::thread_start::DeviceThread::VirtioWorker,
+            );
+            let ok = hook.is_ok();
+            let _ = ready.send(hook);
+            if !ok {
+                return;
+            }
+            while let Ok(job) = receiver.recv() {
+                // A panic ends that activation only (its state is lost, which
+                // `VirtioWorker::stop` reports); the thread serves the next one.
+                let _ = catch_unwind(AssertUnwindSafe(job));
+            }
+        })?;
+        match started.recv() {
+            Ok(Ok(())) => Ok(Self { jobs }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e)
+            }
+            Err(_) => Err(io::Error::other(format!(
+                "the worker thread {name} ended while starting"
+            ))),
+        }
+    }
+
+    fn run(&self, job: Job) -> io::Result<()> {
+        self.jobs
+            .send(job)
+            .map_err(|_| io::Error::other("the device's worker thread is gone"))
+    }
+}
+
+/// A running activation of a device on its [`WorkerThread`], owning the device's state
+/// `T` until [`VirtioWorker::stop`].
 pub struct VirtioWorker<T: WorkerLoop> {
     stop: EventFd,
-    thread: Option<JoinHandle<T>>,
+    done: Option<Receiver<T>>,
 }
 
 impl<T: WorkerLoop> VirtioWorker<T> {
-    /// Starts thread `name` serving `state`; `kicks[i]` is queue `i`'s notification.
-    pub fn spawn(name: &str, kicks: Vec<EventFd>, state: T) -> io::Result<Self> {
+    /// Serves `state` on `thread`; `kicks[i]` is queue `i`'s notification.
+    pub fn spawn(thread: &WorkerThread, kicks: Vec<EventFd>, state: T) -> io::Result<Self> {
         let stop = EventFd::new(libc::EFD_NONBLOCK)?;
         let epoll = Epoll::new()?;
         for (index, kick) in kicks.iter().enumerate() {
             epoll_add(&epoll, kick, EventSet::IN, index as u64)?;
         }
         epoll_add(&epoll, &stop, EventSet::IN, STOP_TOKEN)?;
-        let thread = crate::thread::named(name).spawn(move || run(epoll, kicks, state))?;
+        let (finished, done) = mpsc::sync_channel(1);
+        thread.run(Box::new(move || {
+            let _ = finished.send(run(epoll, kicks, state));
+        }))?;
         Ok(Self {
             stop,
-            thread: Some(thread),
+            done: Some(done),
         })
     }
 
-    /// Ends the thread and returns the state it served. `None` if the thread panicked
+    /// Ends the activation and returns the state it served. `None` if its loop panicked
     /// (the panic is logged; the device must then be treated as lost).
     pub fn stop(mut self) -> Option<T> {
         self.stop_thread()
     }
 
     fn stop_thread(&mut self) -> Option<T> {
-        let thread = self.thread.take()?;
+        let done = self.done.take()?;
         if let Err(e) = self.stop.write(1) {
             log::error!("cannot stop a virtio worker: {e}");
         }
-        match thread.join() {
+        match done.recv() {
             Ok(state) => Some(state),
             Err(_) => {
                 log::error!("a virtio worker thread panicked");
@@ -173,8 +231,9 @@ mod tests {
             .collect();
         let k1 = kicks[1].try_clone().unwrap();
         let (tx, rx) = mpsc::channel();
+        let thread = WorkerThread::spawn("test-worker").unwrap();
         let worker = VirtioWorker::spawn(
-            "test-worker",
+            &thread,
             kicks,
             Counter {
                 kicks: Vec::new(),

@@ -18,6 +18,7 @@ use std::thread::JoinHandle;
 
 use super::metrics::FLUSH_INTERVAL;
 use super::{routes, Controller, Response};
+use crate::seccomp::{self, ThreadKind};
 
 /// Largest request body accepted (Firecracker's limit).
 pub const MAX_BODY: usize = 51_200;
@@ -78,20 +79,53 @@ pub struct ApiServer {
 impl ApiServer {
     /// Serves `listener` for `controller` on a thread of its own, and writes the metrics
     /// file every [`FLUSH_INTERVAL`] once one is configured.
+    ///
+    /// The server thread installs the `api` seccomp filter first and only then starts the
+    /// HTTP server, whose threads (and the request threads) inherit it.
     pub fn spawn(listener: UnixListener, controller: Arc<Mutex<Controller>>) -> io::Result<Self> {
-        let server = tiny_http::Server::from_listener(listener, None)
-            .map_err(|e| io::Error::other(e.to_string()))?;
-        let server = Arc::new(server);
         let in_flight = Arc::new(AtomicUsize::new(0));
-        let (srv, ctl) = (server.clone(), controller.clone());
-        let accept = devices::thread::named("api-server")
-            .spawn(move || accept_loop(&srv, &ctl, &in_flight))?;
-        devices::thread::named("api-metrics").spawn(move || loop {
-            std::thread::sleep(FLUSH_INTERVAL);
-            let mut c = lock(&controller);
-            if c.metrics_configured() {
-                if let Err(e) = c.flush_metrics() {
-                    log::warn!("{e}");
+        let ctl = controller.clone();
+        let (ready, started) = std::sync::mpsc::channel();
+        let accept = devices::thread::named("api-server").spawn(move || {
+            let server = seccomp::apply(ThreadKind::Api)
+                .map_err(io::Error::other)
+                .and_then(|()| {
+                    tiny_http::Server::from_listener(listener, None)
+                        .map(Arc::new)
+                        .map_err(|e| io::Error::other(e.to_string()))
+                });
+            let server = match server {
+                Ok(s) => {
+                    let _ = ready.send(Ok(s.clone()));
+                    s
+                }
+                Err(e) => {
+                    let _ = ready.send(Err(e));
+                    return;
+                }
+            };
+            accept_loop(&server, &ctl, &in_flight)
+        })?;
+        let server = match started.recv() {
+            Ok(Ok(server)) => server,
+            Ok(Err(e)) => {
+                let _ = accept.join();
+                return Err(e);
+            }
+            Err(_) => return Err(io::Error::other("the API server thread ended at start")),
+        };
+        devices::thread::named("api-metrics").spawn(move || {
+            if let Err(e) = seccomp::apply(ThreadKind::Api) {
+                log::error!("{e}; metrics are not written");
+                return;
+            }
+            loop {
+                std::thread::sleep(FLUSH_INTERVAL);
+                let mut c = lock(&controller);
+                if c.metrics_configured() {
+                    if let Err(e) = c.flush_metrics() {
+                        log::warn!("{e}");
+                    }
                 }
             }
         })?;

@@ -29,7 +29,7 @@ use crate::rate_limiter::{RateLimiter, RateLimiterConfig, TokenBucketConfig, Tok
 use crate::virtio::worker::{epoll_add, DEVICE_TOKEN_BASE};
 use crate::virtio::{
     read_config_bytes, ActivateParams, DeviceUpdate, VirtioDevice, VirtioInterrupt, VirtioWorker,
-    WorkerLoop, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    WorkerLoop, WorkerThread, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 
 /// Largest ring the device accepts.
@@ -80,6 +80,8 @@ pub struct Block {
     features: u64,
     metrics: Arc<BlockMetrics>,
     worker: Option<VirtioWorker<BlockWorker>>,
+    /// The thread `worker` runs on, started with the device.
+    thread: WorkerThread,
     interrupt: Option<Arc<VirtioInterrupt>>,
 }
 
@@ -112,6 +114,11 @@ impl Block {
         })?;
 
         let disk = DiskImage::open(&cfg.path, cfg.read_only)?;
+        let name = format!("virtio-blk-{}", cfg.id).replace('\0', "");
+        let thread = WorkerThread::spawn(&name).map_err(|source| BlockError::Thread {
+            id: cfg.id.clone(),
+            source,
+        })?;
         let mut features = VIRTIO_F_VERSION_1
             | VIRTIO_RING_F_EVENT_IDX
             | 1 << VIRTIO_BLK_F_FLUSH
@@ -132,6 +139,7 @@ impl Block {
             features,
             metrics: Arc::default(),
             worker: None,
+            thread,
             interrupt: None,
         })
     }
@@ -295,8 +303,7 @@ impl VirtioDevice for Block {
             self_kick: Some(self_kick),
             metrics: self.metrics.clone(),
         };
-        let name = format!("virtio-blk-{}", self.id).replace('\0', "");
-        let worker = VirtioWorker::spawn(&name, kicks, worker).inspect_err(|e| {
+        let worker = VirtioWorker::spawn(&self.thread, kicks, worker).inspect_err(|e| {
             log::error!("virtio-blk {}: cannot start its worker: {e}", self.id);
         })?;
         self.worker = Some(worker);

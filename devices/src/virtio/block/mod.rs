@@ -78,6 +78,15 @@ pub enum BlockError {
         #[source]
         source: io::Error,
     },
+    /// The drive's worker thread cannot be started.
+    #[error("Cannot start the worker thread of drive {id}: {source}")]
+    Thread {
+        /// The drive.
+        id: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// A drive as configured.

@@ -35,7 +35,9 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError};
-use crate::virtio::{read_config_bytes, ActivateParams, DeviceUpdate, VirtioDevice, VirtioWorker};
+use crate::virtio::{
+    read_config_bytes, ActivateParams, DeviceUpdate, VirtioDevice, VirtioWorker, WorkerThread,
+};
 
 pub use rx::{write_rx_chain, RxBufferError};
 pub use tap::{NetBackend, Tap, TapError};
@@ -128,6 +130,14 @@ pub enum NetError {
     /// The worker's wake-up eventfd cannot be created or written.
     #[error("cannot notify the worker of virtio-net device {id:?}: {source}")]
     Notify {
+        /// The device.
+        id: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// The worker thread cannot be started.
+    #[error("cannot start the worker thread of virtio-net device {id:?}: {source}")]
+    Thread {
         /// The device.
         id: String,
         /// Why.
@@ -296,6 +306,8 @@ pub struct Net {
     /// What the worker needs, while no worker runs.
     idle: Option<NetResources>,
     worker: Option<VirtioWorker<NetWorker>>,
+    /// The thread `worker` runs on, started with the device.
+    thread: WorkerThread,
     updates: Sender<LimiterUpdate>,
     update_evt: EventFd,
     rx_limits: Option<RateLimiterConfig>,
@@ -349,6 +361,12 @@ impl Net {
         let update_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(notify_err)?;
         let worker_evt = update_evt.try_clone().map_err(notify_err)?;
         let (updates, receiver) = mpsc::channel();
+        let thread = WorkerThread::spawn(&format!("virtio-net-{}", cfg.id)).map_err(|source| {
+            NetError::Thread {
+                id: cfg.id.clone(),
+                source,
+            }
+        })?;
         Ok(Net {
             mac,
             features: offered_features(cfg.mtu.is_some()),
@@ -362,6 +380,7 @@ impl Net {
                 update_evt: worker_evt,
             }),
             worker: None,
+            thread,
             updates,
             update_evt,
             rx_limits: cfg.rx_rate_limiter,
@@ -492,7 +511,7 @@ impl VirtioDevice for Net {
             Arc::clone(&self.metrics),
             params.features & bit(VIRTIO_NET_F_MRG_RXBUF) != 0,
         );
-        match VirtioWorker::spawn(&format!("virtio-net-{}", self.id), params.kicks, state) {
+        match VirtioWorker::spawn(&self.thread, params.kicks, state) {
             Ok(worker) => {
                 self.worker = Some(worker);
                 Ok(())

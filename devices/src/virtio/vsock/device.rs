@@ -14,13 +14,16 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 use super::muxer::{MuxerConfig, VsockWorker};
 use super::{VsockConfig, VsockMetrics, MAX_CONNECTIONS, NUM_QUEUES, QUEUE_MAX_SIZE};
 use crate::virtio::{
-    read_config_bytes, ActivateParams, Queue, QueueT, VirtioDevice, VirtioWorker,
+    read_config_bytes, ActivateParams, Queue, QueueT, VirtioDevice, VirtioWorker, WorkerThread,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 
 /// Errors creating a vsock device.
 #[derive(Debug, Error)]
 pub enum VsockError {
+    /// The device's worker thread cannot be started.
+    #[error("Cannot start the vsock worker thread: {0}")]
+    Thread(#[source] io::Error),
     /// CIDs 0–2 are reserved and 2^32 − 1 means "any".
     #[error("Guest CID {0} is invalid: it must be at least 3 and below 4294967295")]
     InvalidGuestCid(u64),
@@ -50,6 +53,8 @@ pub struct Vsock {
     metrics: Arc<VsockMetrics>,
     max_connections: usize,
     worker: Option<VirtioWorker<VsockWorker>>,
+    /// The thread `worker` runs on, started with the device.
+    thread: WorkerThread,
     lost: bool,
 }
 
@@ -80,6 +85,8 @@ impl Vsock {
             }
         })?;
         let socket_id = path.metadata().ok().map(|m| (m.dev(), m.ino()));
+        let thread = WorkerThread::spawn(&format!("virtio-vsock-{}", config.guest_cid))
+            .map_err(VsockError::Thread)?;
         let device = Self {
             config,
             listener,
@@ -87,6 +94,7 @@ impl Vsock {
             metrics: Arc::new(VsockMetrics::default()),
             max_connections: MAX_CONNECTIONS,
             worker: None,
+            thread,
             lost: false,
         };
         device
@@ -178,8 +186,7 @@ impl VirtioDevice for Vsock {
             self.listener.try_clone()?,
             Arc::clone(&self.metrics),
         )?;
-        let name = format!("virtio-vsock-{}", self.config.guest_cid);
-        self.worker = Some(VirtioWorker::spawn(&name, params.kicks, state)?);
+        self.worker = Some(VirtioWorker::spawn(&self.thread, params.kicks, state)?);
         self.lost = false;
         Ok(())
     }

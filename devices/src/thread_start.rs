@@ -1,0 +1,38 @@
+//! What every long-lived device thread runs first, before it touches guest memory or its
+//! backend. The VMM sets the hook once (it installs the thread's seccomp filter); without
+//! one, nothing runs.
+//!
+//! Device threads are started on the thread that creates the device (the VMM's main
+//! thread during setup), never at activation: activation runs on a vCPU thread, and a
+//! thread started there would be bound by the vCPU's filter as well as its own.
+
+use std::io;
+use std::sync::OnceLock;
+
+/// The kinds of device thread, each with its own filter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceThread {
+    /// An in-process virtio device's queue thread ([`crate::virtio::WorkerThread`]).
+    VirtioWorker,
+    /// The vhost-user device thread and its watchdog.
+    VhostUser,
+}
+
+/// Runs on a new device thread before anything else; an error ends the thread.
+pub type StartHook = fn(DeviceThread) -> io::Result<()>;
+
+static HOOK: OnceLock<StartHook> = OnceLock::new();
+
+/// Sets the hook for every device thread started from now on. Only the first call takes
+/// effect; returns whether this one did.
+pub fn set_start_hook(hook: StartHook) -> bool {
+    HOOK.set(hook).is_ok()
+}
+
+/// Runs the hook, if any, for a thread of `kind` (called on that thread).
+pub(crate) fn run_start_hook(kind: DeviceThread) -> io::Result<()> {
+    match HOOK.get() {
+        Some(hook) => hook(kind),
+        None => Ok(()),
+    }
+}
