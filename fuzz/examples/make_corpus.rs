@@ -8,6 +8,7 @@ use std::fs;
 use std::path::Path;
 
 use ai_infer_protocol::{ChainLayout, DType, DeviceConfig, PriorityClass, Request, TensorDesc};
+use aivmm_fuzz::api::{METHODS, PATHS};
 use aivmm_fuzz::{encode_input, Guest, DATA_ADDR};
 use devices::virtio::block::{parse_request, DiskLimits};
 use devices::virtio::net::{gather_tx_frame, MAX_FRAME_LEN};
@@ -447,7 +448,7 @@ fn api(method: u8, path: u8, suffix: &str, body: &str) -> Vec<u8> {
 }
 
 fn api_requests() {
-    // Methods: 0 GET, 1 PUT, 2 PATCH. Paths: indices into PATHS in api_request.rs.
+    // Methods: 0 GET, 1 PUT, 2 PATCH. Paths: indices into aivmm_fuzz::api::PATHS.
     write(
         "api_request",
         &[
@@ -571,33 +572,14 @@ fn check() {
                     )
                 }
                 "api_request" => {
-                    let methods = ["GET", "PUT", "PATCH"];
-                    let paths = [
-                        "/",
-                        "/version",
-                        "/machine-config",
-                        "/vm/config",
-                        "/metrics/prometheus",
-                        "/boot-source",
-                        "/drives/",
-                        "/network-interfaces/",
-                        "/vsock",
-                        "/logger",
-                        "/metrics",
-                        "/actions",
-                        "/vm",
-                        "/ai-infer",
-                        "/passthrough/",
-                        "/memory-zones/",
-                    ];
                     let n = usize::from(data[2]);
                     let path = format!(
                         "{}{}",
-                        paths[usize::from(data[1])],
+                        PATHS[usize::from(data[1]) % PATHS.len()],
                         String::from_utf8_lossy(&data[3..3 + n])
                     );
                     let r = vmm::api::routes::parse(
-                        methods[usize::from(data[0])],
+                        METHODS[usize::from(data[0]) % METHODS.len()],
                         &path,
                         &data[3 + n..],
                     );

@@ -13,35 +13,10 @@
 
 #![no_main]
 
+use aivmm_fuzz::api::{METHODS, PATHS};
 use libfuzzer_sys::fuzz_target;
 use vmm::api::routes::{metric_of, parse, Request};
 use vmm::api::{controller, convert};
-
-const METHODS: [&str; 6] = ["GET", "PUT", "PATCH", "DELETE", "POST", "get"];
-
-/// The endpoints of routes.rs, some Firecracker ones aivmm refuses, and odd prefixes.
-const PATHS: [&str; 20] = [
-    "/",
-    "/version",
-    "/machine-config",
-    "/vm/config",
-    "/metrics/prometheus",
-    "/boot-source",
-    "/drives/",
-    "/network-interfaces/",
-    "/vsock",
-    "/logger",
-    "/metrics",
-    "/actions",
-    "/vm",
-    "/ai-infer",
-    "/passthrough/",
-    "/memory-zones/",
-    "/balloon",
-    "/snapshot/create",
-    "",
-    "//",
-];
 
 fuzz_target!(|data: &[u8]| {
     let [m, p, n, rest @ ..] = data else {

@@ -103,3 +103,33 @@ pub fn encode_input(
     out.extend_from_slice(contents);
     out
 }
+
+/// The API request target's method and path tables: its input picks one of each by
+/// index, and the corpus generator writes its seeds with the same indices.
+pub mod api {
+    pub const METHODS: [&str; 6] = ["GET", "PUT", "PATCH", "DELETE", "POST", "get"];
+
+    /// The endpoints of routes.rs, some Firecracker ones aivmm refuses, and odd prefixes.
+    pub const PATHS: [&str; 20] = [
+        "/",
+        "/version",
+        "/machine-config",
+        "/vm/config",
+        "/metrics/prometheus",
+        "/boot-source",
+        "/drives/",
+        "/network-interfaces/",
+        "/vsock",
+        "/logger",
+        "/metrics",
+        "/actions",
+        "/vm",
+        "/ai-infer",
+        "/passthrough/",
+        "/memory-zones/",
+        "/balloon",
+        "/snapshot/create",
+        "",
+        "//",
+    ];
+}
