@@ -337,36 +337,37 @@ impl Daemon {
         ));
 
         // Bind every socket before starting anything, so a bad path or an unsafe
-        // directory fails start-up.
+        // directory fails start-up; a start that fails from here on removes the sockets
+        // it made (and only those: a path that is not a socket is never touched).
+        let mut made: Vec<&Path> = Vec::new();
+        let remove_made = |made: &[&Path]| {
+            for path in made {
+                let _ = std::fs::remove_file(path);
+            }
+        };
         let mut listeners = Vec::new();
         for (t, tenant) in config.tenants.iter().zip(&tenants) {
-            match socket::bind(&t.socket, &tenant.grant().peer) {
-                Ok(listener) => match listener.try_clone() {
-                    Ok(wake) => listeners.push((Listener::from(listener), wake)),
-                    Err(e) => {
-                        let _ = std::fs::remove_file(&t.socket);
-                        for made in &config.tenants[..listeners.len()] {
-                            let _ = std::fs::remove_file(&made.socket);
-                        }
-                        return Err(DaemonError::Spawn {
-                            name: format!("tenant-{}", t.name),
-                            source: e,
-                        });
-                    }
-                },
+            let bound = socket::bind(&t.socket, &tenant.grant().peer).and_then(|listener| {
+                made.push(&t.socket);
+                // The second descriptor wakes the listener at shutdown (TenantSlot::wake).
+                let wake = listener.try_clone().map_err(|source| SocketError::Create {
+                    step: "duplicate",
+                    path: t.socket.clone(),
+                    source,
+                })?;
+                Ok((Listener::from(listener), wake))
+            });
+            match bound {
+                Ok(pair) => listeners.push(pair),
                 Err(e) => {
-                    for made in &config.tenants[..listeners.len()] {
-                        let _ = std::fs::remove_file(&made.socket);
-                    }
+                    remove_made(&made);
                     return Err(e.into());
                 }
             }
         }
         if let Some(to) = run_as {
             if let Err(e) = privilege::drop_to(to) {
-                for made in &config.tenants {
-                    let _ = std::fs::remove_file(&made.socket);
-                }
+                remove_made(&made);
                 return Err(e.into());
             }
             info!("running as uid:gid {to}, no-new-privs");
