@@ -7,7 +7,8 @@
 //! thread started there would be bound by the vCPU's filter as well as its own.
 
 use std::io;
-use std::sync::OnceLock;
+use std::sync::{mpsc, OnceLock};
+use std::thread::JoinHandle;
 
 /// The kinds of device thread, each with its own filter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,5 +35,34 @@ pub(crate) fn run_start_hook(kind: DeviceThread) -> io::Result<()> {
     match HOOK.get() {
         Some(hook) => hook(kind),
         None => Ok(()),
+    }
+}
+
+/// Starts the device thread `name` of `kind`: it runs the start hook, then `body`. Returns
+/// once the hook has run, with its error (the thread then ended without running `body`).
+pub(crate) fn spawn_device_thread(
+    kind: DeviceThread,
+    name: impl Into<String>,
+    body: impl FnOnce() + Send + 'static,
+) -> io::Result<JoinHandle<()>> {
+    let name = name.into();
+    let (ready, started) = mpsc::channel();
+    let thread = crate::thread::named(name.clone()).spawn(move || {
+        let hook = run_start_hook(kind);
+        let ok = hook.is_ok();
+        let _ = ready.send(hook);
+        if ok {
+            body();
+        }
+    })?;
+    match started.recv() {
+        Ok(Ok(())) => Ok(thread),
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            Err(e)
+        }
+        Err(_) => Err(io::Error::other(format!(
+            "the device thread {name} ended while starting"
+        ))),
     }
 }

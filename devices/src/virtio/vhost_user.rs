@@ -318,26 +318,12 @@ impl VhostUserDevice {
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            let (ready, started) = mpsc::channel();
-            let thread = crate::thread::named(format!("vhost-user-{name}"))
-                .spawn(move || worker.run(ready))
-                .map_err(setup("device thread"))?;
-            match started.recv() {
-                Ok(Ok(())) => thread,
-                Ok(Err(e)) => {
-                    let _ = thread.join();
-                    return Err(VhostUserDeviceError::Setup {
-                        what: "device thread",
-                        source: e,
-                    });
-                }
-                Err(_) => {
-                    return Err(VhostUserDeviceError::Setup {
-                        what: "device thread",
-                        source: io::Error::other("the thread ended while starting"),
-                    })
-                }
-            }
+            crate::thread_start::spawn_device_thread(
+                crate::thread_start::DeviceThread::VhostUser,
+                format!("vhost-user-{name}"),
+                move || worker.run(),
+            )
+            .map_err(setup("device thread"))?
         };
         Ok(Self {
             cfg,
@@ -458,16 +444,9 @@ struct DeviceThread {
 }
 
 impl DeviceThread {
-    /// Runs the device thread and its watchdog until the device is dropped.
-    fn run(self, ready: Sender<io::Result<()>>) {
-        // Before the watchdog starts (it inherits the filter) and before any backend.
-        let hook =
-            crate::thread_start::run_start_hook(crate::thread_start::DeviceThread::VhostUser);
-        let ok = hook.is_ok();
-        let _ = ready.send(hook);
-        if !ok {
-            return;
-        }
+    /// Runs the device thread and its watchdog until the device is dropped; called once
+    /// the thread's start hook (its filter) is in place, so the watchdog inherits it.
+    fn run(self) {
         std::thread::scope(|scope| {
             let watchdog = crate::thread::named("vhost-user-wdog")
                 .spawn_scoped(scope, || self.state.watchdog());

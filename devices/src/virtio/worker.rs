@@ -86,32 +86,16 @@ impl WorkerThread {
     /// is returned and the thread has ended.
     pub fn spawn(name: &str) -> io::Result<Self> {
         let (jobs, receiver) = mpsc::channel::<Job>();
-        let (ready, started) = mpsc::channel();
-        let thread = crate::thread::named(name).spawn(move || {
-            let hook = crate::thread_start::run_start_hook(
-                crate::thread_start::DeviceThread::VirtioWorker,
-            );
-            let ok = hook.is_ok();
-            let _ = ready.send(hook);
-            if !ok {
-                return;
-            }
-            while let Ok(job) = receiver.recv() {
-                // A panic ends that activation only (its state is lost, which
-                // `VirtioWorker::stop` reports); the thread serves the next one.
-                let _ = catch_unwind(AssertUnwindSafe(job));
-            }
-        })?;
-        match started.recv() {
-            Ok(Ok(())) => Ok(Self { jobs }),
-            Ok(Err(e)) => {
-                let _ = thread.join();
-                Err(e)
-            }
-            Err(_) => Err(io::Error::other(format!(
-                "the worker thread {name} ended while starting"
-            ))),
-        }
+        crate::thread_start::spawn_device_thread(
+            crate::thread_start::DeviceThread::VirtioWorker,
+            name,
+            move || {
+                while let Ok(job) = receiver.recv() {
+                    let _ = catch_unwind(AssertUnwindSafe(job));
+                }
+            },
+        )?;
+        Ok(Self { jobs })
     }
 
     fn run(&self, job: Job) -> io::Result<()> {
