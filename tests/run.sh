@@ -21,6 +21,18 @@ step() {
     if [ -t 1 ]; then printf '\n\033[1m== %s\033[0m\n' "$*"; else printf '\n== %s\n' "$*"; fi
 }
 
+# A test run builds from scratch on CI: incremental state would only cost disk there.
+export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
+
+# A clean run needs about NEED_GB free under target/ (build, rig images, models, fuzz);
+# say so up front rather than fail half-way with ENOSPC.
+need_gb=${AIVMM_TEST_NEED_GB:-6}
+free_gb=$(df -Pk target | awk 'NR == 2 { print int($4 / 1048576) }')
+echo "disk: ${free_gb} GiB free under target/ (a clean run needs about ${need_gb})"
+if [ "${free_gb:-0}" -lt "$need_gb" ]; then
+    echo "warning: less than ${need_gb} GiB free; the build may fail with 'No space left on device'" >&2
+fi
+
 step "dependencies (tests/rig/deps.sh, devices/ai-inferd/models/setup.sh)"
 tests/rig/deps.sh
 devices/ai-inferd/models/setup.sh
