@@ -45,6 +45,7 @@ use crate::numa::{self, NumaError};
 use crate::privilege::{self, PrivilegeError, RunAs};
 use crate::registry::{ModelRegistry, RegistryError};
 use crate::reload::{self, ReloadError};
+use crate::seccomp::{self, ThreadKind};
 use crate::tenant::socket::{self, Door, GuardedDevice, PeerCred, SocketError};
 use crate::tenant::{Refusal, Tenant, TenantSpec};
 
@@ -536,6 +537,15 @@ fn serve_tenant(
     stop: &AtomicBool,
 ) {
     let name = tenant.spec.name.clone();
+    // Opened before the filter, which has no openat; read again for each connection.
+    let mut fds = match socket::OpenDescriptors::open() {
+        Ok(fds) => fds,
+        Err(e) => {
+            error!("{name}: cannot open /proc/self/fd to check connections: {e}");
+            return;
+        }
+    };
+    seccomp::apply(ThreadKind::Listener);
     while !stop.load(Ordering::SeqCst) {
         let device = Arc::new(TenantDevice::new(
             Arc::clone(&shared.engine),
@@ -575,7 +585,7 @@ fn serve_tenant(
             break;
         }
         // The device answers nothing until the door has the verdict.
-        let Some(conn) = admit(tenant, &slot.socket) else {
+        let Some(conn) = admit(tenant, &mut fds, &slot.socket) else {
             door.decide(false);
             daemon.request_shutdown();
             let _ = daemon.wait();
@@ -609,10 +619,10 @@ fn serve_tenant(
 
 /// Checks the peer the vhost-user daemon just accepted on `socket` against the
 /// tenant's rule; logs and counts a refusal. The connection (a duplicate) if admitted.
-fn admit(tenant: &Tenant, socket: &Path) -> Option<UnixStream> {
+fn admit(tenant: &Tenant, fds: &mut socket::OpenDescriptors, socket: &Path) -> Option<UnixStream> {
     let name = &tenant.spec.name;
     let rule = tenant.grant().peer;
-    let Some(conn) = socket::find_accepted(socket) else {
+    let Some(conn) = socket::find_accepted(fds, socket) else {
         // The peer already left (its connection is closed) before it was checked.
         warn!("{name}: the new connection closed before its peer could be checked");
         return None;

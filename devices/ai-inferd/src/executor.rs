@@ -29,6 +29,7 @@ use crate::guest_io::{tensor_slice, BounceBuffer, GuestIoError, TensorPlace};
 use crate::intake::complete_rejected;
 use crate::job::Job;
 use crate::numa;
+use crate::seccomp::{self, ThreadKind};
 use crate::tenant::Record;
 
 /// How often an idle executor checks the stop flag.
@@ -144,6 +145,8 @@ fn serve(engine: &Engine, id: ExecutorId, cpus: Option<&[u32]>, stop: &AtomicBoo
             Err(e) => warn!("executor {}: cannot pin to CPUs {cpus:?}: {e}", id.0),
         }
     }
+    // Pinned first: the filter has no sched_setaffinity.
+    seccomp::apply(ThreadKind::Executor);
     while !stop.load(Ordering::SeqCst) {
         match engine.scheduler.next(id, IDLE_POLL) {
             Poll::Run(batch) => run_batch(engine, id, batch),

@@ -27,9 +27,10 @@ pub mod job;
 pub mod metrics;
 pub mod models;
 pub mod numa;
-pub mod privilege;
+pub use sandbox::privilege;
 pub mod registry;
 pub mod reload;
+pub mod seccomp;
 pub mod tenant;
 #[cfg(test)]
 mod test_models;

@@ -39,6 +39,8 @@ use log::{debug, warn};
 use serde::Deserialize;
 use thiserror::Error;
 
+use crate::seccomp::{self, ThreadKind};
+
 /// How long a connection may take to send its request before it gets the raw text.
 pub const REQUEST_WAIT: Duration = Duration::from_millis(200);
 
@@ -300,6 +302,7 @@ impl Drop for MetricsServer {
 }
 
 fn serve(listener: &Listener, source: &dyn MetricsSource, stop: &AtomicBool) {
+    seccomp::apply(ThreadKind::Metrics);
     while !stop.load(Ordering::SeqCst) {
         match listener.accept() {
             Ok(stream) => {

@@ -279,21 +279,37 @@ pub fn bind(path: &Path, owner: &PeerRule) -> Result<UnixListener, SocketError> 
     Ok(UnixListener::from(fd))
 }
 
+/// The process's open descriptors (`/proc/self/fd`), opened once by a listener thread
+/// before its seccomp filter (which has no `openat`) and read again for each connection.
+pub struct OpenDescriptors(nix::dir::Dir);
+
+impl OpenDescriptors {
+    /// Opens `/proc/self/fd`.
+    pub fn open() -> nix::Result<Self> {
+        use nix::fcntl::OFlag;
+        nix::dir::Dir::open(
+            "/proc/self/fd",
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map(Self)
+    }
+}
+
 /// The connection the vhost-user daemon last accepted on the listening socket
 /// `local`: a duplicate of its descriptor, found among the process's descriptors as
 /// the connected socket whose own address is `local`. (The vhost-user library
 /// accepts and keeps the connection to itself; each tenant socket has one listener
 /// thread, which calls this right after the accept, so there is one such socket.)
-pub fn find_accepted(local: &Path) -> Option<UnixStream> {
-    let entries = fs::read_dir("/proc/self/fd").ok()?;
-    for entry in entries.flatten() {
-        let Some(fd) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<RawFd>().ok())
-        else {
-            continue;
-        };
+pub fn find_accepted(fds: &mut OpenDescriptors, local: &Path) -> Option<UnixStream> {
+    // The iterator starts from the top and rewinds the directory when dropped.
+    let numbers: Vec<RawFd> = fds
+        .0
+        .iter()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str().ok()?.parse().ok())
+        .collect();
+    for fd in numbers {
         // SAFETY: F_DUPFD_CLOEXEC only reads `fd`; a closed or foreign number fails
         // with EBADF or duplicates it, and the duplicate is ours alone.
         let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
@@ -523,6 +539,8 @@ impl VhostUserBackend for GuardedDevice {
         vrings: &[Self::Vring],
         thread_id: usize,
     ) -> IoResult<()> {
+        // The first code a vring worker runs for the guest.
+        crate::seccomp::apply_once_on_vring_worker();
         self.check()?;
         self.device
             .handle_event(device_event, evset, vrings, thread_id)
@@ -604,7 +622,13 @@ mod tests {
         let _c = UnixStream::connect(&path).unwrap();
         let (s, _) = l.accept().unwrap();
         assert_eq!(peer_cred(&s).unwrap().uid, daemon_uid());
-        assert!(find_accepted(&path).is_some(), "the accepted end is found");
+        let mut fds = OpenDescriptors::open().unwrap();
+        assert!(
+            find_accepted(&mut fds, &path).is_some(),
+            "the accepted end is found"
+        );
+        // Read again from the top: found again.
+        assert!(find_accepted(&mut fds, &path).is_some());
         drop(s);
         // A stale socket is replaced, another file is not.
         drop(l);

@@ -53,6 +53,10 @@ enum Command {
         /// sockets of tenants added by a reload are created as that user.
         #[arg(long, value_name = "UID:GID")]
         run_as: Option<RunAs>,
+        /// Run without the per-thread seccomp filters (for debugging only; see
+        /// docs/security.md).
+        #[arg(long)]
+        no_seccomp: bool,
     },
     /// Show a daemon's tenants and models live, from its metrics endpoint.
     Top {
@@ -159,7 +163,7 @@ fn wait_for_signal(set: &libc::sigset_t) -> i32 {
     }
 }
 
-fn serve(config_path: &Path, run_as: Option<RunAs>) -> ExitCode {
+fn serve(config_path: &Path, run_as: Option<RunAs>, filters: bool) -> ExitCode {
     let config = match Config::load(config_path) {
         Ok(c) => c,
         Err(e) => {
@@ -184,6 +188,14 @@ fn serve(config_path: &Path, run_as: Option<RunAs>) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    fix_backend_threads();
+    // Before the daemon starts a thread: each installs its own filter first.
+    if !filters {
+        log::warn!("seccomp filters are off (--no-seccomp)");
+    } else if let Err(e) = ai_inferd::seccomp::enable() {
+        eprintln!("ai-inferd: {e}");
+        return ExitCode::from(1);
+    }
     let daemon = match Daemon::start_serving_as(&config, backends, serving, run_as) {
         Ok(d) => d,
         Err(e @ (DaemonError::Registry(_) | DaemonError::Numa(_) | DaemonError::Privilege(_))) => {
@@ -207,6 +219,17 @@ fn serve(config_path: &Path, run_as: Option<RunAs>) -> ExitCode {
     }
     daemon.shutdown();
     ExitCode::SUCCESS
+}
+
+/// candle asks for its thread count on every matrix product and, unless
+/// `RAYON_NUM_THREADS` gives it, works it out from /proc/cpuinfo and /sys each time. It
+/// is worked out here once, while the process has one thread, so that executors do not
+/// read those files for every batch (rayon's pool takes the same count).
+fn fix_backend_threads() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let threads = candle_core::utils::get_num_threads();
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
 }
 
 fn top(endpoint: &MetricsEndpoint, interval: Duration, once: bool) -> ExitCode {
@@ -303,10 +326,11 @@ fn main() -> ExitCode {
             config,
             log_level,
             run_as,
+            no_seccomp,
         } => {
             let _ = log::set_logger(&LOGGER);
             log::set_max_level(log_level);
-            serve(&config, run_as)
+            serve(&config, run_as, !no_seccomp)
         }
         Command::Top {
             metrics,

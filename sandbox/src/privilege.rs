@@ -1,8 +1,9 @@
-//! Leaving root after start-up. The daemon starts as root so that it can read the models
-//! and give each tenant socket to its tenant's uid; then, before any thread runs and
-//! before any VMM can connect, it becomes an unprivileged user for good: no supplementary
-//! groups, real, effective and saved ids all switched, and no-new-privs set (no exec can
-//! gain privileges again).
+//! Leaving root after start-up. A program starts as root to open what only root may open
+//! (ai-inferd: the models and each tenant socket given to its tenant's uid; aivmm:
+//! `/dev/kvm`, hugetlb, tap, VFIO), then, before any thread runs and before anything
+//! hostile reaches it, becomes an unprivileged user for good: no supplementary groups,
+//! real, effective and saved ids all switched, and no-new-privs set (no exec can gain
+//! privileges again).
 
 use std::fmt;
 use std::str::FromStr;
@@ -10,7 +11,7 @@ use std::str::FromStr;
 use nix::unistd::{getegid, geteuid, setgroups, setresgid, setresuid, Gid, Uid};
 use thiserror::Error;
 
-/// The user the daemon runs as: `UID:GID`, numeric.
+/// The user to run as: `UID:GID`, numeric.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RunAs {
     /// User id.
@@ -46,7 +47,7 @@ impl fmt::Display for RunAs {
     }
 }
 
-/// Why the switch failed; the daemon must not go on in that case.
+/// Why the switch failed; the program must not go on in that case.
 #[derive(Debug, Error)]
 pub enum PrivilegeError {
     /// A set*id or setgroups call failed (not root, or a kernel refusal).

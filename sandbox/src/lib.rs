@@ -1,0 +1,15 @@
+//! What aivmm and ai-inferd share to confine themselves once they are set up:
+//!
+//! - [`seccomp`]: named per-thread filters compiled from a program's reviewed JSON, each
+//!   thread installing its own, and a SIGSYS handler that names the offending thread and
+//!   syscall and ends the process;
+//! - [`privilege`]: leaving root for good (`--run-as UID:GID`);
+//! - [`bpf`]: a classic-BPF evaluator, so that a program's tests can ask its filters what
+//!   they answer for a syscall without installing them.
+//!
+//! Which threads exist and what each may call is each program's own (`vmm/seccomp/`,
+//! `devices/ai-inferd/seccomp/`); see docs/security.md.
+
+pub mod bpf;
+pub mod privilege;
+pub mod seccomp;
