@@ -224,6 +224,11 @@ launch() {
         one_run "$v" "$2" "$3" "$AIVMM" --kernel "$L2_VMLINUX" --initrd "$INITRD" \
             --cmdline "$4" --memory 256 --vcpus 2
         ;;
+    aivmm-vmlinux-noseccomp)
+        # The cost of the seccomp filters: aivmm-vmlinux without them (on request only).
+        one_run "$v" "$2" "$3" "$AIVMM" --kernel "$L2_VMLINUX" --initrd "$INITRD" \
+            --cmdline "$4" --memory 256 --vcpus 2 --no-seccomp
+        ;;
     aivmm-2m)
         one_run "$v" "$2" "$3" "$AIVMM" --config "$TMP/aivmm-2m.toml" --kernel "$L2_KERNEL" \
             --initrd "$INITRD" --cmdline "$4" --memory 256 --vcpus 2

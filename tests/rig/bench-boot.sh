@@ -15,7 +15,7 @@
 # BENCH_DIAG_EXTRA (words for the diagnostic runs' guest command line, e.g. initcall_debug;
 # tests/rig/initcall-compare.sh compares two of their kernel logs),
 # BENCH_VARIANTS (default: aivmm aivmm-vmlinux aivmm-2m microvm-min microvm microvm-nocmos q35; also
-# microvm-rtc: see tests/rig/bench-boot-l1.sh),
+# microvm-rtc, and aivmm-vmlinux-noseccomp for the filters' cost: see tests/rig/bench-boot-l1.sh),
 # BENCH_STALL (420 s of L1 console silence before a stuck L1 is stopped), BENCH_L1_ATTEMPTS
 # (3 L1 boots at most: a stuck L1 is replaced by a new one that runs the missing rounds),
 # BENCH_L1_TIMEOUT (3600 s for the whole L1), AIVMM_BIN (skip the build, use this binary),
@@ -167,6 +167,9 @@ END {
             v = order[k]
             if (v ~ /^(cloud-hypervisor|firecracker)/ && (v in med)) printf "aivmm-vmlinux / %s = %.2f (medians %.0f / %.0f ms)\n", v, med["aivmm-vmlinux"] / med[v], med["aivmm-vmlinux"], med[v]
         }
+    }
+    if (("aivmm-vmlinux" in med) && ("aivmm-vmlinux-noseccomp" in med)) {
+        printf "\nCost of the seccomp filters on boot: aivmm-vmlinux / aivmm-vmlinux-noseccomp = %.2f (medians %.0f / %.0f ms)\n", med["aivmm-vmlinux"] / med["aivmm-vmlinux-noseccomp"], med["aivmm-vmlinux"], med["aivmm-vmlinux-noseccomp"]
     }
     if (best != "") {
         printf "\nFastest microvm option set: %s (%s), median %.0f ms.", best, fact["machine_" best], med[best]

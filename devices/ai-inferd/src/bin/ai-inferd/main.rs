@@ -77,14 +77,15 @@ enum Command {
         /// Length of each measured load, in seconds.
         #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u64).range(3..=600))]
         seconds: u64,
-        /// Skip the memory figure (which starts this program as a daemon process).
+        /// Skip the memory and seccomp figures (which start this program as daemon
+        /// processes).
         #[arg(long)]
         no_memory: bool,
         /// Model weights held by the memory figure's daemon, MiB.
         #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u32).range(1..=4096))]
         weights_mib: u32,
         /// Run only these phases (comma-separated: fairness, isolation, deadlines,
-        /// batching, decision, memory, overhead, containment); all by default.
+        /// batching, decision, memory, overhead, containment, seccomp); all by default.
         #[arg(long, value_delimiter = ',', value_parser = |s: &str| s.parse::<Phase>())]
         only: Vec<Phase>,
     },
@@ -100,6 +101,12 @@ enum Command {
         /// Model weights, MiB.
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
         weights_mib: u32,
+        /// The model's fixed time per batch, µs.
+        #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+        work_us: u64,
+        /// With the seccomp filters on.
+        #[arg(long)]
+        seccomp: bool,
     },
 }
 
@@ -284,8 +291,10 @@ fn top(endpoint: &MetricsEndpoint, interval: Duration, once: bool) -> ExitCode {
 }
 
 fn run_bench(seconds: u64, no_memory: bool, weights_mib: u32, only: Vec<Phase>) -> ExitCode {
-    if no_memory && only.contains(&Phase::Memory) {
-        eprintln!("ai-inferd bench: --only memory and --no-memory contradict each other");
+    if no_memory && (only.contains(&Phase::Memory) || only.contains(&Phase::Seccomp)) {
+        eprintln!(
+            "ai-inferd bench: --only memory or seccomp and --no-memory contradict each other"
+        );
         return ExitCode::from(2);
     }
     let daemon_exe = if no_memory {
@@ -294,7 +303,9 @@ fn run_bench(seconds: u64, no_memory: bool, weights_mib: u32, only: Vec<Phase>) 
         match std::env::current_exe() {
             Ok(exe) => Some(exe),
             Err(e) => {
-                eprintln!("ai-inferd bench: cannot find this program for the memory figure: {e}");
+                eprintln!(
+                    "ai-inferd bench: cannot find this program for its daemon processes: {e}"
+                );
                 return ExitCode::from(1);
             }
         }
@@ -352,10 +363,18 @@ fn main() -> ExitCode {
             dir,
             tenants,
             weights_mib,
+            work_us,
+            seccomp,
         } => {
             let _ = log::set_logger(&LOGGER);
             log::set_max_level(LevelFilter::Error);
-            match bench::memory::serve_child(&dir, tenants, weights_mib) {
+            let spec = bench::memory::ChildSpec {
+                tenants,
+                weights_mib,
+                work_us,
+                seccomp,
+            };
+            match bench::memory::serve_child(&dir, spec) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("ai-inferd bench-daemon: {e}");

@@ -63,11 +63,23 @@ impl Rss {
     }
 }
 
-/// The child side (`ai-inferd bench-daemon`): serves `tenants` tenants named
-/// `m0`, `m1`, … in `dir` with one synthetic model holding `weights_mib` MiB,
-/// prints `ready` and runs until its stdin closes.
-pub fn serve_child(dir: &Path, tenants: u32, weights_mib: u32) -> Result<(), BenchError> {
-    let defs: Vec<TenantDef> = (0..tenants)
+/// What a child daemon (`ai-inferd bench-daemon`) serves.
+#[derive(Clone, Copy, Debug)]
+pub struct ChildSpec {
+    /// Tenants `m0`, `m1`, ….
+    pub tenants: u32,
+    /// Weights its one synthetic model holds, MiB.
+    pub weights_mib: u32,
+    /// The model's fixed time per batch, µs (a tenth of it more per request).
+    pub work_us: u64,
+    /// Its seccomp filters on, as `serve` runs.
+    pub seccomp: bool,
+}
+
+/// The child side (`ai-inferd bench-daemon`): serves `spec` in `dir`, prints `ready` and
+/// runs until its stdin closes.
+pub fn serve_child(dir: &Path, spec: ChildSpec) -> Result<(), BenchError> {
+    let defs: Vec<TenantDef> = (0..spec.tenants)
         .map(|i| TenantDef::new(&format!("m{i}"), 1, "normal"))
         .collect();
     let model: Arc<dyn Backend> = Arc::new(
@@ -75,11 +87,15 @@ pub fn serve_child(dir: &Path, tenants: u32, weights_mib: u32) -> Result<(), Ben
             MODEL,
             "weights",
             8,
-            Duration::from_millis(1),
-            Duration::from_micros(100),
+            Duration::from_micros(spec.work_us),
+            Duration::from_micros(spec.work_us / 10),
         )
-        .with_weights(weights_mib as usize * (1 << 20)),
+        .with_weights(spec.weights_mib as usize * (1 << 20)),
     );
+    if spec.seccomp {
+        ai_inferd::seccomp::enable()
+            .map_err(|e| BenchError::Check(format!("seccomp filters: {e}")))?;
+    }
     let daemon = BenchDaemon::start_in(dir.to_owned(), 1, 0, &defs, vec![model])?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "ready").map_err(BenchError::Io)?;
@@ -93,20 +109,27 @@ pub fn serve_child(dir: &Path, tenants: u32, weights_mib: u32) -> Result<(), Ben
 }
 
 /// A child daemon; killed if dropped before [`ChildDaemon::finish`].
-struct ChildDaemon {
+pub struct ChildDaemon {
     child: Child,
 }
 
 impl ChildDaemon {
-    fn start(exe: &Path, dir: &Path, tenants: u32, weights_mib: u32) -> Result<Self, BenchError> {
-        let mut child = Command::new(exe)
-            .arg("bench-daemon")
+    /// Starts `exe bench-daemon` serving `spec` in `dir` and waits until it is ready.
+    pub fn start(exe: &Path, dir: &Path, spec: ChildSpec) -> Result<Self, BenchError> {
+        let mut cmd = Command::new(exe);
+        cmd.arg("bench-daemon")
             .arg("--dir")
             .arg(dir)
             .arg("--tenants")
-            .arg(tenants.to_string())
+            .arg(spec.tenants.to_string())
             .arg("--weights-mib")
-            .arg(weights_mib.to_string())
+            .arg(spec.weights_mib.to_string())
+            .arg("--work-us")
+            .arg(spec.work_us.to_string());
+        if spec.seccomp {
+            cmd.arg("--seccomp");
+        }
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -133,7 +156,8 @@ impl ChildDaemon {
         Rss::parse(&text).ok_or_else(|| BenchError::Check(format!("no RSS fields in {path}")))
     }
 
-    fn finish(mut self) -> Result<(), BenchError> {
+    /// Closes its stdin and waits: it must exit 0.
+    pub fn finish(mut self) -> Result<(), BenchError> {
         drop(self.child.stdin.take());
         let status = self.child.wait().map_err(BenchError::Io)?;
         if !status.success() {
@@ -164,7 +188,13 @@ pub fn measure(
     duration: Duration,
 ) -> Result<Rss, BenchError> {
     std::fs::create_dir_all(&dir).map_err(BenchError::Io)?;
-    let child = ChildDaemon::start(exe, &dir, tenants, weights_mib)?;
+    let spec = ChildSpec {
+        tenants,
+        weights_mib,
+        work_us: 1_000,
+        seccomp: false,
+    };
+    let child = ChildDaemon::start(exe, &dir, spec)?;
     let loads: Vec<Load> = (0..tenants)
         .map(|i| Load {
             socket: dir.join(format!("m{i}.sock")),

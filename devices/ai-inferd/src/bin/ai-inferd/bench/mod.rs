@@ -29,13 +29,16 @@
 //!   ([`paravirt`]);
 //! - containment: a well-behaved tenant's p99 alone vs beside a hostile neighbour
 //!   flooding malformed chains, filling its queue share, or sending requests that
-//!   panic the backend ([`containment`]).
+//!   panic the backend ([`containment`]);
+//! - seccomp: one request at a time against two daemon processes alike but for their
+//!   seccomp filters, in alternating slices ([`seccomp_cost`]).
 
 pub mod containment;
 pub mod memory;
 pub mod paravirt;
 #[cfg(test)]
 mod phase_tests;
+pub mod seccomp_cost;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -91,8 +94,8 @@ pub struct BenchOptions {
     pub phase: Duration,
     /// Start of each load not counted (queues filling, estimates settling).
     pub warmup: Duration,
-    /// The `ai-inferd` executable for the memory figure's daemon process; `None`
-    /// skips that figure.
+    /// The `ai-inferd` executable for the daemon processes of the memory and seccomp
+    /// figures; `None` skips them.
     pub daemon_exe: Option<PathBuf>,
     /// Weights of the memory figure's model, MiB.
     pub weights_mib: u32,
@@ -123,11 +126,13 @@ pub enum Phase {
     Overhead,
     /// A tenant's p99 alone vs beside a hostile neighbour.
     Containment,
+    /// The round trip with the seccomp filters on vs off (needs `daemon_exe`).
+    Seccomp,
 }
 
 impl Phase {
     /// Every phase, in run order, with its command-line name.
-    pub const ALL: [(Phase, &'static str); 8] = [
+    pub const ALL: [(Phase, &'static str); 9] = [
         (Phase::Fairness, "fairness"),
         (Phase::Isolation, "isolation"),
         (Phase::Deadlines, "deadlines"),
@@ -136,6 +141,7 @@ impl Phase {
         (Phase::Memory, "memory"),
         (Phase::Overhead, "overhead"),
         (Phase::Containment, "containment"),
+        (Phase::Seccomp, "seccomp"),
     ];
 }
 
@@ -897,6 +903,9 @@ pub fn run(o: &BenchOptions) -> Result<Report, BenchError> {
     }
     if wanted(Phase::Containment) {
         containment::measure(o)?.report(&mut report);
+    }
+    if let (true, Some(exe)) = (wanted(Phase::Seccomp), &o.daemon_exe) {
+        seccomp_cost::measure(o, exe)?.report(&mut report);
     }
     if let (Some((b0, t0)), Some((b1, t1))) = (start, cpu_jiffies()) {
         let busy = (b1 - b0) as f64 / (t1 - t0).max(1) as f64;
