@@ -5,7 +5,8 @@
 //!   syscall and ends the process;
 //! - [`privilege`]: leaving root for good (`--run-as UID:GID`);
 //! - [`bpf`]: a classic-BPF evaluator, so that a program's tests can ask its filters what
-//!   they answer for a syscall without installing them.
+//!   they answer for a syscall without installing them; [`seccomp_child`]: running a test in a
+//!   child process, where a violation may end it.
 //!
 //! Which threads exist and what each may call is each program's own (`vmm/seccomp/`,
 //! `devices/ai-inferd/seccomp/`); see docs/security.md.
@@ -13,3 +14,4 @@
 pub mod bpf;
 pub mod privilege;
 pub mod seccomp;
+pub mod seccomp_child;

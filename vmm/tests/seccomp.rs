@@ -15,15 +15,7 @@ const CHILD_ENV: &str = "AIVMM_SECCOMP_TEST_CHILD";
 /// Runs `test` of this binary in a child with `CHILD_ENV=kind`; returns its exit code
 /// and stderr.
 fn run_child(test: &str, kind: &str) -> (Option<i32>, String) {
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args([test, "--exact", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, kind)
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    sandbox::seccomp_child::run_test(test, (CHILD_ENV, kind))
 }
 
 fn child_kind() -> Option<ThreadKind> {
@@ -42,19 +34,9 @@ fn child_socket_outside_the_filter() {
     };
     seccomp::enable().unwrap();
     let name = format!("{}-under-test", kind.filter_name());
-    let t = std::thread::Builder::new()
-        .name(name)
-        .spawn(move || {
-            seccomp::apply(kind).unwrap();
-            // SAFETY: socket(2) takes no pointers; the filter stops it before the kernel.
-            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
-            // Not reached when the filter works.
-            eprintln!("socket returned {fd}");
-        })
-        .unwrap();
-    let _ = t.join();
-    // Not reached either: the handler ends the process.
-    std::process::exit(0);
+    sandbox::seccomp_child::open_inet_socket_after(name, move || {
+        seccomp::apply(kind).unwrap();
+    });
 }
 
 #[test]

@@ -196,18 +196,9 @@ fn child_socket_outside_the_filter() {
         .find(|k| k.filter_name() == name)
         .unwrap();
     seccomp::enable().unwrap();
-    let t = std::thread::Builder::new()
-        .name(format!("{name}-under-test"))
-        .spawn(move || {
-            seccomp::apply(kind);
-            // SAFETY: socket(2) takes no pointers; the filter stops it before the kernel.
-            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
-            eprintln!("socket returned {fd}");
-        })
-        .unwrap();
-    let _ = t.join();
-    // Not reached: the handler ends the process.
-    std::process::exit(0);
+    sandbox::seccomp_child::open_inet_socket_after(format!("{name}-under-test"), move || {
+        seccomp::apply(kind);
+    });
 }
 
 #[test]
@@ -216,19 +207,12 @@ fn a_syscall_outside_the_filter_ends_the_daemon_with_its_exit_code() {
         return;
     }
     for kind in ThreadKind::ALL {
-        let out = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "child_socket_outside_the_filter",
-                "--exact",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD_ENV, kind.filter_name())
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let (code, stderr) = sandbox::seccomp_child::run_test(
+            "child_socket_outside_the_filter",
+            (CHILD_ENV, kind.filter_name()),
+        );
         assert_eq!(
-            out.status.code(),
+            code,
             Some(i32::from(SECCOMP_VIOLATION)),
             "{kind:?}: {stderr}"
         );
