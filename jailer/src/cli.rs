@@ -51,8 +51,8 @@ pub struct Cli {
     /// The cgroup (relative to the cgroup v2 mount) under which `<id>` is created.
     #[arg(long, value_name = "NAME", default_value = "aivmm", value_parser = parse_parent_cgroup)]
     pub parent_cgroup: PathBuf,
-    /// A resource limit, `fsize=BYTES` or `no-file=N` (defaults: no-file=2048, fsize
-    /// unlimited). Repeatable.
+    /// A resource limit, `fsize=BYTES`, `no-file=N` or `memlock=BYTES` (defaults:
+    /// no-file=2048, fsize unlimited, memlock the caller's). Repeatable.
     #[arg(long = "resource-limit", value_name = "RESOURCE=N", value_parser = parse_resource_limit)]
     pub resource_limits: Vec<ResourceLimit>,
     /// Arguments for the program, after `--`.
@@ -84,6 +84,10 @@ pub enum LimitedResource {
     FileSize,
     /// RLIMIT_NOFILE: one more than the highest file descriptor it may open.
     OpenFiles,
+    /// RLIMIT_MEMLOCK: the memory it may lock, in bytes (`lock = true` zones, and the guest
+    /// RAM a passthrough device pins for DMA). Not in Firecracker's jailer, which has
+    /// neither.
+    LockedMemory,
 }
 
 /// One `--resource-limit RESOURCE=N`.
@@ -175,7 +179,12 @@ fn parse_resource_limit(s: &str) -> Result<ResourceLimit, String> {
     let resource = match name {
         "fsize" => LimitedResource::FileSize,
         "no-file" => LimitedResource::OpenFiles,
-        _ => return Err(format!("unknown resource {name:?}: use fsize or no-file")),
+        "memlock" => LimitedResource::LockedMemory,
+        _ => {
+            return Err(format!(
+                "unknown resource {name:?}: use fsize, no-file or memlock"
+            ))
+        }
     };
     let value = value
         .parse()
@@ -241,6 +250,13 @@ mod tests {
             ResourceLimit {
                 resource: LimitedResource::OpenFiles,
                 value: 1024
+            }
+        );
+        assert_eq!(
+            parse_resource_limit("memlock=1048576").unwrap(),
+            ResourceLimit {
+                resource: LimitedResource::LockedMemory,
+                value: 1 << 20
             }
         );
         assert!(parse_resource_limit("nofile=1").is_err());

@@ -97,6 +97,8 @@ pub struct Jail {
     devices: Vec<DeviceNode>,
     no_file: u64,
     fsize: u64,
+    /// RLIMIT_MEMLOCK, when asked for; otherwise the caller's stays.
+    memlock: Option<u64>,
     daemonize: bool,
     new_pid_ns: bool,
     args: Vec<OsString>,
@@ -138,10 +140,12 @@ impl Jail {
         let cgroup = CgroupPlan::new(&cli.parent_cgroup, &cli.id, &cli.cgroups)?;
         let mut no_file = DEFAULT_NO_FILE;
         let mut fsize = RLIM_INFINITY;
+        let mut memlock = None;
         for limit in &cli.resource_limits {
             match limit.resource {
                 LimitedResource::OpenFiles => no_file = limit.value,
                 LimitedResource::FileSize => fsize = limit.value,
+                LimitedResource::LockedMemory => memlock = Some(limit.value),
             }
         }
         let root = cli
@@ -162,6 +166,7 @@ impl Jail {
             devices: device_nodes(cli.daemonize)?,
             no_file,
             fsize,
+            memlock,
             daemonize: cli.daemonize,
             new_pid_ns: cli.new_pid_ns,
             args: cli.args,
@@ -184,6 +189,10 @@ impl Jail {
             .map_err(sys_err(format!("set RLIMIT_NOFILE to {}", self.no_file)))?;
         setrlimit(Resource::RLIMIT_FSIZE, self.fsize, self.fsize)
             .map_err(sys_err(format!("set RLIMIT_FSIZE to {}", self.fsize)))?;
+        if let Some(bytes) = self.memlock {
+            setrlimit(Resource::RLIMIT_MEMLOCK, bytes, bytes)
+                .map_err(sys_err(format!("set RLIMIT_MEMLOCK to {bytes}")))?;
+        }
         self.detach()?;
         umask(caller_umask);
         self.drop_privileges()?;

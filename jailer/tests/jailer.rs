@@ -255,7 +255,10 @@ fn bad_command_lines_are_refused_before_anything_is_created() {
         (&["--cgroup-version", "1"], "only cgroup v2"),
         (&["--cgroup-version", "3"], "only 2 is supported"),
         (&["--parent-cgroup", "../x"], "parent cgroup"),
-        (&["--resource-limit", "nofile=3"], "use fsize or no-file"),
+        (
+            &["--resource-limit", "nofile=3"],
+            "use fsize, no-file or memlock",
+        ),
         (&["--resource-limit", "fsize=big"], "not a number"),
     ];
     for (extra, expected) in refused_options {
@@ -656,6 +659,10 @@ fn new_pid_ns_makes_the_program_pid_1_and_records_its_pid() {
             "no-file=100",
             "--resource-limit",
             "fsize=1000000",
+            // Below any host's hard limit: raising it needs CAP_SYS_RESOURCE, which some
+            // containers do not give root.
+            "--resource-limit",
+            "memlock=4194304",
         ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -686,6 +693,12 @@ fn new_pid_ns_makes_the_program_pid_1_and_records_its_pid() {
         limits
             .lines()
             .any(|l| l.starts_with("Max file size") && l.contains(" 1000000 ")),
+        "{limits}"
+    );
+    assert!(
+        limits
+            .lines()
+            .any(|l| l.starts_with("Max locked memory") && l.contains(" 4194304 ")),
         "{limits}"
     );
     let _ = stdin.write_all(b"x");
