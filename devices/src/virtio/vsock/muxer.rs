@@ -255,7 +255,6 @@ impl VsockWorker {
         }
         let mem = self.mem.clone();
         let mut handled = 0;
-        let mut rechecked = false;
         loop {
             if self.control.len() >= CONTROL_QUEUE_MAX {
                 self.tx_paused = true;
@@ -265,7 +264,7 @@ impl VsockWorker {
                 self.wake_later();
                 break;
             }
-            let Some(chain) = pop_chain(&mut self.queues[TX_QUEUE], &mem, &mut rechecked) else {
+            let Some(chain) = pop_chain(&mut self.queues[TX_QUEUE], &mem) else {
                 break;
             };
             let head = chain.head_index();
@@ -519,13 +518,12 @@ impl VsockWorker {
         }
         let mem = self.mem.clone();
         let mut used = 0;
-        let mut rechecked = false;
         while !self.control.is_empty() || !self.readable.is_empty() {
             if used >= QUEUE_BUDGET {
                 self.wake_later();
                 break;
             }
-            let Some(chain) = pop_chain(&mut self.queues[RX_QUEUE], &mem, &mut rechecked) else {
+            let Some(chain) = pop_chain(&mut self.queues[RX_QUEUE], &mem) else {
                 // Wait for the guest's next rx kick.
                 break;
             };
@@ -988,21 +986,27 @@ impl crate::virtio::WorkerLoop for VsockWorker {
     }
 }
 
-/// The next chain on `queue`. When it looks empty, notifications are re-enabled and, once
-/// per pass (`rechecked`), it is looked at again: a chain added while they were off would
-/// otherwise wait for a kick that never comes.
+/// The next chain on `queue`. When it looks empty, notifications are re-enabled and it
+/// is looked at once more: a chain added meanwhile would otherwise wait for a kick that
+/// never comes.
+///
+/// This re-arms every time the ring looks empty, not once per pass: with EVENT_IDX,
+/// re-enabling sets `avail_event` to the current position, and the driver kicks only
+/// for a chain at that index. If a recheck finds a chain, the device moves past the
+/// index it asked about; should the ring look empty again in the same pass without a
+/// new `avail_event`, the driver's next chains come without a kick and the queue stalls
+/// until some unrelated event (for a guest → host stream, nothing else comes). Callers
+/// stop at `None`, so a corrupt available index cannot keep a pass here.
 fn pop_chain<'m>(
     queue: &mut Queue,
     mem: &'m GuestMemoryMmap,
-    rechecked: &mut bool,
 ) -> Option<DescriptorChain<&'m GuestMemoryMmap>> {
     if let Some(chain) = queue.pop_descriptor_chain(mem) {
         return Some(chain);
     }
-    if *rechecked || !queue.enable_notification(mem).unwrap_or(false) {
+    if !queue.enable_notification(mem).unwrap_or(false) {
         return None;
     }
-    *rechecked = true;
     queue.pop_descriptor_chain(mem)
 }
 

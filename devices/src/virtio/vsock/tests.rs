@@ -111,6 +111,9 @@ struct Guest {
     rx_too_small: usize,
     buf_alloc: u32,
     cid: u64,
+    /// VIRTIO_RING_F_EVENT_IDX was negotiated: tx kicks follow the device's
+    /// `avail_event`, as Linux's `virtqueue_kick_prepare` does.
+    event_idx: bool,
 }
 
 impl Guest {
@@ -124,6 +127,7 @@ impl Guest {
             rx_too_small: 0,
             buf_alloc: 64 * 1024,
             cid: GUEST_CID,
+            event_idx: false,
         };
         post_rx_buffers(&mut g.rx);
         g.kick(RX_QUEUE);
@@ -189,8 +193,25 @@ impl Guest {
     /// Puts tx descriptor `slot`, covering `len` bytes at `addr`, on the tx queue.
     fn send_desc(&mut self, slot: u16, addr: u64, len: u32) {
         self.tx.write_desc(slot, addr, len, 0, 0);
+        let old = self.tx.avail_idx;
         self.tx.publish(slot);
-        self.kick(TX_QUEUE);
+        if self.tx_kick_needed(old) {
+            self.kick(TX_QUEUE);
+        }
+    }
+
+    /// Whether publishing tx chains from available index `old` on needs a kick: always
+    /// without EVENT_IDX, else only if the device's `avail_event` lies among them
+    /// (`vring_need_event`).
+    fn tx_kick_needed(&self, old: u16) -> bool {
+        if !self.event_idx {
+            return true;
+        }
+        // Linux's virtio_mb(): the new index is visible before avail_event is read.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let new = self.tx.avail_idx;
+        let event = self.tx.avail_event();
+        new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
     }
 
     /// The next packet the device put in the rx queue; the buffer goes back to it.
@@ -274,6 +295,18 @@ impl Rig {
     }
 
     fn with_cid(cid: u64) -> Self {
+        Self::with(cid, crate::virtio::VIRTIO_F_VERSION_1)
+    }
+
+    /// A device that negotiated VIRTIO_RING_F_EVENT_IDX, as Linux guests do.
+    fn with_event_idx() -> Self {
+        Self::with(
+            GUEST_CID,
+            crate::virtio::VIRTIO_F_VERSION_1 | crate::virtio::VIRTIO_RING_F_EVENT_IDX,
+        )
+    }
+
+    fn with(cid: u64, features: u64) -> Self {
         let dir = TempDir::new();
         let mut dev = Vsock::new(VsockConfig {
             guest_cid: cid,
@@ -281,7 +314,7 @@ impl Rig {
         })
         .unwrap();
         let mem = new_memory();
-        let mut guest = activate(&mut dev, &mem);
+        let mut guest = activate_with(&mut dev, &mem, features);
         guest.cid = cid;
         let metrics = dev.metrics();
         Self {
@@ -341,11 +374,18 @@ impl Rig {
 
 /// `dev` activated over fresh queues in `mem`, and the test's driver of them.
 fn activate(dev: &mut Vsock, mem: &GuestMemoryMmap) -> Guest {
+    activate_with(dev, mem, crate::virtio::VIRTIO_F_VERSION_1)
+}
+
+/// `dev` activated with `features` over fresh queues in `mem`, and the driver.
+fn activate_with(dev: &mut Vsock, mem: &GuestMemoryMmap, features: u64) -> Guest {
     let rings = driver_rings(mem);
     let queues = rings.iter().map(DriverRing::queue).collect();
-    let ends = test_support::activate(dev, crate::virtio::VIRTIO_F_VERSION_1, mem, queues);
+    let ends = test_support::activate(dev, features, mem, queues);
     let [rx, tx, _] = rings;
-    Guest::new(mem, rx, tx, ends.kicks)
+    let mut guest = Guest::new(mem, rx, tx, ends.kicks);
+    guest.event_idx = features & crate::virtio::VIRTIO_RING_F_EVENT_IDX != 0;
+    guest
 }
 
 /// A host process listening for guest connections to `port` (at `<uds>_<port>`).
@@ -819,6 +859,119 @@ fn guest_connects_to_a_host_listener_and_data_flows() {
     assert!(host.read(&mut b).map(|n| n == 0).unwrap_or(true));
     assert_eq!(rig.guest.recv(Duration::from_millis(100)), None);
     assert_eq!(counter(&rig.metrics.connections), 1);
+}
+
+/// A long guest → host stream with EVENT_IDX, the guest sending as Linux does (as much
+/// as its credit allows, one packet per write, a kick only when the device's
+/// `avail_event` asks for one) to a host that reads in small pieces with pauses. The
+/// device looks at the tx ring while the guest keeps adding to it, so it often finds
+/// it empty just before a chain arrives; every time it must leave `avail_event` at the
+/// next chain, or the guest's following chains come without a kick and the stream
+/// stops for good.
+#[test]
+fn guest_stream_with_event_idx_never_stalls() {
+    const N: usize = 32 << 20;
+    /// Nothing moved for this long: the transfer is stuck.
+    const STALL: Duration = Duration::from_secs(3);
+    let pattern = |i: usize| (i % 251) as u8;
+
+    let mut rig = Rig::with_event_idx();
+    let listener = rig.host_listener(5000);
+    let (host, resp) = rig.guest_connect(&listener, 7000, 5000);
+
+    // The host reader: small reads, a short pause now and then.
+    let read = Arc::new(AtomicUsize::new(0));
+    let reader = {
+        let read = Arc::clone(&read);
+        let mut host = host.try_clone().unwrap();
+        thread::spawn(move || {
+            let mut rng = Rng(0x5eed);
+            let mut buf = vec![0u8; 8192];
+            let mut total = 0usize;
+            while total < N {
+                let want = 1 + rng.below(buf.len() as u64) as usize;
+                let n = match host.read(&mut buf[..want]) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                for (k, b) in buf[..n].iter().enumerate() {
+                    assert_eq!(*b, pattern(total + k), "byte {}", total + k);
+                }
+                total += n;
+                read.store(total, Ordering::Relaxed);
+                if rng.chance(2) {
+                    thread::sleep(Duration::from_micros(200));
+                }
+            }
+            total
+        })
+    };
+
+    let mut rng = Rng(0xfeed);
+    let mut chunk = vec![0u8; MAX_PAYLOAD as usize];
+    let mut dev_buf_alloc = resp.buf_alloc;
+    let mut dev_fwd_cnt = resp.fwd_cnt;
+    let mut sent = 0usize;
+    let mut last = (0usize, 0usize, 0u16, 0u16);
+    let mut last_change = Instant::now();
+    while sent < N {
+        rig.guest.reclaim_tx();
+        let in_flight = (sent as u32).wrapping_sub(dev_fwd_cnt);
+        let credit = dev_buf_alloc.saturating_sub(in_flight) as usize;
+        if credit > 0 && !rig.guest.tx_free.is_empty() {
+            // One write of up to 4 KiB, cut to the credit: many small chains give
+            // the device many chances to find the ring empty as one arrives.
+            let n = (1 + rng.below(4096) as usize).min(credit).min(N - sent);
+            for (k, b) in chunk[..n].iter_mut().enumerate() {
+                *b = pattern(sent + k);
+            }
+            let h = rig.guest.hdr(7000, 5000, OP_RW);
+            rig.guest.send(h, &chunk[..n]);
+            sent += n;
+            continue;
+        }
+        // Blocked on credit or on tx descriptors: take credit from what arrives.
+        if let Some((h, _)) = rig.guest.recv(Duration::from_millis(1)) {
+            assert_eq!((h.src_port, h.dst_port), (5000, 7000), "{h:?}");
+            assert!(matches!(h.op, OP_CREDIT_UPDATE | OP_RW), "{h:?}");
+            dev_buf_alloc = h.buf_alloc;
+            dev_fwd_cnt = h.fwd_cnt;
+        }
+        let now = (
+            sent,
+            read.load(Ordering::Relaxed),
+            rig.guest.tx.used_idx(),
+            rig.guest.rx.used_idx(),
+        );
+        if now != last {
+            last = now;
+            last_change = Instant::now();
+        }
+        assert!(
+            last_change.elapsed() < STALL,
+            "stalled: guest sent {sent}, host read {}, device fwd_cnt {dev_fwd_cnt}; \
+             tx ring: avail {} used {} avail_event {}",
+            now.1,
+            rig.guest.tx.avail_idx,
+            now.2,
+            rig.guest.tx.avail_event(),
+        );
+    }
+    let mut bye = rig.guest.hdr(7000, 5000, OP_SHUTDOWN);
+    bye.flags = SHUTDOWN_BOTH;
+    rig.guest.send(bye, &[]);
+    let deadline = Instant::now() + WAIT;
+    while !reader.is_finished() {
+        // Keep taking rx packets so the final reset has buffers.
+        let _ = rig.guest.recv(Duration::from_millis(5));
+        assert!(
+            Instant::now() < deadline,
+            "host read {} of {N}",
+            read.load(Ordering::Relaxed)
+        );
+    }
+    assert_eq!(reader.join().unwrap(), N);
+    assert_eq!(counter(&rig.metrics.bad_packets), 0);
 }
 
 #[test]
