@@ -25,6 +25,10 @@ const DEFAULT_NO_FILE: u64 = 2048;
 /// Host directory whose character devices (VFIO groups, the container, iommufd device
 /// files under `devices/`) are recreated in the jail.
 const HOST_VFIO: &str = "/dev/vfio";
+/// The host's CPU and NUMA topology, bound read-only into the jail when the host has it:
+/// aivmm places guest memory and vCPUs by it (a zone's `host_node`, the node's CPUs and
+/// hugepage pools).
+const TOPOLOGY_DIRS: [&str; 2] = ["/sys/devices/system/cpu", "/sys/devices/system/node"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum JailError {
@@ -262,12 +266,58 @@ impl Jail {
             None::<&str>,
         )
         .map_err(sys_err(format!("bind-mount {}", self.root.display())))?;
+        for dir in TOPOLOGY_DIRS {
+            self.bind_read_only(Path::new(dir))?;
+        }
         unistd::chdir(&self.root).map_err(sys_err(format!("chdir {}", self.root.display())))?;
         // Stack the old root under the new one, then detach it: no path leads out.
         unistd::pivot_root(".", ".").map_err(sys_err("pivot_root into the jail"))?;
         umount2(".", MntFlags::MNT_DETACH).map_err(sys_err("unmount the old root"))?;
         unistd::chdir("/").map_err(sys_err("chdir /"))?;
         Ok(())
+    }
+
+    /// Binds the host directory `host_dir`, if it exists, read-only (and nosuid, nodev,
+    /// noexec) at the same path in the jail. Runs in the jail's mount namespace, before
+    /// the pivot, so nothing shows on the host.
+    fn bind_read_only(&self, host_dir: &Path) -> Result<(), JailError> {
+        if !host_dir.is_dir() {
+            return Ok(());
+        }
+        let rel = host_dir.strip_prefix("/").unwrap_or(host_dir);
+        let target = self.root.join(rel);
+        DirBuilder::new()
+            .mode(0o755)
+            .recursive(true)
+            .create(&target)
+            .map_err(io_err("create the directory", &target))?;
+        // The jail's contents are trusted until the jailer has run, but a link among the
+        // directories would put the mount outside the jail: refuse rather than follow.
+        let root = fs::canonicalize(&self.root).map_err(io_err("resolve", &self.root))?;
+        if fs::canonicalize(&target).map_err(io_err("resolve", &target))? != root.join(rel) {
+            return Err(JailError::NotADirectory(target));
+        }
+        mount(
+            Some(host_dir),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(sys_err(format!("bind-mount {}", host_dir.display())))?;
+        mount(
+            None::<&str>,
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND
+                | MsFlags::MS_REMOUNT
+                | MsFlags::MS_RDONLY
+                | MsFlags::MS_NOSUID
+                | MsFlags::MS_NODEV
+                | MsFlags::MS_NOEXEC,
+            None::<&str>,
+        )
+        .map_err(sys_err(format!("make {} read-only", target.display())))
     }
 
     /// Inside the jail: the directories the program may write to and the device nodes.

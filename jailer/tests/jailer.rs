@@ -431,8 +431,13 @@ fn assert_only_jail_contents(paths: &BTreeSet<String>, program: &str, extra_devi
             || host_vfio
                 .iter()
                 .any(|h| path == h || path.starts_with(&format!("{h}/")));
+        // The host's CPU and NUMA topology, read-only.
+        let is_topology = ["/sys", "/sys/devices", "/sys/devices/system"].contains(&path.as_str())
+            || TOPOLOGY
+                .iter()
+                .any(|t| path == t || path.starts_with(&format!("{t}/")));
         assert!(
-            is_library_path || is_vfio,
+            is_library_path || is_vfio || is_topology,
             "{path} is in the jail but the jailer did not put it there: {paths:?}"
         );
     }
@@ -442,7 +447,16 @@ fn assert_only_jail_contents(paths: &BTreeSet<String>, program: &str, extra_devi
             "{path} is missing from the jail: {paths:?}"
         );
     }
+    for dir in TOPOLOGY.iter().filter(|d| Path::new(d).is_dir()) {
+        assert!(
+            paths.contains(*dir),
+            "the host's {dir} is missing from the jail"
+        );
+    }
 }
+
+/// The host directories the jail shows read-only.
+const TOPOLOGY: [&str; 2] = ["/sys/devices/system/cpu", "/sys/devices/system/node"];
 
 #[test]
 fn a_jailed_program_sees_only_its_jail_with_its_netns_cgroup_and_ids() {
@@ -566,6 +580,19 @@ fn a_jailed_program_sees_only_its_jail_with_its_netns_cgroup_and_ids() {
         line("Max file size").contains("unlimited unlimited"),
         "{limits}"
     );
+    // The topology is bound read-only (mountinfo: mount point, then its options).
+    let mountinfo = fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    for dir in TOPOLOGY.iter().filter(|d| Path::new(d).is_dir()) {
+        let line = mountinfo
+            .lines()
+            .find(|l| l.split(' ').nth(4) == Some(*dir))
+            .unwrap_or_else(|| panic!("{dir} is not a mount in the jail: {mountinfo}"));
+        let options = line.split(' ').nth(5).unwrap_or_default();
+        assert!(
+            options.split(',').any(|o| o == "ro") && options.contains("nosuid"),
+            "{dir} is not read-only, nosuid: {line}"
+        );
+    }
     let cgroup = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
     let expected = format!("0::/{}/t1", cgroups.name);
     assert!(
