@@ -2,7 +2,7 @@
 //! NUMA-bound memory, and handles bad input and SIGTERM as its contract says.
 //!
 //! All tests share one rig run (one L1 boot in nested mode): see `aivmm_tests::rig`.
-//! The scenarios are in tests/rig/scenarios/ (boot.sh, badconfig.sh, sigterm.sh), the guest
+//! The scenarios are in tests/rig/scenarios/ (boot.sh, badconfig.sh, sigterm.sh, jailer.sh), the guest
 //! side in tests/rig/guest/.
 
 use aivmm_tests::{rig, Rig, RigMode, ScenarioRun};
@@ -22,7 +22,7 @@ mod serving;
 /// The Firecracker-compatible control API and JSON config file, with curl in L1.
 mod api;
 
-/// The boot and sigterm configs' zone: 256 MiB of 2 MiB pages.
+/// The boot, sigterm and jailer configs' zone: 256 MiB of 2 MiB pages.
 const ZONE_HUGEPAGES: i64 = 256 / 2;
 
 /// The node the scenarios bound memory to; node 1 in the nested rig (its two-node L1).
@@ -256,6 +256,112 @@ fn vcpu_threads_run_on_the_zone_node_cpus() {
             &format!(
                 "thread {comm} may run on CPUs {cpus}, expected node {node}'s CPUs {node_cpus}"
             ),
+        );
+    }
+}
+
+#[test]
+fn the_jailer_boots_a_guest_confined_and_sigterm_stops_it() {
+    // tests/rig/scenarios/jailer.sh: aivmm-jailer --uid 1000 --gid 1000 --cgroup-version 2
+    // [--cgroup pids.max=128 --cgroup memory.max=1 GiB] --resource-limit no-file=1024
+    // --resource-limit memlock=512 MiB, booting tests/rig/configs/jailer.toml.
+    let rig = rig();
+    let run = rig.run("jailer");
+    rig.check(
+        run,
+        run.fact("signalled") == Some("1"),
+        "the jailed guest never reached init",
+    );
+    rig.check(
+        run,
+        run.line_containing("AIVMM-GUEST-INIT").is_some(),
+        "the jailed guest's init line is not on its console",
+    );
+    rig.check(
+        run,
+        run.rc == Some(0),
+        "the jailed aivmm did not exit 0 on SIGTERM",
+    );
+    let expect = |key: &str, want: &str| {
+        let got = run.fact(key).unwrap_or("(none)").trim();
+        rig.check(
+            run,
+            got == want,
+            &format!("jailed aivmm: {key} is `{got}`, expected `{want}`"),
+        );
+    };
+    // The jailer became aivmm (same pid, its pid file says so), as uid:gid 1000:1000
+    // with no supplementary group, no-new-privs, and aivmm's own seccomp filters on.
+    expect("comm", "aivmm");
+    expect("uid", "1000 1000 1000 1000");
+    expect("gid", "1000 1000 1000 1000");
+    expect("groups", "");
+    expect("no_new_privs", "1");
+    expect("seccomp", "2");
+    expect("nofile", "1024");
+    // The zone: 256 MiB of 2 MiB hugepages from the zone's node, every page given back,
+    // and locked: aivmm exits at start when mlock fails, which it would under the
+    // default 8 MiB RLIMIT_MEMLOCK (hugetlb pages do not show in VmLck).
+    expect("memlock", "536870912");
+    let node = host_node(rig, run);
+    check_hugepages_taken_and_returned(rig, run, node);
+    let pid_file = run.fact("pid_file").unwrap_or_default();
+    let (written, seen) = pid_file.split_once(" (pid ").unwrap_or(("", ""));
+    rig.check(
+        run,
+        !written.is_empty() && seen.trim_end_matches(')') == written,
+        &format!("the jail's pid file does not name aivmm: `{pid_file}`"),
+    );
+    let cgroup = run.fact("cgroup").unwrap_or_default();
+    rig.check(
+        run,
+        cgroup.split(' ').any(|l| l == "0::/aivmm/rig-jail"),
+        &format!("aivmm is not in the cgroup v2 aivmm/rig-jail: `{cgroup}`"),
+    );
+    // Each limit the hierarchy could hold was written.
+    let limits = run.fact("limits").unwrap_or_default();
+    if limits.contains("pids.max") {
+        expect("cg_pids.max", "128");
+    }
+    if limits.contains("memory.max") {
+        expect("cg_memory.max", "1073741824");
+    }
+    if rig.mode == RigMode::Nested {
+        // L1 mounts no cgroup hierarchy of its own: the jailer's has every controller.
+        rig.check(
+            run,
+            limits.contains("pids.max") && limits.contains("memory.max"),
+            &format!("L1's cgroup2 should offer pids and memory; limits were `{limits}`"),
+        );
+    }
+    // The jail holds what the VM needs and nothing of the host.
+    let files: Vec<&str> = run
+        .fact("jail_files")
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    // `sys`: only the host's CPU and NUMA topology, read-only (the zone's host_node).
+    for want in [
+        "aivmm",
+        "aivmm.pid",
+        "dev",
+        "run",
+        "sys",
+        "vmlinux",
+        "initrd.gz",
+        "vm.toml",
+    ] {
+        rig.check(
+            run,
+            files.contains(&want),
+            &format!("no {want} in the jail: {files:?}"),
+        );
+    }
+    for never in ["proc", "etc", "tmp", "home", "root", "usr"] {
+        rig.check(
+            run,
+            !files.contains(&never),
+            &format!("the jail holds the host's {never}: {files:?}"),
         );
     }
 }

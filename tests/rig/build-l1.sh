@@ -20,6 +20,7 @@
 #                       RIG_IO_BIN, when set, and the disk-root guest of the tenant_io and
 #                       serving scenarios (with the serving scenario's requests)
 #   /bin/ai-inferd      AI_INFERD_BIN, when set (the ai_infer scenario's daemon)
+#   /bin/aivmm-jailer   JAILER_BIN, when set (the jailer scenario)
 #   /bin/curl           this host's curl (the API scenario's client)
 #   /models/            AI_MODELS_DIR's mlp.onnx and minilm/ with configs/models.toml, when set
 #   $RIG_L1_QEMU, /usr/share/{qemu,seabios}/
@@ -58,6 +59,9 @@ target=$(cargo_target_dir "$root")
 ai_args=()
 if [ -d "$(dirname "$scenario")/scenarios" ]; then
     ai_args+=(--add "$(dirname "$scenario")/scenarios:/rig/scenarios")
+fi
+if [ -n "${JAILER_BIN:-}" ]; then
+    ai_args+=(--bin "$JAILER_BIN:/bin/aivmm-jailer")
 fi
 if [ -n "${RIG_IO_BIN:-}" ]; then
     ai_args+=(--bin "$RIG_IO_BIN:/bin/rig-io"

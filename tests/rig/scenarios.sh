@@ -11,9 +11,9 @@
 #   RIG-SCENARIOS-DONE               every requested scenario ran
 #
 #   scenarios.sh [boot] [badconfig] [sigterm] [demo] [passthrough] [badpassthrough] [ptbench]
-#                [ai_infer] [tenant_io] [serving] [api] [serve_bench]
-#                (default: boot badconfig sigterm passthrough badpassthrough tenant_io api
-#                serving ai_infer)
+#                [ai_infer] [tenant_io] [serving] [api] [serve_bench] [jailer]
+#                (default: boot badconfig sigterm jailer passthrough badpassthrough tenant_io
+#                api serving ai_infer)
 #
 # Each scenario lives in its own file under scenarios/ next to this script (in L1:
 # /rig/scenarios/), defining scenario_<name>; scenarios/lib.sh holds the helpers they share.
@@ -22,6 +22,7 @@
 # Runs in L1 under busybox sh (nested mode), or on the host in direct mode; POSIX sh only.
 # Environment (defaults are the L1 layout made by build-l1.sh):
 #   AIVMM        the aivmm binary                        (/bin/aivmm)
+#   AIVMM_JAILER the aivmm-jailer binary                 (/bin/aivmm-jailer)
 #   L2_KERNEL    the guest kernel, ELF with PVH entry    (/l2/vmlinux; the boot
 #                scenario boots the bzImage L2_BZIMAGE)
 #   L2_BZIMAGE   the same kernel as a bzImage            (/l2/vmlinuz)
@@ -37,6 +38,7 @@
 set -u
 
 AIVMM=${AIVMM:-/bin/aivmm}
+AIVMM_JAILER=${AIVMM_JAILER:-/bin/aivmm-jailer}
 L2_KERNEL=${L2_KERNEL:-/l2/vmlinux}
 L2_BZIMAGE=${L2_BZIMAGE:-/l2/vmlinuz}
 L2_INITRD=${L2_INITRD:-/l2/initrd.gz}
@@ -61,13 +63,13 @@ for f in "$scenario_dir"/*.sh; do
     [ -f "$f" ] && . "$f"
 done
 
-[ $# -gt 0 ] || set -- boot badconfig sigterm passthrough badpassthrough tenant_io api serving ai_infer
+[ $# -gt 0 ] || set -- boot badconfig sigterm jailer passthrough badpassthrough tenant_io api serving ai_infer
 fact rig mode "${RIG_MODE:-unknown}"
 fact rig aivmm "$AIVMM"
 echo "RIG-PLAN $*"
 for s in "$@"; do
     case $s in
-    boot | badconfig | sigterm | demo | passthrough | badpassthrough | ptbench | ai_infer | tenant_io | serving | api | serve_bench)
+    boot | badconfig | sigterm | jailer | demo | passthrough | badpassthrough | ptbench | ai_infer | tenant_io | serving | api | serve_bench)
         "scenario_$s"
         ;;
     *) echo "scenarios.sh: unknown scenario: $s" >&2 ;;

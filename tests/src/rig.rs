@@ -118,23 +118,28 @@ fn run_step(what: &str, cmd: &mut Command) -> Result<String, String> {
 /// The binaries the rig runs, built in the test profile.
 struct Binaries {
     aivmm: PathBuf,
+    jailer: PathBuf,
     ai_inferd: PathBuf,
     ai_agent: PathBuf,
     rig_io: PathBuf,
 }
 
-/// Builds aivmm, ai-inferd, ai-agent and rig-io in one cargo call and returns their paths, as
+/// Builds aivmm, aivmm-jailer, ai-inferd, ai-agent and rig-io in one cargo call and returns their paths, as
 /// cargo reports them (so `--target-dir` and `CARGO_TARGET_DIR` are honoured).
 fn build_binaries(root: &Path) -> Result<Binaries, String> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let stdout = run_step(
-        "building aivmm, ai-inferd, ai-agent and rig-io",
+        "building aivmm, aivmm-jailer, ai-inferd, ai-agent and rig-io",
         Command::new(cargo).current_dir(root).args([
             "build",
             "-p",
             "vmm",
             "--bin",
             "aivmm",
+            "-p",
+            "aivmm-jailer",
+            "--bin",
+            "aivmm-jailer",
             "-p",
             "ai-inferd",
             "--bin",
@@ -170,6 +175,7 @@ fn build_binaries(root: &Path) -> Result<Binaries, String> {
     };
     Ok(Binaries {
         aivmm: find("aivmm")?,
+        jailer: find("aivmm-jailer")?,
         ai_inferd: find("ai-inferd")?,
         ai_agent: find("ai-agent")?,
         rig_io: find("rig-io")?,
@@ -327,7 +333,7 @@ impl Rig {
         };
         progress(&format!("mode: {mode_reason}"));
 
-        progress("building aivmm, ai-inferd, ai-agent and rig-io");
+        progress("building aivmm, aivmm-jailer, ai-inferd, ai-agent and rig-io");
         let mut bins = build_binaries(&root)?;
         if let Some(p) = std::env::var_os("AIVMM_BIN") {
             bins.aivmm = PathBuf::from(p);
@@ -360,6 +366,7 @@ impl Rig {
                     script(&rig_dir.join("build-l1.sh"))
                         .env("AIVMM_AGENT", &bins.ai_agent)
                         .env("RIG_IO_BIN", &bins.rig_io)
+                        .env("JAILER_BIN", &bins.jailer)
                         .env("AI_INFERD_BIN", &bins.ai_inferd)
                         .env("AI_MODELS_DIR", &models_dir)
                         .arg(&out_dir)
@@ -378,6 +385,7 @@ impl Rig {
                 let status = script(&rig_dir.join("run-direct.sh"))
                     .env("AIVMM_AGENT", &bins.ai_agent)
                     .env("RIG_IO_BIN", &bins.rig_io)
+                    .env("AIVMM_JAILER", &bins.jailer)
                     .env("AI_INFERD", &bins.ai_inferd)
                     .env("AI_MODELS", &models_dir)
                     .env("AI_MANIFEST", root.join("configs/models.toml"))
