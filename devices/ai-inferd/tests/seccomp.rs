@@ -1,9 +1,10 @@
 //! The daemon's seccomp filters, on the real binary.
 //!
-//! - With the filters on (the default), every thread type does its work: a VMM connects
-//!   and its requests run on each real model, the metrics are scraped, reloads come over
-//!   SIGHUP and the metrics socket, the VMM leaves and a new one connects, and the daemon
-//!   stops in order on SIGTERM. No thread strays outside its filter.
+//! - With the filters on (the default), every thread type does its work: a second VMM is
+//!   refused while one is connected, a VMM's requests run on each real model, the metrics
+//!   are scraped, reloads come over SIGHUP and the metrics socket, the VMM leaves and a new
+//!   one connects, and the daemon stops in order on SIGTERM. No thread strays outside its
+//!   filter.
 //! - A thread that does stray ends the daemon with exit code 3 and a line naming it.
 
 mod common;
@@ -153,6 +154,20 @@ fn with_filters_on_every_thread_does_its_work_and_the_daemon_stops_in_order() {
     wait_for(&dir.join("metrics.sock"), &mut child);
 
     let served = std::panic::catch_unwind(|| {
+        // A second VMM while one is connected is refused: the listener accepts it, reads
+        // its credentials and shuts it down, under its filter.
+        let first = TestFrontend::connect(&socket, FrontendOptions::default()).unwrap();
+        let second = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        second
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut byte = [0u8; 1];
+        let read = std::io::Read::read(&mut &second, &mut byte);
+        assert!(
+            matches!(read, Ok(0)),
+            "the second VMM was not refused: {read:?}"
+        );
+        drop(first);
         visit(&socket);
         let text = metrics::fetch(&endpoint, "", Duration::from_secs(10)).unwrap();
         assert!(text.contains("ai_inferd_"), "{text}");
