@@ -171,6 +171,8 @@ fn wait_for_signal(set: &libc::sigset_t) -> i32 {
 }
 
 fn serve(config_path: &Path, run_as: Option<RunAs>, filters: bool) -> ExitCode {
+    // First: loading the models runs the backends, which may start their thread pools.
+    fix_backend_threads();
     let config = match Config::load(config_path) {
         Ok(c) => c,
         Err(e) => {
@@ -195,7 +197,6 @@ fn serve(config_path: &Path, run_as: Option<RunAs>, filters: bool) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    fix_backend_threads();
     // Before the daemon starts a thread: each installs its own filter first.
     if !filters {
         log::warn!("seccomp filters are off (--no-seccomp)");
