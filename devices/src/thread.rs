@@ -7,10 +7,13 @@
 /// far more than any of these threads uses (no recursion, no large frames).
 pub const STACK_BYTES: usize = 1 << 20;
 
-/// A thread builder with `name` and the VMM's stack size.
+/// A thread builder with `name` and the VMM's stack size. A NUL byte (which would make
+/// the spawn panic) is dropped from the name.
 pub fn named(name: impl Into<String>) -> std::thread::Builder {
+    let mut name = name.into();
+    name.retain(|c| c != '\0');
     std::thread::Builder::new()
-        .name(name.into())
+        .name(name)
         .stack_size(STACK_BYTES)
 }
 
@@ -31,5 +34,13 @@ mod tests {
             })
             .unwrap();
         assert_eq!(t.join().unwrap(), (Some("worker-x".to_owned()), 7));
+    }
+
+    #[test]
+    fn a_nul_in_the_name_is_dropped_rather_than_failing_the_spawn() {
+        let t = named("blk-\0a")
+            .spawn(|| std::thread::current().name().map(str::to_owned))
+            .unwrap();
+        assert_eq!(t.join().unwrap().as_deref(), Some("blk-a"));
     }
 }

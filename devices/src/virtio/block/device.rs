@@ -114,10 +114,11 @@ impl Block {
         })?;
 
         let disk = DiskImage::open(&cfg.path, cfg.read_only)?;
-        let name = format!("virtio-blk-{}", cfg.id).replace('\0', "");
-        let thread = WorkerThread::spawn(&name).map_err(|source| BlockError::Thread {
-            id: cfg.id.clone(),
-            source,
+        let thread = WorkerThread::spawn(&format!("virtio-blk-{}", cfg.id)).map_err(|source| {
+            BlockError::Thread {
+                id: cfg.id.clone(),
+                source,
+            }
         })?;
         let mut features = VIRTIO_F_VERSION_1
             | VIRTIO_RING_F_EVENT_IDX
