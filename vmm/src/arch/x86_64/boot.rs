@@ -15,6 +15,7 @@ use linux_loader::loader::{
 };
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::image::MappedImage;
 use super::layout::*;
 use super::regs::EntryMode;
 
@@ -182,12 +183,15 @@ pub fn load_guest(
     }
 }
 
-fn open(what: &'static str, path: &Path) -> Result<File, BootError> {
-    File::open(path).map_err(|source| BootError::Open {
-        what,
-        path: path.display().to_string(),
-        source,
-    })
+/// Opens and maps a boot image (see [`MappedImage`]).
+fn open(what: &'static str, path: &Path) -> Result<MappedImage, BootError> {
+    File::open(path)
+        .and_then(MappedImage::map)
+        .map_err(|source| BootError::Open {
+            what,
+            path: path.display().to_string(),
+            source,
+        })
 }
 
 /// Copies the initrd to the highest page-aligned address that ends below `limit`.
@@ -198,14 +202,7 @@ fn load_initrd(
     limit: u64,
 ) -> Result<(u64, u64), BootError> {
     let mut f = open("initrd", path)?;
-    let size = f
-        .metadata()
-        .map_err(|source| BootError::Open {
-            what: "initrd",
-            path: path.display().to_string(),
-            source,
-        })?
-        .len();
+    let size = f.size();
     let too_large = || BootError::InitrdTooLarge {
         path: path.display().to_string(),
         size,

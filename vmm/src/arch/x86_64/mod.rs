@@ -3,6 +3,7 @@
 pub mod acpi;
 pub mod boot;
 pub mod cpuid;
+pub mod image;
 pub mod layout;
 pub mod mptable;
 pub mod regs;
