@@ -209,6 +209,9 @@ size_mib = 256
 backing = "hugetlb-2m"
 EOF2
 
+# aivmm's log level: warn, except in the diagnostic runs, whose info lines time its setup.
+AIVMM_LOG=warn
+
 # launch VARIANT RUN MEM CMDLINE
 # QEMU's guest RAM is anonymous by default (THP-eligible, see the l1_thp fact); for the memory
 # runs it is a memfd, as aivmm's, so that RssShmem is the guest on both and RssAnon + RssFile
@@ -218,20 +221,20 @@ launch() {
     case $v in
     aivmm)
         one_run "$v" "$2" "$3" "$AIVMM" --kernel "$L2_KERNEL" --initrd "$INITRD" \
-            --cmdline "$4" --memory 256 --vcpus 2
+            --cmdline "$4" --memory 256 --vcpus 2 --log-level "$AIVMM_LOG"
         ;;
     aivmm-vmlinux)
         one_run "$v" "$2" "$3" "$AIVMM" --kernel "$L2_VMLINUX" --initrd "$INITRD" \
-            --cmdline "$4" --memory 256 --vcpus 2
+            --cmdline "$4" --memory 256 --vcpus 2 --log-level "$AIVMM_LOG"
         ;;
     aivmm-vmlinux-noseccomp)
         # The cost of the seccomp filters: aivmm-vmlinux without them (on request only).
         one_run "$v" "$2" "$3" "$AIVMM" --kernel "$L2_VMLINUX" --initrd "$INITRD" \
-            --cmdline "$4" --memory 256 --vcpus 2 --no-seccomp
+            --cmdline "$4" --memory 256 --vcpus 2 --no-seccomp --log-level "$AIVMM_LOG"
         ;;
     aivmm-2m)
         one_run "$v" "$2" "$3" "$AIVMM" --config "$TMP/aivmm-2m.toml" --kernel "$L2_KERNEL" \
-            --initrd "$INITRD" --cmdline "$4" --memory 256 --vcpus 2
+            --initrd "$INITRD" --cmdline "$4" --memory 256 --vcpus 2 --log-level "$AIVMM_LOG"
         ;;
     cloud-hypervisor | cloud-hypervisor-vmlinux)
         # Its defaults otherwise: anonymous guest RAM, a virtio-rng PCI device (unseen with
@@ -316,7 +319,9 @@ done
 # Where the time goes: the kernel's own timestamps (its log, printed after init).
 if [ "$DIAG" = 1 ]; then
     for v in $VARIANTS; do
+        AIVMM_LOG=info
         launch "$v" diag 0 "$DIAG_CMDLINE"
+        AIVMM_LOG=warn
         echo "--- $v diag: console ---"
         cat "$TMP/$v-diag.out"
         echo "--- $v diag: stderr ---"

@@ -10,7 +10,7 @@ use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -171,10 +171,11 @@ pub fn run_controlled(
     }
     register_memory(&vm, &ram)?;
     log::info!(
-        "guest RAM: {} MiB in {} zone(s), {} slot(s)",
+        "guest RAM: {} MiB in {} zone(s), {} slot(s), {} ms after aivmm started",
         ram.size() >> 20,
         ram.zones.len(),
-        ram.placements.len()
+        ram.placements.len(),
+        start.elapsed().as_millis()
     );
 
     regs::write_boot_tables(&ram.memory)?;
@@ -186,9 +187,12 @@ pub fn run_controlled(
         .unwrap_or(0);
     // The guest's CPUID (KVM's supported set) bounds its physical addresses, and so the
     // 64-bit PCI window the ACPI tables declare and the PCI segment allocates from.
-    let base_cpuid = kvm
+    let mut base_cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("read KVM's supported CPUID"))?;
+    if kvm.check_extension(Cap::TscDeadlineTimer) {
+        cpuid::offer_tsc_deadline(&mut base_cpuid);
+    }
     let mmio64 = layout::pci_mmio64_window(ram_end, cpuid::guest_phys_bits(&base_cpuid));
     log::info!(
         "PCI 64-bit window {:#x}-{:#x} ({} GiB; guest physical address width {} bits)",
@@ -217,7 +221,12 @@ pub fn run_controlled(
             }
         }
     };
-    log::info!("kernel entry {:#x} ({:?})", entry.entry, entry.mode);
+    log::info!(
+        "kernel entry {:#x} ({:?}), loaded {} ms after aivmm started",
+        entry.entry,
+        entry.mode,
+        start.elapsed().as_millis()
+    );
 
     let stop = Arc::new(Stop::new().map_err(io_err("the stop event"))?);
     // Devices: dropped (passthrough reset and DMA-unmapped, virtio workers stopped)

@@ -7,6 +7,19 @@ use super::layout::DEFAULT_PHYS_BITS;
 
 const HYPERVISOR_BIT: u32 = 1 << 31; // leaf 1 ECX
 const HTT_BIT: u32 = 1 << 28; // leaf 1 EDX
+const TSC_DEADLINE_BIT: u32 = 1 << 24; // leaf 1 ECX
+
+/// Offers the guest the local APIC's TSC-deadline timer mode, which KVM emulates whenever
+/// it has `KVM_CAP_TSC_DEADLINE_TIMER` but leaves out of `KVM_GET_SUPPORTED_CPUID`. Without
+/// it a Linux guest programs the APIC timer in one-shot mode, and first calibrates that
+/// timer against the PIT, waiting a tenth of a second of its boot.
+pub fn offer_tsc_deadline(cpuid: &mut CpuId) {
+    for e in cpuid.as_mut_slice() {
+        if e.function == 0x1 {
+            e.ecx |= TSC_DEADLINE_BIT;
+        }
+    }
+}
 
 /// Rewrites `cpuid` (from `KVM_GET_SUPPORTED_CPUID`) for vCPU `cpu` of `vcpus`.
 pub fn patch_cpuid(cpuid: &mut CpuId, cpu: u8, vcpus: u8) {
@@ -98,6 +111,18 @@ mod tests {
         assert_eq!(e.ebx & 0xffff, 0xffff);
         assert_ne!(e.ecx & HYPERVISOR_BIT, 0);
         assert_ne!(e.edx & HTT_BIT, 0);
+    }
+
+    #[test]
+    fn tsc_deadline_is_offered_in_leaf_1_only() {
+        let mut cpuid = CpuId::from_entries(&[entry(1, 0), entry(7, 0)]).unwrap();
+        for e in cpuid.as_mut_slice() {
+            e.ecx = 0;
+        }
+        offer_tsc_deadline(&mut cpuid);
+        let e = cpuid.as_slice();
+        assert_eq!(e[0].ecx, TSC_DEADLINE_BIT);
+        assert_eq!(e[1].ecx, 0);
     }
 
     #[test]
