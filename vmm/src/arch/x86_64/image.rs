@@ -5,6 +5,10 @@
 //! cheap on bare metal; in a nested guest, where the host kernel's copy loop is emulated,
 //! the mapping loads a 50 MB vmlinux several times faster (docs/PERFORMANCE.md).
 //!
+//! A large copy also faults in the back half of its destination on a second thread while
+//! it copies: most of a copy into fresh guest memory is the host kernel clearing the pages
+//! it allocates, and that work splits across CPUs.
+//!
 //! The mapping is read through volatile slices: the file is the operator's, but nothing
 //! stops another process from writing to it while it is mapped, and the bytes must not be
 //! assumed stable. Truncating it while it loads raises SIGBUS, as it would for any mapped
@@ -16,6 +20,12 @@ use std::io::{self, Read, Seek, SeekFrom};
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::mmap::MmapRegion;
 use vm_memory::{FileOffset, ReadVolatile, VolatileMemory, VolatileMemoryError, VolatileSlice};
+
+use crate::memory::zone::populate_write;
+
+/// Copies at least this large fault in their back half on a helper thread.
+const SPLIT_COPY_MIN: usize = 8 << 20;
+const PAGE_SIZE: usize = 4096;
 
 /// An image file mapped read-only, with a cursor: `Read`, `Seek` and `ReadVolatile` as a
 /// file would offer them.
@@ -87,7 +97,22 @@ impl ReadVolatile for MappedImage {
     ) -> Result<usize, VolatileMemoryError> {
         let src = self.ahead(buf.len())?;
         let n = src.len();
-        src.copy_to_volatile_slice(buf.subslice(0, n)?);
+        let dst = buf.subslice(0, n)?;
+        let start = dst.ptr_guard_mut().as_ptr() as usize;
+        std::thread::scope(|s| {
+            if n >= SPLIT_COPY_MIN {
+                // Whole pages of the back half: the helper only faults them in (the
+                // kernel zeroes them), never writes through them, so the copy below is
+                // the only writer. Best effort: a failure leaves the copy to fault them.
+                let back = (start + n / 2).next_multiple_of(PAGE_SIZE);
+                let end = start + n;
+                if back < end {
+                    let _ = devices::thread::named("image-load")
+                        .spawn_scoped(s, move || populate_write(back, end - back));
+                }
+            }
+            src.copy_to_volatile_slice(dst);
+        });
         self.pos += n as u64;
         Ok(n)
     }
@@ -158,6 +183,20 @@ mod tests {
         assert!(mem
             .read_exact_volatile_from(GuestAddress(0), &mut img, 20)
             .is_err());
+    }
+
+    #[test]
+    fn a_large_copy_lands_whole() {
+        // Large enough for the helper thread, odd-sized so that the halves are uneven.
+        let len = super::SPLIT_COPY_MIN + 12_345;
+        let bytes: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
+        let mut img = image("large", &bytes);
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        mem.read_exact_volatile_from(GuestAddress(0x1234), &mut img, len)
+            .unwrap();
+        let mut back = vec![0u8; len];
+        mem.read_slice(&mut back, GuestAddress(0x1234)).unwrap();
+        assert!(back == bytes, "the copy differs from the image");
     }
 
     #[test]
