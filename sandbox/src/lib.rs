@@ -2,7 +2,8 @@
 //!
 //! - [`seccomp`]: named per-thread filters compiled from a program's reviewed JSON, each
 //!   thread installing its own, and a SIGSYS handler that names the offending thread and
-//!   syscall and ends the process;
+//!   syscall and ends the process; [`codegen`]: compiling the JSON in a program's build
+//!   script, so that the program starts with static BPF tables;
 //! - [`privilege`]: leaving root for good (`--run-as UID:GID`);
 //! - [`bpf`]: a classic-BPF evaluator, so that a program's tests can ask its filters what
 //!   they answer for a syscall without installing them; [`seccomp_child`]: running a test in a
@@ -12,6 +13,7 @@
 //! `devices/ai-inferd/seccomp/`); see docs/security.md.
 
 pub mod bpf;
+pub mod codegen;
 pub mod privilege;
 pub mod seccomp;
 pub mod seccomp_child;

@@ -1,8 +1,9 @@
 //! Per-thread seccomp filters, the machinery both programs share.
 //!
 //! A program keeps its filters as data (seccompiler's JSON: one named filter per thread
-//! type, every rule with a comment saying why) and calls [`enable`] once at start: the
-//! filters are compiled, the SIGSYS handler is installed and the allocator is warmed up.
+//! type, every rule with a comment saying why), compiled when the program is built
+//! ([`crate::codegen`]), and calls [`enable`] once at start with the compiled tables: the
+//! filters are loaded, the SIGSYS handler is installed and the allocator is warmed up.
 //! Each thread then installs its own filter with [`apply`] before it touches anything a
 //! guest or a peer controls. Filters stack on the threads a filtered thread starts, and
 //! the stricter answer wins.
@@ -18,7 +19,14 @@ use std::io;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
 
-use seccompiler::{BpfProgram, TargetArch};
+use seccompiler::{sock_filter, BpfProgram, TargetArch};
+
+/// One BPF instruction as the fields of a `sock_filter`: code, jt, jf, k.
+pub type Instruction = (u16, u8, u8, u32);
+
+/// Filters compiled at build time, by name: the type of the `COMPILED_FILTERS` table that
+/// [`crate::codegen`] writes.
+pub type CompiledFilters<'a> = [(&'a str, &'a [Instruction])];
 
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
@@ -41,7 +49,25 @@ pub struct Filters {
 }
 
 impl Filters {
+    /// Loads the filters compiled at build time ([`crate::codegen`]'s `COMPILED_FILTERS`);
+    /// every name in `names` must be there.
+    pub fn from_compiled(
+        compiled: &CompiledFilters<'_>,
+        names: &[&'static str],
+    ) -> Result<Self, SeccompError> {
+        let mut programs = HashMap::new();
+        for &name in names {
+            let (_, instructions) = compiled
+                .iter()
+                .find(|(n, _)| *n == name)
+                .ok_or(SeccompError::Missing(name))?;
+            programs.insert(name, to_program(instructions));
+        }
+        Ok(Self { programs })
+    }
+
     /// Compiles `json` for this host's architecture; every name in `names` must be there.
+    /// The programs load [`Filters::from_compiled`] instead; the tests read the JSON.
     pub fn compile(json: &str, names: &[&'static str]) -> Result<Self, SeccompError> {
         let arch = TargetArch::try_from(std::env::consts::ARCH)
             .map_err(|e| SeccompError::Compile(e.to_string()))?;
@@ -68,6 +94,13 @@ impl Filters {
     }
 }
 
+fn to_program(instructions: &[Instruction]) -> BpfProgram {
+    instructions
+        .iter()
+        .map(|&(code, jt, jf, k)| sock_filter { code, jt, jf, k })
+        .collect()
+}
+
 /// What the process enabled: its filters, and how a violation is reported.
 struct Enabled {
     filters: Filters,
@@ -78,16 +111,17 @@ static ENABLED: OnceLock<Enabled> = OnceLock::new();
 /// The exit code of a violation; an atomic so that the signal handler reads it safely.
 static EXIT_CODE: AtomicU8 = AtomicU8::new(1);
 
-/// Turns the filters on for this process (`program` names it in the violation line,
-/// which ends it with `exit_code`). Call it once, early, while one thread runs. Threads
-/// then install theirs with [`apply`].
+/// Turns the filters on for this process: `compiled` is its `COMPILED_FILTERS`, which
+/// must hold every filter in `names`; `program` names it in the violation line, which
+/// ends it with `exit_code`. Call it once, early, while one thread runs. Threads then
+/// install theirs with [`apply`].
 pub fn enable(
     program: &'static str,
     exit_code: u8,
-    json: &str,
+    compiled: &CompiledFilters<'_>,
     names: &[&'static str],
 ) -> Result<(), SeccompError> {
-    let filters = Filters::compile(json, names)?;
+    let filters = Filters::from_compiled(compiled, names)?;
     EXIT_CODE.store(exit_code, Ordering::SeqCst);
     let _ = ENABLED.set(Enabled { filters, program });
     install_sigsys_handler().map_err(SeccompError::Handler)?;
@@ -320,6 +354,30 @@ mod tests {
         assert!(matches!(
             Filters::compile("{", &["a"]),
             Err(SeccompError::Compile(_))
+        ));
+    }
+
+    #[test]
+    fn compiled_tables_load_as_the_programs_they_came_from() {
+        let from_json = Filters::compile(JSON, &["a"]).unwrap();
+        let program_a = from_json.program("a").unwrap();
+        let a: Vec<Instruction> = program_a
+            .iter()
+            .map(|i| (i.code, i.jt, i.jf, i.k))
+            .collect();
+        let compiled: &CompiledFilters = &[("a", &a), ("b", &[(6, 0, 0, 0)])];
+        let f = Filters::from_compiled(compiled, &["a", "b"]).unwrap();
+        assert_eq!(f.program("a").unwrap(), program_a);
+        let ret_kill = sock_filter {
+            code: 6,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        };
+        assert_eq!(f.program("b").unwrap(), &vec![ret_kill]);
+        assert!(matches!(
+            Filters::from_compiled(compiled, &["a", "c"]),
+            Err(SeccompError::Missing("c"))
         ));
     }
 

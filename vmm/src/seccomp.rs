@@ -1,8 +1,9 @@
 //! Per-thread seccomp filters.
 //!
 //! The filters are data: `vmm/seccomp/x86_64.json` (seccompiler's JSON format, one named
-//! filter per thread type, every syscall with the reason it is needed), compiled when
-//! aivmm starts. Each thread installs its own filter when it starts, before it touches
+//! filter per thread type, every syscall with the reason it is needed), compiled into
+//! static BPF tables when aivmm is built (`vmm/build.rs`), so that starting parses no
+//! JSON. Each thread installs its own filter when it starts, before it touches
 //! guest memory or anything the guest controls; a thread's children inherit its filter
 //! (filters stack, and the stricter wins), so threads are started by a thread whose
 //! filter is not yet installed, or that lets them do what they need:
@@ -29,6 +30,9 @@ use crate::exit_code;
 
 /// The reviewed filters.
 pub const FILTERS_JSON: &str = include_str!("../seccomp/x86_64.json");
+
+// `COMPILED_FILTERS`: `FILTERS_JSON` compiled by build.rs for the target.
+include!(concat!(env!("OUT_DIR"), "/seccomp_filters.rs"));
 
 /// The thread types, each with its own filter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -75,18 +79,19 @@ impl ThreadKind {
     }
 }
 
-/// Compiles [`FILTERS_JSON`] (the filters of every [`ThreadKind`]) for this host.
+/// Compiles [`FILTERS_JSON`] (the filters of every [`ThreadKind`]) for this host, as
+/// build.rs does for the target.
 pub fn compile() -> Result<Filters, SeccompError> {
     Filters::compile(FILTERS_JSON, &ThreadKind::names())
 }
 
-/// Turns the filters on for this process: compiles them, installs the SIGSYS handler and
+/// Turns the filters on for this process: loads them, installs the SIGSYS handler and
 /// the device threads' start hook. Threads then install theirs with [`apply`].
 pub fn enable() -> Result<(), SeccompError> {
     sandbox::seccomp::enable(
         "aivmm",
         exit_code::SECCOMP_VIOLATION,
-        FILTERS_JSON,
+        COMPILED_FILTERS,
         &ThreadKind::names(),
     )?;
     thread_start::set_start_hook(device_thread_start);
@@ -248,6 +253,19 @@ mod tests {
         }
         assert!(!allowed(main, libc::SYS_ioctl, ioctl(TIOCSTI)));
         assert!(!allowed(main, libc::SYS_socket, inet));
+    }
+
+    #[test]
+    fn the_filters_compiled_at_build_time_are_the_json_compiled_now() {
+        let built = Filters::from_compiled(COMPILED_FILTERS, &ThreadKind::names()).unwrap();
+        let now = compile().unwrap();
+        for name in ThreadKind::names() {
+            assert_eq!(
+                built.program(name).unwrap(),
+                now.program(name).unwrap(),
+                "{name}"
+            );
+        }
     }
 
     #[test]

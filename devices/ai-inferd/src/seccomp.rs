@@ -2,8 +2,9 @@
 //!
 //! The filters are data: `devices/ai-inferd/seccomp/x86_64.json` (seccompiler's JSON, one
 //! named filter per thread type, every syscall with the reason it is needed), compiled
-//! when the daemon starts (`sandbox::seccomp`). Each thread that touches something a
-//! tenant or a local client controls installs its filter first:
+//! into static BPF tables when the daemon is built (`devices/ai-inferd/build.rs`), so
+//! that starting parses no JSON (`sandbox::seccomp`). Each thread that touches something
+//! a tenant or a local client controls installs its filter first:
 //!
 //! - `listener` on each tenant's listener thread, before it accepts a VMM; the
 //!   vhost-user request thread and the vring workers it starts inherit it;
@@ -26,6 +27,9 @@ pub use sandbox::seccomp::SeccompError;
 
 /// The reviewed filters.
 pub const FILTERS_JSON: &str = include_str!("../seccomp/x86_64.json");
+
+// `COMPILED_FILTERS`: `FILTERS_JSON` compiled by build.rs for the target.
+include!(concat!(env!("OUT_DIR"), "/seccomp_filters.rs"));
 
 /// The exit code of a syscall outside a thread's filter (as aivmm's).
 pub const SECCOMP_VIOLATION: u8 = 3;
@@ -68,13 +72,13 @@ impl ThreadKind {
     }
 }
 
-/// Turns the filters on for this process: compiles them and installs the SIGSYS handler.
+/// Turns the filters on for this process: loads them and installs the SIGSYS handler.
 /// Call it once, before the daemon starts a thread.
 pub fn enable() -> Result<(), SeccompError> {
     sandbox::seccomp::enable(
         "ai-inferd",
         SECCOMP_VIOLATION,
-        FILTERS_JSON,
+        COMPILED_FILTERS,
         &ThreadKind::names(),
     )
 }
@@ -113,6 +117,19 @@ mod tests {
 
     fn answer(f: &Filters, kind: ThreadKind, nr: i64, args: [u64; 6]) -> u32 {
         bpf::verdict(f.program(kind.filter_name()).unwrap(), nr, args)
+    }
+
+    #[test]
+    fn the_filters_compiled_at_build_time_are_the_json_compiled_now() {
+        let built = Filters::from_compiled(COMPILED_FILTERS, &ThreadKind::names()).unwrap();
+        let now = filters();
+        for name in ThreadKind::names() {
+            assert_eq!(
+                built.program(name).unwrap(),
+                now.program(name).unwrap(),
+                "{name}"
+            );
+        }
     }
 
     #[test]

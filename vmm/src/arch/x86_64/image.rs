@@ -169,7 +169,7 @@ mod tests {
 
     #[test]
     fn copies_into_guest_memory_and_stops_at_the_end() {
-        let bytes: Vec<u8> = (0..9000u32).map(|i| (i % 251) as u8).collect();
+        let bytes: Vec<u8> = (0..9000u32).map(|i| (i % 251).to_le_bytes()[0]).collect();
         let mut img = image("pattern", &bytes);
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
         img.seek(SeekFrom::Start(100)).unwrap();
@@ -189,7 +189,7 @@ mod tests {
     fn a_large_copy_lands_whole() {
         // Large enough for the helper thread, odd-sized so that the halves are uneven.
         let len = super::SPLIT_COPY_MIN + 12_345;
-        let bytes: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
+        let bytes: Vec<u8> = (0..len).map(|i| (i % 253).to_le_bytes()[0]).collect();
         let mut img = image("large", &bytes);
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
         mem.read_exact_volatile_from(GuestAddress(0x1234), &mut img, len)
