@@ -123,6 +123,28 @@ fn guest_sees_two_vcpus() {
 }
 
 #[test]
+fn guest_runs_its_apic_timer_in_tsc_deadline_mode() {
+    // KVM emulates the mode but leaves it out of its supported CPUID; without it the
+    // guest calibrates the APIC timer against the PIT during boot.
+    let rig = rig();
+    let run = rig.run("boot");
+    rig.check(
+        run,
+        run.output
+            .iter()
+            .any(|l| l.trim() == "GUEST-TSC-DEADLINE=yes"),
+        "the guest's /proc/cpuinfo has no tsc_deadline_timer flag",
+    );
+    rig.check(
+        run,
+        run.output
+            .iter()
+            .any(|l| l.trim() == "GUEST-CLOCKEVENT=lapic-deadline"),
+        "the guest's boot CPU does not use the lapic-deadline clock event",
+    );
+}
+
+#[test]
 fn hugepage_zone_is_bound_to_its_numa_node() {
     let rig = rig();
     let run = rig.run("boot");
