@@ -168,8 +168,11 @@ fn warm_up_allocator() {
         .name("seccomp-warm-up".into())
         .stack_size(256 << 10)
         .spawn(|| {
-            let blocks: Vec<Vec<u8>> = (0..64)
-                .map(|_| std::hint::black_box(vec![1u8; 64 << 10]))
+            // Blocks below the mmap threshold come from the thread's arena; freed, they
+            // leave a top chunk above the trim threshold (128 KiB), so the arena's heap
+            // shrinks. Allocated, not written: only the chunk headers are touched.
+            let blocks: Vec<Vec<u8>> = (0..8)
+                .map(|_| std::hint::black_box(Vec::with_capacity(64 << 10)))
                 .collect();
             drop(std::hint::black_box(blocks));
         });
@@ -309,6 +312,45 @@ pub fn uncommented_rules(json: &str, names: &[&str]) -> Result<Vec<String>, Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const WARM_UP_CHILD: &str = "SANDBOX_TEST_WARM_UP_CHILD";
+
+    /// In the child: after the warm-up, a thread whose filter traps `openat` allocates and
+    /// frees enough to shrink its arena's heap; glibc must not open a file for that.
+    #[test]
+    fn after_the_warm_up_a_filtered_thread_frees_memory_without_opening_a_file() {
+        if std::env::var_os(WARM_UP_CHILD).is_none() {
+            let (code, stderr) = crate::seccomp_child::run_test(
+                "seccomp::tests::after_the_warm_up_a_filtered_thread_frees_memory_without_opening_a_file",
+                (WARM_UP_CHILD, "1"),
+            );
+            assert_eq!(code, Some(0), "the child died: {stderr}");
+            return;
+        }
+        warm_up_allocator();
+        let rules = [(libc::SYS_openat, vec![])].into_iter().collect();
+        let arch = TargetArch::try_from(std::env::consts::ARCH).unwrap();
+        let filter = seccompiler::SeccompFilter::new(
+            rules,
+            seccompiler::SeccompAction::Allow,
+            seccompiler::SeccompAction::Trap,
+            arch,
+        )
+        .unwrap();
+        let program = BpfProgram::try_from(filter).unwrap();
+        std::thread::spawn(move || {
+            seccompiler::apply_filter(&program).unwrap();
+            for _ in 0..4 {
+                let blocks: Vec<Vec<u8>> = (0..16)
+                    .map(|_| std::hint::black_box(vec![1u8; 64 << 10]))
+                    .collect();
+                drop(std::hint::black_box(blocks));
+            }
+        })
+        .join()
+        .unwrap();
+        std::process::exit(0);
+    }
 
     #[test]
     fn decimal_writes_numbers() {
