@@ -2,8 +2,8 @@
 //!
 //! The loaders copy each segment from the mapping into guest memory with one `memcpy`,
 //! instead of `read(2)`, which copies through the page cache a page at a time. Both are
-//! cheap on bare metal; in a nested guest, where the host kernel's copy loop is emulated,
-//! the mapping loads a 50 MB vmlinux several times faster (docs/PERFORMANCE.md).
+//! cheap on bare metal. In a nested guest the host kernel's copy loop runs emulated, and
+//! loading a 50 MB vmlinux is most of the VMM's own start (docs/PERFORMANCE.md).
 //!
 //! A large copy also faults in the back half of its destination on a second thread while
 //! it copies: most of a copy into fresh guest memory is the host kernel clearing the pages
