@@ -98,21 +98,21 @@ impl ReadVolatile for MappedImage {
         let src = self.ahead(buf.len())?;
         let n = src.len();
         let dst = buf.subslice(0, n)?;
-        let start = dst.ptr_guard_mut().as_ptr() as usize;
-        std::thread::scope(|s| {
-            if n >= SPLIT_COPY_MIN {
-                // Whole pages of the back half: the helper only faults them in (the
-                // kernel zeroes them), never writes through them, so the copy below is
-                // the only writer. Best effort: a failure leaves the copy to fault them.
-                let back = (start + n / 2).next_multiple_of(PAGE_SIZE);
-                let end = start + n;
-                if back < end {
-                    let _ = devices::thread::named("image-load")
-                        .spawn_scoped(s, move || populate_write(back, end - back));
-                }
-            }
+        if n < SPLIT_COPY_MIN {
             src.copy_to_volatile_slice(dst);
-        });
+        } else {
+            // Whole pages of the back half: the helper only faults them in (the kernel
+            // zeroes them), never writes through them, so the copy is the only writer.
+            // Best effort: a failure leaves the copy to fault them.
+            let start = dst.ptr_guard_mut().as_ptr() as usize;
+            let back = (start + n / 2).next_multiple_of(PAGE_SIZE);
+            let end = start + n;
+            std::thread::scope(|s| {
+                let _ = devices::thread::named("image-load")
+                    .spawn_scoped(s, move || populate_write(back, end - back));
+                src.copy_to_volatile_slice(dst);
+            });
+        }
         self.pos += n as u64;
         Ok(n)
     }
