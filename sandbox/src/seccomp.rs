@@ -94,6 +94,25 @@ impl Filters {
     }
 }
 
+/// Whether the tables `compiled` at build time hold, for every name in `names`, the
+/// program `json` compiles to now: a program's test that its build script is right.
+pub fn built_as_json_compiles(
+    compiled: &CompiledFilters<'_>,
+    json: &str,
+    names: &[&'static str],
+) -> Result<(), String> {
+    let built = Filters::from_compiled(compiled, names).map_err(|e| e.to_string())?;
+    let now = Filters::compile(json, names).map_err(|e| e.to_string())?;
+    for &name in names {
+        if built.program(name).ok() != now.program(name).ok() {
+            return Err(format!(
+                "filter {name}: the built table differs from the JSON"
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn to_program(instructions: &[Instruction]) -> BpfProgram {
     instructions
         .iter()
