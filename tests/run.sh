@@ -2,9 +2,11 @@
 # `make test`: the whole test suite, as CI runs it.
 #   1. host dependencies, the guest kernel and the models (tests/rig/deps.sh,
 #      devices/ai-inferd/models/setup.sh)
-#   2. cargo build --workspace --all-targets (the e2e rig then reuses the same aivmm build)
+#   2. cargo build --workspace --all-targets, and the statically linked release aivmm that
+#      operators install (vmm/build-static.sh, `make release`)
 #   3. cargo test --workspace (unit tests, real-/dev/kvm tests, and the e2e tests: one rig
-#      run, nested under QEMU TCG on hosts whose KVM cannot boot Linux)
+#      run, nested under QEMU TCG on hosts whose KVM cannot boot Linux, of that static aivmm
+#      unless AIVMM_BIN names another)
 #   4. a smoke run of every fuzz target (fuzz/smoke.sh: FUZZ_SECONDS, 15 s each; cargo-fuzz is
 #      installed on first use; AIVMM_TEST_FUZZ=0 skips it)
 # Ends with a summary: per test binary results, failed tests, where the rig's log is.
@@ -40,6 +42,12 @@ devices/ai-inferd/models/setup.sh
 
 step "cargo build --workspace --all-targets"
 cargo build --workspace --all-targets
+
+# The e2e rig boots its guests with the binary that ships: release-optimised and static.
+step "static release build (vmm/build-static.sh)"
+static_dir=$(vmm/build-static.sh)
+export AIVMM_BIN=${AIVMM_BIN:-$static_dir/aivmm}
+echo "e2e rig: $AIVMM_BIN"
 
 step "cargo test --workspace"
 set +e

@@ -5,10 +5,11 @@
 #
 #   tests/rig/bench-boot.sh [OUTDIR]            (default <repo>/target/rig/bench-boot)
 #
-# Builds aivmm (release), an L1 whose scenario is tests/rig/bench-boot-l1.sh and which also
-# carries qemu-system-x86_64 (with its shared libraries and the firmware it loads), boots it
-# under QEMU TCG (tests/rig/run-l1.sh), and turns the BENCH-* lines L1 prints into a table:
-# median and min..max per VMM over BENCH_RUNS interleaved rounds, and aivmm's ratio to each QEMU.
+# Builds aivmm (the static release build, vmm/build-static.sh), an L1 whose scenario is
+# tests/rig/bench-boot-l1.sh and which also carries qemu-system-x86_64 (with its shared
+# libraries and the firmware it loads), boots it under QEMU TCG (tests/rig/run-l1.sh), and turns
+# the BENCH-* lines L1 prints into a table: median and min..max per VMM over BENCH_RUNS
+# interleaved rounds, and aivmm's ratio to each QEMU.
 # The L1 console is kept in OUTDIR/l1-console.log, the table in OUTDIR/results.md.
 #
 # Environment: BENCH_RUNS (10), BENCH_TIMEOUT (120 s per VMM run inside L1), BENCH_DIAG (1),
@@ -41,8 +42,8 @@ need_cmd qemu-system-x86_64 qemu-system-x86
 if [ -n "${AIVMM_BIN:-}" ]; then
     aivmm=$AIVMM_BIN
 else
-    cargo build -q -p vmm --release --bin aivmm
-    aivmm=$(cargo_target_dir "$root")/release/aivmm
+    # What operators install: the static release build (`make release`).
+    aivmm=$("$root/vmm/build-static.sh")/aivmm
 fi
 
 qemu=$(command -v qemu-system-x86_64)

@@ -6,13 +6,14 @@
 #
 #   tests/rig/bench-io.sh [OUTDIR]            (default <repo>/target/rig-bench-io)
 #
-# Builds aivmm and rig-io (release: a debug rig-io alone caps a stream at ~20 MiB/s), the
-# disk-root tenant (guest-image/build-rootfs.sh, with the guest script below as /bench/io.sh),
-# an L1 whose scenario is tests/rig/bench-io-l1.sh and which also carries qemu-system-x86_64,
-# boots it under QEMU TCG (tests/rig/run-l1.sh), and turns the BENCH-* lines L1 prints into a
-# table: per VMM the median and min..max over the interleaved rounds, and aivmm's ratio to
-# each QEMU's median. OUTDIR gets results.md (the table), rounds.log (every run's BENCH-RUN
-# line and the raw guest and L1 rig-io lines behind it) and l1-console.log.
+# Builds aivmm (static release, vmm/build-static.sh) and rig-io (release: a debug rig-io alone
+# caps a stream at ~20 MiB/s), the disk-root tenant (guest-image/build-rootfs.sh, with the
+# guest script below as /bench/io.sh), an L1 whose scenario is tests/rig/bench-io-l1.sh and
+# which also carries qemu-system-x86_64, boots it under QEMU TCG (tests/rig/run-l1.sh), and
+# turns the BENCH-* lines L1 prints into a table: per VMM the median and min..max over the
+# interleaved rounds, and aivmm's ratio to each QEMU's median. OUTDIR gets results.md (the
+# table), rounds.log (every run's BENCH-RUN line and the raw guest and L1 rig-io lines behind
+# it) and l1-console.log.
 #
 # Environment: BENCH_RUNS (5 rounds), BENCH_TIMEOUT (300 s per VMM run inside L1),
 # BENCH_IO_TIMEOUT (60 s per rig-io step), BENCH_DISK_MIB (128: the scratch disk, a file in
@@ -43,9 +44,9 @@ if [ -n "${AIVMM_BIN:-}" ] && [ -n "${RIG_IO_BIN:-}" ]; then
     aivmm=$AIVMM_BIN
     rig_io=$RIG_IO_BIN
 else
-    cargo build -q --release -p vmm --bin aivmm -p rig-io --bin rig-io
+    cargo build -q --release -p rig-io --bin rig-io
     target=$(cargo_target_dir "$root")
-    aivmm=${AIVMM_BIN:-$target/release/aivmm}
+    aivmm=${AIVMM_BIN:-$("$root/vmm/build-static.sh")/aivmm}
     rig_io=${RIG_IO_BIN:-$target/release/rig-io}
 fi
 qemu=$(command -v qemu-system-x86_64)

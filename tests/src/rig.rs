@@ -5,7 +5,8 @@
 //! 2. `tests/rig/host-can-boot-linux.sh` picks the mode: **direct** where this host's KVM can
 //!    boot Linux, else **nested** (aivmm inside a QEMU TCG L1); `AIVMM_RIG=direct|nested`
 //!    forces it;
-//! 3. aivmm is built (`cargo build -p vmm --bin aivmm`) unless `AIVMM_BIN` names a binary;
+//! 3. aivmm is built (`cargo build -p vmm --bin aivmm`) unless `AIVMM_BIN` names a binary
+//!    (`make test` names the static release build, the one operators install);
 //! 4. nested: `build-l1.sh` + `run-l1.sh` (one L1 boot runs every scenario; a lost L1 is
 //!    booted again for the scenarios it did not finish, see [`boot_l1`]);
 //!    direct: `run-direct.sh`;
