@@ -294,7 +294,7 @@ pub fn prefault(
 }
 
 /// Faults in `[addr, addr+len)` (page-aligned `addr`) writable, without writing to it.
-pub(crate) fn populate_write(addr: usize, len: usize) -> io::Result<()> {
+fn populate_write(addr: usize, len: usize) -> io::Result<()> {
     // SAFETY: the range lies inside a mapping owned by the caller; MADV_POPULATE_WRITE only
     // faults pages in and does not change their contents.
     let ret = unsafe { libc::madvise(addr as *mut libc::c_void, len, MADV_POPULATE_WRITE) };

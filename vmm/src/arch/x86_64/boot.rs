@@ -113,7 +113,7 @@ pub fn load_guest(
         Some(&(0, len)) if len >= MIN_RAM => len,
         _ => return Err(BootError::LowMemory { min: MIN_RAM }),
     };
-    let mut kernel = open("kernel", kernel_path)?;
+    let mut kernel = open("kernel", kernel_path, mem)?;
     let kerr = |source| BootError::Kernel {
         path: kernel_path.display().to_string(),
         source,
@@ -183,10 +183,14 @@ pub fn load_guest(
     }
 }
 
-/// Opens and maps a boot image (see [`MappedImage`]).
-fn open(what: &'static str, path: &Path) -> Result<MappedImage, BootError> {
+/// Opens and maps a boot image to be loaded into `mem` (see [`MappedImage`]).
+fn open<'g>(
+    what: &'static str,
+    path: &Path,
+    mem: &'g GuestMemoryMmap,
+) -> Result<MappedImage<'g>, BootError> {
     File::open(path)
-        .and_then(MappedImage::map)
+        .and_then(|f| MappedImage::map(f, mem))
         .map_err(|source| BootError::Open {
             what,
             path: path.display().to_string(),
@@ -201,7 +205,7 @@ fn load_initrd(
     kernel_end: u64,
     limit: u64,
 ) -> Result<(u64, u64), BootError> {
-    let mut f = open("initrd", path)?;
+    let mut f = open("initrd", path, mem)?;
     let size = f.size();
     let too_large = || BootError::InitrdTooLarge {
         path: path.display().to_string(),

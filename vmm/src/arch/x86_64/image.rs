@@ -5,9 +5,9 @@
 //! cheap on bare metal. In a nested guest the host kernel's copy loop runs emulated, and
 //! loading a 50 MB vmlinux is most of the VMM's own start (docs/PERFORMANCE.md).
 //!
-//! A large copy also faults in the back half of its destination on a second thread while
-//! it copies: most of a copy into fresh guest memory is the host kernel clearing the pages
-//! it allocates, and that work splits across CPUs.
+//! A large copy runs on two threads, each copying one half: most of a copy into fresh guest
+//! memory is the host kernel clearing the pages it allocates at the first write, and both
+//! that and the copy itself split across CPUs.
 //!
 //! The mapping is read through volatile slices: the file is the operator's, but nothing
 //! stops another process from writing to it while it is mapped, and the bytes must not be
@@ -19,24 +19,28 @@ use std::io::{self, Read, Seek, SeekFrom};
 
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::mmap::MmapRegion;
-use vm_memory::{FileOffset, ReadVolatile, VolatileMemory, VolatileMemoryError, VolatileSlice};
+use vm_memory::{
+    FileOffset, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+    MemoryRegionAddress, ReadVolatile, VolatileMemory, VolatileMemoryError, VolatileSlice,
+};
 
-use crate::memory::zone::populate_write;
-
-/// Copies at least this large fault in their back half on a helper thread.
+/// Copies at least this large run on two threads.
 const SPLIT_COPY_MIN: usize = 8 << 20;
 const PAGE_SIZE: usize = 4096;
 
 /// An image file mapped read-only, with a cursor: `Read`, `Seek` and `ReadVolatile` as a
-/// file would offer them.
-pub struct MappedImage {
+/// file would offer them. `guest` is the memory it is loaded into: a copy's second thread
+/// takes its half of the destination from there, since a slice cannot cross threads.
+pub struct MappedImage<'g> {
     region: MmapRegion<()>,
     pos: u64,
+    guest: &'g GuestMemoryMmap,
 }
 
-impl MappedImage {
-    /// Maps all of `file`, which must be a regular file and not empty.
-    pub fn map(file: File) -> io::Result<Self> {
+impl<'g> MappedImage<'g> {
+    /// Maps all of `file`, which must be a regular file and not empty, to be loaded into
+    /// `guest`.
+    pub fn map(file: File, guest: &'g GuestMemoryMmap) -> io::Result<Self> {
         let meta = file.metadata()?;
         if !meta.is_file() {
             return Err(io::Error::new(
@@ -62,7 +66,11 @@ impl MappedImage {
             libc::MAP_PRIVATE | libc::MAP_POPULATE,
         )
         .map_err(|e| io::Error::other(format!("cannot map it: {e}")))?;
-        Ok(Self { region, pos: 0 })
+        Ok(Self {
+            region,
+            pos: 0,
+            guest,
+        })
     }
 
     /// The file's size in bytes (never zero: [`MappedImage::map`] refuses an empty file).
@@ -77,9 +85,24 @@ impl MappedImage {
         let count = (self.region.len() - start).min(max);
         self.region.get_slice(start, count)
     }
+
+    /// The guest region `dst` lies in, and `dst`'s offset in it: `None` when `dst` is not
+    /// guest memory (a caller's own buffer).
+    fn guest_region<B: BitmapSlice>(
+        &self,
+        dst: &VolatileSlice<B>,
+    ) -> Option<(&'g GuestRegionMmap, usize)> {
+        let addr = dst.ptr_guard().as_ptr() as usize;
+        self.guest.iter().find_map(|r| {
+            let base = r.as_ptr() as usize;
+            let off = addr.checked_sub(base)?;
+            let end = off.checked_add(dst.len())?;
+            (end <= usize::try_from(r.len()).ok()?).then_some((r, off))
+        })
+    }
 }
 
-impl Read for MappedImage {
+impl Read for MappedImage<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self
             .ahead(buf.len())
@@ -90,7 +113,7 @@ impl Read for MappedImage {
     }
 }
 
-impl ReadVolatile for MappedImage {
+impl ReadVolatile for MappedImage<'_> {
     fn read_volatile<B: BitmapSlice>(
         &mut self,
         buf: &mut VolatileSlice<B>,
@@ -98,27 +121,47 @@ impl ReadVolatile for MappedImage {
         let src = self.ahead(buf.len())?;
         let n = src.len();
         let dst = buf.subslice(0, n)?;
-        if n < SPLIT_COPY_MIN {
-            src.copy_to_volatile_slice(dst);
-        } else {
-            // Whole pages of the back half: the helper only faults them in (the kernel
-            // zeroes them), never writes through them, so the copy is the only writer.
-            // Best effort: a failure leaves the copy to fault them.
-            let start = dst.ptr_guard_mut().as_ptr() as usize;
-            let back = (start + n / 2).next_multiple_of(PAGE_SIZE);
-            let end = start + n;
-            std::thread::scope(|s| {
-                let _ = devices::thread::named("image-load")
-                    .spawn_scoped(s, move || populate_write(back, end - back));
-                src.copy_to_volatile_slice(dst);
-            });
+        match self.guest_region(&dst) {
+            Some((guest, at)) if n >= SPLIT_COPY_MIN => {
+                // The halves meet on a page boundary of the destination, so no page is
+                // faulted in by both threads.
+                let dst_start = dst.ptr_guard().as_ptr() as usize;
+                let half = (dst_start + n / 2).next_multiple_of(PAGE_SIZE) - dst_start;
+                let src_start = usize::try_from(self.pos)
+                    .map_err(|_| VolatileMemoryError::OutOfBounds { addr: usize::MAX })?;
+                let image = &self.region;
+                let back_at = at + half;
+                let copy_back = move || -> Result<(), VolatileMemoryError> {
+                    let from = image.get_slice(src_start + half, n - half)?;
+                    let to = guest
+                        .get_slice(MemoryRegionAddress(back_at as u64), n - half)
+                        .map_err(|_| VolatileMemoryError::OutOfBounds { addr: back_at })?;
+                    from.copy_to_volatile_slice(to);
+                    Ok(())
+                };
+                std::thread::scope(|s| {
+                    let helper = devices::thread::named("image-load").spawn_scoped(s, copy_back);
+                    src.subslice(0, half)?
+                        .copy_to_volatile_slice(dst.subslice(0, half)?);
+                    match helper {
+                        Ok(h) => h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
+                        // No second thread: this one copies the back half too.
+                        Err(_) => {
+                            src.subslice(half, n - half)?
+                                .copy_to_volatile_slice(dst.subslice(half, n - half)?);
+                            Ok(())
+                        }
+                    }
+                })?;
+            }
+            _ => src.copy_to_volatile_slice(dst),
         }
         self.pos += n as u64;
         Ok(n)
     }
 }
 
-impl Seek for MappedImage {
+impl Seek for MappedImage<'_> {
     fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
         let (base, delta) = match to {
             SeekFrom::Start(p) => (0, i128::from(p)),
@@ -146,13 +189,22 @@ mod tests {
         f
     }
 
-    fn image(name: &str, bytes: &[u8]) -> MappedImage {
-        MappedImage::map(file(name, bytes)).unwrap()
+    fn image<'g>(name: &str, bytes: &[u8], guest: &'g GuestMemoryMmap) -> MappedImage<'g> {
+        MappedImage::map(file(name, bytes), guest).unwrap()
+    }
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i % 253).to_le_bytes()[0]).collect()
+    }
+
+    fn no_guest() -> GuestMemoryMmap {
+        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap()
     }
 
     #[test]
     fn reads_and_seeks_as_a_file_would() {
-        let mut img = image("digits", b"0123456789");
+        let guest = no_guest();
+        let mut img = image("digits", b"0123456789", &guest);
         let mut four = [0u8; 4];
         img.read_exact(&mut four).unwrap();
         assert_eq!(&four, b"0123");
@@ -169,9 +221,9 @@ mod tests {
 
     #[test]
     fn copies_into_guest_memory_and_stops_at_the_end() {
-        let bytes: Vec<u8> = (0..9000u32).map(|i| (i % 251).to_le_bytes()[0]).collect();
-        let mut img = image("pattern", &bytes);
+        let bytes = pattern(9000);
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mut img = image("pattern", &bytes, &mem);
         img.seek(SeekFrom::Start(100)).unwrap();
         mem.read_exact_volatile_from(GuestAddress(0x1000), &mut img, 8900)
             .unwrap();
@@ -187,11 +239,11 @@ mod tests {
 
     #[test]
     fn a_large_copy_lands_whole() {
-        // Large enough for the helper thread, odd-sized so that the halves are uneven.
+        // Large enough for two threads, odd-sized so that the halves are uneven.
         let len = super::SPLIT_COPY_MIN + 12_345;
-        let bytes: Vec<u8> = (0..len).map(|i| (i % 253).to_le_bytes()[0]).collect();
-        let mut img = image("large", &bytes);
+        let bytes = pattern(len);
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let mut img = image("large", &bytes, &mem);
         mem.read_exact_volatile_from(GuestAddress(0x1234), &mut img, len)
             .unwrap();
         let mut back = vec![0u8; len];
@@ -200,8 +252,43 @@ mod tests {
     }
 
     #[test]
+    fn a_large_copy_across_two_guest_regions_lands_whole() {
+        // 12 MiB land in the first region and 8 MiB + 0x1234 in the second: both parts
+        // are split between the threads, each within its own region.
+        let mib = 1 << 20;
+        let len = 20 * mib + 0x1234;
+        let bytes = pattern(len);
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[
+            (GuestAddress(0), 16 * mib),
+            (GuestAddress(16 * mib as u64), 16 * mib),
+        ])
+        .unwrap();
+        let mut img = image("two-regions", &bytes, &mem);
+        let at = GuestAddress(4 * mib as u64);
+        mem.read_exact_volatile_from(at, &mut img, len).unwrap();
+        let mut back = vec![0u8; len];
+        mem.read_slice(&mut back, at).unwrap();
+        assert!(back == bytes, "the copy differs from the image");
+    }
+
+    #[test]
+    fn a_large_copy_into_a_buffer_outside_the_guest_lands_whole() {
+        // Not guest memory: no second thread can take a slice of it, one thread copies.
+        let len = super::SPLIT_COPY_MIN + 1;
+        let bytes = pattern(len);
+        let guest = no_guest();
+        let mut img = image("outside", &bytes, &guest);
+        let mut buf = vec![0u8; len];
+        let n = img
+            .read_volatile(&mut VolatileSlice::from(&mut buf[..]))
+            .unwrap();
+        assert_eq!(n, len);
+        assert!(buf == bytes, "the copy differs from the image");
+    }
+
+    #[test]
     fn a_directory_is_refused() {
-        let e = MappedImage::map(File::open(std::env::temp_dir()).unwrap())
+        let e = MappedImage::map(File::open(std::env::temp_dir()).unwrap(), &no_guest())
             .err()
             .unwrap();
         assert!(e.to_string().contains("not a regular file"), "{e}");
@@ -209,7 +296,9 @@ mod tests {
 
     #[test]
     fn an_empty_file_is_refused() {
-        let e = MappedImage::map(file("empty", b"")).err().unwrap();
+        let e = MappedImage::map(file("empty", b""), &no_guest())
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("empty"), "{e}");
     }
 }
