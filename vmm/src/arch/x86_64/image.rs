@@ -78,10 +78,15 @@ impl<'g> MappedImage<'g> {
         self.region.len() as u64
     }
 
+    /// The cursor as an offset into the mapping: at most its length, since the cursor may
+    /// lie past the end (seeking there is allowed, as for a file).
+    fn offset(&self) -> usize {
+        usize::try_from(self.pos.min(self.size())).unwrap_or(usize::MAX)
+    }
+
     /// The mapped bytes from the cursor on, at most `max` of them.
     fn ahead(&self, max: usize) -> Result<VolatileSlice<'_>, VolatileMemoryError> {
-        // The cursor may lie past the end (seeking there is allowed, as for a file).
-        let start = usize::try_from(self.pos.min(self.size())).unwrap_or(usize::MAX);
+        let start = self.offset();
         let count = (self.region.len() - start).min(max);
         self.region.get_slice(start, count)
     }
@@ -121,44 +126,62 @@ impl ReadVolatile for MappedImage<'_> {
         let src = self.ahead(buf.len())?;
         let n = src.len();
         let dst = buf.subslice(0, n)?;
-        match self.guest_region(&dst) {
-            Some((guest, at)) if n >= SPLIT_COPY_MIN => {
-                // The halves meet on a page boundary of the destination, so no page is
-                // faulted in by both threads.
-                let dst_start = dst.ptr_guard().as_ptr() as usize;
-                let half = (dst_start + n / 2).next_multiple_of(PAGE_SIZE) - dst_start;
-                let src_start = usize::try_from(self.pos)
-                    .map_err(|_| VolatileMemoryError::OutOfBounds { addr: usize::MAX })?;
-                let image = &self.region;
-                let back_at = at + half;
-                let copy_back = move || -> Result<(), VolatileMemoryError> {
-                    let from = image.get_slice(src_start + half, n - half)?;
-                    let to = guest
-                        .get_slice(MemoryRegionAddress(back_at as u64), n - half)
-                        .map_err(|_| VolatileMemoryError::OutOfBounds { addr: back_at })?;
-                    from.copy_to_volatile_slice(to);
-                    Ok(())
-                };
-                std::thread::scope(|s| {
-                    let helper = devices::thread::named("image-load").spawn_scoped(s, copy_back);
-                    src.subslice(0, half)?
-                        .copy_to_volatile_slice(dst.subslice(0, half)?);
-                    match helper {
-                        Ok(h) => h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
-                        // No second thread: this one copies the back half too.
-                        Err(_) => {
-                            src.subslice(half, n - half)?
-                                .copy_to_volatile_slice(dst.subslice(half, n - half)?);
-                            Ok(())
-                        }
-                    }
-                })?;
+        // Only a large copy looks for its guest region.
+        let split = if n >= SPLIT_COPY_MIN {
+            self.guest_region(&dst)
+        } else {
+            None
+        };
+        match split {
+            Some((guest, at)) => {
+                copy_on_two_threads(&self.region, self.offset(), &src, &dst, guest, at)?;
             }
-            _ => src.copy_to_volatile_slice(dst),
+            None => src.copy_to_volatile_slice(dst),
         }
         self.pos += n as u64;
         Ok(n)
     }
+}
+
+/// Copies `src` (the bytes of `image` from `src_start`) to `dst` (at offset `at` of the
+/// guest region `guest`): this thread the front half, a helper the back half. A slice
+/// cannot cross threads, so the helper takes its own from `image` and `guest`.
+fn copy_on_two_threads<B: BitmapSlice>(
+    image: &MmapRegion<()>,
+    src_start: usize,
+    src: &VolatileSlice<'_>,
+    dst: &VolatileSlice<'_, B>,
+    guest: &GuestRegionMmap,
+    at: usize,
+) -> Result<(), VolatileMemoryError> {
+    let n = src.len();
+    // The halves meet on a page boundary of the destination, so no page is faulted in by
+    // both threads.
+    let dst_start = dst.ptr_guard().as_ptr() as usize;
+    let half = (dst_start + n / 2).next_multiple_of(PAGE_SIZE) - dst_start;
+    let back_at = at + half;
+    let copy_back = move || -> Result<(), VolatileMemoryError> {
+        let from = image.get_slice(src_start + half, n - half)?;
+        let to = guest
+            .get_slice(MemoryRegionAddress(back_at as u64), n - half)
+            .map_err(|_| VolatileMemoryError::OutOfBounds { addr: back_at })?;
+        from.copy_to_volatile_slice(to);
+        Ok(())
+    };
+    std::thread::scope(|s| {
+        let helper = devices::thread::named("image-load").spawn_scoped(s, copy_back);
+        src.subslice(0, half)?
+            .copy_to_volatile_slice(dst.subslice(0, half)?);
+        match helper {
+            Ok(h) => h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
+            // No second thread: this one copies the back half too.
+            Err(_) => {
+                src.subslice(half, n - half)?
+                    .copy_to_volatile_slice(dst.subslice(half, n - half)?);
+                Ok(())
+            }
+        }
+    })
 }
 
 impl Seek for MappedImage<'_> {
