@@ -104,7 +104,9 @@ pub fn built_as_json_compiles(
     let built = Filters::from_compiled(compiled, names).map_err(|e| e.to_string())?;
     let now = Filters::compile(json, names).map_err(|e| e.to_string())?;
     for &name in names {
-        if built.program(name).ok() != now.program(name).ok() {
+        // A filter missing from both is an error too, not a match.
+        let built = built.program(name).map_err(|e| e.to_string())?;
+        if built != now.program(name).map_err(|e| e.to_string())? {
             return Err(format!(
                 "filter {name}: the built table differs from the JSON"
             ));
