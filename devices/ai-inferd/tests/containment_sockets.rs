@@ -83,8 +83,9 @@ fn sockets_are_0600_in_a_0700_directory_and_a_writable_directory_is_refused() {
     drop(h);
 
     // An existing directory group or others may write: no start, a clear error.
-    let dir = test_dir();
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o775)).unwrap();
+    let tmp = test_dir();
+    let dir = tmp.path();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o775)).unwrap();
     let text = config("", &tenant("a", "")).replace("{dir}", &dir.display().to_string());
     let err = Daemon::start(&Config::parse(&text).unwrap(), backends())
         .err()
@@ -93,7 +94,6 @@ fn sockets_are_0600_in_a_0700_directory_and_a_writable_directory_is_refused() {
     assert!(msg.contains(&dir.display().to_string()), "{msg}");
     assert!(msg.contains("0775"), "{msg}");
     assert!(!dir.join("a.sock").exists());
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

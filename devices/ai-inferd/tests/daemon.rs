@@ -764,7 +764,8 @@ fn per_model_delay_and_instances_shape_the_policies_and_survive_a_reload() {
     use ai_inferd::config::Config;
     use ai_inferd::daemon::Daemon;
     use ai_inferd::models::ModelServing;
-    let dir = test_dir();
+    let tmp = test_dir();
+    let dir = tmp.path();
     let text = |delay_us: u32| {
         format!(
             "[daemon]\nmodels = \"unused.toml\"\nexecutor_threads = 3\nmax_batch_delay_us = {delay_us}\n\

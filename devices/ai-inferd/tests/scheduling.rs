@@ -440,7 +440,8 @@ fn a_reload_changes_weights_live_and_a_bad_one_changes_nothing() {
 
 #[test]
 fn the_metrics_endpoint_serves_parseable_text_with_every_series() {
-    let dir = test_dir();
+    let tmp = test_dir();
+    let dir = tmp.path();
     let socket = dir.join("metrics.sock");
     let text = format!(
         "[daemon]\nmodels = \"m\"\nexecutor_threads = 1\nmetrics_socket = \"{}\"\n{}{}",
@@ -577,12 +578,12 @@ fn the_metrics_endpoint_serves_parseable_text_with_every_series() {
         !socket.exists(),
         "the metrics socket is removed at shutdown"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn a_reload_from_the_file_applies_allowed_models_and_limits() {
-    let dir = test_dir();
+    let tmp = test_dir();
+    let dir = tmp.path();
     let file = dir.join("d.toml");
     let text = |extra: &str| {
         format!(
@@ -621,5 +622,4 @@ fn a_reload_from_the_file_applies_allowed_models_and_limits() {
     assert_eq!(status(&mut fe, 3), Status::Ok);
     drop(fe);
     daemon.shutdown();
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -140,8 +140,9 @@ fn with_filters_on_every_thread_does_its_work_and_the_daemon_stops_in_order() {
     let Some(models) = models_dir() else {
         return;
     };
-    let dir = common::test_dir();
-    let config = write_config(&dir, &models);
+    let tmp = common::test_dir();
+    let dir = tmp.path();
+    let config = write_config(dir, &models);
     let mut child = Command::new(env!("CARGO_BIN_EXE_ai-inferd"))
         .args(["serve", "--log-level", "info", "--config"])
         .arg(&config)
@@ -179,7 +180,6 @@ fn with_filters_on_every_thread_does_its_work_and_the_daemon_stops_in_order() {
     });
     signal(&child, nix::sys::signal::Signal::SIGTERM);
     let (code, stderr) = finish(child, Duration::from_secs(30));
-    std::fs::remove_dir_all(&dir).unwrap();
     if let Err(e) = served {
         let what = e
             .downcast_ref::<String>()

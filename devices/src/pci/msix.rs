@@ -283,7 +283,10 @@ impl Msix {
     /// guest cannot observe here: the PBA reads as zero, as QEMU's and Cloud
     /// Hypervisor's do for irqfd-backed vectors when nothing is pending in userspace.
     pub fn read_pba(&self, offset: u64, data: &mut [u8]) {
-        if offset + data.len() as u64 <= self.pba_len() {
+        let end = u64::try_from(data.len())
+            .ok()
+            .and_then(|len| offset.checked_add(len));
+        if end.is_some_and(|end| end <= self.pba_len()) {
             data.fill(0);
         } else {
             data.fill(0xff);
@@ -452,6 +455,9 @@ pub(crate) mod tests {
         assert_eq!(p, [0; 8]);
         m.read_pba(8, &mut p);
         assert_eq!(p, [0xff; 8]);
+        p = [1u8; 8];
+        m.read_pba(u64::MAX - 3, &mut p);
+        assert_eq!(p, [0xff; 8], "an offset that overflows reads as unbacked");
     }
 
     #[test]

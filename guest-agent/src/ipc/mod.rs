@@ -76,18 +76,16 @@ mod tests {
 
     const MIB2: usize = 2 << 20;
 
-    /// A daemon over a fake device, serving on a socket in a temp dir; session memory
-    /// is a shareable fake pool the fake device can reach.
-    fn daemon() -> (FakeVirtioPci, std::path::PathBuf) {
+    /// A daemon over a fake device, serving on a socket in a temp dir (removed when the
+    /// returned guard drops); session memory is a shareable fake pool the fake device can
+    /// reach.
+    fn daemon() -> (FakeVirtioPci, std::path::PathBuf, tempfile::TempDir) {
         let (fake, engine) = fake_engine(FakeDeviceBehaviour::default());
-        let dir = std::env::temp_dir().join(format!(
-            "ga-ipc-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let socket = dir.join("agent.sock");
+        let dir = tempfile::Builder::new()
+            .prefix("ga-ipc-")
+            .tempdir()
+            .unwrap();
+        let socket = dir.path().join("agent.sock");
         let f2 = fake.clone();
         let base = std::sync::atomic::AtomicU64::new(0x8000_0000);
         let memory: Box<SessionMemory> = Box::new(move |bytes| {
@@ -105,12 +103,12 @@ mod tests {
         let d = Arc::new(Daemon::new(Arc::new(engine), opts, memory));
         let listener = UnixListener::bind(&socket).unwrap();
         std::thread::spawn(move || d.serve(listener));
-        (fake, socket)
+        (fake, socket, dir)
     }
 
     #[test]
     fn clients_infer_in_shared_memory_through_the_daemon() {
-        let (fake, socket) = daemon();
+        let (fake, socket, _dir) = daemon();
         let agent = Agent::from_client(DaemonClient::connect(&socket, MIB2).unwrap());
         assert!(agent.is_daemon_client());
         let model = agent.find_model("text-stats").unwrap();
@@ -169,7 +167,7 @@ mod tests {
     /// with its own session, must all be served (no descriptor, session or id leak).
     #[test]
     fn hundreds_of_short_lived_clients_are_all_served() {
-        let (_fake, socket) = daemon();
+        let (_fake, socket, _dir) = daemon();
         for round in 0..300u64 {
             let agent = Agent::from_client(DaemonClient::connect(&socket, MIB2).unwrap());
             let model = agent.find_model("text-stats").unwrap();
@@ -193,7 +191,7 @@ mod tests {
 
     #[test]
     fn daemon_refuses_bad_sessions_and_foreign_offsets() {
-        let (_fake, socket) = daemon();
+        let (_fake, socket, _dir) = daemon();
         for bytes in [0, 4096, 4 * MIB2] {
             let err = DaemonClient::connect(&socket, bytes).unwrap_err();
             assert!(matches!(err, IpcError::Daemon { .. }), "{bytes}: {err}");

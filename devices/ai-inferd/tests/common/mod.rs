@@ -4,9 +4,10 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
+
+use tempfile::TempDir;
 
 use ai_infer_protocol::{DType, DimRange, ModelInfo, Request, Shape, TensorDesc, TensorSpec};
 use ai_infer_test_frontend::{FrontendOptions, TestFrontend};
@@ -174,28 +175,31 @@ pub struct Harness {
     pub gate: Arc<Gate>,
     /// The config text the daemon was started with (`{dir}` replaced).
     pub text: String,
+    /// Removes `dir` once the daemon is shut down (fields drop after `Drop::drop`).
+    _tmp: TempDir,
 }
 
-/// A fresh temporary directory for one daemon.
-pub fn test_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "ai-inferd-it-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::SeqCst)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+/// A fresh temporary directory for one daemon, removed when dropped.
+pub fn test_dir() -> TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix("ai-inferd-it-")
+        .tempdir()
+        .unwrap();
     // The daemon refuses a socket directory others may write (whatever the umask).
-    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
     dir
 }
-
-static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 impl Harness {
     /// A daemon from `text` (a whole config; `{dir}` stands for the test's
     /// directory, where sockets go) serving `backends`.
     pub fn custom(text: &str, backends: Vec<Arc<dyn Backend>>) -> Harness {
-        let dir = test_dir();
+        let tmp = test_dir();
+        let dir = tmp.path().to_path_buf();
         let text = text.replace("{dir}", &dir.display().to_string());
         let config = Config::parse(&text).unwrap();
         let daemon = Daemon::start(&config, backends).unwrap();
@@ -204,6 +208,7 @@ impl Harness {
             dir,
             gate: Arc::new(Gate::default()),
             text,
+            _tmp: tmp,
         }
     }
 
@@ -213,7 +218,8 @@ impl Harness {
     }
 
     pub fn start(executors: u32, tenants: &[TenantOpts]) -> Harness {
-        let dir = test_dir();
+        let tmp = test_dir();
+        let dir = tmp.path().to_path_buf();
         let mut text =
             format!("[daemon]\nmodels = \"unused.toml\"\nexecutor_threads = {executors}\n");
         for t in tenants {
@@ -239,6 +245,7 @@ impl Harness {
             dir,
             gate,
             text,
+            _tmp: tmp,
         }
     }
 
@@ -262,7 +269,6 @@ impl Drop for Harness {
         if let Some(d) = self.daemon.take() {
             d.shutdown();
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -173,12 +173,14 @@ mod tests {
         }
     }
 
-    fn sock_path(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("rig-io-hybrid-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join(name);
-        let _ = std::fs::remove_file(&p);
-        p
+    /// A socket path in a fresh directory, removed when the returned guard drops.
+    fn sock_path(name: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::Builder::new()
+            .prefix("rig-io-hybrid-")
+            .tempdir()
+            .unwrap();
+        let p = dir.path().join(name);
+        (dir, p)
     }
 
     /// A VMM that reads the request and answers `reply` (then closes).
@@ -196,7 +198,7 @@ mod tests {
 
     #[test]
     fn handshake_rejects_a_bad_reply() {
-        let p = sock_path("bad.sock");
+        let (_dir, p) = sock_path("bad.sock");
         let vmm = fake_vmm(&p, b"NOPE\n");
         let e = connect(&p, 5, Duration::from_secs(5)).expect_err("a bad reply");
         assert!(matches!(e, HandshakeError::BadReply { .. }), "{e}");
@@ -205,7 +207,7 @@ mod tests {
 
     #[test]
     fn handshake_rejects_a_reply_without_end() {
-        let p = sock_path("long.sock");
+        let (_dir, p) = sock_path("long.sock");
         let _vmm = fake_vmm(&p, b"OK 12345678901234567890123456789012345");
         let e = connect(&p, 5, Duration::from_secs(5)).expect_err("an endless reply");
         assert!(matches!(e, HandshakeError::TooLong { .. }), "{e}");
@@ -213,7 +215,7 @@ mod tests {
 
     #[test]
     fn handshake_retries_while_the_vmm_closes_and_then_times_out() {
-        let p = sock_path("closed.sock");
+        let (_dir, p) = sock_path("closed.sock");
         let l = Listener::unix(&p, Duration::from_secs(1)).unwrap();
         let closer = std::thread::spawn(move || {
             // Accept and drop: what the VMM does when the guest has no listener.

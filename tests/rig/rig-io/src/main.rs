@@ -210,12 +210,14 @@ mod tests {
 
     const STEP: Duration = Duration::from_secs(20);
 
-    fn sock_path(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("rig-io-main-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join(name);
-        let _ = std::fs::remove_file(&p);
-        p
+    /// A socket path in a fresh directory, removed when the returned guard drops.
+    fn sock_path(name: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::Builder::new()
+            .prefix("rig-io-main-")
+            .tempdir()
+            .unwrap();
+        let p = dir.path().join(name);
+        (dir, p)
     }
 
     /// A hybrid-vsock VMM with a guest behind it: accepts one connection, expects
@@ -251,7 +253,7 @@ mod tests {
 
     #[test]
     fn uds_connect_sends_to_the_guest() {
-        let p = sock_path("send.sock");
+        let (_dir, p) = sock_path("send.sock");
         let n = 2 * 1024 * 1024 + 3;
         let guest = fake_vmm(&p, 5, Role::Recv(n));
         let host = transfer_on(
@@ -269,7 +271,7 @@ mod tests {
 
     #[test]
     fn uds_connect_receives_from_the_guest() {
-        let p = sock_path("recv.sock");
+        let (_dir, p) = sock_path("recv.sock");
         let guest = fake_vmm(&p, 5, Role::Send(100_000));
         let host = transfer_on(
             &Endpoint::UdsConnect { path: p, port: 5 },
@@ -281,7 +283,7 @@ mod tests {
 
     #[test]
     fn uds_connect_rtt_against_a_guest_echo() {
-        let p = sock_path("rtt.sock");
+        let (_dir, p) = sock_path("rtt.sock");
         let guest = fake_vmm(&p, 5, Role::Echo);
         let host = transfer_on(
             &Endpoint::UdsConnect { path: p, port: 5 },
@@ -299,7 +301,7 @@ mod tests {
 
     #[test]
     fn uds_connect_fails_on_a_bad_reply() {
-        let p = sock_path("bad.sock");
+        let (_dir, p) = sock_path("bad.sock");
         let l = UnixListener::bind(&p).unwrap();
         let vmm = thread::spawn(move || {
             let (s, _) = l.accept().unwrap();
@@ -323,7 +325,7 @@ mod tests {
     fn uds_listen_receives_what_the_guest_sends() {
         // The VMM connects to <uds_path>_<port> when the guest connects to CID 2: here a
         // thread that waits for the socket to appear and sends the pattern.
-        let p = sock_path("v.sock_6000");
+        let (_dir, p) = sock_path("v.sock_6000");
         // A stale socket file from an earlier run.
         drop(UnixListener::bind(&p).unwrap());
         let n = 300_000;
