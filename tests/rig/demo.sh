@@ -52,11 +52,17 @@ quietly() {
 
 quietly "installing dependencies, the guest kernel and the models" \
     bash -c '"$1/deps.sh" && "$2/devices/ai-inferd/models/setup.sh"' _ "$here" "$root"
-quietly "building aivmm, ai-inferd, ai-agent and rig-io" \
-    cargo build -p vmm --bin aivmm -p ai-inferd --bin ai-inferd -p guest-agent --bin ai-agent \
-    -p rig-io --bin rig-io
+quietly "building ai-inferd, ai-agent and rig-io" \
+    cargo build -p ai-inferd --bin ai-inferd -p guest-agent --bin ai-agent -p rig-io --bin rig-io
 target=$(cargo_target_dir "$root")
-aivmm=${AIVMM_BIN:-$target/debug/aivmm}
+# aivmm as operators install it: the static release build (`make release`).
+if [ -n "${AIVMM_BIN:-}" ]; then
+    aivmm=$AIVMM_BIN
+else
+    quietly "building aivmm (the static release build, vmm/build-static.sh)" \
+        bash -c '"$1" >"$2"' _ "$root/vmm/build-static.sh" "$out/aivmm-dir"
+    aivmm=$(cat "$out/aivmm-dir")/aivmm
+fi
 export AIVMM_AGENT=$target/debug/ai-agent RIG_IO_BIN=$target/debug/rig-io
 
 if [ "${AIVMM_DEMO:-}" = boot ]; then
