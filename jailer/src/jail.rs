@@ -46,6 +46,8 @@ pub enum JailError {
     InUse(PathBuf, PathBuf, PathBuf),
     #[error("{0} is not a directory")]
     NotADirectory(PathBuf),
+    #[error("{link} in the jail is a symbolic link (to {to}): the jail's directories must be real ones; remove it")]
+    LinkInJail { link: PathBuf, to: PathBuf },
     #[error("cannot {what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -286,16 +288,25 @@ impl Jail {
         }
         let rel = host_dir.strip_prefix("/").unwrap_or(host_dir);
         let target = self.root.join(rel);
+        // The jail's contents are trusted until the jailer has run, but a link among the
+        // directories would put the mount (and the directories made for it) outside the
+        // jail: refuse rather than follow.
+        if let Some((link, to)) = first_link(&self.root, rel) {
+            return Err(JailError::LinkInJail { link, to });
+        }
         DirBuilder::new()
             .mode(0o755)
             .recursive(true)
             .create(&target)
             .map_err(io_err("create the directory", &target))?;
-        // The jail's contents are trusted until the jailer has run, but a link among the
-        // directories would put the mount outside the jail: refuse rather than follow.
+        // A link made since the check above is caught here.
         let root = fs::canonicalize(&self.root).map_err(io_err("resolve", &self.root))?;
-        if fs::canonicalize(&target).map_err(io_err("resolve", &target))? != root.join(rel) {
-            return Err(JailError::NotADirectory(target));
+        let resolved = fs::canonicalize(&target).map_err(io_err("resolve", &target))?;
+        if resolved != root.join(rel) {
+            return Err(JailError::LinkInJail {
+                link: target,
+                to: resolved,
+            });
         }
         mount(
             Some(host_dir),
@@ -495,6 +506,25 @@ fn device_nodes(daemonize: bool) -> Result<Vec<DeviceNode>, JailError> {
     Ok(nodes)
 }
 
+/// The first of `root`'s subpaths along `rel` that is a symbolic link, with where it
+/// points; `None` when every existing one is a real directory or file.
+fn first_link(root: &Path, rel: &Path) -> Option<(PathBuf, PathBuf)> {
+    let mut path = root.to_path_buf();
+    for part in rel.components() {
+        path.push(part);
+        match fs::symlink_metadata(&path) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                let to = fs::read_link(&path).unwrap_or_default();
+                return Some((path, to));
+            }
+            Ok(_) => {}
+            // Nothing further along exists yet: no link to follow.
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
 /// Opens a network namespace file; anything but a namespace file is refused here rather
 /// than by setns once the jail is half built.
 fn open_netns(path: &Path) -> Result<File, JailError> {
@@ -532,4 +562,27 @@ fn copy_new(src: &Path, dst: &Path, mode: u32) -> Result<(), JailError> {
         .map_err(io_err("create", dst))?;
     io::copy(&mut from, &mut to).map_err(io_err("copy into", dst))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_link_names_the_link_and_its_target() {
+        let jail = tempfile::Builder::new()
+            .prefix("aivmm-jail-")
+            .tempdir()
+            .unwrap();
+        let root = jail.path();
+        let rel = Path::new("sys/devices/system/cpu");
+        assert_eq!(first_link(root, rel), None, "nothing exists yet");
+        fs::create_dir_all(root.join("sys/devices")).unwrap();
+        assert_eq!(first_link(root, rel), None, "real directories only");
+        std::os::unix::fs::symlink("/etc", root.join("sys/devices/system")).unwrap();
+        assert_eq!(
+            first_link(root, rel),
+            Some((root.join("sys/devices/system"), PathBuf::from("/etc")))
+        );
+    }
 }

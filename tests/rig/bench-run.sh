@@ -9,9 +9,10 @@
 # only (no polling, no fork per check), which reads the clock again when the guest init's
 # marker line `AIVMM-GUEST-INIT` arrives, and once more when the VMM has exited. After the
 # guest script's `AIVMM-SCRIPT-EXIT` line the guest powers off: a VMM still running 30 s later
-# is killed; so is one running longer than RUN_LIMIT (else LIMIT) seconds in all.
+# gets SIGTERM, then SIGKILL 5 s on (RC 124); one running longer than RUN_LIMIT (else LIMIT)
+# seconds in all is killed.
 # Sets BOOT_MS (start to marker; na without a marker), EXIT_MS (start to exit), RC (the VMM's
-# exit status), GUEST_UP (the guest's uptime in the marker line, na), INIT_MS (aivmm's own
+# exit status, 124 when cut short after the script), GUEST_UP (the guest's uptime in the marker line, na), INIT_MS (aivmm's own
 # "guest reached init in N ms", na) and RUN_BASE ($TMP/NAME-RUN: .out is the console, .err
 # the VMM's stderr).
 # Hooks (shell functions, so that no line costs a fork): when VMM_RUN_ON_MARKER is set,
@@ -37,6 +38,7 @@ vmm_run() {
     rm -f "$_fifo"
     mkfifo "$_fifo"
     : >"$RUN_BASE.out"
+    rm -f "$RUN_BASE.cut"
     _t_mark=
     GUEST_UP=na
     _killer=
@@ -57,8 +59,11 @@ vmm_run() {
             fi
             ;;
         *AIVMM-SCRIPT-EXIT*)
-            # The guest powers off now; a VMM that does not exit on it is cut short.
-            (sleep 30 && kill -KILL "$_pid") </dev/null >/dev/null 2>&1 &
+            # The guest powers off now; a VMM that does not exit on it is cut short: SIGTERM
+            # first, so that its log tells a VMM that still runs its control loop from one
+            # that is stuck, then SIGKILL. The run counts as failed (RC 124) either way.
+            (sleep 30 && : >"$RUN_BASE.cut" && kill -TERM "$_pid" && sleep 5 &&
+                kill -KILL "$_pid") </dev/null >/dev/null 2>&1 &
             _killer=$!
             ;;
         esac
@@ -67,6 +72,7 @@ vmm_run() {
     done <"$_fifo"
     wait "$_pid"
     RC=$?
+    [ -f "$RUN_BASE.cut" ] && RC=124
     read -r _t_end _ </proc/uptime
     kill "$_watchdog" 2>/dev/null
     [ -n "$_killer" ] && kill "$_killer" 2>/dev/null
