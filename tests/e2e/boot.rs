@@ -145,6 +145,29 @@ fn guest_runs_its_apic_timer_in_tsc_deadline_mode() {
 }
 
 #[test]
+fn halt_polling_set_to_zero_keeps_an_idle_vcpu_from_polling() {
+    // boot.toml sets machine.halt_poll_ns = 0: KVM must not spin a halted vCPU's thread.
+    let rig = rig();
+    let run = rig.run("boot");
+    if run.fact("kvm_halt_exits") == Some("na") && rig.mode == RigMode::Direct {
+        eprintln!("SKIP: this host's debugfs shows no KVM counters");
+        return;
+    }
+    let halts = rig.fact_i64(run, "kvm_halt_exits");
+    let polls = rig.fact_i64(run, "kvm_halt_attempted_poll");
+    rig.check(
+        run,
+        halts > 0,
+        "the guest's vCPUs never halted, so halt polling was not exercised",
+    );
+    rig.check(
+        run,
+        polls == 0,
+        &format!("KVM polled {polls} times after {halts} halts: halt_poll_ns = 0 was ignored"),
+    );
+}
+
+#[test]
 fn hugepage_zone_is_bound_to_its_numa_node() {
     let rig = rig();
     let run = rig.run("boot");

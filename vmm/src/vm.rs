@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use devices::virtio::DeviceUpdate;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+    kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region, KVM_CAP_HALT_POLL,
+    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -106,6 +107,25 @@ fn io_err(what: &'static str) -> impl Fn(std::io::Error) -> VmError {
     move |source| VmError::Io { what, source }
 }
 
+/// Sets how long KVM polls after one of this VM's vCPUs halts (`machine.halt_poll_ns`).
+/// A kernel without the per-VM setting keeps its module-wide
+/// `kvm.halt_poll_ns`, which the log says.
+pub fn set_halt_polling(vm: &VmFd, ns: u32) -> Result<(), VmError> {
+    if vm.check_extension_raw(KVM_CAP_HALT_POLL.into()) <= 0 {
+        log::info!(
+            "this kernel has no per-VM halt polling (KVM_CAP_HALT_POLL): \
+             /sys/module/kvm/parameters/halt_poll_ns applies instead of {ns} ns"
+        );
+        return Ok(());
+    }
+    let mut cap = kvm_enable_cap {
+        cap: KVM_CAP_HALT_POLL,
+        ..Default::default()
+    };
+    cap.args[0] = u64::from(ns);
+    vm.enable_cap(&cap).map_err(kvm_err("set halt polling"))
+}
+
 /// What the boot vCPU runs.
 #[derive(Clone, Copy, Debug)]
 pub enum GuestImage<'a> {
@@ -151,6 +171,9 @@ pub fn run_controlled(
     let signal_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("the signal event"))?;
     install_stop_signals(&signal_evt).map_err(io_err("signal handlers"))?;
     let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create the KVM VM"))?);
+    if let Some(ns) = cfg.halt_poll_ns {
+        set_halt_polling(&vm, ns)?;
+    }
     vm.set_tss_address(layout::KVM_TSS_ADDR)
         .map_err(kvm_err("set the TSS address"))?;
     vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR)

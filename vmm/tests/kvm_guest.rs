@@ -36,6 +36,7 @@ fn config(console: PathBuf, vcpus: u8, backing: Backing) -> ValidatedConfig {
     ValidatedConfig {
         vcpus,
         vcpu_affinity: None,
+        halt_poll_ns: None,
         kernel: PathBuf::from("/unused"),
         initrd: None,
         cmdline: String::new(),
@@ -128,6 +129,20 @@ fn boot_timer_port_and_unknown_ports_do_not_disturb_the_guest() {
     assert_eq!(reason, StopReason::GuestReset);
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "!");
     let _ = std::fs::remove_file(log);
+}
+
+#[test]
+fn kvm_takes_the_per_vm_halt_polling_setting() {
+    let Some(kvm) = kvm() else { return };
+    let vm = kvm.create_vm().unwrap();
+    if vm.check_extension_raw(kvm_bindings::KVM_CAP_HALT_POLL.into()) <= 0 {
+        eprintln!("SKIP: this kernel has no KVM_CAP_HALT_POLL");
+        return;
+    }
+    // Off (the default), KVM's own default, and KVM's largest value.
+    for ns in [0, 200_000, u32::MAX] {
+        vmm::vm::set_halt_polling(&vm, ns).unwrap_or_else(|e| panic!("{ns} ns: {e}"));
+    }
 }
 
 #[test]

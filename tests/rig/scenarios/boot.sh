@@ -17,6 +17,7 @@ scenario_boot() {
         fact boot up_by "$UP_BY"
         # Sampled while the guest's boot-check.sh sleeps: the VM is alive and fully mapped.
         memory_facts boot "$pid"
+        kvm_facts boot "$pid"
         hp_facts boot during
         ;;
     1) fact boot up_by "none: aivmm exited before the guest reached init" ;;

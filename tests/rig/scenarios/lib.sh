@@ -129,6 +129,15 @@ memory_facts() {
     fact "$name" thread_cpus "$cpus"
 }
 
+# kvm_facts NAME PID: KVM's counters for the VM of process PID, from debugfs (na where it is
+# not mounted): how often its vCPUs halted, and how often KVM polled after a halt.
+kvm_facts() {
+    for key in halt_exits halt_attempted_poll; do
+        v=$(cat /sys/kernel/debug/kvm/"$2"-*/"$key" 2>/dev/null | awk '{ s += $1 } END { if (NR) print s }')
+        fact "$1" "kvm_$key" "${v:-na}"
+    done
+}
+
 # guest_args [KERNEL]: aivmm overrides so the same configs work in L1 and on a host (direct
 # mode); KERNEL replaces L2_KERNEL.
 guest_args() { echo "--kernel ${1:-$L2_KERNEL} --initrd $L2_INITRD"; }

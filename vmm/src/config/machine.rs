@@ -17,6 +17,13 @@ pub struct MachineConfig {
     /// first zone's host node, or no pinning when no zone names a node.
     #[serde(default)]
     pub cpus: Option<String>,
+    /// How long (ns) KVM keeps a vCPU thread polling on its host CPU after the guest
+    /// halts, for a wake-up that would spare it a sleep. Unset: the host's
+    /// `kvm.halt_poll_ns` (KVM's default 200000). 0: an idle vCPU gives its CPU back at
+    /// once, to the other tenants and ai-inferd's executors on a shared host. At most
+    /// 4294967295 (KVM's limit).
+    #[serde(default)]
+    pub halt_poll_ns: Option<u64>,
 }
 
 fn default_vcpus() -> u64 {
@@ -28,6 +35,7 @@ impl Default for MachineConfig {
         MachineConfig {
             vcpus: default_vcpus(),
             cpus: None,
+            halt_poll_ns: None,
         }
     }
 }
@@ -37,6 +45,7 @@ pub(super) struct Machine {
     pub vcpus: u8,
     /// `cpus`, parsed; every CPU in it is online.
     pub cpus: Option<CpuSet>,
+    pub halt_poll_ns: Option<u32>,
 }
 
 /// Checks the vCPU count against the MP table's and KVM's limits (`kvm_max_vcpus`), and
@@ -83,7 +92,15 @@ pub(super) fn validate(
             });
         }
     }
-    Ok(Machine { vcpus, cpus })
+    let halt_poll_ns = m
+        .halt_poll_ns
+        .map(|ns| u32::try_from(ns).map_err(|_| ConfigError::HaltPoll(ns)))
+        .transpose()?;
+    Ok(Machine {
+        vcpus,
+        cpus,
+        halt_poll_ns,
+    })
 }
 
 /// Where the vCPU threads are pinned: the explicit set, else the CPUs placement chose
@@ -132,6 +149,25 @@ mod tests {
         cfg.machine.vcpus = 8;
         let msg = cfg.validate(&sys.host(), 4).unwrap_err().to_string();
         assert!(msg.contains("more vCPUs (8) than KVM allows"), "{msg}");
+    }
+
+    #[test]
+    fn halt_polling_is_the_hosts_unless_set_and_within_kvms_limit() {
+        let sys = FakeSys::new("halt-poll", 0);
+        let cfg = parse(&base(&sys, "id = \"m\"\nsize_mib = 32")).unwrap();
+        assert_eq!(cfg.validate(&sys.host(), 64).unwrap().halt_poll_ns, None);
+        let text = base(&sys, "id = \"m\"\nsize_mib = 32")
+            .replace("vcpus = 2\n", "vcpus = 2\nhalt_poll_ns = 0\n");
+        let mut cfg = parse(&text).unwrap();
+        assert_eq!(cfg.validate(&sys.host(), 64).unwrap().halt_poll_ns, Some(0));
+        cfg.machine.halt_poll_ns = Some(u64::from(u32::MAX));
+        assert_eq!(
+            cfg.validate(&sys.host(), 64).unwrap().halt_poll_ns,
+            Some(u32::MAX)
+        );
+        cfg.machine.halt_poll_ns = Some(u64::from(u32::MAX) + 1);
+        let msg = cfg.validate(&sys.host(), 64).unwrap_err().to_string();
+        assert!(msg.contains("machine.halt_poll_ns"), "{msg}");
     }
 
     #[test]

@@ -53,6 +53,8 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("machine.vcpus must be between 1 and {max} (got {value})")]
     Vcpus { value: u64, max: u64 },
+    #[error("machine.halt_poll_ns must be at most 4294967295 (KVM's limit; got {0})")]
+    HaltPoll(u64),
     #[error("no memory zone configured: add a [[memory.zones]] entry or pass --memory")]
     NoMemory,
     #[error("memory zone '{id}' has size 0: give it size_mib > 0")]
@@ -298,6 +300,8 @@ pub struct Overrides {
 pub struct ValidatedConfig {
     pub vcpus: u8,
     pub vcpu_affinity: Option<CpuSet>,
+    /// KVM's halt polling for this VM (`machine.halt_poll_ns`; `None`: the host's).
+    pub halt_poll_ns: Option<u32>,
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
     /// The command line as given, plus `root=/dev/vda rw|ro` for a root drive.
@@ -435,6 +439,7 @@ impl VmConfig {
         Ok(ValidatedConfig {
             vcpus,
             vcpu_affinity,
+            halt_poll_ns: machine.halt_poll_ns,
             kernel,
             initrd: self.boot.initrd.clone(),
             cmdline,
