@@ -108,11 +108,11 @@ fn io_err(what: &'static str) -> impl Fn(std::io::Error) -> VmError {
 }
 
 /// Sets how long KVM polls after one of this VM's vCPUs halts (`machine.halt_poll_ns`).
-/// A kernel without the per-VM setting keeps its module-wide
-/// `kvm.halt_poll_ns`, which the log says.
+/// A kernel without the per-VM setting keeps its module-wide `kvm.halt_poll_ns`, and the
+/// log warns that the configured value is not applied.
 pub fn set_halt_polling(vm: &VmFd, ns: u32) -> Result<(), VmError> {
     if vm.check_extension_raw(KVM_CAP_HALT_POLL.into()) <= 0 {
-        log::info!(
+        log::warn!(
             "this kernel has no per-VM halt polling (KVM_CAP_HALT_POLL): \
              /sys/module/kvm/parameters/halt_poll_ns applies instead of {ns} ns"
         );

@@ -137,9 +137,9 @@ pub fn connect(uds: &Path, port: u32, step: Duration) -> Result<(Conn, u32), Han
 mod tests {
     use super::*;
     use crate::conn::Listener;
+    use crate::test_sock::sock_path;
     use std::io::{BufRead, BufReader, Write};
     use std::os::unix::net::UnixListener;
-    use std::path::PathBuf;
 
     #[test]
     fn reply_parser_accepts_ok_and_a_port() {
@@ -171,16 +171,6 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
-    }
-
-    /// A socket path in a fresh directory, removed when the returned guard drops.
-    fn sock_path(name: &str) -> (tempfile::TempDir, PathBuf) {
-        let dir = tempfile::Builder::new()
-            .prefix("rig-io-hybrid-")
-            .tempdir()
-            .unwrap();
-        let p = dir.path().join(name);
-        (dir, p)
     }
 
     /// A VMM that reads the request and answers `reply` (then closes).

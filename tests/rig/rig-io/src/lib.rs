@@ -17,3 +17,6 @@ pub mod hybrid;
 pub mod pattern;
 pub mod sys;
 pub mod transfer;
+
+#[cfg(test)]
+mod test_sock;

@@ -13,6 +13,9 @@ use rig_io::pattern::Pattern;
 use rig_io::transfer::{self, Report, Role};
 use rig_io::{http, hybrid, sys};
 
+#[cfg(test)]
+mod test_sock;
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let cmd = match cli::parse(&args) {
@@ -201,24 +204,14 @@ fn accept_one(listener: Result<Listener, NetError>) -> Result<Conn, String> {
 
 #[cfg(test)]
 mod tests {
+    use super::test_sock::sock_path;
     use super::*;
     use std::io::{BufRead, BufReader, Write};
     use std::os::fd::OwnedFd;
     use std::os::unix::net::UnixListener;
-    use std::path::PathBuf;
     use std::thread;
 
     const STEP: Duration = Duration::from_secs(20);
-
-    /// A socket path in a fresh directory, removed when the returned guard drops.
-    fn sock_path(name: &str) -> (tempfile::TempDir, PathBuf) {
-        let dir = tempfile::Builder::new()
-            .prefix("rig-io-main-")
-            .tempdir()
-            .unwrap();
-        let p = dir.path().join(name);
-        (dir, p)
-    }
 
     /// A hybrid-vsock VMM with a guest behind it: accepts one connection, expects
     /// `CONNECT <port>\n`, answers `OK 1073741824\n`, then plays `guest` on the stream.
