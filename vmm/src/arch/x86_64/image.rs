@@ -133,9 +133,7 @@ impl ReadVolatile for MappedImage<'_> {
             None
         };
         match split {
-            Some((guest, at)) => {
-                copy_on_two_threads(&self.region, self.offset(), &src, &dst, guest, at)?;
-            }
+            Some((guest, at)) => copy_on_two_threads(&self.region, self.offset(), &dst, guest, at)?,
             None => src.copy_to_volatile_slice(dst),
         }
         self.pos += n as u64;
@@ -143,18 +141,18 @@ impl ReadVolatile for MappedImage<'_> {
     }
 }
 
-/// Copies `src` (the bytes of `image` from `src_start`) to `dst` (at offset `at` of the
-/// guest region `guest`): this thread the front half, a helper the back half. A slice
-/// cannot cross threads, so the helper takes its own from `image` and `guest`.
+/// Copies the bytes of `image` from `src_start` to `dst` (at offset `at` of the guest
+/// region `guest`), as many as `dst` holds: this thread the front half, a helper the back
+/// half. A slice cannot cross threads, so the helper takes its own from `image` and
+/// `guest`.
 fn copy_on_two_threads<B: BitmapSlice>(
     image: &MmapRegion<()>,
     src_start: usize,
-    src: &VolatileSlice<'_>,
     dst: &VolatileSlice<'_, B>,
     guest: &GuestRegionMmap,
     at: usize,
 ) -> Result<(), VolatileMemoryError> {
-    let n = src.len();
+    let n = dst.len();
     // The halves meet on a page boundary of the destination, so no page is faulted in by
     // both threads.
     let dst_start = dst.ptr_guard().as_ptr() as usize;
@@ -170,13 +168,15 @@ fn copy_on_two_threads<B: BitmapSlice>(
     };
     std::thread::scope(|s| {
         let helper = devices::thread::named("image-load").spawn_scoped(s, copy_back);
-        src.subslice(0, half)?
+        image
+            .get_slice(src_start, half)?
             .copy_to_volatile_slice(dst.subslice(0, half)?);
         match helper {
             Ok(h) => h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
             // No second thread: this one copies the back half too.
             Err(_) => {
-                src.subslice(half, n - half)?
+                image
+                    .get_slice(src_start + half, n - half)?
                     .copy_to_volatile_slice(dst.subslice(half, n - half)?);
                 Ok(())
             }
