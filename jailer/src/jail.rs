@@ -299,14 +299,9 @@ impl Jail {
             .recursive(true)
             .create(&target)
             .map_err(io_err("create the directory", &target))?;
-        // A link made since the check above is caught here.
-        let root = fs::canonicalize(&self.root).map_err(io_err("resolve", &self.root))?;
-        let resolved = fs::canonicalize(&target).map_err(io_err("resolve", &target))?;
-        if resolved != root.join(rel) {
-            return Err(JailError::LinkInJail {
-                link: target,
-                to: resolved,
-            });
+        // Again now that the path exists: a link made since the check above is caught too.
+        if let Some((link, to)) = first_link(&self.root, rel) {
+            return Err(JailError::LinkInJail { link, to });
         }
         mount(
             Some(host_dir),
