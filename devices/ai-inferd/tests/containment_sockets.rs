@@ -78,8 +78,8 @@ fn sockets_are_0600_in_a_0700_directory_and_a_writable_directory_is_refused() {
         ),
         backends(),
     );
-    assert_eq!(mode(&h.dir.join("run")), 0o700);
-    assert_eq!(mode(&h.dir.join("run/a.sock")), 0o600);
+    assert_eq!(mode(&h.dir().join("run")), 0o700);
+    assert_eq!(mode(&h.dir().join("run/a.sock")), 0o600);
     drop(h);
 
     // An existing directory group or others may write: no start, a clear error.

@@ -539,32 +539,23 @@ mod testing {
     }
 
     /// A scratch directory, removed on drop.
-    pub struct TempDir(PathBuf);
+    pub struct TempDir(tempfile::TempDir);
 
     impl TempDir {
         pub fn new(name: &str) -> Self {
-            let dir =
-                std::env::temp_dir().join(format!("aivmm-config-{name}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
-            TempDir(dir)
+            let prefix = format!("aivmm-config-{name}-");
+            TempDir(tempfile::Builder::new().prefix(&prefix).tempdir().unwrap())
         }
 
         pub fn path(&self) -> &Path {
-            &self.0
+            self.0.path()
         }
 
         /// Creates `name` in the directory with `contents`.
         pub fn file(&self, name: &str, contents: &[u8]) -> PathBuf {
-            let p = self.0.join(name);
+            let p = self.0.path().join(name);
             std::fs::write(&p, contents).unwrap();
             p
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
         }
     }
 }

@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -171,12 +171,12 @@ impl TenantOpts {
 /// with the models and tenants a test gives ([`Harness::custom`]).
 pub struct Harness {
     pub daemon: Option<Daemon>,
-    pub dir: PathBuf,
     pub gate: Arc<Gate>,
     /// The config text the daemon was started with (`{dir}` replaced).
     pub text: String,
-    /// Removes `dir` once the daemon is shut down (fields drop after `Drop::drop`).
-    _tmp: TempDir,
+    /// The daemon's directory, removed once the daemon is shut down (fields drop after
+    /// `Drop::drop`).
+    tmp: TempDir,
 }
 
 /// A fresh temporary directory for one daemon, removed when dropped.
@@ -199,17 +199,20 @@ impl Harness {
     /// directory, where sockets go) serving `backends`.
     pub fn custom(text: &str, backends: Vec<Arc<dyn Backend>>) -> Harness {
         let tmp = test_dir();
-        let dir = tmp.path().to_path_buf();
-        let text = text.replace("{dir}", &dir.display().to_string());
+        let text = text.replace("{dir}", &tmp.path().display().to_string());
         let config = Config::parse(&text).unwrap();
         let daemon = Daemon::start(&config, backends).unwrap();
         Harness {
             daemon: Some(daemon),
-            dir,
             gate: Arc::new(Gate::default()),
             text,
-            _tmp: tmp,
+            tmp,
         }
+    }
+
+    /// The directory the daemon's sockets are in.
+    pub fn dir(&self) -> &Path {
+        self.tmp.path()
     }
 
     /// The running daemon.
@@ -219,7 +222,7 @@ impl Harness {
 
     pub fn start(executors: u32, tenants: &[TenantOpts]) -> Harness {
         let tmp = test_dir();
-        let dir = tmp.path().to_path_buf();
+        let dir = tmp.path();
         let mut text =
             format!("[daemon]\nmodels = \"unused.toml\"\nexecutor_threads = {executors}\n");
         for t in tenants {
@@ -242,15 +245,14 @@ impl Harness {
         let daemon = Daemon::start(&config, backends).unwrap();
         Harness {
             daemon: Some(daemon),
-            dir,
             gate,
             text,
-            _tmp: tmp,
+            tmp,
         }
     }
 
     pub fn socket(&self, tenant: &str) -> PathBuf {
-        self.dir.join(format!("{tenant}.sock"))
+        self.dir().join(format!("{tenant}.sock"))
     }
 
     pub fn connect(&self, tenant: &str) -> TestFrontend {
