@@ -12,9 +12,9 @@
 # gets SIGTERM, then SIGKILL 5 s on (RC 124); one running longer than RUN_LIMIT (else LIMIT)
 # seconds in all is killed.
 # Sets BOOT_MS (start to marker; na without a marker), EXIT_MS (start to exit), RC (the VMM's
-# exit status, 124 when cut short after the script), GUEST_UP (the guest's uptime in the marker line, na), INIT_MS (aivmm's own
-# "guest reached init in N ms", na) and RUN_BASE ($TMP/NAME-RUN: .out is the console, .err
-# the VMM's stderr).
+# exit status, 124 when cut short after the script), GUEST_UP (the guest's uptime in the
+# marker line, na), INIT_MS (aivmm's own "guest reached init in N ms", na) and RUN_BASE
+# ($TMP/NAME-RUN: .out is the console, .err the VMM's stderr).
 # Hooks (shell functions, so that no line costs a fork): when VMM_RUN_ON_MARKER is set,
 # `$VMM_RUN_ON_MARKER NAME PID` runs as the marker arrives (PID: the VMM's); when
 # VMM_RUN_ON_LINE is set, `$VMM_RUN_ON_LINE NAME PID LINE` runs for every console line.

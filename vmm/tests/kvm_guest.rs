@@ -139,7 +139,7 @@ fn kvm_takes_the_per_vm_halt_polling_setting() {
         eprintln!("SKIP: this kernel has no KVM_CAP_HALT_POLL");
         return;
     }
-    // Off (the default), KVM's own default, and KVM's largest value.
+    // Off, KVM's own default, and KVM's largest value.
     for ns in [0, 200_000, u32::MAX] {
         vmm::vm::set_halt_polling(&vm, ns).unwrap_or_else(|e| panic!("{ns} ns: {e}"));
     }
