@@ -58,6 +58,16 @@ pub(crate) fn usage(msg: impl Into<String>) -> UsageError {
     UsageError(msg.into())
 }
 
+/// The word after option `name` on the command line: its value.
+pub(crate) fn option_value<'a>(
+    it: &mut impl Iterator<Item = &'a String>,
+    name: &str,
+) -> Result<String, UsageError> {
+    it.next()
+        .cloned()
+        .ok_or_else(|| usage(format!("{name} needs a value")))
+}
+
 /// Where a transfer's connection comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Endpoint {
@@ -156,26 +166,22 @@ pub fn parse(args: &[String]) -> Result<Command, UsageError> {
     let mut bs = None;
     let mut it = rest.iter();
     while let Some(a) = it.next() {
-        let mut value = |name: &str| {
-            it.next()
-                .cloned()
-                .ok_or_else(|| usage(format!("{name} needs a value")))
-        };
+        let mut value = || option_value(&mut it, a);
         let new_role = match a.as_str() {
-            "--send" => Some(Role::Send(parse_size(&value("--send")?)?)),
-            "--recv" => Some(Role::Recv(parse_size(&value("--recv")?)?)),
+            "--send" => Some(Role::Send(parse_size(&value()?)?)),
+            "--recv" => Some(Role::Recv(parse_size(&value()?)?)),
             "--echo" => Some(Role::Echo),
             "--rtt" => {
-                let n = parse_count("--rtt", &value("--rtt")?)?;
+                let n = parse_count("--rtt", &value()?)?;
                 // MAX_COUNT fits u32.
                 Some(Role::Rtt(u32::try_from(n).unwrap_or(u32::MAX)))
             }
             "--timeout" => {
-                timeout = parse_timeout(&value("--timeout")?)?;
+                timeout = parse_timeout(&value()?)?;
                 None
             }
             "--bind" => {
-                let v = value("--bind")?;
+                let v = value()?;
                 bind = Some(
                     v.parse::<IpAddr>()
                         .map_err(|_| usage(format!("bad --bind address {v:?}")))?,
@@ -183,11 +189,11 @@ pub fn parse(args: &[String]) -> Result<Command, UsageError> {
                 None
             }
             "--count" => {
-                count = Some(parse_count("--count", &value("--count")?)?);
+                count = Some(parse_count("--count", &value()?)?);
                 None
             }
             "--bs" => {
-                bs = Some(parse_num::<usize>("--bs", &value("--bs")?)?);
+                bs = Some(parse_num::<usize>("--bs", &value()?)?);
                 None
             }
             s if s.starts_with("--") => return Err(usage(format!("unknown option {s}"))),
@@ -413,5 +419,11 @@ mod tests {
         ] {
             assert!(p(bad).is_err(), "accepted {bad:?}");
         }
+    }
+
+    #[test]
+    fn an_option_without_its_value_is_named() {
+        let e = p("tcp-connect h:1 --send 1 --timeout").unwrap_err();
+        assert_eq!(e.to_string(), "--timeout needs a value");
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use super::client::Request;
 use super::load::LoadSpec;
 use super::Target;
-use crate::cli::{parse_count, parse_timeout, usage, UsageError, DEFAULT_TIMEOUT};
+use crate::cli::{option_value, parse_count, parse_timeout, usage, UsageError, DEFAULT_TIMEOUT};
 
 pub const USAGE: &str = "\
   http TARGET METHOD PATH [--body STR | --body-file FILE] [--header 'K: V']... [--out FILE]
@@ -54,32 +54,28 @@ pub fn parse(sub: &str, rest: &[String]) -> Result<HttpCommand, UsageError> {
     let mut secs = None;
     let mut it = rest.iter();
     while let Some(a) = it.next() {
-        let mut value = |name: &str| {
-            it.next()
-                .cloned()
-                .ok_or_else(|| usage(format!("{name} needs a value")))
-        };
+        let mut value = || option_value(&mut it, a);
         match a.as_str() {
-            "--body" => body = Some(value("--body")?.into_bytes()),
+            "--body" => body = Some(value()?.into_bytes()),
             "--body-file" => {
-                let p = value("--body-file")?;
+                let p = value()?;
                 body = Some(std::fs::read(&p).map_err(|e| usage(format!("{p}: {e}")))?);
             }
             "--header" => {
-                let h = value("--header")?;
+                let h = value()?;
                 let (k, v) = h
                     .split_once(':')
                     .ok_or_else(|| usage(format!("bad --header {h:?}: 'Name: value'")))?;
                 headers.push((k.trim().to_string(), v.trim().to_string()));
             }
-            "--out" => out = Some(PathBuf::from(value("--out")?)),
-            "--timeout" => timeout = parse_timeout(&value("--timeout")?)?,
+            "--out" => out = Some(PathBuf::from(value()?)),
+            "--timeout" => timeout = parse_timeout(&value()?)?,
             "--concurrency" => {
-                let n = parse_count("--concurrency", &value("--concurrency")?)?;
+                let n = parse_count("--concurrency", &value()?)?;
                 concurrency = usize::try_from(n.min(1024)).unwrap_or(1024);
             }
-            "--count" => count = Some(parse_count("--count", &value("--count")?)?),
-            "--secs" => secs = Some(parse_timeout(&value("--secs")?)?),
+            "--count" => count = Some(parse_count("--count", &value()?)?),
+            "--secs" => secs = Some(parse_timeout(&value()?)?),
             s if s.starts_with("--") => return Err(usage(format!("unknown option {s}"))),
             _ => positional.push(a.clone()),
         }
@@ -210,5 +206,7 @@ mod tests {
         ] {
             assert!(p(bad).is_err(), "{bad}");
         }
+        let e = p("http tcp:1.2.3.4:80 GET / --header").unwrap_err();
+        assert_eq!(e.to_string(), "--header needs a value");
     }
 }
