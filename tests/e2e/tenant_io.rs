@@ -167,27 +167,44 @@ fn tcp_over_the_tap_works_both_ways() {
 fn a_rate_limited_interface_stays_within_ten_percent_of_its_rate() {
     let rig = rig();
     let run = rig.run("tio_run");
-    let guest = guest_line(rig, run, "AIVMM-NET-RATE", "guest-send");
-    let host = host_line(rig, run, "rate_recv");
-    check_transfer(rig, run, guest, host, "rate-limited transfer");
     let rate = rig.fact_i64(run, "rate_mibps") as f64;
     let bucket = rig.fact_i64(run, "rate_bucket_bytes") as f64;
-    let number = |key: &str| -> f64 {
-        field(host, key)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| rig.fail(run, &format!("no {key} in `{host}`")))
-    };
-    let (bytes, secs) = (number("bytes"), number("secs"));
-    // A transfer starts with a full bucket, which goes out at once (Firecracker's
+    // Two transfers, each starting with a full bucket, which goes out at once (Firecracker's
     // semantics); the limiter's rate governs the bytes beyond it. Within `secs` it admits
-    // at most `bucket + rate * secs` bytes, and a sender that keeps it busy gets that much.
-    let steady = (bytes - bucket) / secs / 1_048_576.0;
+    // at most `bucket + rate * secs` bytes: no transfer may go faster. A sender that keeps
+    // it busy gets that much, but a stall of the nested rig only slows a transfer down, so
+    // the faster of the two must come within ten percent of the rate.
+    let mut fastest = 0.0f64;
+    for (tag, step) in [
+        ("AIVMM-NET-RATE", "rate_recv"),
+        ("AIVMM-NET-RATE2", "rate_recv2"),
+    ] {
+        let guest = guest_line(rig, run, tag, "guest-send");
+        let host = host_line(rig, run, step);
+        check_transfer(rig, run, guest, host, "rate-limited transfer");
+        let number = |key: &str| -> f64 {
+            field(host, key)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| rig.fail(run, &format!("no {key} in `{host}`")))
+        };
+        let (bytes, secs) = (number("bytes"), number("secs"));
+        let steady = (bytes - bucket) / secs / 1_048_576.0;
+        rig.check(
+            run,
+            bytes > 2.0 * bucket && secs > 0.0 && steady <= 1.1 * rate,
+            &format!(
+                "the interface limited to {rate} MiB/s (bucket {bucket} bytes) moved {bytes} \
+                 bytes in {secs:.3} s: {steady:.3} MiB/s beyond the bucket, over the rate"
+            ),
+        );
+        fastest = fastest.max(steady);
+    }
     rig.check(
         run,
-        bytes > 2.0 * bucket && secs > 0.0 && (steady - rate).abs() <= 0.1 * rate,
+        fastest >= 0.9 * rate,
         &format!(
-            "the interface limited to {rate} MiB/s (bucket {bucket} bytes) moved {bytes} bytes \
-             in {secs:.3} s: {steady:.3} MiB/s beyond the bucket"
+            "the interface limited to {rate} MiB/s moved at most {fastest:.3} MiB/s beyond the \
+             bucket in two transfers: the limiter holds it under its rate"
         ),
     );
 }

@@ -140,6 +140,7 @@ scenario_tenant_io() {
     tio_host net_send tcp-connect 169.254.77.2:5201 --send "$TIO_BYTES"
     tio_host net_recv tcp-listen 5202 --bind 169.254.77.1 --recv "$TIO_BYTES"
     tio_host rate_recv tcp-listen 5204 --bind 169.254.78.1 --recv "$TIO_RATE_BYTES"
+    tio_host rate_recv2 tcp-listen 5205 --bind 169.254.78.1 --recv "$TIO_RATE_BYTES"
     tio_host vsock_send uds-connect "$RIG_TMP/tio.vsock" 5000 --send "$TIO_BYTES"
     tio_host vsock_recv uds-listen "$RIG_TMP/tio.vsock_6000" --recv "$TIO_BYTES"
     tio_boot tio_run "$RIG_TMP/tio-run.toml" \
