@@ -270,7 +270,9 @@ fn copy_on_two_threads<B: BitmapSlice>(
     let dst_start = dst.ptr_guard().as_ptr() as usize;
     let half = (dst_start + n / 2).next_multiple_of(PAGE_SIZE) - dst_start;
     let back_at = at + half;
-    let copy_back = move || -> Result<(), VolatileMemoryError> {
+    // Only references and numbers: the closure is Copy, so the thread gets one and this
+    // thread keeps one for when no thread can be made.
+    let copy_back = || -> Result<(), VolatileMemoryError> {
         let from = image.get_slice(src_start + half, n - half)?;
         let to = guest
             .get_slice(MemoryRegionAddress(back_at as u64), n - half)
@@ -288,12 +290,7 @@ fn copy_on_two_threads<B: BitmapSlice>(
         match helper {
             Ok(h) => h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
             // No second thread: this one copies the back half too.
-            Err(_) => copy_sparse(
-                &image.get_slice(src_start + half, n - half)?,
-                &dst.subslice(half, n - half)?,
-                holes,
-                half,
-            ),
+            Err(_) => copy_back(),
         }
     })
 }
