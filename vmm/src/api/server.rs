@@ -242,10 +242,11 @@ mod tests {
 
     use super::*;
 
-    fn scratch(name: &str) -> PathBuf {
-        let p = std::env::temp_dir().join(format!("aivmm-api-{name}-{}.sock", std::process::id()));
-        let _ = std::fs::remove_file(&p);
-        p
+    /// A socket path in a fresh directory, which goes away with the returned guard.
+    fn scratch() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("api.sock");
+        (dir, p)
     }
 
     struct NoVm;
@@ -274,7 +275,7 @@ mod tests {
     fn stalled_clients_never_block_another() {
         use std::io::Write;
         use std::time::Duration;
-        let p = scratch("stall");
+        let (_dir, p) = scratch();
         let sys = crate::test_support::FakeSys::new("api-stall", 4);
         let ctl = Controller::new(
             "stall".into(),
@@ -313,12 +314,11 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "never served again");
             std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = std::fs::remove_file(&p);
     }
 
     #[test]
     fn socket_is_0600_and_stale_sockets_are_replaced() {
-        let p = scratch("bind");
+        let (_dir, p) = scratch();
         let l = bind(&p).unwrap();
         let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
@@ -331,6 +331,5 @@ mod tests {
         std::fs::remove_file(&p).unwrap();
         std::fs::write(&p, b"not a socket").unwrap();
         assert!(matches!(bind(&p), Err(ApiSocketError::NotASocket(_))));
-        std::fs::remove_file(&p).unwrap();
     }
 }

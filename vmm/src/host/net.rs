@@ -81,8 +81,8 @@ mod tests {
 
     #[test]
     fn tun_flags_tell_taps_from_tuns_and_others() {
-        let root = std::env::temp_dir().join(format!("aivmm-host-net-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
         let net = root.join("class/net");
         for (name, flags) in [
             ("tap0", Some("0x1002\n")),
@@ -94,7 +94,7 @@ mod tests {
                 std::fs::write(net.join(name).join("tun_flags"), f).unwrap();
             }
         }
-        let host = SysfsHost::with_root(&root);
+        let host = SysfsHost::with_root(root);
         assert_eq!(host.interface("tap0"), NetInterface::Tap);
         assert_eq!(host.interface("tun0"), NetInterface::Tun);
         assert_eq!(host.interface("eth0"), NetInterface::Other);
@@ -103,14 +103,13 @@ mod tests {
         assert_eq!(host.interface(".."), NetInterface::Missing);
         assert_eq!(parse_tun_flags("0x0002"), Some(2));
         assert_eq!(parse_tun_flags("2"), None);
-        let _ = std::fs::remove_dir_all(&root);
     }
 
     #[test]
     fn without_sysfs_an_interface_is_unknown_but_a_bad_name_still_missing() {
         // A jail has no /sys: the tap is checked when it is opened instead.
-        let root = std::env::temp_dir().join(format!("aivmm-no-sysfs-{}", std::process::id()));
-        let host = SysfsHost::with_root(&root);
+        let dir = tempfile::tempdir().unwrap();
+        let host = SysfsHost::with_root(dir.path().join("absent"));
         assert_eq!(host.interface("tap0"), NetInterface::Unknown);
         assert_eq!(host.interface("../tap0"), NetInterface::Missing);
     }

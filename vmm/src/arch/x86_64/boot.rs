@@ -405,27 +405,35 @@ mod tests {
     #[test]
     fn initrd_goes_high_and_page_aligned() {
         let mem = guest(64 * MIB);
-        let dir = std::env::temp_dir().join(format!("aivmm-initrd-{}", std::process::id()));
-        std::fs::write(&dir, vec![0xabu8; 5000]).unwrap();
-        let (addr, size) = load_initrd(&mem, &dir, 4 * MIB, 64 * MIB).unwrap();
+        let initrd = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(initrd.path(), vec![0xabu8; 5000]).unwrap();
+        let (addr, size) = load_initrd(&mem, initrd.path(), 4 * MIB, 64 * MIB).unwrap();
         assert_eq!(size, 5000);
         assert_eq!(addr % 4096, 0);
         assert!(addr + size <= 64 * MIB && addr >= 64 * MIB - 8192);
         let b: u8 = mem.read_obj(GuestAddress(addr + 4999)).unwrap();
         assert_eq!(b, 0xab);
-        let err = load_initrd(&mem, &dir, 64 * MIB - 4096, 64 * MIB).unwrap_err();
+        let err = load_initrd(&mem, initrd.path(), 64 * MIB - 4096, 64 * MIB).unwrap_err();
         assert!(matches!(err, BootError::InitrdTooLarge { .. }));
-        std::fs::remove_file(dir).unwrap();
     }
 
     #[test]
     fn garbage_kernel_is_rejected_with_its_path() {
         let mem = guest(64 * MIB);
-        let path = std::env::temp_dir().join(format!("aivmm-badkernel-{}", std::process::id()));
-        std::fs::write(&path, vec![0u8; 8192]).unwrap();
-        let err =
-            load_guest(&mem, &[(0, 64 * MIB)], &path, None, "console=ttyS0", None).unwrap_err();
-        std::fs::remove_file(&path).unwrap();
+        let kernel = tempfile::Builder::new()
+            .prefix("aivmm-badkernel")
+            .tempfile()
+            .unwrap();
+        std::fs::write(kernel.path(), vec![0u8; 8192]).unwrap();
+        let err = load_guest(
+            &mem,
+            &[(0, 64 * MIB)],
+            kernel.path(),
+            None,
+            "console=ttyS0",
+            None,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("aivmm-badkernel"), "{err}");
     }
 

@@ -315,16 +315,14 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     /// A file holding `bytes`, already unlinked.
-    fn file(name: &str, bytes: &[u8]) -> File {
-        let path = std::env::temp_dir().join(format!("aivmm-image-{}-{name}", std::process::id()));
-        std::fs::write(&path, bytes).unwrap();
-        let f = File::open(&path).unwrap();
-        std::fs::remove_file(&path).unwrap();
+    fn file(bytes: &[u8]) -> File {
+        let mut f = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut f, bytes).unwrap();
         f
     }
 
-    fn image<'g>(name: &str, bytes: &[u8], guest: &'g GuestMemoryMmap) -> MappedImage<'g> {
-        MappedImage::map(file(name, bytes), guest).unwrap()
+    fn image<'g>(bytes: &[u8], guest: &'g GuestMemoryMmap) -> MappedImage<'g> {
+        MappedImage::map(file(bytes), guest).unwrap()
     }
 
     fn pattern(len: usize) -> Vec<u8> {
@@ -338,7 +336,7 @@ mod tests {
     #[test]
     fn reads_and_seeks_as_a_file_would() {
         let guest = no_guest();
-        let mut img = image("digits", b"0123456789", &guest);
+        let mut img = image(b"0123456789", &guest);
         let mut four = [0u8; 4];
         img.read_exact(&mut four).unwrap();
         assert_eq!(&four, b"0123");
@@ -357,7 +355,7 @@ mod tests {
     fn copies_into_guest_memory_and_stops_at_the_end() {
         let bytes = pattern(9000);
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
-        let mut img = image("pattern", &bytes, &mem);
+        let mut img = image(&bytes, &mem);
         img.seek(SeekFrom::Start(100)).unwrap();
         mem.read_exact_volatile_from(GuestAddress(0x1000), &mut img, 8900)
             .unwrap();
@@ -377,7 +375,7 @@ mod tests {
         let len = super::SPLIT_COPY_MIN + 12_345;
         let bytes = pattern(len);
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
-        let mut img = image("large", &bytes, &mem);
+        let mut img = image(&bytes, &mem);
         mem.read_exact_volatile_from(GuestAddress(0x1234), &mut img, len)
             .unwrap();
         let mut back = vec![0u8; len];
@@ -397,7 +395,7 @@ mod tests {
             (GuestAddress(16 * mib as u64), 16 * mib),
         ])
         .unwrap();
-        let mut img = image("two-regions", &bytes, &mem);
+        let mut img = image(&bytes, &mem);
         let at = GuestAddress(4 * mib as u64);
         mem.read_exact_volatile_from(at, &mut img, len).unwrap();
         let mut back = vec![0u8; len];
@@ -411,7 +409,7 @@ mod tests {
         let len = super::SPLIT_COPY_MIN + 1;
         let bytes = pattern(len);
         let guest = no_guest();
-        let mut img = image("outside", &bytes, &guest);
+        let mut img = image(&bytes, &guest);
         let mut buf = vec![0u8; len];
         let n = img
             .read_volatile(&mut VolatileSlice::from(&mut buf[..]))
@@ -465,7 +463,7 @@ mod tests {
         for (data, zeros) in [(mib, 4 * mib), (mib, 8 * mib)] {
             let bytes = with_zeros(data, zeros);
             let (mem, file) = memfd_guest(16);
-            let mut img = image("sparse", &bytes, &mem);
+            let mut img = image(&bytes, &mem);
             mem.read_exact_volatile_from(GuestAddress(0), &mut img, bytes.len())
                 .unwrap();
             // Before reading it back, which allocates every page it reads in a memfd: 2 MiB
@@ -489,7 +487,7 @@ mod tests {
         mem.write_slice(&[0xaa; 0x3000], GuestAddress(0x10000))
             .unwrap();
         let zeros = vec![0u8; 0x20000];
-        let mut img = image("zeros", &zeros, &mem);
+        let mut img = image(&zeros, &mem);
         mem.read_exact_volatile_from(GuestAddress(0), &mut img, zeros.len())
             .unwrap();
         let mut back = vec![0xeeu8; zeros.len()];
@@ -507,9 +505,7 @@ mod tests {
 
     #[test]
     fn an_empty_file_is_refused() {
-        let e = MappedImage::map(file("empty", b""), &no_guest())
-            .err()
-            .unwrap();
+        let e = MappedImage::map(file(b""), &no_guest()).err().unwrap();
         assert!(e.to_string().contains("empty"), "{e}");
     }
 }
