@@ -361,10 +361,9 @@ mod tests {
 
     #[test]
     fn auto_mode_treats_a_socket_nobody_listens_on_as_stale() {
-        let dir = std::env::temp_dir().join(format!("ai-agent-stale-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let socket = dir.join("agent.sock");
-        let _ = std::fs::remove_file(&socket);
         // A daemon that died leaves its socket file behind.
         drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
         assert!(socket.exists());
@@ -384,7 +383,6 @@ mod tests {
         // ...while a required daemon reports the refused connection.
         let daemon = Agent::open(&options(Mode::Daemon)).unwrap_err();
         assert!(matches!(daemon, ApiError::Ipc(_)), "{daemon}");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

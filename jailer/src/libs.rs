@@ -196,9 +196,8 @@ mod tests {
 
     #[test]
     fn static_and_malformed_elf_files() {
-        let dir = std::env::temp_dir().join(format!("aivmm-jailer-elf-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("static");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("static");
         std::fs::write(&file, elf_header(0)).unwrap();
         assert_eq!(interpreter(&file).unwrap(), None);
         assert!(runtime_files(&file).unwrap().is_empty());
@@ -224,7 +223,6 @@ mod tests {
         );
         std::fs::write(&file, b"#!/bin/sh\n").unwrap();
         assert!(matches!(interpreter(&file), Err(LibsError::NotElf(_))));
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::Kvm;
+use tempfile::TempPath;
 use vmm::config::{
     AiInferConfig, Backing, ConsoleConfig, ConsoleMode, MemoryZoneConfig, ValidatedConfig,
 };
@@ -63,10 +64,17 @@ fn config(console: PathBuf, vcpus: u8, backing: Backing) -> ValidatedConfig {
     }
 }
 
-fn console_path(name: &str) -> PathBuf {
-    let p = std::env::temp_dir().join(format!("aivmm-test-{name}-{}.log", std::process::id()));
-    let _ = std::fs::remove_file(&p);
-    p
+/// A new empty file for the guest console, removed when the returned path drops. Not a
+/// temporary directory: the path drops on the test's thread, which by then has the main
+/// thread's seccomp filter, and that filter allows `unlink` but not what removing a
+/// directory tree takes.
+fn console_path(name: &str) -> TempPath {
+    tempfile::Builder::new()
+        .prefix(&format!("aivmm-test-{name}-"))
+        .suffix(".log")
+        .tempfile()
+        .unwrap()
+        .into_temp_path()
 }
 
 /// Real-mode code: `mov dx, port; mov al, byte; out dx, al` for each (port, byte).
@@ -110,11 +118,10 @@ fn serial_output_and_i8042_reset_end_the_vm_cleanly() {
     let log = console_path("serial");
     let mut code = outs(&[(0x3f8, b'o'), (0x3f8, b'k'), (0x3f8, b'\n'), (0x64, 0xfe)]);
     code.extend_from_slice(&HLT_LOOP);
-    let reason = run(&code, &config(log.clone(), 1, Backing::Memfd), &kvm);
+    let reason = run(&code, &config(log.to_path_buf(), 1, Backing::Memfd), &kvm);
     assert_eq!(reason, StopReason::GuestReset);
     assert_eq!(reason.exit_code(), 0);
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "ok\n");
-    let _ = std::fs::remove_file(log);
 }
 
 #[test]
@@ -125,10 +132,13 @@ fn boot_timer_port_and_unknown_ports_do_not_disturb_the_guest() {
     // Unclaimed port 0x1234, then the boot-timer magic, then output and reset.
     let mut code = outs(&[(0x1234, 0x55), (0x440, 0x7b), (0x3f8, b'!'), (0x64, 0xfe)]);
     code.extend_from_slice(&HLT_LOOP);
-    let reason = run(&code, &config(log.clone(), 2, Backing::Anonymous), &kvm);
+    let reason = run(
+        &code,
+        &config(log.to_path_buf(), 2, Backing::Anonymous),
+        &kvm,
+    );
     assert_eq!(reason, StopReason::GuestReset);
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "!");
-    let _ = std::fs::remove_file(log);
 }
 
 #[test]
@@ -152,7 +162,7 @@ fn sigterm_stops_a_halted_guest_with_exit_code_zero() {
     let log = console_path("sigterm");
     // cli; hlt forever: only the host can end this VM.
     let code = [0xfa, 0xf4, 0xeb, 0xfd];
-    let cfg = config(log.clone(), 1, Backing::Memfd);
+    let cfg = config(log.to_path_buf(), 1, Backing::Memfd);
     let killer = std::thread::spawn(|| {
         std::thread::sleep(Duration::from_millis(300));
         // SAFETY: sends SIGTERM to our own process; the VMM's handler is installed by then.
@@ -164,7 +174,6 @@ fn sigterm_stops_a_halted_guest_with_exit_code_zero() {
     assert_eq!(reason, StopReason::Signal(libc::SIGTERM));
     assert_eq!(reason.exit_code(), 0);
     assert!(started.elapsed() < Duration::from_secs(10));
-    let _ = std::fs::remove_file(log);
 }
 
 #[test]
@@ -175,10 +184,9 @@ fn acpi_sleep_control_s5_powers_the_vm_off() {
     // (SLP_TYP 5 << 2) | SLP_EN to the sleep control register, as Linux's acpi_power_off.
     let mut code = outs(&[(0x3c0, (5 << 2) | 0x20)]);
     code.extend_from_slice(&HLT_LOOP);
-    let reason = run(&code, &config(log.clone(), 1, Backing::Memfd), &kvm);
+    let reason = run(&code, &config(log.to_path_buf(), 1, Backing::Memfd), &kvm);
     assert_eq!(reason, StopReason::GuestShutdown("ACPI power off"));
     assert_eq!(reason.exit_code(), 0);
-    let _ = std::fs::remove_file(log);
 }
 
 /// Real-mode code that reads PCI config dword `reg` of 00:`slot`.0 through 0xCF8/0xCFC
@@ -201,11 +209,18 @@ fn pci_bus_shows_the_ai_infer_device_before_its_backend_connects() {
     let Some(kvm) = kvm() else { return };
     let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
     let log = console_path("pci");
-    let mut cfg = config(log.clone(), 1, Backing::Memfd);
+    let mut cfg = config(log.to_path_buf(), 1, Backing::Memfd);
+    // A unique path that nothing creates, removed (if it ever exists) when it drops.
+    let no_daemon = tempfile::Builder::new()
+        .prefix("aivmm-no-daemon-")
+        .suffix(".sock")
+        .make(|_| Ok(()))
+        .unwrap()
+        .into_temp_path();
     // Nothing listens on this socket: the device must still appear, and the VM must
     // still stop promptly (the connector thread retries in the background).
     cfg.ai_infer = Some(AiInferConfig {
-        socket: std::env::temp_dir().join(format!("aivmm-no-daemon-{}.sock", std::process::id())),
+        socket: no_daemon.to_path_buf(),
         queues: 1,
         queue_size: 256,
         backend_uid: None,
@@ -238,5 +253,4 @@ fn pci_bus_shows_the_ai_infer_device_before_its_backend_connects() {
             0xffff_ffff, // nothing at 00:02.0
         ]
     );
-    let _ = std::fs::remove_file(log);
 }

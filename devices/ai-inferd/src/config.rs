@@ -889,14 +889,14 @@ mod tests {
 
     #[test]
     fn load_resolves_the_models_path_next_to_the_file() {
-        let dir = std::env::temp_dir().join(format!("ai-inferd-config-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let file = dir.join("d.toml");
         std::fs::write(&file, with_tenant("")).unwrap();
         let c = Config::load(&file).unwrap();
         assert_eq!(c.daemon.models, dir.join("m.toml"));
         assert_eq!(c.source.as_deref(), Some(file.as_path()));
-        std::fs::remove_dir_all(&dir).unwrap();
+        tmp.close().unwrap();
         assert!(matches!(Config::load(&file), Err(ConfigError::Read { .. })));
     }
 }

@@ -544,15 +544,7 @@ mod tests {
         let err = check_memory_table(&table(short, 2 * MIB - 4096, MIB)).unwrap_err();
         assert!(matches!(err, MemoryTableError::TooShort { .. }), "{err}");
         // Not a memfd at all: its seals cannot be read.
-        let path = std::env::temp_dir().join(format!("device-test-{}", std::process::id()));
-        let plain = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
-        std::fs::remove_file(&path).unwrap();
+        let plain = tempfile::tempfile().unwrap();
         plain.set_len(MIB).unwrap();
         let err = check_memory_table(&table(plain, 0, MIB)).unwrap_err();
         assert!(matches!(err, MemoryTableError::Seals { .. }), "{err}");

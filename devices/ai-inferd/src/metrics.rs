@@ -583,9 +583,8 @@ mod tests {
 
     #[test]
     fn serves_raw_http_and_reload_on_unix_and_tcp() {
-        let dir = std::env::temp_dir().join(format!("ai-inferd-metrics-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let unix = MetricsEndpoint::Unix(dir.join("m.sock"));
+        let dir = tempfile::tempdir().unwrap();
+        let unix = MetricsEndpoint::Unix(dir.path().join("m.sock"));
         let tcp: MetricsEndpoint = "tcp:127.0.0.1:0".parse().unwrap();
         for endpoint in [unix, tcp] {
             let source = fixed();
@@ -626,12 +625,11 @@ mod tests {
             assert!(fetch(&at, "", wait).is_err(), "stopped");
         }
         // A regular file in the way is not replaced.
-        let file = dir.join("plain");
+        let file = dir.path().join("plain");
         std::fs::write(&file, b"keep").unwrap();
         let err = MetricsServer::start(&MetricsEndpoint::Unix(file.clone()), fixed());
         assert!(matches!(err, Err(MetricsError::Bind { .. })));
         assert_eq!(std::fs::read(&file).unwrap(), b"keep");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

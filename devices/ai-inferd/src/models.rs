@@ -524,35 +524,27 @@ pub fn load_models(manifest: &Path) -> Result<Vec<Arc<dyn Backend>>, ModelsError
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicU32, Ordering};
-
     use super::*;
     use crate::test_models::{models_dir, require};
 
     /// A scratch directory with `a.onnx` and `bert/`, removed on drop.
-    struct Scratch(PathBuf);
+    struct Scratch(tempfile::TempDir);
 
     impl Scratch {
         fn new() -> Self {
-            static NEXT: AtomicU32 = AtomicU32::new(0);
-            let dir = std::env::temp_dir().join(format!(
-                "ai-inferd-models-{}-{}",
-                std::process::id(),
-                NEXT.fetch_add(1, Ordering::Relaxed)
-            ));
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = tmp.path();
             std::fs::create_dir_all(dir.join("m/bert")).unwrap();
             std::fs::write(dir.join("m/a.onnx"), b"").unwrap();
-            Scratch(dir)
+            Scratch(tmp)
+        }
+
+        fn path(&self) -> &Path {
+            self.0.path()
         }
 
         fn parse(&self, text: &str) -> Result<Manifest, ModelsError> {
-            Manifest::parse(text, &self.0.join("models.toml"), &self.0, None)
-        }
-    }
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
+            Manifest::parse(text, &self.path().join("models.toml"), self.path(), None)
         }
     }
 
@@ -582,7 +574,7 @@ mod tests {
                     id: 1,
                     name: "mlp".into(),
                     runtime: Runtime::Onnx,
-                    path: s.0.join("m/a.onnx"),
+                    path: s.path().join("m/a.onnx"),
                     max_batch: 8,
                     max_queue_delay_us: Some(250),
                     instances: None,
@@ -593,7 +585,7 @@ mod tests {
                     id: 2,
                     name: "minilm".into(),
                     runtime: Runtime::Bert,
-                    path: s.0.join("m/bert"),
+                    path: s.path().join("m/bert"),
                     max_batch: 1,
                     max_queue_delay_us: None,
                     instances: Some(2),
@@ -615,8 +607,14 @@ mod tests {
     fn a_models_dir_override_replaces_the_manifest_one() {
         let s = Scratch::new();
         let text = TWO.replace("models_dir = \"m\"", "models_dir = \"nowhere\"");
-        let m = Manifest::parse(&text, &s.0.join("x.toml"), &s.0, Some(&s.0.join("m"))).unwrap();
-        assert_eq!(m.models[1].path, s.0.join("m/bert"));
+        let m = Manifest::parse(
+            &text,
+            &s.path().join("x.toml"),
+            s.path(),
+            Some(&s.path().join("m")),
+        )
+        .unwrap();
+        assert_eq!(m.models[1].path, s.path().join("m/bert"));
         assert!(matches!(
             s.parse(&text),
             Err(ModelsError::MissingFile { .. })

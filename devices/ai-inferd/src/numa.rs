@@ -143,15 +143,17 @@ mod tests {
     use super::*;
     use crate::config::Config;
 
-    fn fake_nodes(name: &str, lists: &[(u32, &str)]) -> PathBuf {
-        let root =
-            std::env::temp_dir().join(format!("ai-inferd-numa-{}-{name}", std::process::id()));
+    /// Fake `node<N>/cpulist` files under `name` in a new temporary directory (removed
+    /// when the guard drops), and the path of `name`.
+    fn fake_nodes(name: &str, lists: &[(u32, &str)]) -> (tempfile::TempDir, PathBuf) {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join(name);
         for (node, list) in lists {
             let dir = root.join(format!("node{node}"));
             std::fs::create_dir_all(&dir).unwrap();
             std::fs::write(dir.join("cpulist"), list).unwrap();
         }
-        root
+        (tmp, root)
     }
 
     fn daemon(extra: &str) -> DaemonSection {
@@ -176,7 +178,7 @@ mod tests {
 
     #[test]
     fn executors_get_their_nodes_cpus_and_explicit_cpus_win() {
-        let root = fake_nodes("place", &[(0, "0-1\n"), (1, "2,3\n"), (2, "\n")]);
+        let (_tmp, root) = fake_nodes("place", &[(0, "0-1\n"), (1, "2,3\n"), (2, "\n")]);
         let one = executor_placement(&daemon("executor_threads = 2\nnuma_node = 1"), &root);
         assert_eq!(one.unwrap(), vec![Some(vec![2, 3]), Some(vec![2, 3])]);
         let per = executor_placement(
@@ -202,7 +204,6 @@ mod tests {
             executor_placement(&daemon("numa_node = 9"), &root),
             Err(NumaError::Read { node: 9, .. })
         ));
-        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

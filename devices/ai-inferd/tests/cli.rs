@@ -2,10 +2,9 @@
 
 use std::process::Command;
 
-fn run(config_text: Option<&str>, name: &str) -> (i32, String) {
-    let dir = std::env::temp_dir().join(format!("ai-inferd-cli-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("d.toml");
+fn run(config_text: Option<&str>) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.toml");
     if let Some(text) = config_text {
         std::fs::write(&path, text).unwrap();
     }
@@ -14,7 +13,6 @@ fn run(config_text: Option<&str>, name: &str) -> (i32, String) {
         .arg(&path)
         .output()
         .unwrap();
-    std::fs::remove_dir_all(&dir).unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -38,7 +36,7 @@ fn bad_configs_exit_2_with_one_line() {
         ),
     ];
     for (text, name, needle) in cases {
-        let (code, stderr) = run(text, name);
+        let (code, stderr) = run(text);
         assert_eq!(code, 2, "{name}: {stderr}");
         assert!(stderr.contains(needle), "{name}: {stderr}");
         assert_eq!(stderr.trim_end().lines().count(), 1, "{name}: {stderr}");
@@ -74,8 +72,8 @@ fn serve_run_as_drops_to_the_user_before_serving() {
         );
         return;
     }
-    let dir = std::env::temp_dir().join(format!("ai-inferd-run-as-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
     std::fs::write(
         dir.join("models.toml"),
         format!(
@@ -110,7 +108,6 @@ fn serve_run_as_drops_to_the_user_before_serving() {
             !socket.exists(),
             "the socket of a daemon that did not start is removed"
         );
-        std::fs::remove_dir_all(&dir).unwrap();
         return;
     }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
@@ -144,7 +141,6 @@ fn serve_run_as_drops_to_the_user_before_serving() {
     }
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    std::fs::remove_dir_all(&dir).unwrap();
     assert!(
         exited,
         "the daemon did not stop within 30 s of SIGTERM; {stderr}"

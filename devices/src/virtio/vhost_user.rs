@@ -984,7 +984,6 @@ mod tests {
     /// REPLY_ACK) and answers every request until it receives `silent_from`; from then
     /// on it reads and never answers, like a stopped or hung daemon.
     fn fake_backend(socket: &Path, silent_from: FrontendReq) -> Arc<Seen> {
-        let _ = std::fs::remove_file(socket);
         let listener = UnixListener::bind(socket).unwrap();
         let seen = Arc::new(Seen::default());
         let seen2 = seen.clone();
@@ -1043,8 +1042,11 @@ mod tests {
         }
     }
 
-    fn socket_path(name: &str) -> PathBuf {
-        std::env::temp_dir().join(format!("vu-{}-{name}.sock", std::process::id()))
+    /// `name`.sock in a new temporary directory (removed when the guard drops).
+    fn socket_path(name: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(format!("{name}.sock"));
+        (dir, path)
     }
 
     fn memfd_memory() -> GuestMemoryMmap {
@@ -1125,7 +1127,7 @@ mod tests {
 
     #[test]
     fn activation_against_a_backend_that_never_answers_returns_at_once_then_needs_reset() {
-        let socket = socket_path("silent-start");
+        let (_dir, socket) = socket_path("silent-start");
         let seen = fake_backend(&socket, FrontendReq::SET_FEATURES);
         let memory = memfd_memory();
         let dev = device(&socket, &memory);
@@ -1156,12 +1158,11 @@ mod tests {
         });
         assert!(!dev.needs_reset());
         drop(dev);
-        let _ = std::fs::remove_file(&socket);
     }
 
     #[test]
     fn reset_against_a_backend_that_never_acknowledges_the_stop_returns_at_once() {
-        let socket = socket_path("silent-stop");
+        let (_dir, socket) = socket_path("silent-stop");
         let seen = fake_backend(&socket, FrontendReq::GET_VRING_BASE);
         let memory = memfd_memory();
         let dev = device(&socket, &memory);
@@ -1190,6 +1191,5 @@ mod tests {
         assert!(!dev.needs_reset());
         assert!(config_irq.read().is_err(), "a reset device raises nothing");
         drop(dev);
-        let _ = std::fs::remove_file(&socket);
     }
 }

@@ -104,16 +104,14 @@ fn header_layouts_match_the_rust_structs() {
     for (expr, value) in checks {
         c.push_str(&format!("_Static_assert({expr} == {value}, \"{expr}\");\n"));
     }
-    let dir = std::env::temp_dir().join(format!("ga-capi-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let src = dir.join("layout.c");
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("layout.c");
     std::fs::write(&src, c).unwrap();
     let out = std::process::Command::new("cc")
         .args(["-std=c11", "-Wall", "-Werror", "-fsyntax-only"])
         .arg(&src)
         .output()
         .expect("a C compiler (cc) is needed for this test");
-    let _ = std::fs::remove_dir_all(&dir);
     assert!(
         out.status.success(),
         "{}",

@@ -98,7 +98,7 @@ mod tests {
     #[test]
     fn passes_a_descriptor_that_refers_to_the_same_file() {
         let (a, b) = UnixStream::pair().unwrap();
-        let path = std::env::temp_dir().join(format!("ga-fdpass-{}", std::process::id()));
+        let path = tempfile::NamedTempFile::new().unwrap().into_temp_path();
         std::fs::write(&path, b"shared").unwrap();
         let file = std::fs::File::open(&path).unwrap();
         send_with_fd(&a, b"hello world", file.as_fd()).unwrap();
@@ -116,6 +116,5 @@ mod tests {
         (&a).write_all(b"x").unwrap();
         let (n, fd) = recv_with_fd(&b, &mut buf).unwrap();
         assert_eq!((n, fd.is_none()), (1, true));
-        std::fs::remove_file(path).unwrap();
     }
 }

@@ -275,8 +275,8 @@ mod tests {
 
     #[test]
     fn finds_opens_and_enables_in_a_fake_sysfs() {
-        let root = std::env::temp_dir().join(format!("ga-sysfs-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&root);
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
         fake_function(&root, "0000:00:03.0", "0x1af4\n", "0x1000\n");
         fake_function(&root, "0000:00:05.0", "0x1af4\n", "0x107c\n");
         fake_function(&root, "0000:00:04.0", "0x8086\n", "0x107c\n");
@@ -304,6 +304,5 @@ mod tests {
             PciFunction::find(&root, 0x1af4, 0x1041),
             Err(SysfsError::NotFound { .. })
         ));
-        fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -900,11 +900,13 @@ mod tests {
 
     #[test]
     fn loading_a_file_that_is_not_onnx_fails_cleanly() {
-        let path =
-            std::env::temp_dir().join(format!("ai-inferd-not-onnx-{}.onnx", std::process::id()));
+        let path = tempfile::Builder::new()
+            .suffix(".onnx")
+            .tempfile()
+            .unwrap()
+            .into_temp_path();
         std::fs::write(&path, b"this is not a protobuf").unwrap();
         let result = OnnxBackend::load(&path, 1, "bad", &opts(1));
-        std::fs::remove_file(&path).unwrap();
         assert!(
             matches!(result, Err(OnnxError::Load { .. })),
             "{:?}",

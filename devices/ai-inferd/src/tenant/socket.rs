@@ -571,10 +571,11 @@ impl VhostUserBackend for GuardedDevice {
 mod tests {
     use super::*;
 
-    fn dir(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("ai-inferd-sock-{}-{name}", std::process::id()));
-        let _ = fs::remove_dir_all(&d);
-        d
+    /// `name` (not created) in a new temporary directory, removed when the guard drops.
+    fn dir(name: &str) -> (tempfile::TempDir, PathBuf) {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path().join(name);
+        (tmp, d)
     }
 
     #[test]
@@ -612,7 +613,7 @@ mod tests {
 
     #[test]
     fn sockets_are_0600_in_a_new_0700_directory() {
-        let d = dir("modes");
+        let (_tmp, d) = dir("modes");
         let path = d.join("sub").join("t.sock");
         let l = bind(&path, &PeerRule::default()).unwrap();
         let mode = |p: &Path| fs::metadata(p).unwrap().mode() & 0o7777;
@@ -639,12 +640,11 @@ mod tests {
             bind(&plain, &PeerRule::default()),
             Err(SocketError::NotSocket(_))
         ));
-        fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
     fn a_writable_or_foreign_directory_is_refused() {
-        let d = dir("writable");
+        let (_tmp, d) = dir("writable");
         fs::create_dir_all(&d).unwrap();
         fs::set_permissions(&d, fs::Permissions::from_mode(0o775)).unwrap();
         let err = bind(&d.join("t.sock"), &PeerRule::default()).unwrap_err();
@@ -663,7 +663,6 @@ mod tests {
                 "{err}"
             );
         }
-        fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]

@@ -364,10 +364,9 @@ mod tests {
 
     #[test]
     fn nonblocking_connect_reaches_a_listener_and_reports_a_missing_one() {
-        let dir = std::env::temp_dir().join(format!("vsock-conn-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let path = dir.join("l.sock");
-        let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path).unwrap();
         let s = connect_nonblocking(&path).unwrap();
         let (peer, _) = listener.accept().unwrap();
@@ -382,6 +381,5 @@ mod tests {
             connect_nonblocking(&long),
             Err(ConnectError::PathTooLong(_))
         ));
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

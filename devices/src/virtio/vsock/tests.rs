@@ -44,28 +44,6 @@ const WAIT: Duration = Duration::from_secs(10);
 
 // ---- helpers ---------------------------------------------------------------------------
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "vsock-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap();
-        Self(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn new_memory() -> GuestMemoryMmap {
     memory(MEM_SIZE as usize)
 }
@@ -283,7 +261,7 @@ impl Guest {
 
 /// A device activated over fresh queues, with the test's guest driver.
 struct Rig {
-    dir: TempDir,
+    dir: tempfile::TempDir,
     dev: Vsock,
     guest: Guest,
     metrics: Arc<VsockMetrics>,
@@ -307,10 +285,10 @@ impl Rig {
     }
 
     fn with(cid: u64, features: u64) -> Self {
-        let dir = TempDir::new();
+        let dir = tempfile::tempdir().unwrap();
         let mut dev = Vsock::new(VsockConfig {
             guest_cid: cid,
-            uds_path: dir.0.join("v.sock"),
+            uds_path: dir.path().join("v.sock"),
         })
         .unwrap();
         let mem = new_memory();
@@ -326,7 +304,7 @@ impl Rig {
     }
 
     fn uds(&self) -> PathBuf {
-        self.dir.0.join("v.sock")
+        self.dir.path().join("v.sock")
     }
 
     /// A host process's stream to the device's socket, `first` written to it.
@@ -472,8 +450,8 @@ fn device_surface_and_config_space() {
 
 #[test]
 fn new_refuses_an_existing_path_a_missing_directory_and_reserved_cids() {
-    let dir = TempDir::new();
-    let existing = dir.0.join("taken");
+    let dir = tempfile::tempdir().unwrap();
+    let existing = dir.path().join("taken");
     std::fs::write(&existing, b"x").unwrap();
     let err = Vsock::new(VsockConfig {
         guest_cid: 3,
@@ -488,7 +466,7 @@ fn new_refuses_an_existing_path_a_missing_directory_and_reserved_cids() {
     );
     assert_eq!(std::fs::read(&existing).unwrap(), b"x", "left alone");
 
-    let missing = dir.0.join("nodir").join("v.sock");
+    let missing = dir.path().join("nodir").join("v.sock");
     let err = Vsock::new(VsockConfig {
         guest_cid: 3,
         uds_path: missing.clone(),
@@ -501,7 +479,7 @@ fn new_refuses_an_existing_path_a_missing_directory_and_reserved_cids() {
     for cid in [0, 1, 2, u64::from(u32::MAX), u64::MAX] {
         let err = Vsock::new(VsockConfig {
             guest_cid: cid,
-            uds_path: dir.0.join("c.sock"),
+            uds_path: dir.path().join("c.sock"),
         })
         .err()
         .unwrap();
@@ -1123,10 +1101,10 @@ fn tiny_rx_buffers_are_returned_empty() {
 fn connection_limit_refuses_extra_guest_requests_and_host_connects() {
     const LIMIT: usize = 8;
     assert_eq!(MAX_CONNECTIONS, 1024);
-    let dir = TempDir::new();
+    let dir = tempfile::tempdir().unwrap();
     let mut dev = Vsock::new(VsockConfig {
         guest_cid: GUEST_CID,
-        uds_path: dir.0.join("v.sock"),
+        uds_path: dir.path().join("v.sock"),
     })
     .unwrap();
     dev.set_max_connections(LIMIT);
@@ -1254,8 +1232,8 @@ fn worker_sleeps_while_every_stream_waits() {
 /// buffers and rings is unchanged.
 #[test]
 fn random_tx_chains_never_panic_or_write_outside_rx_buffers() {
-    let dir = TempDir::new();
-    let uds = dir.0.join("v.sock");
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("v.sock");
     let host_listener = host_listener(&uds, 5000);
     let mem = new_memory();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
@@ -1378,8 +1356,8 @@ fn random_tx_chains_never_panic_or_write_outside_rx_buffers() {
 /// leaves tx chains in the ring, and takes them again as the guest gives rx buffers.
 #[test]
 fn full_control_queue_pauses_the_tx_queue() {
-    let dir = TempDir::new();
-    let uds = dir.0.join("v.sock");
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("v.sock");
     let mem = new_memory();
     let (mut worker, epoll, metrics, [mut rx, mut tx, _]) = sync_worker(&mem, &uds);
     // One packet for a connection that does not exist, offered over and over: each

@@ -561,9 +561,8 @@ mod tests {
 
     #[test]
     fn unix_listener_replaces_a_stale_socket_but_not_a_file() {
-        let dir = std::env::temp_dir().join(format!("rig-io-conn-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let sock = dir.join("stale.sock");
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("stale.sock");
         // A socket file left behind: std's listener does not remove it on drop.
         drop(UnixListener::bind(&sock).unwrap());
         assert!(sock.exists());
@@ -571,11 +570,10 @@ mod tests {
         drop(l);
         assert!(!sock.exists(), "the listener removes its socket file");
 
-        let file = dir.join("plain");
+        let file = dir.path().join("plain");
         std::fs::write(&file, b"keep me").unwrap();
         let e = Listener::unix(&file, Duration::from_secs(1)).expect_err("not a socket");
         assert!(matches!(e, NetError::NotASocket { .. }), "{e}");
         assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -233,9 +233,8 @@ mod tests {
 
     #[test]
     fn random_reads_of_a_file() {
-        let dir = std::env::temp_dir().join(format!("rig-io-sys-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let img = dir.join("disk.img");
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("disk.img");
         std::fs::write(&img, vec![0x5au8; 1 << 20]).unwrap();
         let direct = match random_reads(&img, 100, 4096) {
             Ok(r) => {
@@ -260,6 +259,5 @@ mod tests {
                 Err(SysError::TooSmall { .. })
             ));
         }
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
