@@ -587,23 +587,21 @@ fi
 printf 'RIG-L1-UP\nRIG-PLAN sigterm ai_infer\nRIG-BEGIN sigterm\nRIG-END sigterm rc=0\nRIG-RAN sigterm\nRIG-BEGIN ai_daemon\nRIG-END ai_daemon rc=0\nRIG-RAN ai_infer\nRIG-SCENARIOS-DONE\nRIG-L1-DONE rc=0\n' >"$out/l1-console.log"
 "#;
 
-    /// A new temporary directory (removed when the guard drops) holding the stand-in
-    /// run-l1.sh, and its path.
-    fn fake_rig(name: &str) -> (tempfile::TempDir, PathBuf) {
+    /// A new temporary directory, removed when it drops, holding the stand-in run-l1.sh.
+    fn fake_rig(name: &str) -> tempfile::TempDir {
         let tmp = tempfile::Builder::new()
             .prefix(&format!("aivmm-rig-{name}-"))
             .tempdir()
             .unwrap();
-        let dir = tmp.path().to_path_buf();
-        let script = dir.join("run-l1.sh");
-        std::fs::write(&script, FAKE_RUN_L1).unwrap();
-        (tmp, dir)
+        std::fs::write(tmp.path().join("run-l1.sh"), FAKE_RUN_L1).unwrap();
+        tmp
     }
 
     #[test]
     fn a_wedged_l1_is_booted_again_for_the_scenarios_not_over() {
-        let (_tmp, dir) = fake_rig("resume");
-        let boots = boot_l1_up_to(2, &dir, &dir, "60", |_| {}).unwrap();
+        let tmp = fake_rig("resume");
+        let dir = tmp.path();
+        let boots = boot_l1_up_to(2, dir, dir, "60", |_| {}).unwrap();
         let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
         assert_eq!(read("asked1").trim(), "default");
         assert_eq!(read("asked2").trim(), "sigterm,ai_infer");
@@ -623,8 +621,9 @@ printf 'RIG-L1-UP\nRIG-PLAN sigterm ai_infer\nRIG-BEGIN sigterm\nRIG-END sigterm
 
     #[test]
     fn with_one_boot_allowed_a_wedge_is_the_result() {
-        let (_tmp, dir) = fake_rig("once");
-        let boots = boot_l1_up_to(1, &dir, &dir, "60", |_| {}).unwrap();
+        let tmp = fake_rig("once");
+        let dir = tmp.path();
+        let boots = boot_l1_up_to(1, dir, dir, "60", |_| {}).unwrap();
         assert_eq!(boots.status.code(), Some(L1_WEDGED));
         assert!(!dir.join("asked2").exists());
         assert_eq!(boots.report.runs("sigterm")[0].rc, None);

@@ -5,7 +5,7 @@
 //! Linux, but a few dozen real-mode instructions run fine. Tests skip (with a message)
 //! only when /dev/kvm does not exist at all.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -33,7 +33,7 @@ fn kvm() -> Option<Kvm> {
     }
 }
 
-fn config(console: PathBuf, vcpus: u8, backing: Backing) -> ValidatedConfig {
+fn config(console: &Path, vcpus: u8, backing: Backing) -> ValidatedConfig {
     ValidatedConfig {
         vcpus,
         vcpu_affinity: None,
@@ -52,7 +52,7 @@ fn config(console: PathBuf, vcpus: u8, backing: Backing) -> ValidatedConfig {
         }],
         console: ConsoleConfig {
             mode: ConsoleMode::File,
-            path: Some(console),
+            path: Some(console.to_path_buf()),
         },
         drives: Vec::new(),
         net: Vec::new(),
@@ -118,7 +118,7 @@ fn serial_output_and_i8042_reset_end_the_vm_cleanly() {
     let log = console_path("serial");
     let mut code = outs(&[(0x3f8, b'o'), (0x3f8, b'k'), (0x3f8, b'\n'), (0x64, 0xfe)]);
     code.extend_from_slice(&HLT_LOOP);
-    let reason = run(&code, &config(log.to_path_buf(), 1, Backing::Memfd), &kvm);
+    let reason = run(&code, &config(&log, 1, Backing::Memfd), &kvm);
     assert_eq!(reason, StopReason::GuestReset);
     assert_eq!(reason.exit_code(), 0);
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "ok\n");
@@ -132,11 +132,7 @@ fn boot_timer_port_and_unknown_ports_do_not_disturb_the_guest() {
     // Unclaimed port 0x1234, then the boot-timer magic, then output and reset.
     let mut code = outs(&[(0x1234, 0x55), (0x440, 0x7b), (0x3f8, b'!'), (0x64, 0xfe)]);
     code.extend_from_slice(&HLT_LOOP);
-    let reason = run(
-        &code,
-        &config(log.to_path_buf(), 2, Backing::Anonymous),
-        &kvm,
-    );
+    let reason = run(&code, &config(&log, 2, Backing::Anonymous), &kvm);
     assert_eq!(reason, StopReason::GuestReset);
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "!");
 }
@@ -162,7 +158,7 @@ fn sigterm_stops_a_halted_guest_with_exit_code_zero() {
     let log = console_path("sigterm");
     // cli; hlt forever: only the host can end this VM.
     let code = [0xfa, 0xf4, 0xeb, 0xfd];
-    let cfg = config(log.to_path_buf(), 1, Backing::Memfd);
+    let cfg = config(&log, 1, Backing::Memfd);
     let killer = std::thread::spawn(|| {
         std::thread::sleep(Duration::from_millis(300));
         // SAFETY: sends SIGTERM to our own process; the VMM's handler is installed by then.
@@ -184,7 +180,7 @@ fn acpi_sleep_control_s5_powers_the_vm_off() {
     // (SLP_TYP 5 << 2) | SLP_EN to the sleep control register, as Linux's acpi_power_off.
     let mut code = outs(&[(0x3c0, (5 << 2) | 0x20)]);
     code.extend_from_slice(&HLT_LOOP);
-    let reason = run(&code, &config(log.to_path_buf(), 1, Backing::Memfd), &kvm);
+    let reason = run(&code, &config(&log, 1, Backing::Memfd), &kvm);
     assert_eq!(reason, StopReason::GuestShutdown("ACPI power off"));
     assert_eq!(reason.exit_code(), 0);
 }
@@ -209,18 +205,12 @@ fn pci_bus_shows_the_ai_infer_device_before_its_backend_connects() {
     let Some(kvm) = kvm() else { return };
     let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
     let log = console_path("pci");
-    let mut cfg = config(log.to_path_buf(), 1, Backing::Memfd);
-    // A unique path that nothing creates, removed (if it ever exists) when it drops.
-    let no_daemon = tempfile::Builder::new()
-        .prefix("aivmm-no-daemon-")
-        .suffix(".sock")
-        .make(|_| Ok(()))
-        .unwrap()
-        .into_temp_path();
+    let mut cfg = config(&log, 1, Backing::Memfd);
     // Nothing listens on this socket: the device must still appear, and the VM must
     // still stop promptly (the connector thread retries in the background).
     cfg.ai_infer = Some(AiInferConfig {
-        socket: no_daemon.to_path_buf(),
+        // In a directory that does not exist, so no process can be listening there.
+        socket: PathBuf::from("/nonexistent/aivmm-no-daemon.sock"),
         queues: 1,
         queue_size: 256,
         backend_uid: None,
